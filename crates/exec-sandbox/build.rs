@@ -1,0 +1,2 @@
+//! Placeholder: the assets engineer replaces this with the guest agent build.
+fn main() {}

@@ -1,0 +1,35 @@
+//! Environment variables read by the library: the one place their names are spelled.
+
+/// Names of environment variables that configure exec-sandbox.
+pub struct EnvVars;
+
+impl EnvVars {
+    /// Overrides [`SchedulerConfig::max_concurrent_vms`](crate::SchedulerConfig::max_concurrent_vms).
+    pub const MAX_CONCURRENT_VMS: &'static str = "EXEC_SANDBOX_MAX_CONCURRENT_VMS";
+    /// Directory holding built or downloaded guest images (default: the cache directory).
+    pub const IMAGES_DIR: &'static str = "EXEC_SANDBOX_IMAGES_DIR";
+    /// Cache root (default `~/.cache/exec-sandbox`).
+    pub const CACHE_DIR: &'static str = "EXEC_SANDBOX_CACHE_DIR";
+    /// `1` forbids building or downloading assets: missing assets fail fast.
+    pub const OFFLINE: &'static str = "EXEC_SANDBOX_OFFLINE";
+    /// Asset version directory to use (default: derived from the build inputs).
+    pub const ASSET_VERSION: &'static str = "EXEC_SANDBOX_ASSET_VERSION";
+    /// `1` forces software emulation (TCG) even where KVM works.
+    pub const FORCE_EMULATION: &'static str = "EXEC_SANDBOX_FORCE_EMULATION";
+    /// Base URL of prebuilt assets (`<url>/<version>/manifest.json` and the files it lists).
+    pub const ASSET_BASE_URL: &'static str = "EXEC_SANDBOX_ASSET_BASE_URL";
+    /// Path of the `qemu-system-x86_64` binary (default: found on `PATH`).
+    pub const QEMU: &'static str = "EXEC_SANDBOX_QEMU";
+    /// Overrides [`SchedulerConfig::default_memory_mb`](crate::SchedulerConfig::default_memory_mb).
+    pub const DEFAULT_MEMORY_MB: &'static str = "EXEC_SANDBOX_DEFAULT_MEMORY_MB";
+    /// Overrides [`SchedulerConfig::default_timeout_seconds`](crate::SchedulerConfig::default_timeout_seconds).
+    pub const DEFAULT_TIMEOUT_SECONDS: &'static str = "EXEC_SANDBOX_DEFAULT_TIMEOUT_SECONDS";
+}
+
+/// True for the values that switch a flag variable on (`1`, `true`, `yes`, `on`).
+pub(crate) fn is_truthy(value: &str) -> bool {
+    matches!(
+        value.trim().to_ascii_lowercase().as_str(),
+        "1" | "true" | "yes" | "on"
+    )
+}

@@ -1,0 +1,70 @@
+//! The public error type and its stable kinds.
+
+use crate::assets::AssetError;
+use crate::validate::ValidationError;
+use crate::vm::VmError;
+
+/// What a caller can do about an error: the stable classification to branch on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The caller's input was invalid; nothing ran. Fix the input.
+    InvalidInput,
+    /// Infrastructure failed before the code was dispatched; safe to retry.
+    Transient,
+    /// The code was dispatched and then contact was lost: it may or may not have run.
+    OutcomeUnknown,
+    /// Retrying will not help without operator action (missing assets, bad checksum, no QEMU).
+    Permanent,
+}
+
+/// Everything [`Scheduler`](crate::Scheduler) operations can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request was rejected before any VM booted.
+    #[error("invalid input")]
+    Validation(#[from] ValidationError),
+    /// Guest images could not be readied.
+    #[error("guest assets unavailable")]
+    Asset(#[from] AssetError),
+    /// The VM did not boot or its agent did not answer; the code never ran.
+    #[error("sandbox VM failed before the code ran")]
+    Boot(#[source] VmError),
+    /// Contact with the VM was lost after the code was dispatched.
+    #[error("lost contact with the sandbox VM after the code was dispatched")]
+    Communication(#[source] VmError),
+    /// The guest agent refused or failed the request.
+    #[error("guest agent error ({kind:?}): {message}")]
+    Guest {
+        /// The agent's classification.
+        kind: sbx_protocol::GuestErrorKind,
+        /// The agent's message.
+        message: String,
+    },
+}
+
+impl Error {
+    /// The stable kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Validation(_) => ErrorKind::InvalidInput,
+            Error::Asset(e) => e.kind(),
+            Error::Boot(e) => e.kind(),
+            Error::Communication(_) => ErrorKind::OutcomeUnknown,
+            Error::Guest { kind, .. } => match kind {
+                sbx_protocol::GuestErrorKind::InvalidRequest => ErrorKind::InvalidInput,
+                sbx_protocol::GuestErrorKind::InterpreterStart => ErrorKind::Transient,
+                sbx_protocol::GuestErrorKind::Internal => ErrorKind::OutcomeUnknown,
+            },
+        }
+    }
+
+    /// A suggestion for the user, when there is an obvious fix.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            Error::Asset(e) => e.hint(),
+            Error::Boot(e) => e.hint(),
+            _ => None,
+        }
+    }
+}

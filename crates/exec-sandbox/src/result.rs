@@ -1,0 +1,50 @@
+//! What a run returns.
+
+use serde::Serialize;
+
+use crate::vm::accel::AcceleratorChoice;
+
+/// Where the time of one run went, in milliseconds of host wall time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Timing {
+    /// Validation, admission, asset checks and VM preparation, before QEMU starts.
+    pub setup_ms: u64,
+    /// From QEMU start until the guest agent said hello.
+    pub boot_ms: u64,
+    /// From dispatching the code until the result arrived.
+    pub execute_ms: u64,
+    /// The whole `run()` call.
+    pub total_ms: u64,
+}
+
+/// The outcome of one execution.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExecutionResult {
+    /// Standard output (at most [`MAX_STDOUT_BYTES`](crate::limits::MAX_STDOUT_BYTES), invalid
+    /// UTF-8 replaced).
+    pub stdout: String,
+    /// Standard error (at most [`MAX_STDERR_BYTES`](crate::limits::MAX_STDERR_BYTES)).
+    pub stderr: String,
+    /// The program's exit code; 128+N when killed by signal N; -1 when the timeout fired.
+    pub exit_code: i32,
+    /// The execution timeout fired (the exit code is then -1).
+    pub timed_out: bool,
+    /// Stdout went past its limit and the excess was dropped.
+    pub stdout_truncated: bool,
+    /// Stderr went past its limit and the excess was dropped.
+    pub stderr_truncated: bool,
+    /// Execution wall time measured inside the guest, when the guest reported it.
+    pub execution_time_ms: Option<u64>,
+    /// CPU time QEMU used (user + system), measured by the host.
+    pub external_cpu_time_ms: Option<u64>,
+    /// QEMU's peak resident memory, measured by the host.
+    pub external_memory_peak_mb: Option<u64>,
+    /// Where the time went.
+    pub timing: Timing,
+    /// Which accelerator ran the VM and why.
+    pub accelerator: AcceleratorChoice,
+    /// The VM came from a warm pool (always false until the pool exists).
+    pub warm_pool_hit: bool,
+    /// The VM was restored from a memory snapshot (always false until snapshots exist).
+    pub l1_cache_hit: bool,
+}

@@ -1,0 +1,100 @@
+//! What a caller asks for in one run.
+
+use sbx_protocol::Language;
+
+use crate::vm::OutputCallback;
+
+/// One execution request for [`Scheduler::run`](crate::Scheduler::run).
+///
+/// ```
+/// use exec_sandbox::{Language, RunOptions};
+///
+/// let options = RunOptions::new(Language::Python, "print(6 * 7)")
+///     .timeout_seconds(10)
+///     .env("GREETING", "hi")
+///     .on_stdout(|chunk| eprint!("{}", String::from_utf8_lossy(chunk)));
+/// assert_eq!(options.timeout_seconds, Some(10));
+/// ```
+#[derive(Clone)]
+pub struct RunOptions {
+    /// Interpreter.
+    pub language: Language,
+    /// Program text (UTF-8, at most 1 MiB, no NUL bytes).
+    pub code: String,
+    /// Execution timeout in seconds (1-300); the scheduler's default when `None`.
+    pub timeout_seconds: Option<u64>,
+    /// Guest memory in MB (at least 128); the scheduler's default when `None`.
+    pub memory_mb: Option<u32>,
+    /// Environment variables for the program.
+    pub env_vars: Vec<(String, String)>,
+    /// Receives stdout chunks as the program produces them.
+    pub on_stdout: Option<OutputCallback>,
+    /// Receives stderr chunks as the program produces them.
+    pub on_stderr: Option<OutputCallback>,
+    /// Receives the VM's console output during boot (also makes the kernel verbose).
+    pub on_boot_log: Option<OutputCallback>,
+}
+
+impl std::fmt::Debug for RunOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("language", &self.language)
+            .field("code_bytes", &self.code.len())
+            .field("timeout_seconds", &self.timeout_seconds)
+            .field("memory_mb", &self.memory_mb)
+            .field("env_vars", &self.env_vars.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunOptions {
+    /// A run of `code` in `language` with every other setting at its default.
+    pub fn new(language: Language, code: impl Into<String>) -> Self {
+        Self {
+            language,
+            code: code.into(),
+            timeout_seconds: None,
+            memory_mb: None,
+            env_vars: Vec::new(),
+            on_stdout: None,
+            on_stderr: None,
+            on_boot_log: None,
+        }
+    }
+
+    /// Sets the execution timeout.
+    pub fn timeout_seconds(mut self, seconds: u64) -> Self {
+        self.timeout_seconds = Some(seconds);
+        self
+    }
+
+    /// Sets the guest memory.
+    pub fn memory_mb(mut self, mb: u32) -> Self {
+        self.memory_mb = Some(mb);
+        self
+    }
+
+    /// Adds one environment variable.
+    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env_vars.push((name.into(), value.into()));
+        self
+    }
+
+    /// Streams stdout chunks to `f`.
+    pub fn on_stdout(mut self, f: impl Fn(&[u8]) + Send + Sync + 'static) -> Self {
+        self.on_stdout = Some(std::sync::Arc::new(f));
+        self
+    }
+
+    /// Streams stderr chunks to `f`.
+    pub fn on_stderr(mut self, f: impl Fn(&[u8]) + Send + Sync + 'static) -> Self {
+        self.on_stderr = Some(std::sync::Arc::new(f));
+        self
+    }
+
+    /// Streams the VM console to `f`.
+    pub fn on_boot_log(mut self, f: impl Fn(&[u8]) + Send + Sync + 'static) -> Self {
+        self.on_boot_log = Some(std::sync::Arc::new(f));
+        self
+    }
+}

@@ -1,0 +1,389 @@
+//! The entry point: admits runs, readies assets and the accelerator, and drives one VM per run.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use sbx_protocol::{Event, ExecOutcome, ExecRequest, Language, Request};
+use tokio::sync::{OnceCell, Semaphore};
+
+use crate::assets::{AssetStore, GuestAssets};
+use crate::error::Error;
+use crate::limits;
+use crate::result::{ExecutionResult, Timing};
+use crate::run::RunOptions;
+use crate::validate;
+use crate::vm::accel::{self, AcceleratorChoice, HostVerdict, Precheck};
+use crate::vm::qemu::VmSpec;
+use crate::vm::{OutputCallback, Vm, VmError, host};
+use crate::SchedulerConfig;
+
+/// Runs code in disposable microVMs.
+///
+/// Cheap to clone; clones share the concurrency limit and the readied assets.
+#[derive(Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: SchedulerConfig,
+    slots: Semaphore,
+    assets: AssetStore,
+    host: OnceCell<HostVerdict>,
+    vm_counter: AtomicU64,
+}
+
+impl Scheduler {
+    /// A scheduler for `config` (validated here). Nothing is built or booted until needed.
+    pub fn new(config: SchedulerConfig) -> Result<Self, Error> {
+        config.validate()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                slots: Semaphore::new(config.max_concurrent_vms),
+                assets: AssetStore::new(&config),
+                host: OnceCell::new(),
+                vm_counter: AtomicU64::new(0),
+                config,
+            }),
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.inner.config
+    }
+
+    /// Readies every language's assets and decides the accelerator, so later runs start at once.
+    pub async fn prefetch(&self) -> Result<AcceleratorChoice, Error> {
+        let assets = self.inner.assets.ensure(&Language::ALL).await?;
+        Ok(self.host(&assets).await.choice.clone())
+    }
+
+    /// Runs `options.code` in a fresh VM and returns its result.
+    ///
+    /// Invalid input is rejected before any VM boots. An execution timeout is a result (exit
+    /// code -1), not an error.
+    pub async fn run(&self, options: RunOptions) -> Result<ExecutionResult, Error> {
+        let started = Instant::now();
+        let config = &self.inner.config;
+        let timeout_seconds = options.timeout_seconds.unwrap_or(config.default_timeout_seconds);
+        let memory_mb = options.memory_mb.unwrap_or(config.default_memory_mb);
+        validate::code(&options.code)?;
+        validate::timeout(timeout_seconds)?;
+        validate::memory(memory_mb)?;
+        validate::env_vars(&options.env_vars)?;
+
+        let _slot = self
+            .inner
+            .slots
+            .acquire()
+            .await
+            .expect("the scheduler never closes its semaphore");
+        let assets = self.inner.assets.ensure(&[options.language]).await?;
+        let host = self.host(&assets).await;
+        let spec = VmSpec {
+            name: format!(
+                "sbx-{}-{}",
+                std::process::id(),
+                self.inner.vm_counter.fetch_add(1, Ordering::Relaxed)
+            ),
+            kernel: assets.kernel.clone(),
+            initramfs: assets.initramfs.clone(),
+            rootfs: assets.rootfs(options.language).map(Into::into),
+            memory_mb,
+            vcpus: 1,
+            accelerator: host.choice.accelerator,
+            tsc_khz: host.tsc_khz,
+            verbose_console: options.on_boot_log.is_some(),
+            tmpfs_mb: memory_mb * limits::GUEST_TMPFS_PERCENT / 100,
+            qemu_sandbox: true,
+        };
+        let setup_ms = elapsed_ms(started);
+
+        let boot_started = Instant::now();
+        let boot_deadline = match host.choice.accelerator {
+            accel::Accelerator::Kvm => limits::BOOT_DEADLINE_KVM,
+            accel::Accelerator::Tcg => limits::BOOT_DEADLINE_TCG,
+        };
+        let vm = Vm::boot(
+            &config.qemu_binary,
+            &spec,
+            boot_deadline,
+            options.on_boot_log.clone(),
+        )
+        .await
+        .map_err(Error::Boot)?;
+        let boot_ms = elapsed_ms(boot_started);
+
+        let execute_started = Instant::now();
+        let request = ExecRequest {
+            language: options.language,
+            code: options.code,
+            timeout_ms: timeout_seconds * 1000,
+            env: options.env_vars,
+            stdout_limit: limits::MAX_STDOUT_BYTES,
+            stderr_limit: limits::MAX_STDERR_BYTES,
+        };
+        let collected = execute(
+            &vm,
+            request,
+            options.on_stdout,
+            options.on_stderr,
+            Duration::from_secs(timeout_seconds) + limits::HOST_TIMEOUT_GRACE,
+        )
+        .await;
+        let execute_ms = elapsed_ms(execute_started);
+        let stats = vm.destroy().await;
+        let collected = collected?;
+
+        Ok(ExecutionResult {
+            stdout: String::from_utf8_lossy(&collected.stdout.bytes).into_owned(),
+            stderr: String::from_utf8_lossy(&collected.stderr.bytes).into_owned(),
+            exit_code: collected.outcome.exit_code,
+            timed_out: collected.outcome.timed_out,
+            stdout_truncated: collected.outcome.stdout_truncated || collected.stdout.truncated,
+            stderr_truncated: collected.outcome.stderr_truncated || collected.stderr.truncated,
+            execution_time_ms: collected.guest_reported.then_some(collected.outcome.execution_time_ms),
+            external_cpu_time_ms: stats.cpu_time_ms,
+            external_memory_peak_mb: stats.memory_peak_mb,
+            timing: Timing {
+                setup_ms,
+                boot_ms,
+                execute_ms,
+                total_ms: elapsed_ms(started),
+            },
+            accelerator: host.choice.clone(),
+            warm_pool_hit: false,
+            l1_cache_hit: false,
+        })
+    }
+
+    /// The accelerator verdict for this host: remembered, or decided now (with a probe boot).
+    async fn host(&self, assets: &GuestAssets) -> &HostVerdict {
+        self.inner
+            .host
+            .get_or_init(|| decide_host(&self.inner.config, assets))
+            .await
+    }
+}
+
+async fn decide_host(config: &SchedulerConfig, assets: &GuestAssets) -> HostVerdict {
+    let precheck = accel::precheck(config.force_emulation, &accel::RealHost);
+    let fingerprint = host::fingerprint(&config.qemu_binary);
+    let path = accel::verdict_path(&config.cache_dir, &fingerprint);
+    let choice = match precheck {
+        Precheck::Decided(choice) => choice,
+        Precheck::NeedsProbe => match accel::load_verdict(&path) {
+            Some(remembered) => {
+                tracing::info!(accelerator = %remembered.choice.accelerator, reason = %remembered.choice.reason, "accelerator (remembered for this host)");
+                return remembered;
+            }
+            None => {
+                tracing::info!("probing KVM with a test boot");
+                accel::verdict(probe_kvm(config, assets).await)
+            }
+        },
+    };
+    let verdict = HostVerdict {
+        choice,
+        tsc_khz: tokio::task::spawn_blocking(host::measure_tsc_khz)
+            .await
+            .ok()
+            .flatten(),
+    };
+    if let Err(e) = accel::store_verdict(&path, &verdict) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remember the accelerator verdict");
+    }
+    tracing::info!(accelerator = %verdict.choice.accelerator, reason = %verdict.choice.reason, "accelerator");
+    verdict
+}
+
+/// Boots the kernel and agent (no disk) under KVM and waits for the agent's hello.
+async fn probe_kvm(config: &SchedulerConfig, assets: &GuestAssets) -> Result<Duration, String> {
+    let spec = VmSpec {
+        name: format!("sbx-kvm-probe-{}", std::process::id()),
+        kernel: assets.kernel.clone(),
+        initramfs: assets.initramfs.clone(),
+        rootfs: None,
+        memory_mb: limits::MIN_MEMORY_MB,
+        vcpus: 1,
+        accelerator: accel::Accelerator::Kvm,
+        tsc_khz: None,
+        verbose_console: false,
+        tmpfs_mb: 16,
+        qemu_sandbox: true,
+    };
+    let started = Instant::now();
+    match Vm::boot(&config.qemu_binary, &spec, limits::KVM_PROBE_DEADLINE, None).await {
+        Ok(vm) => {
+            let elapsed = started.elapsed();
+            vm.destroy().await;
+            Ok(elapsed)
+        }
+        Err(VmError::BootTimeout { after, .. }) => Err(format!(
+            "the guest did not reach its agent within {} s",
+            after.as_secs()
+        )),
+        Err(VmError::ExitedDuringBoot { status, log_tail, .. }) => Err(format!(
+            "QEMU exited during the probe boot ({status}): {}",
+            log_tail.lines().last().unwrap_or("")
+        )),
+        Err(other) => Err(other.to_string()),
+    }
+}
+
+#[derive(Default)]
+struct Capped {
+    bytes: Vec<u8>,
+    truncated: bool,
+}
+
+impl Capped {
+    /// Keeps what fits under `limit` (the host re-checks the guest's enforcement) and forwards
+    /// the kept part to the callback.
+    fn accept(&mut self, chunk: &[u8], limit: u64, callback: Option<&OutputCallback>) {
+        let room = usize::try_from(limit).unwrap_or(usize::MAX).saturating_sub(self.bytes.len());
+        let kept = &chunk[..chunk.len().min(room)];
+        if kept.len() < chunk.len() {
+            self.truncated = true;
+        }
+        if kept.is_empty() {
+            return;
+        }
+        self.bytes.extend_from_slice(kept);
+        if let Some(cb) = callback {
+            cb(kept);
+        }
+    }
+}
+
+struct Collected {
+    stdout: Capped,
+    stderr: Capped,
+    outcome: ExecOutcome,
+    guest_reported: bool,
+}
+
+/// Dispatches the code and gathers output until the guest reports completion or the host's own
+/// deadline passes (then the guest is not trusted any more: the VM is killed by the caller).
+async fn execute(
+    vm: &Vm,
+    request: ExecRequest,
+    on_stdout: Option<OutputCallback>,
+    on_stderr: Option<OutputCallback>,
+    host_deadline: Duration,
+) -> Result<Collected, Error> {
+    let timeout_seconds = request.timeout_ms / 1000;
+    let mut subscription = vm
+        .channel()
+        .request(&Request::Exec(request))
+        .await
+        .map_err(|source| {
+            Error::Boot(VmError::Channel {
+                name: vm.name().to_string(),
+                source,
+            })
+        })?;
+    let mut stdout = Capped::default();
+    let mut stderr = Capped::default();
+    let deadline = tokio::time::Instant::now() + host_deadline;
+    loop {
+        let event = match tokio::time::timeout_at(deadline, subscription.recv()).await {
+            Ok(Some(event)) => event,
+            Ok(None) => {
+                return Err(Error::Communication(VmError::Channel {
+                    name: vm.name().to_string(),
+                    source: crate::vm::ChannelError::Closed,
+                }));
+            }
+            Err(_elapsed) => {
+                let note = format!(
+                    "\nExecution timed out after {timeout_seconds} s (enforced by the host: the guest stopped responding)\n"
+                );
+                stderr.accept(note.as_bytes(), limits::MAX_STDERR_BYTES + note.len() as u64, on_stderr.as_ref());
+                return Ok(Collected {
+                    stdout,
+                    stderr,
+                    outcome: ExecOutcome {
+                        exit_code: -1,
+                        timed_out: true,
+                        stdout_truncated: false,
+                        stderr_truncated: false,
+                        execution_time_ms: host_deadline.as_millis() as u64,
+                        interpreter_start_ms: 0,
+                    },
+                    guest_reported: false,
+                });
+            }
+        };
+        match event {
+            Event::Stdout(chunk) => stdout.accept(&chunk, limits::MAX_STDOUT_BYTES, on_stdout.as_ref()),
+            // Room for the agent's timeout note past the cap.
+            Event::Stderr(chunk) => stderr.accept(&chunk, limits::MAX_STDERR_BYTES + 256, on_stderr.as_ref()),
+            Event::ExecDone(outcome) => {
+                return Ok(Collected {
+                    stdout,
+                    stderr,
+                    outcome,
+                    guest_reported: true,
+                });
+            }
+            Event::Error(e) => {
+                return Err(Error::Guest {
+                    kind: e.kind,
+                    message: e.message,
+                });
+            }
+            other => tracing::debug!(?other, "unexpected event during exec"),
+        }
+    }
+}
+
+fn elapsed_ms(since: Instant) -> u64 {
+    since.elapsed().as_millis() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capped_output_keeps_the_limit_and_reports_truncation() {
+        let mut c = Capped::default();
+        let seen = Arc::new(std::sync::Mutex::new(0usize));
+        let seen2 = seen.clone();
+        let cb: OutputCallback = Arc::new(move |b: &[u8]| *seen2.lock().unwrap() += b.len());
+        c.accept(b"hello", 8, Some(&cb));
+        assert!(!c.truncated);
+        c.accept(b"world", 8, Some(&cb));
+        assert_eq!(c.bytes, b"hellowor");
+        assert!(c.truncated);
+        c.accept(b"more", 8, Some(&cb));
+        assert_eq!(*seen.lock().unwrap(), 8);
+    }
+
+    #[tokio::test]
+    async fn invalid_input_is_rejected_before_any_vm() {
+        let config = SchedulerConfig {
+            // A QEMU that does not exist: reaching the VM stage would fail differently.
+            qemu_binary: "/nonexistent/qemu".into(),
+            offline: true,
+            ..SchedulerConfig::default()
+        };
+        let s = Scheduler::new(config).unwrap();
+        for options in [
+            RunOptions::new(Language::Python, "  \n"),
+            RunOptions::new(Language::Python, "print(1)").timeout_seconds(0),
+            RunOptions::new(Language::Python, "print(1)").timeout_seconds(301),
+            RunOptions::new(Language::Python, "print(1)").memory_mb(64),
+            RunOptions::new(Language::Python, "print(1)").env("LD_PRELOAD", "/x.so"),
+            RunOptions::new(Language::Python, "a\0b"),
+        ] {
+            let started = Instant::now();
+            let err = s.run(options).await.unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::InvalidInput, "{err}");
+            assert!(started.elapsed() < Duration::from_secs(1));
+        }
+    }
+}

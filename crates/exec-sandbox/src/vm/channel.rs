@@ -1,0 +1,264 @@
+//! The control channel to the guest agent: framed requests out, events routed back by id.
+//!
+//! Everything read here comes from the guest and is hostile: frames are size-bounded by the
+//! codec, a malformed frame closes the channel, and per-request queues are bounded so a flooding
+//! guest is slowed down (backpressure on the socket) rather than buffered without limit.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use sbx_protocol::{AgentHello, EVENT_ID_UNSOLICITED, Event, FrameDecoder, Request, encode_frame};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+/// Events buffered per request before the reader stops reading from the guest.
+const EVENTS_PER_REQUEST: usize = 64;
+
+/// Why the channel failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// Reading or writing the socket failed.
+    #[error("control channel I/O failed")]
+    Io(#[source] std::io::Error),
+    /// The guest sent an invalid frame.
+    #[error("guest sent an invalid frame")]
+    Protocol(#[source] sbx_protocol::DecodeError),
+    /// A request could not be encoded.
+    #[error("cannot encode request")]
+    Encode(#[source] sbx_protocol::EncodeError),
+    /// The guest closed the channel.
+    #[error("guest closed the control channel")]
+    Closed,
+}
+
+type Routes = Arc<std::sync::Mutex<RouteTable>>;
+
+#[derive(Default)]
+struct RouteTable {
+    routes: HashMap<u32, mpsc::Sender<Event>>,
+    hello: Option<oneshot::Sender<AgentHello>>,
+    closed: bool,
+}
+
+/// A connected control channel.
+pub struct Channel {
+    writer: Mutex<Box<dyn AsyncWrite + Send + Unpin>>,
+    routes: Routes,
+    next_id: AtomicU32,
+    hello: Mutex<Option<oneshot::Receiver<AgentHello>>>,
+    reader: tokio::task::JoinHandle<Result<(), ChannelError>>,
+}
+
+/// Events answering one request, in order. `None` from [`Subscription::recv`] means the channel
+/// closed before the request finished.
+pub struct Subscription {
+    id: u32,
+    events: mpsc::Receiver<Event>,
+    routes: Routes,
+}
+
+impl Subscription {
+    /// The next event for this request.
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// The request id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Ok(mut table) = self.routes.lock() {
+            table.routes.remove(&self.id);
+        }
+    }
+}
+
+impl Channel {
+    /// Starts serving a connected stream.
+    pub fn new<S>(stream: S) -> Self
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (reader, writer) = tokio::io::split(stream);
+        let (hello_tx, hello_rx) = oneshot::channel();
+        let routes: Routes = Arc::new(std::sync::Mutex::new(RouteTable {
+            hello: Some(hello_tx),
+            ..RouteTable::default()
+        }));
+        let reader = tokio::spawn(read_loop(reader, routes.clone()));
+        Self {
+            writer: Mutex::new(Box::new(writer)),
+            routes,
+            next_id: AtomicU32::new(1),
+            hello: Mutex::new(Some(hello_rx)),
+            reader,
+        }
+    }
+
+    /// Waits for the agent's hello (sent once when it starts serving).
+    pub async fn hello(&self) -> Result<AgentHello, ChannelError> {
+        let rx = self.hello.lock().await.take().ok_or(ChannelError::Closed)?;
+        rx.await.map_err(|_| ChannelError::Closed)
+    }
+
+    /// Sends a request and returns the stream of events answering it.
+    pub async fn request(&self, request: &Request) -> Result<Subscription, ChannelError> {
+        let id = loop {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            if id != EVENT_ID_UNSOLICITED {
+                break id;
+            }
+        };
+        let (tx, rx) = mpsc::channel(EVENTS_PER_REQUEST);
+        {
+            let mut table = self.routes.lock().map_err(|_| ChannelError::Closed)?;
+            if table.closed {
+                return Err(ChannelError::Closed);
+            }
+            table.routes.insert(id, tx);
+        }
+        let subscription = Subscription {
+            id,
+            events: rx,
+            routes: self.routes.clone(),
+        };
+        let frame = encode_frame(id, request).map_err(ChannelError::Encode)?;
+        let mut writer = self.writer.lock().await;
+        writer.write_all(&frame).await.map_err(ChannelError::Io)?;
+        writer.flush().await.map_err(ChannelError::Io)?;
+        Ok(subscription)
+    }
+
+    /// True once the reader stopped (guest closed the channel or broke the protocol).
+    pub fn is_closed(&self) -> bool {
+        self.reader.is_finished()
+    }
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(mut reader: R, routes: Routes) -> Result<(), ChannelError> {
+    let result = pump(&mut reader, &routes).await;
+    if let Err(e) = &result {
+        tracing::debug!(error = %e, "control channel closed");
+    }
+    if let Ok(mut table) = routes.lock() {
+        table.closed = true;
+        table.routes.clear();
+        table.hello = None;
+    }
+    result
+}
+
+async fn pump<R: AsyncRead + Unpin>(reader: &mut R, routes: &Routes) -> Result<(), ChannelError> {
+    let mut decoder = FrameDecoder::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        while let Some((id, event)) = decoder.next_frame::<Event>().map_err(ChannelError::Protocol)? {
+            dispatch(routes, id, event).await;
+        }
+        let n = reader.read(&mut buf).await.map_err(ChannelError::Io)?;
+        if n == 0 {
+            return Err(ChannelError::Closed);
+        }
+        decoder.push(&buf[..n]);
+    }
+}
+
+async fn dispatch(routes: &Routes, id: u32, event: Event) {
+    if id == EVENT_ID_UNSOLICITED {
+        if let Event::Hello(hello) = event {
+            let tx = routes.lock().ok().and_then(|mut t| t.hello.take());
+            if let Some(tx) = tx {
+                let _ = tx.send(hello);
+            }
+        } else {
+            tracing::debug!(?event, "ignoring unsolicited event");
+        }
+        return;
+    }
+    let tx = routes.lock().ok().and_then(|t| t.routes.get(&id).cloned());
+    match tx {
+        // A full queue blocks here: the guest waits for us, not the other way round.
+        Some(tx) => {
+            let _ = tx.send(event).await;
+        }
+        None => tracing::debug!(id, "event for an unknown or finished request"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sbx_protocol::{AgentHello, PROTOCOL_VERSION};
+
+    async fn guest_send(stream: &mut tokio::io::DuplexStream, id: u32, event: &Event) {
+        stream.write_all(&encode_frame(id, event).unwrap()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn routes_events_by_request_id() {
+        let (host, mut guest) = tokio::io::duplex(1 << 16);
+        let channel = Channel::new(host);
+        let hello = AgentHello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "t".into(),
+            uptime_ms: 1,
+            root_mounted: true,
+        };
+        guest_send(&mut guest, EVENT_ID_UNSOLICITED, &Event::Hello(hello.clone())).await;
+        assert_eq!(channel.hello().await.unwrap(), hello);
+
+        let mut a = channel.request(&Request::Ping).await.unwrap();
+        let mut b = channel.request(&Request::Ping).await.unwrap();
+        let mut decoder = FrameDecoder::new();
+        let mut buf = [0u8; 256];
+        let n = guest.read(&mut buf).await.unwrap();
+        decoder.push(&buf[..n]);
+        let mut ids = Vec::new();
+        while ids.len() < 2 {
+            match decoder.next_frame::<Request>().unwrap() {
+                Some((id, Request::Ping)) => ids.push(id),
+                Some(other) => panic!("{other:?}"),
+                None => {
+                    let n = guest.read(&mut buf).await.unwrap();
+                    decoder.push(&buf[..n]);
+                }
+            }
+        }
+        assert_eq!(ids, vec![a.id(), b.id()]);
+        guest_send(&mut guest, b.id(), &Event::Stdout(b"to b".to_vec())).await;
+        guest_send(&mut guest, a.id(), &Event::Pong).await;
+        assert_eq!(a.recv().await, Some(Event::Pong));
+        assert_eq!(b.recv().await, Some(Event::Stdout(b"to b".to_vec())));
+    }
+
+    #[tokio::test]
+    async fn garbage_from_guest_closes_the_channel() {
+        let (host, mut guest) = tokio::io::duplex(1 << 16);
+        let channel = Channel::new(host);
+        let mut sub = channel.request(&Request::Ping).await.unwrap();
+        guest.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert_eq!(sub.recv().await, None);
+        assert!(channel.hello().await.is_err());
+        assert!(channel.request(&Request::Ping).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn guest_hangup_ends_subscriptions() {
+        let (host, guest) = tokio::io::duplex(1024);
+        let channel = Channel::new(host);
+        let mut sub = channel.request(&Request::Ping).await.unwrap();
+        drop(guest);
+        assert_eq!(sub.recv().await, None);
+    }
+}

@@ -1,0 +1,74 @@
+//! Starting QEMU so that it can never outlive us.
+//!
+//! QEMU gets `PR_SET_PDEATHSIG(SIGKILL)`. The kernel sends that signal when the *thread* that
+//! forked the child exits, not the process; tokio worker and blocking threads come and go, so all
+//! QEMU processes are forked from one dedicated thread that lives as long as the process.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::sync::mpsc;
+
+use tokio::process::{Child, Command};
+
+use super::qemu::CONTROL_SOCKET_FD;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+fn spawner() -> &'static mpsc::Sender<Job> {
+    static SPAWNER: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("sbx-vm-spawner".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })
+            .expect("cannot start the VM spawner thread");
+        tx
+    })
+}
+
+/// Spawns `program args` with the control socket at fd 3, stdin from /dev/null and piped
+/// stdout/stderr, killed when this process dies or when the returned child is dropped.
+pub async fn spawn_qemu(
+    program: std::path::PathBuf,
+    args: Vec<std::ffi::OsString>,
+    control_listener: OwnedFd,
+) -> std::io::Result<Child> {
+    let runtime = tokio::runtime::Handle::current();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job: Job = Box::new(move || {
+        let _guard = runtime.enter();
+        let parent = std::process::id() as i32;
+        let listener_fd = control_listener.as_raw_fd();
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
+        // functions (prctl, getppid, fcntl, dup2); it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                crate::sys::set_parent_death_signal()?;
+                // The parent may have died between fork and prctl: then nobody will signal us.
+                if crate::sys::parent_pid() != parent {
+                    return Err(std::io::Error::other("parent exited during spawn"));
+                }
+                crate::sys::move_fd_for_exec(listener_fd, CONTROL_SOCKET_FD)
+            });
+        }
+        let result = cmd.spawn();
+        drop(control_listener);
+        let _ = tx.send(result);
+    });
+    spawner()
+        .send(job)
+        .map_err(|_| std::io::Error::other("VM spawner thread is gone"))?;
+    rx.await
+        .map_err(|_| std::io::Error::other("VM spawner thread dropped the request"))?
+}

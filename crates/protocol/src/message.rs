@@ -1,0 +1,157 @@
+//! Message types carried inside frames.
+
+use serde::{Deserialize, Serialize};
+
+/// Name of the virtio-serial port the agent looks up under `/sys/class/virtio-ports/*/name`.
+pub const CONTROL_PORT_NAME: &str = "org.exec-sandbox.control";
+
+/// Request id used for events that answer no request (the agent's hello).
+pub const EVENT_ID_UNSOLICITED: u32 = 0;
+
+/// The interpreter a piece of code is meant for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Language {
+    /// CPython, code runs in `__main__`'s namespace.
+    Python,
+    /// Bun: JavaScript and TypeScript, top-level await.
+    Javascript,
+    /// bash.
+    Raw,
+}
+
+impl Language {
+    /// Every language, in a stable order.
+    pub const ALL: [Language; 3] = [Language::Python, Language::Javascript, Language::Raw];
+
+    /// The name users type (`python`, `javascript`, `raw`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Language::Python => "python",
+            Language::Javascript => "javascript",
+            Language::Raw => "raw",
+        }
+    }
+}
+
+impl std::fmt::Display for Language {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Language {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "python" | "py" => Ok(Language::Python),
+            "javascript" | "js" | "typescript" | "ts" => Ok(Language::Javascript),
+            "raw" | "shell" | "sh" | "bash" => Ok(Language::Raw),
+            other => Err(format!(
+                "unknown language `{other}` (expected python, javascript or raw)"
+            )),
+        }
+    }
+}
+
+/// Code to run in the language's persistent interpreter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// Interpreter to use.
+    pub language: Language,
+    /// The program text (UTF-8, no NUL bytes).
+    pub code: String,
+    /// Wall-clock limit enforced by the guest, in milliseconds.
+    pub timeout_ms: u64,
+    /// Environment variables applied to this execution, already validated by the host.
+    pub env: Vec<(String, String)>,
+    /// Bytes of stdout forwarded before the rest is dropped.
+    pub stdout_limit: u64,
+    /// Bytes of stderr forwarded before the rest is dropped.
+    pub stderr_limit: u64,
+}
+
+/// Host-to-guest messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Liveness check; answered by [`Event::Pong`].
+    Ping,
+    /// Start the language's interpreter ahead of time; answered by [`Event::Warmed`].
+    Warm(Language),
+    /// Run code; answered by output events, then [`Event::ExecDone`] or [`Event::Error`].
+    Exec(ExecRequest),
+    /// Power the VM off.
+    Shutdown,
+}
+
+/// Sent once by the agent when its control port opens, with id [`EVENT_ID_UNSOLICITED`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentHello {
+    /// Protocol version the agent speaks.
+    pub protocol_version: u8,
+    /// The agent's crate version.
+    pub agent_version: String,
+    /// Guest monotonic clock when the agent started serving, in milliseconds since kernel start.
+    pub uptime_ms: u64,
+    /// Whether a root filesystem was found and mounted (false in an accelerator probe boot).
+    pub root_mounted: bool,
+}
+
+/// How an execution ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecOutcome {
+    /// The program's exit code, 128+N when killed by signal N, -1 on timeout.
+    pub exit_code: i32,
+    /// The guest-side timeout fired and the process group was killed.
+    pub timed_out: bool,
+    /// Stdout went past its limit and the excess was dropped.
+    pub stdout_truncated: bool,
+    /// Stderr went past its limit and the excess was dropped.
+    pub stderr_truncated: bool,
+    /// Wall time of the execution measured in the guest, in milliseconds.
+    pub execution_time_ms: u64,
+    /// Time spent starting the interpreter for this execution (0 when it was already running).
+    pub interpreter_start_ms: u64,
+}
+
+/// Stable classes of failure reported by the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestErrorKind {
+    /// The request was malformed or violated a limit.
+    InvalidRequest,
+    /// The interpreter could not be started.
+    InterpreterStart,
+    /// Anything else inside the agent.
+    Internal,
+}
+
+/// A failed request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestError {
+    /// Class of failure.
+    pub kind: GuestErrorKind,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+/// Guest-to-host messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// The agent is ready to serve.
+    Hello(AgentHello),
+    /// Answer to [`Request::Ping`].
+    Pong,
+    /// The interpreter is running and has paid its first-start cost.
+    Warmed {
+        /// Milliseconds it took.
+        elapsed_ms: u64,
+    },
+    /// A chunk of the program's standard output.
+    Stdout(Vec<u8>),
+    /// A chunk of the program's standard error.
+    Stderr(Vec<u8>),
+    /// The execution finished.
+    ExecDone(ExecOutcome),
+    /// The request failed.
+    Error(GuestError),
+}
