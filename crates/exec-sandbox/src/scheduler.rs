@@ -176,7 +176,7 @@ async fn decide_host(config: &SchedulerConfig, assets: &GuestAssets) -> HostVerd
         Precheck::Decided(choice) => choice,
         Precheck::NeedsProbe => match accel::load_verdict(&path) {
             Some(remembered) => {
-                tracing::info!(accelerator = %remembered.choice.accelerator, reason = %remembered.choice.reason, "accelerator (remembered for this host)");
+                tracing::debug!(accelerator = %remembered.choice.accelerator, reason = %remembered.choice.reason, "accelerator (remembered for this host)");
                 return remembered;
             }
             None => {

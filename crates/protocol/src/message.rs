@@ -10,6 +10,7 @@ pub const EVENT_ID_UNSOLICITED: u32 = 0;
 
 /// The interpreter a piece of code is meant for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Language {
     /// CPython, code runs in `__main__`'s namespace.
     Python,

@@ -1,0 +1,69 @@
+//! Shared helpers for the integration tests.
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use exec_sandbox::{ExecutionResult, Language, RunOptions, Scheduler, SchedulerConfig};
+
+/// One scheduler for the whole test binary: assets are readied and the accelerator decided once.
+pub fn scheduler() -> Scheduler {
+    static SCHEDULER: OnceLock<Scheduler> = OnceLock::new();
+    SCHEDULER
+        .get_or_init(|| {
+            let config = SchedulerConfig::from_env().expect("test environment config");
+            Scheduler::new(config).expect("scheduler")
+        })
+        .clone()
+}
+
+/// Runs `code` and returns the result, panicking with the whole error chain on failure.
+pub async fn run(language: Language, code: &str) -> ExecutionResult {
+    run_with(RunOptions::new(language, code)).await
+}
+
+/// Runs `options` and returns the result, panicking with the whole error chain on failure.
+pub async fn run_with(options: RunOptions) -> ExecutionResult {
+    match scheduler().run(options).await {
+        Ok(result) => result,
+        Err(e) => panic!("run failed: {}", chain(&e)),
+    }
+}
+
+/// An error and all its sources on one line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Output chunks with the time each arrived.
+#[derive(Clone, Default)]
+pub struct Recorder(pub Arc<Mutex<Vec<(Instant, Vec<u8>)>>>);
+
+impl Recorder {
+    pub fn callback(&self) -> impl Fn(&[u8]) + Send + Sync + 'static {
+        let inner = self.0.clone();
+        move |chunk: &[u8]| inner.lock().unwrap().push((Instant::now(), chunk.to_vec()))
+    }
+
+    pub fn first_at(&self) -> Option<Instant> {
+        self.0.lock().unwrap().first().map(|(t, _)| *t)
+    }
+}
+
+/// Polls `check` until it returns true or `deadline` passes.
+pub async fn wait_until(deadline: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + deadline;
+    while Instant::now() < end {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    check()
+}

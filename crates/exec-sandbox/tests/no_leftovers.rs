@@ -1,0 +1,74 @@
+//! After runs that succeed, time out, or are abandoned mid-flight, no QEMU started by this
+//! process remains. A separate test binary, so no other test's VMs are alive at the same time.
+
+use std::time::Duration;
+
+use exec_sandbox::{Language, RunOptions, Scheduler, SchedulerConfig};
+
+/// QEMU processes whose `-name` says this process started them.
+fn our_qemus() -> Vec<u32> {
+    let marker = format!("sbx-{}-", std::process::id());
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.first().is_some_and(|a| a.contains("qemu")) && args.iter().any(|a| a.starts_with(&marker)) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+async fn wait_for_no_qemu(deadline: Duration) -> Vec<u32> {
+    let end = std::time::Instant::now() + deadline;
+    loop {
+        let left = our_qemus();
+        if left.is_empty() || std::time::Instant::now() > end {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn no_qemu_survives_success_timeout_or_cancellation() {
+    let scheduler = Scheduler::new(SchedulerConfig::from_env().unwrap()).unwrap();
+
+    let ok = scheduler.run(RunOptions::new(Language::Raw, "echo hi")).await.unwrap();
+    assert_eq!(ok.stdout, "hi\n");
+    assert_eq!(wait_for_no_qemu(Duration::from_secs(5)).await, Vec::<u32>::new());
+
+    let timed_out = scheduler
+        .run(RunOptions::new(Language::Raw, "sleep 60").timeout_seconds(1))
+        .await
+        .unwrap();
+    assert_eq!(timed_out.exit_code, -1);
+    assert_eq!(wait_for_no_qemu(Duration::from_secs(5)).await, Vec::<u32>::new());
+
+    // Abandon a run while its VM is alive: dropping the future must kill QEMU.
+    let mut run = Box::pin(scheduler.run(RunOptions::new(Language::Raw, "sleep 60")));
+    let saw_vm = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            tokio::select! {
+                _ = &mut run => panic!("`sleep 60` cannot finish this early"),
+                () = tokio::time::sleep(Duration::from_millis(20)) => {
+                    if !our_qemus().is_empty() {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(saw_vm.is_ok(), "no VM appeared within 60 s");
+    drop(run);
+    assert_eq!(wait_for_no_qemu(Duration::from_secs(5)).await, Vec::<u32>::new());
+}

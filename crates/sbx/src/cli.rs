@@ -1,0 +1,361 @@
+//! The whole command line, in one place: every subcommand, flag, default and value check.
+
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use exec_sandbox::{Language, limits, validate};
+
+/// Run untrusted Python, JavaScript/TypeScript and shell code in disposable QEMU microVMs.
+#[derive(Debug, Parser)]
+#[command(name = "sbx", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run code in a fresh microVM, one per source.
+    #[command(after_long_help = RUN_AFTER_HELP)]
+    Run(RunArgs),
+    /// Build or verify every guest asset and decide the accelerator, so later runs start at once.
+    Prefetch(PrefetchArgs),
+}
+
+const RUN_AFTER_HELP: &str = "\
+Sources:
+  -             read the code from stdin (at most once)
+  FILE          an existing file; the language comes from its extension
+                (.py python; .js .mjs .ts javascript; .sh raw) unless -l is given
+  CODE          anything else is the code itself
+
+An argument that ends in one of those extensions but names no file is an error, not code.
+Several sources run concurrently; each one's output is printed as one block, in order.
+
+Exit status:
+  the program's own (with several sources, the first non-zero one in order)
+  124 the timeout fired, 125 sandbox failure, 2 usage error, 130 interrupted (Ctrl-C)
+  An exit code outside 0-255 is reduced to its low 8 bits like a shell does, and a
+  non-zero code whose low 8 bits are zero becomes 1.";
+
+/// Flags of `sbx run`.
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("input").required(true).multiple(true).args(["sources", "code"]))]
+pub struct RunArgs {
+    /// Code, a file, or `-` for stdin (see below).
+    #[arg(value_name = "SOURCE")]
+    pub sources: Vec<String>,
+
+    /// Code to run, even if it looks like a file name (repeatable; each one is a source).
+    #[arg(
+        short = 'c',
+        long = "code",
+        value_name = "CODE",
+        allow_hyphen_values = true
+    )]
+    pub code: Vec<String>,
+
+    /// Language of every source: python, javascript or raw (also py, js, ts, typescript, sh,
+    /// bash, shell). Default: from the file extension, else python.
+    #[arg(short, long, value_name = "LANG", value_parser = parse_language)]
+    pub language: Option<Language>,
+
+    /// Execution timeout in seconds, 1-300 [default: 30, or EXEC_SANDBOX_DEFAULT_TIMEOUT_SECONDS].
+    #[arg(short, long, value_name = "SECS", value_parser = parse_timeout)]
+    pub timeout: Option<u64>,
+
+    /// Guest memory in MB, at least 128 [default: 256, or EXEC_SANDBOX_DEFAULT_MEMORY_MB].
+    #[arg(short, long, value_name = "MB", value_parser = parse_memory)]
+    pub memory: Option<u32>,
+
+    /// Environment variable for the program (repeatable; the last of a name wins).
+    #[arg(short, long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+
+    /// Print one JSON object per source (JSON Lines) on stdout instead of the program's output.
+    #[arg(long)]
+    pub json: bool,
+
+    /// No progress, no per-source headers: only the program's output and errors.
+    #[arg(short, long, conflicts_with = "debug")]
+    pub quiet: bool,
+
+    /// Show the VM console (boot log) and debug logs on stderr.
+    #[arg(long)]
+    pub debug: bool,
+
+    /// Most sources running at once.
+    #[arg(
+        short = 'j',
+        long,
+        value_name = "N",
+        default_value_t = limits::DEFAULT_MAX_CONCURRENT_VMS,
+        value_parser = parse_concurrency,
+    )]
+    pub concurrency: usize,
+
+    /// Sources and `-c` codes, in the order they appeared on the command line.
+    #[arg(skip)]
+    pub inputs: Vec<Input>,
+}
+
+/// Flags of `sbx prefetch`.
+#[derive(Debug, Args)]
+pub struct PrefetchArgs {
+    /// No progress and no summary: only errors.
+    #[arg(short, long, conflicts_with = "debug")]
+    pub quiet: bool,
+
+    /// Show debug logs on stderr.
+    #[arg(long)]
+    pub debug: bool,
+}
+
+/// One thing to run, as the user wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// A positional SOURCE: `-`, a file, or code.
+    Source(String),
+    /// A `-c CODE`: always code.
+    Code(String),
+}
+
+impl Cli {
+    /// Parses `args` (including the program name), keeping the command-line order of sources.
+    ///
+    /// Errors are clap's, with its exit status: 2 for usage errors, 0 for `--help`/`--version`.
+    pub fn parse_from_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Self::command().try_get_matches_from(args)?;
+        let mut cli = Self::from_arg_matches(&matches)?;
+        if let (Command::Run(run), Some(("run", sub))) = (&mut cli.command, matches.subcommand()) {
+            run.inputs = ordered_inputs(sub);
+        }
+        Ok(cli)
+    }
+}
+
+/// Merges positional sources and `-c` codes back into the order they were typed.
+fn ordered_inputs(matches: &clap::ArgMatches) -> Vec<Input> {
+    fn indexed(
+        matches: &clap::ArgMatches,
+        id: &str,
+        make: fn(String) -> Input,
+    ) -> Vec<(usize, Input)> {
+        match (matches.indices_of(id), matches.get_many::<String>(id)) {
+            (Some(indices), Some(values)) => indices.zip(values.cloned().map(make)).collect(),
+            _ => Vec::new(),
+        }
+    }
+    let mut all = indexed(matches, "sources", Input::Source);
+    all.extend(indexed(matches, "code", Input::Code));
+    all.sort_by_key(|(index, _)| *index);
+    all.into_iter().map(|(_, input)| input).collect()
+}
+
+fn parse_language(s: &str) -> Result<Language, String> {
+    s.parse()
+}
+
+fn parse_timeout(s: &str) -> Result<u64, String> {
+    let seconds: u64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a whole number of seconds"))?;
+    validate::timeout(seconds).map_err(|e| e.to_string())?;
+    Ok(seconds)
+}
+
+fn parse_memory(s: &str) -> Result<u32, String> {
+    let mb: u32 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a whole number of MB"))?;
+    validate::memory(mb).map_err(|e| e.to_string())?;
+    Ok(mb)
+}
+
+fn parse_concurrency(s: &str) -> Result<usize, String> {
+    let range = limits::MIN_CONCURRENT_VMS..=limits::MAX_CONCURRENT_VMS;
+    match s.parse::<usize>() {
+        Ok(n) if range.contains(&n) => Ok(n),
+        _ => Err(format!(
+            "must be a number from {} to {}",
+            range.start(),
+            range.end()
+        )),
+    }
+}
+
+/// `KEY=VALUE`, split at the first `=`; the pair is checked against the library's rules here so
+/// the error names the flag.
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    let Some((name, value)) = s.split_once('=') else {
+        return Err(format!("`{s}` is not KEY=VALUE"));
+    };
+    let pair = (name.to_string(), value.to_string());
+    validate::env_vars(std::slice::from_ref(&pair)).map_err(|e| e.to_string())?;
+    Ok(pair)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::parse_from_args(std::iter::once("sbx").chain(args.iter().copied()))
+    }
+
+    fn run(args: &[&str]) -> RunArgs {
+        match parse(args)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+            .command
+        {
+            Command::Run(run) => run,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn usage_error(args: &[&str]) -> String {
+        let e = parse(args).expect_err("should be a usage error");
+        assert_eq!(e.exit_code(), 2, "{e}");
+        e.to_string()
+    }
+
+    #[test]
+    fn the_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_defaults() {
+        let r = run(&["run", "print(1)"]);
+        assert_eq!(r.inputs, vec![Input::Source("print(1)".into())]);
+        assert_eq!(r.language, None);
+        assert_eq!(r.timeout, None);
+        assert_eq!(r.memory, None);
+        assert!(r.env.is_empty());
+        assert!(!r.json && !r.quiet && !r.debug);
+        assert_eq!(r.concurrency, 10);
+    }
+
+    #[test]
+    fn every_run_flag() {
+        let r = run(&[
+            "run", "-l", "js", "-t", "5", "-m", "512", "-e", "A=1", "--env", "B=x=y", "--json",
+            "-q", "-j", "3", "a.ts",
+        ]);
+        assert_eq!(r.language, Some(Language::Javascript));
+        assert_eq!(r.timeout, Some(5));
+        assert_eq!(r.memory, Some(512));
+        assert_eq!(
+            r.env,
+            vec![("A".into(), "1".into()), ("B".into(), "x=y".into())]
+        );
+        assert!(r.json && r.quiet);
+        assert_eq!(r.concurrency, 3);
+        let r = run(&[
+            "run",
+            "--language",
+            "raw",
+            "--timeout",
+            "300",
+            "--memory",
+            "128",
+            "--debug",
+            "--concurrency",
+            "100",
+            "x",
+        ]);
+        assert_eq!(r.language, Some(Language::Raw));
+        assert_eq!(
+            (r.timeout, r.memory, r.concurrency),
+            (Some(300), Some(128), 100)
+        );
+        assert!(r.debug);
+    }
+
+    #[test]
+    fn language_aliases() {
+        for (alias, language) in [
+            ("python", Language::Python),
+            ("py", Language::Python),
+            ("javascript", Language::Javascript),
+            ("js", Language::Javascript),
+            ("ts", Language::Javascript),
+            ("typescript", Language::Javascript),
+            ("raw", Language::Raw),
+            ("sh", Language::Raw),
+            ("bash", Language::Raw),
+            ("shell", Language::Raw),
+            ("PY", Language::Python),
+        ] {
+            assert_eq!(
+                run(&["run", "-l", alias, "x"]).language,
+                Some(language),
+                "{alias}"
+            );
+        }
+        assert!(usage_error(&["run", "-l", "ruby", "x"]).contains("ruby"));
+    }
+
+    #[test]
+    fn sources_and_codes_keep_their_order() {
+        let r = run(&["run", "a.py", "-c", "print(2)", "-", "--code", "-1", "x"]);
+        assert_eq!(
+            r.inputs,
+            vec![
+                Input::Source("a.py".into()),
+                Input::Code("print(2)".into()),
+                Input::Source("-".into()),
+                Input::Code("-1".into()),
+                Input::Source("x".into()),
+            ]
+        );
+        assert_eq!(run(&["run", "-c", "a", "-c", "b"]).inputs.len(), 2);
+    }
+
+    #[test]
+    fn env_must_be_key_value_and_allowed() {
+        assert!(usage_error(&["run", "-e", "BAD", "x"]).contains("KEY=VALUE"));
+        assert!(usage_error(&["run", "-e", "=v", "x"]).contains("name is empty"));
+        assert!(usage_error(&["run", "-e", "LD_PRELOAD=x", "x"]).contains("LD_PRELOAD"));
+        assert!(usage_error(&["run", "-e", "A=a\nb", "x"]).contains("U+000A"));
+        assert_eq!(
+            run(&["run", "-e", "EMPTY=", "x"]).env,
+            vec![("EMPTY".into(), String::new())]
+        );
+    }
+
+    #[test]
+    fn numbers_are_range_checked() {
+        assert!(usage_error(&["run", "-t", "0", "x"]).contains("1-300"));
+        assert!(usage_error(&["run", "-t", "301", "x"]).contains("1-300"));
+        assert!(usage_error(&["run", "-t", "soon", "x"]).contains("soon"));
+        assert!(usage_error(&["run", "-m", "64", "x"]).contains("memory_mb"));
+        assert!(usage_error(&["run", "-j", "0", "x"]).contains("1 to 100"));
+        assert!(usage_error(&["run", "-j", "101", "x"]).contains("1 to 100"));
+    }
+
+    #[test]
+    fn conflicts_and_missing_input() {
+        assert!(usage_error(&["run"]).contains("SOURCE"));
+        usage_error(&["run", "-q", "--debug", "x"]);
+        usage_error(&["prefetch", "-q", "--debug"]);
+        usage_error(&["run", "--frobnicate", "x"]);
+        usage_error(&[]);
+    }
+
+    #[test]
+    fn prefetch_and_version() {
+        match parse(&["prefetch", "-q"]).unwrap().command {
+            Command::Prefetch(p) => assert!(p.quiet && !p.debug),
+            other => panic!("{other:?}"),
+        }
+        let e = parse(&["--version"]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::DisplayVersion);
+        assert_eq!(e.exit_code(), 0);
+    }
+}

@@ -1,0 +1,299 @@
+//! What `sbx` shows users: JSON lines, per-source headers, and error reports.
+
+use exec_sandbox::{ErrorKind, ExecutionResult, Language};
+use serde::Serialize;
+
+use crate::term::{self, Style};
+
+/// One `--json` line for a finished source: its label and language, then every field of the
+/// result in declaration order.
+#[derive(Serialize)]
+struct JsonResult<'a> {
+    source: &'a str,
+    language: &'static str,
+    #[serde(flatten)]
+    result: &'a ExecutionResult,
+}
+
+/// One `--json` line for a source the sandbox failed to run.
+#[derive(Serialize)]
+struct JsonFailure<'a> {
+    source: &'a str,
+    language: &'static str,
+    error: JsonError,
+}
+
+#[derive(Serialize)]
+struct JsonError {
+    kind: ErrorKind,
+    message: String,
+    /// The `#[source]` chain below `message`, outermost first.
+    causes: Vec<String>,
+    hint: Option<String>,
+}
+
+/// The `--json` line (without newline) for a result.
+pub fn json_result(label: &str, language: Language, result: &ExecutionResult) -> String {
+    serde_json::to_string(&JsonResult {
+        source: label,
+        language: language.as_str(),
+        result,
+    })
+    .expect("a result always serializes")
+}
+
+/// The `--json` line (without newline) for a source the sandbox failed to run.
+pub fn json_failure(label: &str, language: Language, error: &exec_sandbox::Error) -> String {
+    failure_line(
+        label,
+        language,
+        JsonError {
+            kind: error.kind(),
+            message: error.to_string(),
+            causes: causes(error),
+            hint: error.hint(),
+        },
+    )
+}
+
+/// The `--json` line (without newline) for a source whose run ended in a bug of `sbx` itself.
+pub fn json_internal_failure(
+    label: &str,
+    language: Language,
+    kind: ErrorKind,
+    message: &str,
+) -> String {
+    failure_line(
+        label,
+        language,
+        JsonError {
+            kind,
+            message: format!("internal error: {message}"),
+            causes: Vec::new(),
+            hint: None,
+        },
+    )
+}
+
+fn failure_line(label: &str, language: Language, error: JsonError) -> String {
+    serde_json::to_string(&JsonFailure {
+        source: label,
+        language: language.as_str(),
+        error,
+    })
+    .expect("an error report always serializes")
+}
+
+/// How a source ended, for its header.
+pub enum Ending<'a> {
+    /// It ran to a result.
+    Finished(&'a ExecutionResult),
+    /// The sandbox failed.
+    Failed,
+}
+
+/// `==> [2/3] file.py (exit 0, 812 ms)`: printed before each source's output block when several
+/// sources run.
+pub fn header(position: usize, total: usize, label: &str, ending: Ending<'_>) -> String {
+    let what = match ending {
+        Ending::Finished(r) if r.timed_out || r.exit_code == -1 => {
+            format!("timed out, {} ms", r.timing.total_ms)
+        }
+        Ending::Finished(r) => format!("exit {}, {} ms", r.exit_code, r.timing.total_ms),
+        Ending::Failed => "sandbox error".to_string(),
+    };
+    format!("[{position}/{total}] {label} ({what})")
+}
+
+/// Prints a header on stderr.
+pub fn print_header(line: &str) {
+    term::stderr_line(&format!("{} {line}", term::paint(Style::Step, "==>")));
+}
+
+/// The `#[source]` chain of `error`, outermost first, without `error` itself.
+fn causes(error: &dyn std::error::Error) -> Vec<String> {
+    std::iter::successors(error.source(), |e| e.source())
+        .map(ToString::to_string)
+        .collect()
+}
+
+/// `error: <context>: <message>`, one `  caused by: ...` per source in the chain, and
+/// `hint: ...` when there is one.
+pub fn error_lines(
+    context: Option<&str>,
+    error: &dyn std::error::Error,
+    hint: Option<&str>,
+) -> Vec<String> {
+    let head = match context {
+        Some(context) => format!("{context}: {error}"),
+        None => error.to_string(),
+    };
+    let mut lines = vec![format!("{} {head}", term::paint(Style::Error, "error:"))];
+    lines.extend(
+        causes(error)
+            .into_iter()
+            .map(|c| format!("  caused by: {c}")),
+    );
+    if let Some(hint) = hint {
+        lines.push(format!("{} {hint}", term::paint(Style::Hint, "hint:")));
+    }
+    lines
+}
+
+/// Prints an error report on stderr.
+pub fn print_error(context: Option<&str>, error: &dyn std::error::Error, hint: Option<&str>) {
+    term::stderr(error_lines(context, error, hint).join("\n").as_bytes());
+    term::stderr(b"\n");
+}
+
+/// Prints a library error with its hint.
+pub fn print_sandbox_error(context: Option<&str>, error: &exec_sandbox::Error) {
+    print_error(context, error, error.hint().as_deref());
+}
+
+/// Prints a usage error with its hint.
+pub fn print_usage_error(error: &crate::status::UsageError) {
+    print_error(None, error, error.hint_text());
+}
+
+/// Warns (unless quiet) when output was cut at its limit.
+pub fn truncation_warnings(label: Option<&str>, result: &ExecutionResult) -> Vec<String> {
+    let prefix = label.map(|l| format!("{l}: ")).unwrap_or_default();
+    let mut out = Vec::new();
+    for (stream, truncated, limit) in [
+        (
+            "stdout",
+            result.stdout_truncated,
+            exec_sandbox::limits::MAX_STDOUT_BYTES,
+        ),
+        (
+            "stderr",
+            result.stderr_truncated,
+            exec_sandbox::limits::MAX_STDERR_BYTES,
+        ),
+    ] {
+        if truncated {
+            out.push(format!(
+                "{} {prefix}{stream} passed its limit of {limit} bytes; the rest was dropped",
+                term::paint(Style::Warning, "warning:")
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use exec_sandbox::{Accelerator, AcceleratorChoice, Timing};
+
+    fn result() -> ExecutionResult {
+        ExecutionResult {
+            stdout: "42\n".into(),
+            stderr: String::new(),
+            exit_code: 0,
+            timed_out: false,
+            stdout_truncated: false,
+            stderr_truncated: false,
+            execution_time_ms: Some(12),
+            external_cpu_time_ms: Some(900),
+            external_memory_peak_mb: Some(140),
+            timing: Timing {
+                setup_ms: 3,
+                boot_ms: 700,
+                execute_ms: 40,
+                total_ms: 745,
+            },
+            accelerator: AcceleratorChoice {
+                accelerator: Accelerator::Tcg,
+                reason: "KVM opens but the probe boot hung".into(),
+            },
+            warm_pool_hit: false,
+            l1_cache_hit: false,
+        }
+    }
+
+    #[test]
+    fn json_result_has_every_field() {
+        let line = json_result("code[1]", Language::Python, &result());
+        assert!(!line.contains('\n'));
+        insta::assert_snapshot!(line);
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let keys: Vec<_> = value.as_object().unwrap().keys().cloned().collect();
+        for key in [
+            "source",
+            "language",
+            "stdout",
+            "stderr",
+            "exit_code",
+            "timed_out",
+            "stdout_truncated",
+            "stderr_truncated",
+            "execution_time_ms",
+            "external_cpu_time_ms",
+            "external_memory_peak_mb",
+            "timing",
+            "accelerator",
+            "warm_pool_hit",
+            "l1_cache_hit",
+        ] {
+            assert!(keys.iter().any(|k| k == key), "missing {key}: {keys:?}");
+        }
+        assert_eq!(value["accelerator"]["name"], "tcg");
+        assert_eq!(value["language"], "python");
+        assert_eq!(value["timing"]["total_ms"], 745);
+    }
+
+    #[test]
+    fn json_failure_names_the_kind() {
+        let error = exec_sandbox::Error::from(exec_sandbox::ValidationError::EmptyCode);
+        let line = json_failure("a.py", Language::Raw, &error);
+        insta::assert_snapshot!(line);
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(value["error"]["kind"], "invalid_input");
+        assert_eq!(value["error"]["causes"][0], "code is empty");
+    }
+
+    #[test]
+    fn headers() {
+        let mut r = result();
+        assert_eq!(
+            header(2, 3, "file.py", Ending::Finished(&r)),
+            "[2/3] file.py (exit 0, 745 ms)"
+        );
+        r.exit_code = -1;
+        r.timed_out = true;
+        assert_eq!(
+            header(1, 2, "code[1]", Ending::Finished(&r)),
+            "[1/2] code[1] (timed out, 745 ms)"
+        );
+        assert_eq!(header(3, 3, "-", Ending::Failed), "[3/3] - (sandbox error)");
+    }
+
+    #[test]
+    fn errors_print_their_chain_and_hint() {
+        let error = exec_sandbox::Error::from(exec_sandbox::ValidationError::EmptyCode);
+        let lines = error_lines(Some("code[1]"), &error, Some("write some code"));
+        assert_eq!(
+            lines,
+            [
+                "error: code[1]: invalid input",
+                "  caused by: code is empty",
+                "hint: write some code"
+            ]
+        );
+    }
+
+    #[test]
+    fn truncation_is_reported_per_stream() {
+        let mut r = result();
+        assert!(truncation_warnings(None, &r).is_empty());
+        r.stdout_truncated = true;
+        let w = truncation_warnings(Some("a.py"), &r);
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].contains("a.py: stdout passed its limit of 1000000 bytes"),
+            "{w:?}"
+        );
+    }
+}

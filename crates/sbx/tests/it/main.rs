@@ -1,0 +1,29 @@
+//! Integration tests of the `sbx` binary.
+//!
+//! `usage` needs no VM: every case must be refused before any asset is built or VM booted.
+//! `vm` boots real VMs and is `#[ignore]`d until the guest assets build on this host
+//! (`cargo test -p sbx -- --ignored`).
+
+mod usage;
+mod vm;
+
+use assert_cmd::Command;
+
+/// `sbx` with an isolated, empty, offline cache: anything that reaches for assets fails fast
+/// instead of building images.
+fn sbx_offline(cache: &tempfile::TempDir) -> Command {
+    let mut cmd = Command::cargo_bin("sbx").expect("the sbx binary is built");
+    cmd.env("EXEC_SANDBOX_CACHE_DIR", cache.path())
+        .env("EXEC_SANDBOX_OFFLINE", "1")
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .env_remove("EXEC_SANDBOX_MAX_CONCURRENT_VMS");
+    cmd
+}
+
+/// `sbx` with the user's real cache, for tests that boot VMs.
+fn sbx() -> Command {
+    let mut cmd = Command::cargo_bin("sbx").expect("the sbx binary is built");
+    cmd.env("NO_COLOR", "1").env_remove("RUST_LOG");
+    cmd
+}

@@ -1,0 +1,142 @@
+//! Refusals that need no VM: exit status 2, a clear message on stderr, nothing on stdout, fast.
+
+use std::time::{Duration, Instant};
+
+use predicates::prelude::*;
+
+use crate::sbx_offline;
+
+/// Usage errors come back at once: nothing was built or booted.
+const FAST: Duration = Duration::from_secs(1);
+
+fn refuses(args: &[&str], stderr_has: &str) {
+    let cache = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    sbx_offline(&cache)
+        .args(args)
+        .write_stdin("")
+        .assert()
+        .code(2)
+        .stdout(predicate::str::is_empty())
+        .stderr(predicate::str::contains(stderr_has));
+    assert!(
+        started.elapsed() < FAST,
+        "{args:?} took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        std::fs::read_dir(cache.path()).unwrap().next().is_none(),
+        "{args:?} touched the cache"
+    );
+}
+
+#[test]
+fn empty_code_fails_fast_with_a_clear_message() {
+    refuses(&["run", ""], "code is empty");
+    refuses(&["run", "  \n"], "invalid source `code[1]`");
+    refuses(&["run", "-c", ""], "code is empty");
+}
+
+#[test]
+fn one_bad_source_stops_them_all_before_anything_runs() {
+    refuses(&["run", "print(1)", ""], "code[2]");
+}
+
+#[test]
+fn malformed_env_is_a_usage_error() {
+    refuses(&["run", "-e", "BAD", "run.py"], "KEY=VALUE");
+}
+
+#[test]
+fn env_names_that_hijack_the_runtime_are_named() {
+    refuses(&["run", "-e", "LD_PRELOAD=x", "print(1)"], "LD_PRELOAD");
+    refuses(&["run", "-e", "PYTHONPATH=/x", "print(1)"], "PYTHONPATH");
+}
+
+#[test]
+fn a_missing_file_is_not_run_as_code() {
+    refuses(
+        &["run", "does-not-exist.py"],
+        "no such file: `does-not-exist.py`",
+    );
+}
+
+#[test]
+fn a_file_with_an_unknown_extension_needs_a_language() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notes.txt");
+    std::fs::write(&path, "print(1)\n").unwrap();
+    refuses(&["run", path.to_str().unwrap()], "hint: pass -l");
+}
+
+#[test]
+fn an_empty_file_or_stdin_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("empty.py");
+    std::fs::write(&path, "").unwrap();
+    refuses(&["run", path.to_str().unwrap()], "code is empty");
+    refuses(&["run", "-"], "invalid source `-`");
+    refuses(&["run", "-", "-"], "only once");
+}
+
+#[test]
+fn out_of_range_numbers_are_refused() {
+    refuses(&["run", "-t", "0", "print(1)"], "--timeout");
+    refuses(&["run", "-m", "64", "print(1)"], "--memory");
+    refuses(&["run", "-j", "0", "print(1)"], "--concurrency");
+    refuses(&["run", "-l", "cobol", "print(1)"], "cobol");
+}
+
+#[test]
+fn nothing_to_run_is_a_usage_error() {
+    refuses(&["run"], "SOURCE");
+    refuses(&["run", "-q", "--debug", "x"], "cannot be used with");
+}
+
+#[test]
+fn bad_configuration_names_the_variable() {
+    let cache = tempfile::tempdir().unwrap();
+    sbx_offline(&cache)
+        .env("EXEC_SANDBOX_MAX_CONCURRENT_VMS", "lots")
+        .args(["run", "print(1)"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("EXEC_SANDBOX_MAX_CONCURRENT_VMS"))
+        .stderr(predicate::str::contains("hint:"));
+}
+
+#[test]
+fn version_and_help() {
+    let cache = tempfile::tempdir().unwrap();
+    sbx_offline(&cache)
+        .arg("--version")
+        .assert()
+        .success()
+        .stdout(predicate::str::starts_with(format!(
+            "sbx {}",
+            env!("CARGO_PKG_VERSION")
+        )));
+    sbx_offline(&cache)
+        .args(["run", "--help"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("--concurrency"))
+        .stdout(predicate::str::contains("124"));
+}
+
+#[test]
+fn offline_without_assets_is_a_sandbox_error_with_json_on_stdout() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = sbx_offline(&cache)
+        .args(["run", "--json", "-q", "print(1)"])
+        .timeout(Duration::from_secs(30))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let value: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(value["source"], "code[1]");
+    assert_eq!(value["language"], "python");
+    assert_eq!(value["error"]["kind"], "permanent");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("error:"));
+}

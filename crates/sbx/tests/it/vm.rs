@@ -1,0 +1,217 @@
+//! End-to-end runs in real microVMs: the CLI half of the acceptance list.
+//!
+//! Ignored until the guest assets build and boot on this host; run them with
+//! `cargo test -p sbx -- --ignored`. The first one may build the images.
+
+use std::time::{Duration, Instant};
+
+use predicates::prelude::*;
+
+use crate::sbx;
+
+/// Generous: software emulation boots slowly, and the first run may build the images.
+const RUN_DEADLINE: Duration = Duration::from_secs(20 * 60);
+
+fn json_of(stdout: &[u8]) -> serde_json::Value {
+    let text = std::str::from_utf8(stdout).unwrap();
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+#[test]
+#[ignore = "boots a VM"]
+fn python_prints_42() {
+    sbx()
+        .args(["run", "print(6*7)"])
+        .timeout(RUN_DEADLINE)
+        .assert()
+        .success()
+        .stdout("42\n");
+}
+
+#[test]
+#[ignore = "boots a VM"]
+fn typescript_prints_42() {
+    sbx()
+        .args([
+            "run",
+            "-l",
+            "javascript",
+            "const x: number = 6*7; console.log(x)",
+        ])
+        .timeout(RUN_DEADLINE)
+        .assert()
+        .success()
+        .stdout("42\n");
+}
+
+#[test]
+#[ignore = "boots a VM"]
+fn raw_prints_42_as_uid_1000() {
+    sbx()
+        .args(["run", "-l", "raw", "echo $((6*7)); id -u"])
+        .timeout(RUN_DEADLINE)
+        .assert()
+        .success()
+        .stdout("42\n1000\n");
+}
+
+#[test]
+#[ignore = "boots a VM"]
+fn code_from_stdin() {
+    sbx()
+        .args(["run", "-"])
+        .write_stdin("print(1)\n")
+        .timeout(RUN_DEADLINE)
+        .assert()
+        .success()
+        .stdout("1\n");
+}
+
+#[test]
+#[ignore = "boots a VM"]
+fn a_file_source_takes_its_language_from_the_extension() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hello.sh");
+    std::fs::write(&path, "echo from-bash-$BASH_VERSINFO\n").unwrap();
+    sbx()
+        .arg("run")
+        .arg(&path)
+        .timeout(RUN_DEADLINE)
+        .assert()
+        .success()
+        .stdout(predicate::str::starts_with("from-bash-"));
+}
+
+#[test]
+#[ignore = "boots a VM"]
+fn timeout_exits_124_within_12_s() {
+    let started = Instant::now();
+    sbx()
+        .args(["run", "-t", "2", "while True: pass"])
+        .timeout(RUN_DEADLINE)
+        .assert()
+        .code(124);
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+#[ignore = "boots a VM"]
+fn timeout_in_json_has_exit_code_minus_1() {
+    let out = sbx()
+        .args(["run", "--json", "-t", "2", "while True: pass"])
+        .timeout(RUN_DEADLINE)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(124));
+    let v = json_of(&out.stdout);
+    assert_eq!(v["exit_code"], -1);
+    assert_eq!(v["timed_out"], true);
+}
+
+#[test]
+#[ignore = "boots a VM"]
+fn the_program_exit_code_is_the_status() {
+    sbx()
+        .args(["run", "import sys; sys.exit(3)"])
+        .timeout(RUN_DEADLINE)
+        .assert()
+        .code(3);
+}
+
+#[test]
+#[ignore = "boots a VM"]
+fn json_names_the_accelerator_and_why() {
+    let out = sbx()
+        .args(["run", "--json", "print(6*7)"])
+        .timeout(RUN_DEADLINE)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v = json_of(&out.stdout);
+    assert_eq!(v["stdout"], "42\n");
+    assert_eq!(v["source"], "code[1]");
+    assert!(
+        matches!(v["accelerator"]["name"].as_str(), Some("kvm" | "tcg")),
+        "{v}"
+    );
+    assert!(
+        !v["accelerator"]["reason"].as_str().unwrap_or("").is_empty(),
+        "{v}"
+    );
+    for key in ["setup_ms", "boot_ms", "execute_ms", "total_ms"] {
+        assert!(v["timing"][key].is_u64(), "{key}: {v}");
+    }
+}
+
+#[test]
+#[ignore = "boots a VM"]
+fn several_sources_print_in_order_without_interleaving() {
+    let out = sbx()
+        .args([
+            "run",
+            "-j",
+            "3",
+            "import time; time.sleep(2); print('first')",
+            "print('second')",
+            "-c",
+            "import sys; print('third'); sys.exit(5)",
+        ])
+        .timeout(RUN_DEADLINE)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "first\nsecond\nthird\n"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let headers: Vec<_> = stderr.lines().filter(|l| l.starts_with("==> [")).collect();
+    assert_eq!(headers.len(), 3, "{stderr}");
+    assert!(
+        headers[0].starts_with("==> [1/3] code[1] (exit 0,"),
+        "{stderr}"
+    );
+    assert!(
+        headers[2].starts_with("==> [3/3] code[3] (exit 5,"),
+        "{stderr}"
+    );
+}
+
+#[test]
+#[ignore = "boots a VM"]
+fn several_sources_in_json_give_one_line_each_in_order() {
+    let out = sbx()
+        .args(["run", "--json", "print(1)", "-c", "print(2)"])
+        .timeout(RUN_DEADLINE)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["stdout"], "1\n");
+    assert_eq!(lines[1]["stdout"], "2\n");
+}
+
+#[test]
+#[ignore = "boots a VM"]
+fn env_vars_reach_the_program() {
+    sbx()
+        .args([
+            "run",
+            "-e",
+            "GREETING=hi there",
+            "import os; print(os.environ['GREETING'])",
+        ])
+        .timeout(RUN_DEADLINE)
+        .assert()
+        .success()
+        .stdout("hi there\n");
+}
