@@ -90,9 +90,7 @@ impl SchedulerConfig {
         if let Some(v) = get(EnvVars::IMAGES_DIR).filter(|v| !v.is_empty()) {
             self.images_dir = PathBuf::from(v);
         }
-        let truthy = |v: Option<String>| {
-            v.is_some_and(|v| env::is_truthy(&v))
-        };
+        let truthy = |v: Option<String>| v.is_some_and(|v| env::is_truthy(&v));
         if truthy(get(EnvVars::OFFLINE)) {
             self.offline = true;
         }
@@ -155,8 +153,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn with(vars: &[(&str, &str)]) -> Result<SchedulerConfig, ValidationError> {
-        let map: HashMap<String, String> =
-            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         SchedulerConfig::default().with_env_overrides(|k| map.get(k).cloned())
     }
 

@@ -39,5 +39,5 @@ pub use run::RunOptions;
 pub use sbx_protocol::Language;
 pub use scheduler::Scheduler;
 pub use validate::ValidationError;
-pub use vm::accel::{Accelerator, AcceleratorChoice};
 pub use vm::OutputCallback;
+pub use vm::accel::{Accelerator, AcceleratorChoice};

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use sbx_protocol::{Event, ExecOutcome, ExecRequest, Language, Request};
 use tokio::sync::{OnceCell, Semaphore};
 
+use crate::SchedulerConfig;
 use crate::assets::{AssetStore, GuestAssets};
 use crate::error::Error;
 use crate::limits;
@@ -16,7 +17,6 @@ use crate::validate;
 use crate::vm::accel::{self, AcceleratorChoice, HostVerdict, Precheck};
 use crate::vm::qemu::VmSpec;
 use crate::vm::{OutputCallback, Vm, VmError, host};
-use crate::SchedulerConfig;
 
 /// Runs code in disposable microVMs.
 ///
@@ -67,7 +67,9 @@ impl Scheduler {
     pub async fn run(&self, options: RunOptions) -> Result<ExecutionResult, Error> {
         let started = Instant::now();
         let config = &self.inner.config;
-        let timeout_seconds = options.timeout_seconds.unwrap_or(config.default_timeout_seconds);
+        let timeout_seconds = options
+            .timeout_seconds
+            .unwrap_or(config.default_timeout_seconds);
         let memory_mb = options.memory_mb.unwrap_or(config.default_memory_mb);
         validate::code(&options.code)?;
         validate::timeout(timeout_seconds)?;
@@ -144,7 +146,9 @@ impl Scheduler {
             timed_out: collected.outcome.timed_out,
             stdout_truncated: collected.outcome.stdout_truncated || collected.stdout.truncated,
             stderr_truncated: collected.outcome.stderr_truncated || collected.stderr.truncated,
-            execution_time_ms: collected.guest_reported.then_some(collected.outcome.execution_time_ms),
+            execution_time_ms: collected
+                .guest_reported
+                .then_some(collected.outcome.execution_time_ms),
             external_cpu_time_ms: stats.cpu_time_ms,
             external_memory_peak_mb: stats.memory_peak_mb,
             timing: Timing {
@@ -225,7 +229,9 @@ async fn probe_kvm(config: &SchedulerConfig, assets: &GuestAssets) -> Result<Dur
             "the guest did not reach its agent within {} s",
             after.as_secs()
         )),
-        Err(VmError::ExitedDuringBoot { status, log_tail, .. }) => Err(format!(
+        Err(VmError::ExitedDuringBoot {
+            status, log_tail, ..
+        }) => Err(format!(
             "QEMU exited during the probe boot ({status}): {}",
             log_tail.lines().last().unwrap_or("")
         )),
@@ -243,7 +249,9 @@ impl Capped {
     /// Keeps what fits under `limit` (the host re-checks the guest's enforcement) and forwards
     /// the kept part to the callback.
     fn accept(&mut self, chunk: &[u8], limit: u64, callback: Option<&OutputCallback>) {
-        let room = usize::try_from(limit).unwrap_or(usize::MAX).saturating_sub(self.bytes.len());
+        let room = usize::try_from(limit)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(self.bytes.len());
         let kept = &chunk[..chunk.len().min(room)];
         if kept.len() < chunk.len() {
             self.truncated = true;
@@ -301,7 +309,11 @@ async fn execute(
                 let note = format!(
                     "\nExecution timed out after {timeout_seconds} s (enforced by the host: the guest stopped responding)\n"
                 );
-                stderr.accept(note.as_bytes(), limits::MAX_STDERR_BYTES + note.len() as u64, on_stderr.as_ref());
+                stderr.accept(
+                    note.as_bytes(),
+                    limits::MAX_STDERR_BYTES + note.len() as u64,
+                    on_stderr.as_ref(),
+                );
                 return Ok(Collected {
                     stdout,
                     stderr,
@@ -318,9 +330,13 @@ async fn execute(
             }
         };
         match event {
-            Event::Stdout(chunk) => stdout.accept(&chunk, limits::MAX_STDOUT_BYTES, on_stdout.as_ref()),
+            Event::Stdout(chunk) => {
+                stdout.accept(&chunk, limits::MAX_STDOUT_BYTES, on_stdout.as_ref())
+            }
             // Room for the agent's timeout note past the cap.
-            Event::Stderr(chunk) => stderr.accept(&chunk, limits::MAX_STDERR_BYTES + 256, on_stderr.as_ref()),
+            Event::Stderr(chunk) => {
+                stderr.accept(&chunk, limits::MAX_STDERR_BYTES + 256, on_stderr.as_ref())
+            }
             Event::ExecDone(outcome) => {
                 return Ok(Collected {
                     stdout,

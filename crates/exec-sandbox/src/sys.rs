@@ -50,3 +50,44 @@ pub(crate) fn read_tsc() -> u64 {
     // SAFETY: RDTSC is available on every x86_64 CPU and has no memory effects.
     unsafe { core::arch::x86_64::_rdtsc() }
 }
+
+/// The effective user id of the calling process.
+pub(crate) fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Takes an exclusive `flock` on `file`: waits for it when `wait`, else returns `Ok(false)` at
+/// once if another open file description holds it. Released when the descriptor is closed.
+pub(crate) fn flock_exclusive(file: &std::fs::File, wait: bool) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let operation = if wait {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_EX | libc::LOCK_NB
+    };
+    loop {
+        // SAFETY: flock on a descriptor that `file` keeps open for the duration of the call;
+        // no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
+            return Ok(true);
+        }
+        let error = io::Error::last_os_error();
+        match error.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) if !wait => return Ok(false),
+            _ => return Err(error),
+        }
+    }
+}
+
+/// Makes `command`'s child receive SIGKILL when the spawning thread exits, so a build script
+/// does not outlive a killed `sbx`.
+pub(crate) fn kill_child_with_parent(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and only calls prctl, which is
+    // async-signal-safe, touches no memory and takes no lock.
+    unsafe {
+        command.pre_exec(set_parent_death_signal);
+    }
+}

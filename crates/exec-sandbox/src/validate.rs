@@ -157,7 +157,9 @@ fn env_var(name: &str, value: &str) -> Result<(), ValidationError> {
     if FORBIDDEN_NAMES.contains(&upper.as_str())
         || FORBIDDEN_PREFIXES.iter().any(|p| upper.starts_with(p))
     {
-        return Err(err("this name could take over the runtime and is not allowed".into()));
+        return Err(err(
+            "this name could take over the runtime and is not allowed".into(),
+        ));
     }
     if value.len() > limits::MAX_ENV_VALUE_BYTES {
         return Err(err(format!(
@@ -180,7 +182,10 @@ mod tests {
     use super::*;
 
     fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -189,7 +194,10 @@ mod tests {
         assert_eq!(code(" \n\t "), Err(ValidationError::EmptyCode));
         assert_eq!(code("a\0b"), Err(ValidationError::CodeHasNul { offset: 1 }));
         let big = "x".repeat(limits::MAX_CODE_BYTES + 1);
-        assert!(matches!(code(&big), Err(ValidationError::CodeTooLarge { .. })));
+        assert!(matches!(
+            code(&big),
+            Err(ValidationError::CodeTooLarge { .. })
+        ));
         assert!(code(&"x".repeat(limits::MAX_CODE_BYTES)).is_ok());
         assert!(code("print(1)").is_ok());
     }
@@ -203,7 +211,12 @@ mod tests {
         assert!(memory(127).is_err());
         assert!(memory(128).is_ok());
         assert!(memory(limits::MAX_MEMORY_MB + 1).is_err());
-        assert!(timeout(301).unwrap_err().to_string().contains("timeout_seconds"));
+        assert!(
+            timeout(301)
+                .unwrap_err()
+                .to_string()
+                .contains("timeout_seconds")
+        );
         assert!(memory(1).unwrap_err().to_string().contains("memory_mb"));
     }
 
@@ -227,7 +240,12 @@ mod tests {
         for bad_name in ["", "1A", "A-B", "A B", "A=B", "É"] {
             assert!(env_vars(&vars(&[(bad_name, "x")])).is_err(), "{bad_name:?}");
         }
-        assert!(env_vars(&vars(&[("A", "x\ny")])).unwrap_err().to_string().contains("U+000A"));
+        assert!(
+            env_vars(&vars(&[("A", "x\ny")]))
+                .unwrap_err()
+                .to_string()
+                .contains("U+000A")
+        );
         assert!(env_vars(&vars(&[("A", "\u{1b}[31m")])).is_err());
         let long_value = "v".repeat(limits::MAX_ENV_VALUE_BYTES + 1);
         assert!(env_vars(&vars(&[("A", &long_value)])).is_err());
@@ -238,7 +256,9 @@ mod tests {
             .collect();
         assert_eq!(
             env_vars(&many),
-            Err(ValidationError::TooManyEnvVars { count: limits::MAX_ENV_VARS + 1 })
+            Err(ValidationError::TooManyEnvVars {
+                count: limits::MAX_ENV_VARS + 1
+            })
         );
     }
 }

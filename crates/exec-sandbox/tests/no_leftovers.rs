@@ -20,7 +20,9 @@ fn our_qemus() -> Vec<u32> {
             .split(|b| *b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        if args.first().is_some_and(|a| a.contains("qemu")) && args.iter().any(|a| a.starts_with(&marker)) {
+        if args.first().is_some_and(|a| a.contains("qemu"))
+            && args.iter().any(|a| a.starts_with(&marker))
+        {
             found.push(pid);
         }
     }
@@ -42,16 +44,25 @@ async fn wait_for_no_qemu(deadline: Duration) -> Vec<u32> {
 async fn no_qemu_survives_success_timeout_or_cancellation() {
     let scheduler = Scheduler::new(SchedulerConfig::from_env().unwrap()).unwrap();
 
-    let ok = scheduler.run(RunOptions::new(Language::Raw, "echo hi")).await.unwrap();
+    let ok = scheduler
+        .run(RunOptions::new(Language::Raw, "echo hi"))
+        .await
+        .unwrap();
     assert_eq!(ok.stdout, "hi\n");
-    assert_eq!(wait_for_no_qemu(Duration::from_secs(5)).await, Vec::<u32>::new());
+    assert_eq!(
+        wait_for_no_qemu(Duration::from_secs(5)).await,
+        Vec::<u32>::new()
+    );
 
     let timed_out = scheduler
         .run(RunOptions::new(Language::Raw, "sleep 60").timeout_seconds(1))
         .await
         .unwrap();
     assert_eq!(timed_out.exit_code, -1);
-    assert_eq!(wait_for_no_qemu(Duration::from_secs(5)).await, Vec::<u32>::new());
+    assert_eq!(
+        wait_for_no_qemu(Duration::from_secs(5)).await,
+        Vec::<u32>::new()
+    );
 
     // Abandon a run while its VM is alive: dropping the future must kill QEMU.
     let mut run = Box::pin(scheduler.run(RunOptions::new(Language::Raw, "sleep 60")));
@@ -70,5 +81,8 @@ async fn no_qemu_survives_success_timeout_or_cancellation() {
     .await;
     assert!(saw_vm.is_ok(), "no VM appeared within 60 s");
     drop(run);
-    assert_eq!(wait_for_no_qemu(Duration::from_secs(5)).await, Vec::<u32>::new());
+    assert_eq!(
+        wait_for_no_qemu(Duration::from_secs(5)).await,
+        Vec::<u32>::new()
+    );
 }

@@ -66,8 +66,8 @@ pub enum DecodeError {
 /// Serializes `message` into one frame tagged with `id`.
 pub fn encode_frame<T: Serialize>(id: u32, message: &T) -> Result<Vec<u8>, EncodeError> {
     let mut out = vec![0u8; HEADER_LEN];
-    let mut out = postcard::to_extend(message, std::mem::take(&mut out))
-        .map_err(EncodeError::Serialize)?;
+    let mut out =
+        postcard::to_extend(message, std::mem::take(&mut out)).map_err(EncodeError::Serialize)?;
     let size = out.len() - HEADER_LEN;
     let len = u32::try_from(size)
         .ok()
@@ -214,7 +214,10 @@ mod tests {
                 got.push(f);
             }
         }
-        assert_eq!(got, vec![(1, Event::Pong), (2, Event::Stderr(b"x".to_vec()))]);
+        assert_eq!(
+            got,
+            vec![(1, Event::Pong), (2, Event::Stderr(b"x".to_vec()))]
+        );
     }
 
     #[test]
@@ -226,14 +229,19 @@ mod tests {
         d.push(&header);
         assert_eq!(
             d.next_frame::<Request>(),
-            Err(DecodeError::TooLarge { len: MAX_PAYLOAD + 1 })
+            Err(DecodeError::TooLarge {
+                len: MAX_PAYLOAD + 1
+            })
         );
     }
 
     #[test]
     fn oversized_message_refused_by_encoder() {
         let big = Event::Stdout(vec![b'a'; MAX_PAYLOAD as usize + 1]);
-        assert!(matches!(encode_frame(1, &big), Err(EncodeError::TooLarge { .. })));
+        assert!(matches!(
+            encode_frame(1, &big),
+            Err(EncodeError::TooLarge { .. })
+        ));
     }
 
     #[test]
@@ -241,7 +249,10 @@ mod tests {
         let good = encode_frame(1, &Request::Ping).unwrap();
         let mut d = FrameDecoder::new();
         d.push(b"X");
-        assert!(matches!(d.next_frame::<Request>(), Err(DecodeError::BadMagic { .. })));
+        assert!(matches!(
+            d.next_frame::<Request>(),
+            Err(DecodeError::BadMagic { .. })
+        ));
 
         let mut v = good.clone();
         v[2] = 99;
@@ -256,7 +267,10 @@ mod tests {
         f[3] = 1;
         let mut d = FrameDecoder::new();
         d.push(&f);
-        assert_eq!(d.next_frame::<Request>(), Err(DecodeError::BadFlags { found: 1 }));
+        assert_eq!(
+            d.next_frame::<Request>(),
+            Err(DecodeError::BadFlags { found: 1 })
+        );
     }
 
     #[test]
@@ -267,7 +281,10 @@ mod tests {
         frame.extend([0xff, 0xff, 0xff]);
         let mut d = FrameDecoder::new();
         d.push(&frame);
-        assert!(matches!(d.next_frame::<Request>(), Err(DecodeError::Malformed { .. })));
+        assert!(matches!(
+            d.next_frame::<Request>(),
+            Err(DecodeError::Malformed { .. })
+        ));
     }
 
     proptest! {

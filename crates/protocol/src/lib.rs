@@ -35,6 +35,6 @@ pub use codec::{
     encode_frame,
 };
 pub use message::{
-    AgentHello, Event, ExecOutcome, ExecRequest, GuestError, GuestErrorKind, Language, Request,
-    CONTROL_PORT_NAME, EVENT_ID_UNSOLICITED,
+    AgentHello, CONTROL_PORT_NAME, EVENT_ID_UNSOLICITED, Event, ExecOutcome, ExecRequest,
+    GuestError, GuestErrorKind, Language, Request,
 };

@@ -1,38 +1,39 @@
 //! Guest assets: the kernel, the agent initramfs and one root filesystem per language.
 //!
-//! INTERFACE STUB — the assets engineer owns this module and replaces the bodies.
+//! [`AssetStore::ensure`] finds them in the cache (`SchedulerConfig::images_dir`), verifies them
+//! against their manifest, and builds or downloads what is missing, once across processes. The
+//! layout and versioning scheme are described in `store.rs` and `inputs.rs`; how verification
+//! stays cheap, in `stamp.rs`.
+//!
+//! Modules: `inputs` (what each asset is made from, keys, versions), `manifest`, `stamp`
+//! (fingerprint stamps), `lock` (cross-process lock), `initramfs` (cpio writer), `build` (the
+//! image scripts behind the `Builder` seam), `download` (prebuilt assets over HTTP),
+//! `store` (the readying logic), `files` (atomic file helpers).
+
+mod build;
+mod download;
+mod error;
+mod files;
+mod initramfs;
+mod inputs;
+mod lock;
+mod manifest;
+mod stamp;
+mod store;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use sbx_protocol::Language;
 
-use crate::error::ErrorKind;
+pub use error::AssetError;
 
-/// Failure to ready guest assets.
-#[derive(Debug, thiserror::Error)]
-pub enum AssetError {
-    /// An asset is missing and the configuration forbids building or downloading it.
-    #[error("asset `{name}` is missing from {dir} and offline mode forbids fetching it")]
-    NotFound {
-        /// Asset file name.
-        name: String,
-        /// Directory searched.
-        dir: PathBuf,
-    },
-}
-
-impl AssetError {
-    /// Stable kind of the failure.
-    pub fn kind(&self) -> ErrorKind {
-        ErrorKind::Permanent
-    }
-
-    /// What the user can do about it.
-    pub fn hint(&self) -> Option<String> {
-        None
-    }
-}
+use build::{Builder, ScriptBuilder};
+use inputs::{AssetKind, Inputs};
+use store::{Source, Store};
 
 /// Paths of verified assets, ready to boot.
 #[derive(Debug, Clone)]
@@ -55,26 +56,156 @@ impl GuestAssets {
 }
 
 /// Finds, verifies, builds or downloads assets under the cache directory.
+///
+/// Cheap to clone; clones share what has been verified, so only the first
+/// [`ensure`](Self::ensure) of a process touches the disk.
 #[derive(Debug, Clone)]
 pub struct AssetStore {
-    config: crate::SchedulerConfig,
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    /// Assets verified by this process: trusted for its lifetime.
+    verified: Mutex<BTreeMap<AssetKind, PathBuf>>,
+    /// One readying at a time per store; other processes are kept out by the file lock.
+    readying: tokio::sync::Mutex<()>,
 }
 
 impl AssetStore {
     /// A store for `config`'s directories and policies.
     pub fn new(config: &crate::SchedulerConfig) -> Self {
+        let inputs = Inputs::embedded();
+        let build_cache = config
+            .images_dir
+            .parent()
+            .unwrap_or(&config.images_dir)
+            .join("build");
+        let builder = Arc::new(ScriptBuilder::new(inputs.clone(), build_cache));
+        Self::with_parts(config, inputs, builder)
+    }
+
+    pub(crate) fn with_parts(
+        config: &crate::SchedulerConfig,
+        inputs: Inputs,
+        builder: Arc<dyn Builder>,
+    ) -> Self {
+        let source = if config.offline || !config.auto_download_assets {
+            Source::Forbidden
+        } else if let Some(base) = &config.asset_base_url {
+            Source::Download(base.clone())
+        } else {
+            Source::Build
+        };
+        let store = Store {
+            images_dir: config.images_dir.clone(),
+            version: config
+                .asset_version
+                .clone()
+                .unwrap_or_else(|| inputs.version()),
+            pinned: config.asset_version.is_some(),
+            inputs,
+            builder,
+            source,
+            on_lock_wait: None,
+        };
+        Self::from_store(store)
+    }
+
+    fn from_store(store: Store) -> Self {
         Self {
-            config: config.clone(),
+            inner: Arc::new(Inner {
+                store,
+                verified: Mutex::new(BTreeMap::new()),
+                readying: tokio::sync::Mutex::new(()),
+            }),
         }
+    }
+
+    /// The asset version in use: `SchedulerConfig::asset_version`, or the one derived from
+    /// the build inputs compiled into this library.
+    pub fn version(&self) -> &str {
+        &self.inner.store.version
+    }
+
+    /// The directory holding this version's assets and `manifest.json`.
+    pub fn version_dir(&self) -> PathBuf {
+        self.inner.store.version_dir()
     }
 
     /// Makes sure the kernel, initramfs and the root filesystems of `languages` exist and match
     /// the manifest, building or downloading what is missing (unless offline).
+    ///
+    /// A file that does not match its manifest is an [`AssetError::Checksum`], never silently
+    /// replaced. After the first success in a process, further calls for the same assets return
+    /// at once.
     pub async fn ensure(&self, languages: &[Language]) -> Result<GuestAssets, AssetError> {
-        let _ = languages;
-        Err(AssetError::NotFound {
-            name: "vmlinux".into(),
-            dir: self.config.images_dir.clone(),
+        let needed = AssetKind::needed(languages);
+        if let Some(assets) = self.verified(&needed, languages) {
+            return Ok(assets);
+        }
+        let _turn = self.inner.readying.lock().await;
+        if let Some(assets) = self.verified(&needed, languages) {
+            return Ok(assets);
+        }
+        let inner = Arc::clone(&self.inner);
+        let wanted = needed.clone();
+        let found = run_blocking(move || inner.store.ready(&wanted)).await?;
+        self.inner
+            .verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(found);
+        Ok(self
+            .verified(&needed, languages)
+            .expect("ready returns every needed asset"))
+    }
+
+    /// Readies every language, then copies the version directory (assets, lock files,
+    /// `manifest.json`) to `dest/<version>/`: serve `dest` over HTTP and point
+    /// `EXEC_SANDBOX_ASSET_BASE_URL` at it to let other hosts download instead of build.
+    /// Returns the new directory; an existing one is an error, never overwritten.
+    pub async fn export(&self, dest: &Path) -> Result<PathBuf, AssetError> {
+        self.ensure(&Language::ALL).await?;
+        let inner = Arc::clone(&self.inner);
+        let dest = dest.to_path_buf();
+        run_blocking(move || inner.store.export(&dest)).await
+    }
+
+    /// The assets for `languages`, if this process verified all of `needed` already.
+    fn verified(&self, needed: &[AssetKind], languages: &[Language]) -> Option<GuestAssets> {
+        let verified = self
+            .inner
+            .verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !needed.iter().all(|k| verified.contains_key(k)) {
+            return None;
+        }
+        Some(GuestAssets {
+            version: self.inner.store.version.clone(),
+            kernel: verified[&AssetKind::Kernel].clone(),
+            initramfs: verified[&AssetKind::Initramfs].clone(),
+            rootfs: languages
+                .iter()
+                .map(|&l| (l, verified[&AssetKind::Rootfs(l)].clone()))
+                .collect(),
         })
+    }
+}
+
+/// Runs file system, build and download work off the async threads.
+async fn run_blocking<T: Send + 'static>(
+    job: impl FnOnce() -> Result<T, AssetError> + Send + 'static,
+) -> Result<T, AssetError> {
+    match tokio::task::spawn_blocking(job).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(AssetError::Io {
+            action: "finish preparing assets in",
+            path: PathBuf::new(),
+            source: std::io::Error::other("the async runtime is shutting down"),
+        }),
     }
 }

@@ -91,7 +91,10 @@ pub fn verdict(probe: Result<std::time::Duration, String>) -> AcceleratorChoice 
     match probe {
         Ok(elapsed) => AcceleratorChoice {
             accelerator: Accelerator::Kvm,
-            reason: format!("KVM probe boot reached the agent in {} ms", elapsed.as_millis()),
+            reason: format!(
+                "KVM probe boot reached the agent in {} ms",
+                elapsed.as_millis()
+            ),
         },
         Err(why) => AcceleratorChoice {
             accelerator: Accelerator::Tcg,
@@ -102,7 +105,9 @@ pub fn verdict(probe: Result<std::time::Duration, String>) -> AcceleratorChoice 
 
 /// Where the verdict for a host fingerprint is remembered.
 pub fn verdict_path(cache_dir: &Path, fingerprint: &str) -> PathBuf {
-    cache_dir.join("host").join(format!("accelerator-{fingerprint}.json"))
+    cache_dir
+        .join("host")
+        .join(format!("accelerator-{fingerprint}.json"))
 }
 
 /// A remembered verdict plus the host facts measured alongside it.
@@ -122,7 +127,9 @@ pub fn load_verdict(path: &Path) -> Option<HostVerdict> {
 
 /// Remembers a verdict atomically (temp file + rename).
 pub fn store_verdict(path: &Path, verdict: &HostVerdict) -> std::io::Result<()> {
-    let dir = path.parent().ok_or_else(|| std::io::Error::other("no parent"))?;
+    let dir = path
+        .parent()
+        .ok_or_else(|| std::io::Error::other("no parent"))?;
     std::fs::create_dir_all(dir)?;
     let tmp = tempfile::NamedTempFile::new_in(dir)?;
     serde_json::to_writer_pretty(tmp.as_file(), verdict).map_err(std::io::Error::other)?;

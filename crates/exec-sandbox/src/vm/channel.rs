@@ -146,7 +146,10 @@ impl Drop for Channel {
     }
 }
 
-async fn read_loop<R: AsyncRead + Unpin>(mut reader: R, routes: Routes) -> Result<(), ChannelError> {
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut reader: R,
+    routes: Routes,
+) -> Result<(), ChannelError> {
     let result = pump(&mut reader, &routes).await;
     if let Err(e) = &result {
         tracing::debug!(error = %e, "control channel closed");
@@ -163,7 +166,10 @@ async fn pump<R: AsyncRead + Unpin>(reader: &mut R, routes: &Routes) -> Result<(
     let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        while let Some((id, event)) = decoder.next_frame::<Event>().map_err(ChannelError::Protocol)? {
+        while let Some((id, event)) = decoder
+            .next_frame::<Event>()
+            .map_err(ChannelError::Protocol)?
+        {
             dispatch(routes, id, event).await;
         }
         let n = reader.read(&mut buf).await.map_err(ChannelError::Io)?;
@@ -202,7 +208,10 @@ mod tests {
     use sbx_protocol::{AgentHello, PROTOCOL_VERSION};
 
     async fn guest_send(stream: &mut tokio::io::DuplexStream, id: u32, event: &Event) {
-        stream.write_all(&encode_frame(id, event).unwrap()).await.unwrap();
+        stream
+            .write_all(&encode_frame(id, event).unwrap())
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
@@ -215,7 +224,12 @@ mod tests {
             uptime_ms: 1,
             root_mounted: true,
         };
-        guest_send(&mut guest, EVENT_ID_UNSOLICITED, &Event::Hello(hello.clone())).await;
+        guest_send(
+            &mut guest,
+            EVENT_ID_UNSOLICITED,
+            &Event::Hello(hello.clone()),
+        )
+        .await;
         assert_eq!(channel.hello().await.unwrap(), hello);
 
         let mut a = channel.request(&Request::Ping).await.unwrap();

@@ -10,7 +10,10 @@ pub fn measure_tsc_khz() -> Option<u64> {
     #[cfg(target_arch = "x86_64")]
     {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let flags = cpuinfo.lines().find(|l| l.starts_with("flags")).unwrap_or("");
+        let flags = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("flags"))
+            .unwrap_or("");
         if !flags.split_whitespace().any(|f| f == "constant_tsc") {
             return None;
         }
@@ -26,7 +29,10 @@ pub fn measure_tsc_khz() -> Option<u64> {
         }
         samples.sort_unstable();
         // Round to 1 MHz: TSC frequencies are nominal values and the measurement jitters.
-        samples.get(1).map(|khz| (khz + 500) / 1000 * 1000).filter(|khz| *khz > 0)
+        samples
+            .get(1)
+            .map(|khz| (khz + 500) / 1000 * 1000)
+            .filter(|khz| *khz > 0)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -69,7 +69,10 @@ pub enum VmError {
         log_tail: String,
     },
     /// The agent speaks another protocol version.
-    #[error("guest agent speaks protocol {found}, host speaks {}", sbx_protocol::PROTOCOL_VERSION)]
+    #[error(
+        "guest agent speaks protocol {found}, host speaks {}",
+        sbx_protocol::PROTOCOL_VERSION
+    )]
     ProtocolVersion {
         /// Version the agent announced.
         found: u8,
@@ -134,7 +137,11 @@ impl LogTail {
     }
 
     fn text(&self) -> String {
-        let bytes: Vec<u8> = self.0.lock().map(|t| t.iter().copied().collect()).unwrap_or_default();
+        let bytes: Vec<u8> = self
+            .0
+            .lock()
+            .map(|t| t.iter().copied().collect())
+            .unwrap_or_default();
         String::from_utf8_lossy(&bytes).trim_end().to_string()
     }
 }
@@ -173,12 +180,24 @@ impl Vm {
                 source,
             }
         })?;
-        let mut child = process::spawn_qemu(qemu.to_path_buf(), spec.args(), OwnedFd::from(listener))
-            .await
-            .map_err(|source| VmError::Spawn {
-                qemu: qemu.to_path_buf(),
+        // Connect before QEMU starts: the connection waits in the listener's backlog and QEMU
+        // accepts it, so there is no window in which the socket exists without a listener.
+        let stream = std::os::unix::net::UnixStream::connect(&socket_path)
+            .and_then(|s| {
+                s.set_nonblocking(true)?;
+                tokio::net::UnixStream::from_std(s)
+            })
+            .map_err(|source| VmError::Prepare {
+                path: socket_path.clone(),
                 source,
             })?;
+        let mut child =
+            process::spawn_qemu(qemu.to_path_buf(), spec.args(), OwnedFd::from(listener))
+                .await
+                .map_err(|source| VmError::Spawn {
+                    qemu: qemu.to_path_buf(),
+                    source,
+                })?;
         let log = LogTail::default();
         if let Some(stdout) = child.stdout.take() {
             tokio::spawn(forward(stdout, log.clone(), on_console));
@@ -186,25 +205,30 @@ impl Vm {
         if let Some(stderr) = child.stderr.take() {
             tokio::spawn(forward(stderr, log.clone(), None));
         }
-        // The listener is bound, so this connection waits in its backlog until QEMU accepts.
-        let stream = tokio::net::UnixStream::connect(&socket_path)
-            .await
-            .map_err(|source| VmError::Prepare {
-                path: socket_path.clone(),
-                source,
-            })?;
         let channel = Channel::new(stream);
         let started = Instant::now();
+        let exited = |status: std::io::Result<std::process::ExitStatus>, log: &LogTail| {
+            VmError::ExitedDuringBoot {
+                name: name.clone(),
+                status: status.map_or_else(|e| e.to_string(), |s| s.to_string()),
+                log_tail: log.text(),
+            }
+        };
         let hello = tokio::select! {
-            hello = channel.hello() => hello.map_err(|source| VmError::Channel { name: name.clone(), source }),
+            hello = channel.hello() => match hello {
+                Ok(hello) => Ok(hello),
+                // The channel closes when QEMU dies: report the death, with its last words.
+                Err(source) => match tokio::time::timeout(Duration::from_secs(1), child.wait()).await {
+                    Ok(status) => {
+                        settle_logs().await;
+                        Err(exited(status, &log))
+                    }
+                    Err(_) => Err(VmError::Channel { name: name.clone(), source }),
+                },
+            },
             status = child.wait() => {
-                // Let the log readers catch QEMU's last words.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                Err(VmError::ExitedDuringBoot {
-                    name: name.clone(),
-                    status: status.map_or_else(|e| e.to_string(), |s| s.to_string()),
-                    log_tail: log.text(),
-                })
+                settle_logs().await;
+                Err(exited(status, &log))
             }
             () = tokio::time::sleep(deadline) => Err(VmError::BootTimeout {
                 name: name.clone(),
@@ -252,14 +276,26 @@ impl Vm {
     pub async fn destroy(mut self) -> VmStats {
         let stats = self.child.id().map(read_stats).unwrap_or_default();
         let _ = self.child.start_kill();
-        if tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(vm = %self.name, "QEMU did not exit 5 s after SIGKILL");
         }
         stats
     }
 }
 
-async fn forward<R: AsyncRead + Unpin>(mut reader: R, log: LogTail, callback: Option<OutputCallback>) {
+/// Gives the log readers a moment to catch a dead QEMU's last output.
+async fn settle_logs() {
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+async fn forward<R: AsyncRead + Unpin>(
+    mut reader: R,
+    log: LogTail,
+    callback: Option<OutputCallback>,
+) {
     let mut buf = vec![0u8; 8192];
     while let Ok(n) = reader.read(&mut buf).await {
         if n == 0 {
@@ -325,7 +361,10 @@ mod tests {
 
     #[test]
     fn parses_vm_hwm() {
-        assert_eq!(parse_vm_hwm_kb("Name:\tq\nVmHWM:\t  204800 kB\n"), Some(204_800));
+        assert_eq!(
+            parse_vm_hwm_kb("Name:\tq\nVmHWM:\t  204800 kB\n"),
+            Some(204_800)
+        );
         assert_eq!(parse_vm_hwm_kb("Name:\tq\n"), None);
     }
 
@@ -356,10 +395,15 @@ mod tests {
             tmpfs_mb: 16,
             qemu_sandbox: false,
         };
-        let err = Vm::boot(Path::new("/nonexistent/qemu"), &spec, Duration::from_secs(1), None)
-            .await
-            .err()
-            .expect("boot must fail");
+        let err = Vm::boot(
+            Path::new("/nonexistent/qemu"),
+            &spec,
+            Duration::from_secs(1),
+            None,
+        )
+        .await
+        .err()
+        .expect("boot must fail");
         assert!(matches!(err, VmError::Spawn { .. }), "{err}");
         assert_eq!(err.kind(), ErrorKind::Permanent);
         assert!(err.hint().is_some());
@@ -381,10 +425,15 @@ mod tests {
             tmpfs_mb: 16,
             qemu_sandbox: false,
         };
-        let err = Vm::boot(Path::new("/bin/false"), &spec_args_ignored, Duration::from_secs(10), None)
-            .await
-            .err()
-            .expect("boot must fail");
+        let err = Vm::boot(
+            Path::new("/bin/false"),
+            &spec_args_ignored,
+            Duration::from_secs(10),
+            None,
+        )
+        .await
+        .err()
+        .expect("boot must fail");
         assert!(matches!(err, VmError::ExitedDuringBoot { .. }), "{err}");
         assert_eq!(err.kind(), ErrorKind::Transient);
     }

@@ -44,7 +44,12 @@ impl VmSpec {
             "panic=-1".into(),
             "rdinit=/init".into(),
             "random.trust_cpu=on".into(),
-            if self.verbose_console { "loglevel=7" } else { "quiet" }.into(),
+            if self.verbose_console {
+                "loglevel=7"
+            } else {
+                "quiet"
+            }
+            .into(),
         ];
         if self.accelerator == Accelerator::Tcg {
             // Under TCG the guest sees the host's TSC and QEMU's 1 GHz APIC: telling the kernel
@@ -74,14 +79,25 @@ impl VmSpec {
         }
         push(&["-m", &self.memory_mb.to_string()]);
         push(&["-smp", &self.vcpus.to_string()]);
-        push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+        push(&[
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ]);
         if self.qemu_sandbox {
             push(&[
                 "-sandbox",
                 "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             ]);
         }
-        push(&["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"]);
+        push(&[
+            "-chardev",
+            "stdio,id=console,signal=off",
+            "-serial",
+            "chardev:console",
+        ]);
         push(&["-device", "virtio-rng-device"]);
         push(&["-device", "virtio-serial-device"]);
         push(&[
@@ -147,7 +163,11 @@ mod tests {
     }
 
     fn joined(s: &VmSpec) -> String {
-        s.args().iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+        s.args()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     #[test]
@@ -176,7 +196,10 @@ mod tests {
         let args = joined(&spec(Accelerator::Tcg));
         assert!(!args.contains("netdev"), "{args}");
         assert!(!args.contains("virtio-net"), "{args}");
-        assert!(args.contains("readonly=on,file=/a/root,,fs.erofs"), "{args}");
+        assert!(
+            args.contains("readonly=on,file=/a/root,,fs.erofs"),
+            "{args}"
+        );
         assert!(args.contains("virtio-rng-device"));
         assert!(args.contains(&format!("name={}", sbx_protocol::CONTROL_PORT_NAME)));
     }

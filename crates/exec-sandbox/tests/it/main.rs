@@ -1,6 +1,7 @@
 //! Integration tests of the library. Tests in `vm_*` modules boot real microVMs (under TCG on
 //! hosts without usable KVM); they build or verify the guest images on first use.
 
+mod assets;
 mod support;
 mod vm_exec;
 mod vm_limits;

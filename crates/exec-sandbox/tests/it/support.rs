@@ -1,7 +1,7 @@
 //! Shared helpers for the integration tests.
 
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use exec_sandbox::{ExecutionResult, Language, RunOptions, Scheduler, SchedulerConfig};
 
@@ -41,9 +41,12 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// One output chunk and when it arrived.
+type Chunk = (Instant, Vec<u8>);
+
 /// Output chunks with the time each arrived.
 #[derive(Clone, Default)]
-pub struct Recorder(pub Arc<Mutex<Vec<(Instant, Vec<u8>)>>>);
+pub struct Recorder(pub Arc<Mutex<Vec<Chunk>>>);
 
 impl Recorder {
     pub fn callback(&self) -> impl Fn(&[u8]) + Send + Sync + 'static {
@@ -54,16 +57,4 @@ impl Recorder {
     pub fn first_at(&self) -> Option<Instant> {
         self.0.lock().unwrap().first().map(|(t, _)| *t)
     }
-}
-
-/// Polls `check` until it returns true or `deadline` passes.
-pub async fn wait_until(deadline: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + deadline;
-    while Instant::now() < end {
-        if check() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    check()
 }

@@ -46,7 +46,11 @@ async fn exit_codes_are_the_programs_own() {
 
 #[tokio::test]
 async fn killed_by_signal_is_128_plus_n() {
-    let r = run(Language::Python, "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)").await;
+    let r = run(
+        Language::Python,
+        "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
+    )
+    .await;
     assert_eq!(r.exit_code, 128 + 9);
     let r = run(Language::Raw, "kill -SEGV $$").await;
     assert_eq!(r.exit_code, 128 + 11);
@@ -67,18 +71,29 @@ async fn stderr_and_exceptions_are_captured() {
 
 #[tokio::test]
 async fn stdin_is_empty() {
-    let r = run(Language::Python, "import sys; print(repr(sys.stdin.read()))").await;
+    let r = run(
+        Language::Python,
+        "import sys; print(repr(sys.stdin.read()))",
+    )
+    .await;
     assert_eq!(r.stdout, "''\n", "stderr: {}", r.stderr);
-    let r = run(Language::Raw, "if read -r line; then echo got; else echo eof; fi").await;
+    let r = run(
+        Language::Raw,
+        "if read -r line; then echo got; else echo eof; fi",
+    )
+    .await;
     assert_eq!(r.stdout, "eof\n", "stderr: {}", r.stderr);
 }
 
 #[tokio::test]
 async fn env_vars_are_applied() {
     let r = run_with(
-        RunOptions::new(Language::Python, "import os; print(os.environ['GREETING'], os.environ['TABBED'])")
-            .env("GREETING", "hello")
-            .env("TABBED", "a\tb"),
+        RunOptions::new(
+            Language::Python,
+            "import os; print(os.environ['GREETING'], os.environ['TABBED'])",
+        )
+        .env("GREETING", "hello")
+        .env("TABBED", "a\tb"),
     )
     .await;
     assert_eq!(r.stdout, "hello a\tb\n", "stderr: {}", r.stderr);

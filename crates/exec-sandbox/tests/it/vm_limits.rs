@@ -9,28 +9,39 @@ use crate::support::{chain, run, run_with};
 #[tokio::test]
 async fn timeout_returns_minus_one_within_grace() {
     let started = Instant::now();
-    let r = run_with(RunOptions::new(Language::Python, "while True: pass").timeout_seconds(2)).await;
+    let r =
+        run_with(RunOptions::new(Language::Python, "while True: pass").timeout_seconds(2)).await;
     let elapsed = started.elapsed();
     assert_eq!(r.exit_code, -1);
     assert!(r.timed_out);
-    assert!(r.stderr.to_lowercase().contains("timed out"), "{}", r.stderr);
+    assert!(
+        r.stderr.to_lowercase().contains("timed out"),
+        "{}",
+        r.stderr
+    );
     // Boot + 2 s timeout + guest grace; the host's own deadline is timeout + 5 s.
     assert!(elapsed < Duration::from_secs(12), "took {elapsed:?}");
 }
 
 #[tokio::test]
 async fn timeout_kills_background_children_too() {
-    let r = run_with(
-        RunOptions::new(Language::Raw, "sleep 100 & sleep 100 & wait").timeout_seconds(1),
-    )
-    .await;
+    let r =
+        run_with(RunOptions::new(Language::Raw, "sleep 100 & sleep 100 & wait").timeout_seconds(1))
+            .await;
     assert_eq!(r.exit_code, -1);
 }
 
 #[tokio::test]
 async fn stdout_is_capped_at_one_megabyte() {
-    let r = run(Language::Python, "import sys\nsys.stdout.write('x' * 2_000_000)\nprint('done', file=sys.stderr)").await;
-    assert_eq!(r.stdout.len(), exec_sandbox::limits::MAX_STDOUT_BYTES as usize);
+    let r = run(
+        Language::Python,
+        "import sys\nsys.stdout.write('x' * 2_000_000)\nprint('done', file=sys.stderr)",
+    )
+    .await;
+    assert_eq!(
+        r.stdout.len(),
+        exec_sandbox::limits::MAX_STDOUT_BYTES as usize
+    );
     assert!(r.stdout_truncated);
     assert!(r.stderr.contains("done"));
     assert_eq!(r.exit_code, 0);
@@ -38,7 +49,11 @@ async fn stdout_is_capped_at_one_megabyte() {
 
 #[tokio::test]
 async fn stderr_is_capped() {
-    let r = run(Language::Raw, "head -c 300000 /dev/zero | tr '\\0' e >&2; echo ok").await;
+    let r = run(
+        Language::Raw,
+        "head -c 300000 /dev/zero | tr '\\0' e >&2; echo ok",
+    )
+    .await;
     assert!(r.stderr.len() <= exec_sandbox::limits::MAX_STDERR_BYTES as usize);
     assert!(r.stderr_truncated);
     assert_eq!(r.stdout, "ok\n");
@@ -55,11 +70,15 @@ async fn more_runs_than_slots_all_succeed() {
     for i in 0..4 {
         let s = scheduler.clone();
         tasks.push(tokio::spawn(async move {
-            s.run(RunOptions::new(Language::Raw, format!("echo run-{i}"))).await
+            s.run(RunOptions::new(Language::Raw, format!("echo run-{i}")))
+                .await
         }));
     }
     for (i, task) in tasks.into_iter().enumerate() {
-        let r = task.await.unwrap().unwrap_or_else(|e| panic!("{}", chain(&e)));
+        let r = task
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{}", chain(&e)));
         assert_eq!(r.stdout, format!("run-{i}\n"));
     }
 }

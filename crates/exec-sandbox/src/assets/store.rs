@@ -1,0 +1,361 @@
+//! Readying a version directory: find and verify what is there, produce what is missing.
+//!
+//! ```text
+//! <images_dir>/
+//!   .lock                        flock: held while anything below is being produced
+//!   <version>/                   one per set of build inputs (or EXEC_SANDBOX_ASSET_VERSION)
+//!     manifest.json              name, file, sha256, size, inputs key, lock text per asset
+//!     verified.json              stamps: fingerprints of files already hashed
+//!     vmlinux  initramfs.cpio  rootfs-<language>.erofs    (read-only)
+//!     kernel.lock  rootfs-<language>.lock                 (package versions, also in the manifest)
+//!     build-<asset>.log          output of the last build of that asset
+//! ```
+//!
+//! Missing assets come, in order of preference, from another version directory holding the
+//! same asset (same inputs key, or same SHA-256 for a download: hard-linked, so an agent change
+//! costs no kernel or root filesystem rebuild), from the operator's server, or from a build.
+//! Everything is produced under the lock and renamed into place, and the manifest is rewritten
+//! after each asset, so a failure later on keeps what was finished.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::AssetError;
+use super::build::Builder;
+use super::download::Remote;
+use super::files::{self, TempFile};
+use super::initramfs;
+use super::inputs::{AssetKind, Inputs};
+use super::lock::DirLock;
+use super::manifest::{self, Entry, Manifest};
+use super::stamp::{Check, Stamps};
+
+/// Where missing assets come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// Built locally with the image scripts.
+    Build,
+    /// Downloaded from `<base>/<version>/`.
+    Download(String),
+    /// Nowhere: offline, or automatic fetching is off.
+    Forbidden,
+}
+
+/// The synchronous core of the asset store (it runs on a blocking thread).
+#[derive(Debug)]
+pub(crate) struct Store {
+    pub(crate) images_dir: PathBuf,
+    pub(crate) version: String,
+    /// The version was chosen explicitly: its manifest is taken as it is, whatever inputs its
+    /// assets were made from.
+    pub(crate) pinned: bool,
+    pub(crate) inputs: Inputs,
+    pub(crate) builder: Arc<dyn Builder>,
+    pub(crate) source: Source,
+    /// Called when the lock is held by someone else (tests use it to order events).
+    pub(crate) on_lock_wait: Option<Hook>,
+}
+
+/// A callback, opaque to `Debug`.
+#[derive(Clone)]
+pub(crate) struct Hook(pub(crate) Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hook")
+    }
+}
+
+/// Assets found so far, and the ones still missing.
+type Survey = (BTreeMap<AssetKind, PathBuf>, Vec<AssetKind>);
+
+impl Store {
+    pub(crate) fn version_dir(&self) -> PathBuf {
+        self.images_dir.join(&self.version)
+    }
+
+    /// Makes every asset in `needed` present and verified; returns their paths.
+    pub(crate) fn ready(
+        &self,
+        needed: &[AssetKind],
+    ) -> Result<BTreeMap<AssetKind, PathBuf>, AssetError> {
+        if !manifest::is_version_name(&self.version) {
+            return Err(AssetError::InvalidVersion {
+                version: self.version.clone(),
+            });
+        }
+        let dir = self.version_dir();
+
+        // Without the lock: whatever the manifest lists is complete.
+        let manifest = Manifest::load(&dir)?;
+        let (found, missing) = self.survey(&dir, manifest.as_ref(), needed)?;
+        if missing.is_empty() {
+            return Ok(found);
+        }
+        if self.source == Source::Forbidden {
+            return Err(AssetError::NotFound {
+                missing: missing.iter().map(|k| k.file()).collect(),
+                dir,
+            });
+        }
+
+        fs::create_dir_all(&dir).map_err(AssetError::io("create", &dir))?;
+        let _lock = DirLock::acquire(&self.images_dir, || {
+            tracing::info!("waiting for another process to finish preparing the guest assets");
+            if let Some(Hook(hook)) = &self.on_lock_wait {
+                hook();
+            }
+        })?;
+        // Another process may have produced them while this one waited.
+        let mut manifest = Manifest::load(&dir)?.unwrap_or_else(|| Manifest::new(&self.version));
+        let (mut found, missing) = self.survey(&dir, Some(&manifest), needed)?;
+        let mut remote = None;
+        for kind in missing {
+            let entry = self.produce(kind, &dir, &mut remote)?;
+            let mut stamps = Stamps::load(&dir);
+            stamps.stamp_now(&entry.file, &entry.sha256)?;
+            found.insert(kind, dir.join(&entry.file));
+            manifest.upsert(entry);
+            manifest.save(&dir)?;
+            stamps.save();
+        }
+        Ok(found)
+    }
+
+    /// Verifies the listed assets among `needed`; unlisted or absent ones are missing.
+    fn survey(
+        &self,
+        dir: &Path,
+        manifest: Option<&Manifest>,
+        needed: &[AssetKind],
+    ) -> Result<Survey, AssetError> {
+        let mut found = BTreeMap::new();
+        let mut missing = Vec::new();
+        let mut stamps = Stamps::load(dir);
+        for &kind in needed {
+            let entry = manifest
+                .and_then(|m| m.get(kind))
+                .filter(|e| self.pinned || e.inputs == self.inputs.key(kind));
+            match entry.map(|e| stamps.check(e)).transpose() {
+                Ok(Some(Check::Verified(path))) => {
+                    found.insert(kind, path);
+                }
+                Ok(Some(Check::Missing) | None) => missing.push(kind),
+                Err(e) => {
+                    stamps.save();
+                    return Err(e);
+                }
+            }
+        }
+        stamps.save();
+        Ok((found, missing))
+    }
+
+    /// Puts `kind` into `dir` and returns its manifest entry.
+    fn produce(
+        &self,
+        kind: AssetKind,
+        dir: &Path,
+        remote: &mut Option<(Remote, Manifest)>,
+    ) -> Result<Entry, AssetError> {
+        if kind == AssetKind::Initramfs {
+            // Always this library's own agent: it must speak this library's protocol.
+            return self.write_initramfs(dir);
+        }
+        match &self.source {
+            Source::Download(base) => {
+                if remote.is_none() {
+                    let server = Remote::new(base, &self.version);
+                    let listing = server.manifest()?;
+                    *remote = Some((server, listing));
+                }
+                let (server, listing) = remote.as_ref().expect("set above");
+                let wanted = listing.get(kind).ok_or_else(|| AssetError::Manifest {
+                    location: server.url(manifest::FILE),
+                    reason: format!("it does not list {kind}"),
+                })?;
+                if !self.pinned && wanted.inputs != self.inputs.key(kind) {
+                    return Err(AssetError::Manifest {
+                        location: server.url(manifest::FILE),
+                        reason: format!(
+                            "its {kind} was built from other inputs than this version's"
+                        ),
+                    });
+                }
+                if let Some(entry) = self.reuse(kind, dir, |e| e.sha256 == wanted.sha256)? {
+                    return Ok(entry);
+                }
+                let temp = server.fetch(wanted, dir)?;
+                self.install(temp, wanted.clone(), dir)
+            }
+            Source::Build => {
+                let key = self.inputs.key(kind);
+                if let Some(entry) = self.reuse(kind, dir, |e| e.inputs == key)? {
+                    return Ok(entry);
+                }
+                self.build(kind, dir)
+            }
+            Source::Forbidden => unreachable!("checked before taking the lock"),
+        }
+    }
+
+    fn write_initramfs(&self, dir: &Path) -> Result<Entry, AssetError> {
+        let kind = AssetKind::Initramfs;
+        tracing::info!("writing the initramfs");
+        let bytes = initramfs::archive(self.inputs.agent);
+        let temp = TempFile::new(files::temp_path(dir, &kind.file()));
+        fs::write(temp.path(), &bytes).map_err(AssetError::io("write", temp.path()))?;
+        let (sha256, size) = files::sha256_reader(&bytes[..]).expect("reading memory cannot fail");
+        let entry = Entry {
+            name: kind.name(),
+            file: kind.file(),
+            sha256,
+            size,
+            inputs: self.inputs.key(kind),
+            lock: None,
+        };
+        self.install(temp, entry, dir)
+    }
+
+    fn build(&self, kind: AssetKind, dir: &Path) -> Result<Entry, AssetError> {
+        tracing::info!("building {kind} ({})", kind.build_duration_hint());
+        let out = tempfile::Builder::new()
+            .prefix(&format!(".build-{kind}-"))
+            .tempdir_in(dir)
+            .map_err(AssetError::io("create a build directory in", dir))?;
+        let log = dir.join(format!("build-{kind}.log"));
+        self.builder.build(kind, out.path(), &log)?;
+        let built = out.path().join(kind.file());
+        if !built.is_file() {
+            return Err(AssetError::BuildOutput {
+                asset: kind.name(),
+                missing: built,
+                log,
+            });
+        }
+        let lock = kind.lock_file().and_then(|name| {
+            let text = fs::read_to_string(out.path().join(&name)).ok();
+            if text.is_none() {
+                tracing::warn!(
+                    "the {kind} build wrote no {name}: its package versions are not recorded"
+                );
+            }
+            text
+        });
+        let (sha256, size) = files::sha256_file(&built)?;
+        let entry = Entry {
+            name: kind.name(),
+            file: kind.file(),
+            sha256,
+            size,
+            inputs: self.inputs.key(kind),
+            lock,
+        };
+        tracing::info!("built {kind} ({})", super::stamp::human_size(size));
+        self.install(TempFile::new(built), entry, dir)
+    }
+
+    /// Moves a verified temporary file into place as `entry.file`, with its lock file.
+    fn install(&self, temp: TempFile, entry: Entry, dir: &Path) -> Result<Entry, AssetError> {
+        files::install(temp.path(), &dir.join(&entry.file))?;
+        temp.keep();
+        write_lock_file(dir, &entry)?;
+        Ok(entry)
+    }
+
+    /// Links `kind` from another version directory whose entry satisfies `matches` and whose
+    /// file still verifies.
+    fn reuse(
+        &self,
+        kind: AssetKind,
+        dir: &Path,
+        matches: impl Fn(&Entry) -> bool,
+    ) -> Result<Option<Entry>, AssetError> {
+        let Ok(siblings) = fs::read_dir(&self.images_dir) else {
+            return Ok(None);
+        };
+        for sibling in siblings.flatten() {
+            let other = sibling.path();
+            let name = sibling.file_name();
+            if other == dir || name.to_string_lossy().starts_with('.') || !other.is_dir() {
+                continue;
+            }
+            let Ok(Some(listing)) = Manifest::load(&other) else {
+                continue;
+            };
+            let Some(entry) = listing.get(kind).filter(|e| matches(e)) else {
+                continue;
+            };
+            let mut stamps = Stamps::load(&other);
+            let checked = stamps.check(entry);
+            stamps.save();
+            let source = match checked {
+                Ok(Check::Verified(path)) => path,
+                Ok(Check::Missing) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "not reusing {kind} from {}", other.display());
+                    continue;
+                }
+            };
+            tracing::info!("reusing {kind} from version {}", name.to_string_lossy());
+            let temp = TempFile::new(files::temp_path(dir, &entry.file));
+            let target = dir.join(&entry.file);
+            if fs::hard_link(&source, temp.path()).is_ok() {
+                // Same inode, already read-only and verified.
+                fs::rename(temp.path(), &target)
+                    .map_err(AssetError::io("rename into place", &target))?;
+                temp.keep();
+            } else {
+                fs::copy(&source, temp.path()).map_err(AssetError::io("copy", &source))?;
+                files::install(temp.path(), &target)?;
+                temp.keep();
+            }
+            write_lock_file(dir, entry)?;
+            return Ok(Some(entry.clone()));
+        }
+        Ok(None)
+    }
+
+    /// Copies the version directory's assets, lock files and manifest to `dest/<version>/`, the
+    /// layout a server for `asset_base_url` must have.
+    pub(crate) fn export(&self, dest: &Path) -> Result<PathBuf, AssetError> {
+        let dir = self.version_dir();
+        let listing = Manifest::load(&dir)?.ok_or_else(|| AssetError::NotFound {
+            missing: vec![manifest::FILE.into()],
+            dir: dir.clone(),
+        })?;
+        fs::create_dir_all(dest).map_err(AssetError::io("create", dest))?;
+        let target = dest.join(&self.version);
+        if target.exists() {
+            return Err(AssetError::io("export into", &target)(
+                std::io::ErrorKind::AlreadyExists.into(),
+            ));
+        }
+        let staging = tempfile::Builder::new()
+            .prefix(&format!(".{}-", self.version))
+            .tempdir_in(dest)
+            .map_err(AssetError::io("create a directory in", dest))?;
+        for entry in &listing.assets {
+            let from = dir.join(&entry.file);
+            fs::copy(&from, staging.path().join(&entry.file))
+                .map_err(AssetError::io("copy", &from))?;
+            write_lock_file(staging.path(), entry)?;
+        }
+        listing.save(staging.path())?;
+        tracing::info!("exported version {} to {}", self.version, target.display());
+        let staging = staging.keep();
+        fs::rename(&staging, &target).map_err(AssetError::io("rename into place", &target))?;
+        Ok(target)
+    }
+}
+
+/// Writes the entry's package-version lock text next to it, for people reading the cache.
+fn write_lock_file(dir: &Path, entry: &Entry) -> Result<(), AssetError> {
+    let kind = AssetKind::from_name(&entry.name).expect("manifest entries have known names");
+    match (kind.lock_file(), &entry.lock) {
+        (Some(name), Some(text)) => files::write_atomic(&dir.join(name), text.as_bytes()),
+        _ => Ok(()),
+    }
+}
