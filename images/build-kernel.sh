@@ -45,6 +45,9 @@ ensure_packages() {
 }
 ensure_packages "$KSRC_PKG" make gcc libc6-dev bc bison flex libelf-dev libssl-dev \
     xz-utils patch binutils util-linux
+# Not a build tool, but the first build is where a fresh machine gets everything it needs:
+# the VM runtime itself.
+ensure_packages qemu-system-x86
 
 KVER=$(dpkg-query -W -f='${Version}' "$KSRC_PKG")
 KTAR=/usr/src/$KSRC_PKG.tar.xz

@@ -1,9 +1,10 @@
 //! Integration tests of the `sbx` binary.
 //!
 //! `usage` needs no VM: every case must be refused before any asset is built or VM booted.
-//! `vm` boots real VMs and is `#[ignore]`d until the guest assets build on this host
-//! (`cargo test -p sbx -- --ignored`).
+//! `vm` boots real VMs (the first one may build the guest images); `kill` checks that no QEMU
+//! outlives a `sbx` killed with SIGKILL.
 
+mod kill;
 mod usage;
 mod vm;
 

@@ -1,7 +1,5 @@
 //! End-to-end runs in real microVMs: the CLI half of the acceptance list.
-//!
-//! Ignored until the guest assets build and boot on this host; run them with
-//! `cargo test -p sbx -- --ignored`. The first one may build the images.
+//! The first one may build the images.
 
 use std::time::{Duration, Instant};
 
@@ -18,7 +16,6 @@ fn json_of(stdout: &[u8]) -> serde_json::Value {
 }
 
 #[test]
-#[ignore = "boots a VM"]
 fn python_prints_42() {
     sbx()
         .args(["run", "print(6*7)"])
@@ -29,7 +26,6 @@ fn python_prints_42() {
 }
 
 #[test]
-#[ignore = "boots a VM"]
 fn typescript_prints_42() {
     sbx()
         .args([
@@ -45,7 +41,6 @@ fn typescript_prints_42() {
 }
 
 #[test]
-#[ignore = "boots a VM"]
 fn raw_prints_42_as_uid_1000() {
     sbx()
         .args(["run", "-l", "raw", "echo $((6*7)); id -u"])
@@ -56,7 +51,6 @@ fn raw_prints_42_as_uid_1000() {
 }
 
 #[test]
-#[ignore = "boots a VM"]
 fn code_from_stdin() {
     sbx()
         .args(["run", "-"])
@@ -68,7 +62,6 @@ fn code_from_stdin() {
 }
 
 #[test]
-#[ignore = "boots a VM"]
 fn a_file_source_takes_its_language_from_the_extension() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("hello.sh");
@@ -83,7 +76,6 @@ fn a_file_source_takes_its_language_from_the_extension() {
 }
 
 #[test]
-#[ignore = "boots a VM"]
 fn timeout_exits_124_within_12_s() {
     let started = Instant::now();
     sbx()
@@ -99,7 +91,6 @@ fn timeout_exits_124_within_12_s() {
 }
 
 #[test]
-#[ignore = "boots a VM"]
 fn timeout_in_json_has_exit_code_minus_1() {
     let out = sbx()
         .args(["run", "--json", "-t", "2", "while True: pass"])
@@ -113,7 +104,6 @@ fn timeout_in_json_has_exit_code_minus_1() {
 }
 
 #[test]
-#[ignore = "boots a VM"]
 fn the_program_exit_code_is_the_status() {
     sbx()
         .args(["run", "import sys; sys.exit(3)"])
@@ -123,7 +113,6 @@ fn the_program_exit_code_is_the_status() {
 }
 
 #[test]
-#[ignore = "boots a VM"]
 fn json_names_the_accelerator_and_why() {
     let out = sbx()
         .args(["run", "--json", "print(6*7)"])
@@ -148,7 +137,6 @@ fn json_names_the_accelerator_and_why() {
 }
 
 #[test]
-#[ignore = "boots a VM"]
 fn several_sources_print_in_order_without_interleaving() {
     let out = sbx()
         .args([
@@ -182,7 +170,6 @@ fn several_sources_print_in_order_without_interleaving() {
 }
 
 #[test]
-#[ignore = "boots a VM"]
 fn several_sources_in_json_give_one_line_each_in_order() {
     let out = sbx()
         .args(["run", "--json", "print(1)", "-c", "print(2)"])
@@ -201,7 +188,6 @@ fn several_sources_in_json_give_one_line_each_in_order() {
 }
 
 #[test]
-#[ignore = "boots a VM"]
 fn env_vars_reach_the_program() {
     sbx()
         .args([

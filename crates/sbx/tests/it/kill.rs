@@ -1,0 +1,71 @@
+//! `kill -9` of `sbx` mid-run leaves no QEMU behind: QEMU carries a parent-death signal.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Direct children of `pid` whose command line starts with a QEMU binary.
+fn qemu_children(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some(after_comm) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            continue;
+        };
+        let ppid: u32 = after_comm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        let is_qemu = std::fs::read(entry.path().join("cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).starts_with("qemu-system"))
+            .unwrap_or(false);
+        if ppid == pid && is_qemu {
+            found.push(child);
+        }
+    }
+    found
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+#[test]
+fn sigkill_of_sbx_mid_run_leaves_no_qemu() {
+    let mut sbx = Command::new(assert_cmd::cargo::cargo_bin("sbx"))
+        .args(["run", "-q", "-t", "120", "import time; time.sleep(100)"])
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = sbx.id();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let qemu = loop {
+        if let Some(q) = qemu_children(pid).first() {
+            break *q;
+        }
+        assert!(Instant::now() < deadline, "sbx never started a VM");
+        assert!(
+            sbx.try_wait().unwrap().is_none(),
+            "sbx exited before its VM started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Let the VM get going, then kill sbx without giving it any chance to clean up.
+    std::thread::sleep(Duration::from_millis(500));
+    sbx.kill().unwrap();
+    sbx.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(qemu) {
+        assert!(Instant::now() < deadline, "QEMU {qemu} outlived sbx by 5 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

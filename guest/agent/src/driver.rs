@@ -1,0 +1,229 @@
+//! The small programs that run inside each interpreter and the agent's side of their protocol.
+//!
+//! A driver reads commands on its fd 3 and answers on its fd 4:
+//!
+//! ```text
+//! agent -> driver: "<nonce> <env_len> <code_len>\n" <env_len bytes: "NAME=VALUE\n"...> <code_len bytes of code>
+//! driver -> agent: "ready\n" once, then "<nonce> <exit code>\n" per command
+//! ```
+//!
+//! The nonce is 128 random bits chosen per command, so a status line cannot be replayed, and
+//! the status travels on its own pipe, so nothing user code prints can be taken for it.
+
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use sbx_protocol::Language;
+
+use crate::config::Config;
+
+/// Python driver, passed with `-c`.
+pub const PYTHON: &str = include_str!("drivers/python.py");
+/// bash driver, passed with `-c`.
+pub const BASH: &str = include_str!("drivers/bash.sh");
+/// Bun driver, written to the run directory (Bun needs a module file).
+pub const BUN: &str = include_str!("drivers/bun.mjs");
+/// File name of the Bun driver inside the run directory.
+pub const BUN_FILE: &str = "driver.mjs";
+/// First status line of a driver that is ready for commands.
+pub const READY: &str = "ready";
+
+/// A request the agent refuses before running anything.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InvalidRequest {
+    /// The code holds a NUL byte (no interpreter can take it).
+    #[error("code contains a NUL byte at offset {offset}")]
+    NulInCode {
+        /// Byte offset of the first NUL.
+        offset: usize,
+    },
+    /// An environment variable name is not a portable identifier.
+    #[error("environment variable name {name:?} is not of the form [A-Za-z_][A-Za-z0-9_]*")]
+    EnvName {
+        /// The name, as sent.
+        name: String,
+    },
+    /// An environment variable value holds a NUL or a newline.
+    #[error("environment variable {name} has a NUL or newline in its value")]
+    EnvValue {
+        /// The variable's name.
+        name: String,
+    },
+    /// The timeout is zero.
+    #[error("timeout_ms must be at least 1")]
+    ZeroTimeout,
+}
+
+/// Checks what the drivers cannot represent.
+pub fn validate(
+    code: &str,
+    env: &[(String, String)],
+    timeout_ms: u64,
+) -> Result<(), InvalidRequest> {
+    if timeout_ms == 0 {
+        return Err(InvalidRequest::ZeroTimeout);
+    }
+    if let Some(offset) = code.bytes().position(|b| b == 0) {
+        return Err(InvalidRequest::NulInCode { offset });
+    }
+    for (name, value) in env {
+        let mut chars = name.chars();
+        let valid_name = chars
+            .next()
+            .is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
+            && chars.all(|c| c == '_' || c.is_ascii_alphanumeric());
+        if !valid_name {
+            return Err(InvalidRequest::EnvName { name: name.clone() });
+        }
+        if value.contains(['\0', '\n']) {
+            return Err(InvalidRequest::EnvValue { name: name.clone() });
+        }
+    }
+    Ok(())
+}
+
+/// A per-command secret, as 32 lowercase hex digits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nonce(String);
+
+impl Nonce {
+    /// 128 bits from `/dev/urandom` (never blocks, even early in boot).
+    pub fn generate() -> io::Result<Nonce> {
+        let mut bytes = [0u8; 16];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        Ok(Nonce::from_bytes(bytes))
+    }
+
+    fn from_bytes(bytes: [u8; 16]) -> Nonce {
+        let mut hex = String::with_capacity(32);
+        for b in bytes {
+            let _ = write!(hex, "{b:02x}");
+        }
+        Nonce(hex)
+    }
+
+    /// The hex text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Encodes one command for any driver.
+pub fn command(nonce: &Nonce, env: &[(String, String)], code: &str) -> Vec<u8> {
+    let mut env_block = String::new();
+    for (name, value) in env {
+        env_block.push_str(name);
+        env_block.push('=');
+        env_block.push_str(value);
+        env_block.push('\n');
+    }
+    let mut out = format!("{} {} {}\n", nonce.as_str(), env_block.len(), code.len()).into_bytes();
+    out.reserve(env_block.len() + code.len());
+    out.extend_from_slice(env_block.as_bytes());
+    out.extend_from_slice(code.as_bytes());
+    out
+}
+
+/// The exit code in `line` if it is the status line for `nonce`.
+pub fn parse_status(line: &str, nonce: &Nonce) -> Option<i32> {
+    let (got, code) = line.split_once(' ')?;
+    if got != nonce.as_str() {
+        return None;
+    }
+    code.trim_end().parse().ok()
+}
+
+/// Program and arguments starting `language`'s driver.
+pub fn argv(config: &Config, language: Language) -> (PathBuf, Vec<OsString>) {
+    let program = config.interpreter(language).to_path_buf();
+    let args: Vec<OsString> = match language {
+        Language::Python => vec!["-u".into(), "-c".into(), PYTHON.into()],
+        Language::Raw => vec![
+            "--noprofile".into(),
+            "--norc".into(),
+            "-c".into(),
+            BASH.into(),
+            "bash".into(),
+        ],
+        Language::Javascript => vec![
+            // No implicit package downloads: the sandbox has no registry to talk to.
+            "--no-install".into(),
+            bun_driver_path(&config.run_dir).into_os_string(),
+        ],
+    };
+    (program, args)
+}
+
+/// Where the Bun driver is written.
+pub fn bun_driver_path(run_dir: &Path) -> PathBuf {
+    run_dir.join(BUN_FILE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nonce() -> Nonce {
+        Nonce::from_bytes([0xab; 16])
+    }
+
+    #[test]
+    fn nonce_is_random_hex() {
+        let a = Nonce::generate().expect("urandom");
+        let b = Nonce::generate().expect("urandom");
+        assert_eq!(a.as_str().len(), 32);
+        assert!(a.as_str().bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn command_layout() {
+        let env = vec![
+            ("A".to_string(), "1\t2".to_string()),
+            ("B_2".to_string(), String::new()),
+        ];
+        let cmd = command(&nonce(), &env, "print('é')");
+        let text = String::from_utf8(cmd).expect("utf8");
+        let (header, rest) = text.split_once('\n').expect("header");
+        let parts: Vec<&str> = header.split(' ').collect();
+        assert_eq!(parts[0], nonce().as_str());
+        assert_eq!(parts[1], "11");
+        assert_eq!(parts[2], "11", "length in bytes, not chars");
+        assert_eq!(rest, "A=1\t2\nB_2=\nprint('é')");
+    }
+
+    #[test]
+    fn status_lines() {
+        let n = nonce();
+        assert_eq!(parse_status(&format!("{} 3", n.as_str()), &n), Some(3));
+        assert_eq!(parse_status(&format!("{} -1\n", n.as_str()), &n), Some(-1));
+        assert_eq!(parse_status("deadbeef 0", &n), None);
+        assert_eq!(parse_status(&format!("{} x", n.as_str()), &n), None);
+        assert_eq!(parse_status(READY, &n), None);
+    }
+
+    #[test]
+    fn validation() {
+        let ok = vec![("_X1".to_string(), "a\tb".to_string())];
+        assert_eq!(validate("x", &ok, 1), Ok(()));
+        assert_eq!(validate("x", &ok, 0), Err(InvalidRequest::ZeroTimeout));
+        assert_eq!(
+            validate("a\0b", &[], 1),
+            Err(InvalidRequest::NulInCode { offset: 1 })
+        );
+        for bad in ["", "1A", "A-B", "A=B", "É"] {
+            let env = vec![(bad.to_string(), String::new())];
+            assert!(
+                matches!(validate("", &env, 1), Err(InvalidRequest::EnvName { .. })),
+                "{bad}"
+            );
+        }
+        let env = vec![("A".to_string(), "x\ny".to_string())];
+        assert!(matches!(
+            validate("", &env, 1),
+            Err(InvalidRequest::EnvValue { .. })
+        ));
+    }
+}

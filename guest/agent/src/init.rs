@@ -1,0 +1,288 @@
+//! PID-1 duties before serving: early mounts, switching to the root disk, hardening.
+//!
+//! The initramfs holds only this binary (`/init`) and `/dev/console`. With a root disk
+//! (`/dev/vda`, read-only EROFS) the agent mounts it with writable tmpfs on `/tmp`,
+//! `/home/user` and `/run`, moves `/dev` and `/sys` into it, mounts a fresh `/proc` with
+//! `hidepid=2`, and switches root. Without one (the host's accelerator probe) it serves from the
+//! initramfs and says so in its hello.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::config::{BootParams, RUN_TMPFS_MB, SANDBOX_GID, SANDBOX_UID, paths};
+use crate::log;
+use crate::sys;
+
+/// A step of the boot sequence failed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {action} {}", path.display())]
+pub struct InitError {
+    action: &'static str,
+    path: PathBuf,
+    #[source]
+    source: io::Error,
+}
+
+fn step(action: &'static str, path: &Path, result: io::Result<()>) -> Result<(), InitError> {
+    result.map_err(|source| InitError {
+        action,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// What the boot sequence achieved.
+#[derive(Debug, Clone)]
+pub struct Booted {
+    /// The root disk is mounted and we switched to it.
+    pub root_mounted: bool,
+    /// Where driver files go.
+    pub run_dir: PathBuf,
+}
+
+const NOSUID_NODEV: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
+const NOSUID_NODEV_NOEXEC: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+
+fn mkdir(path: &Path, mode: u32) -> io::Result<()> {
+    match fs::DirBuilder::new().mode(mode).create(path) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        other => other,
+    }
+}
+
+/// Mounts, ignoring "already mounted" (a kernel may mount devtmpfs itself).
+fn mount_fresh(
+    source: &str,
+    target: &Path,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<(), InitError> {
+    match sys::mount(source, target, Some(fstype), flags, data) {
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+        other => step("mount", target, other),
+    }
+}
+
+/// Runs the boot sequence. Failures after the early mounts are logged, and the agent still
+/// serves (reporting `root_mounted: false` when there is no usable root).
+pub fn boot() -> Result<Booted, InitError> {
+    let dev = Path::new("/dev");
+    let proc = Path::new("/proc");
+    let sys_dir = Path::new("/sys");
+    for dir in [dev, proc, sys_dir] {
+        step("create", dir, mkdir(dir, 0o755))?;
+    }
+    mount_fresh(
+        "devtmpfs",
+        dev,
+        "devtmpfs",
+        libc::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
+    mount_fresh("proc", proc, "proc", NOSUID_NODEV_NOEXEC, None)?;
+    mount_fresh("sysfs", sys_dir, "sysfs", NOSUID_NODEV_NOEXEC, None)?;
+
+    let params = BootParams::parse(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    let root_mounted = if Path::new(paths::ROOT_DISK).exists() {
+        match switch_root(params) {
+            Ok(()) => true,
+            Err(e) => {
+                log::error(format_args!("{}", chain(&e)));
+                false
+            }
+        }
+    } else {
+        log::info(format_args!(
+            "no {}: serving from the initramfs (probe boot)",
+            paths::ROOT_DISK
+        ));
+        false
+    };
+    harden();
+    if let Err(e) = sys::loopback_up() {
+        log::warn(format_args!("cannot bring up lo: {e}"));
+    }
+    let run_dir = if root_mounted {
+        PathBuf::from(paths::RUN_DIR)
+    } else {
+        // Only root can write in devtmpfs: a safe place without a root disk.
+        PathBuf::from("/dev/.sbx-run")
+    };
+    Ok(Booted {
+        root_mounted,
+        run_dir,
+    })
+}
+
+fn switch_root(params: BootParams) -> Result<(), InitError> {
+    let new_root = Path::new(paths::NEW_ROOT);
+    step("create", new_root, mkdir(new_root, 0o755))?;
+    step(
+        "mount the root disk on",
+        new_root,
+        sys::mount(
+            paths::ROOT_DISK,
+            new_root,
+            Some("erofs"),
+            libc::MS_RDONLY,
+            None,
+        ),
+    )?;
+
+    let tmp = new_root.join("tmp");
+    let tmp_opts = format!("mode=1777,size={}m", params.tmp_mb);
+    mount_fresh("tmpfs", &tmp, "tmpfs", NOSUID_NODEV, Some(&tmp_opts))?;
+    let home = new_root.join(paths::HOME.trim_start_matches('/'));
+    let home_opts = format!(
+        "mode=0755,uid={SANDBOX_UID},gid={SANDBOX_GID},size={}m",
+        params.home_mb
+    );
+    mount_fresh("tmpfs", &home, "tmpfs", NOSUID_NODEV, Some(&home_opts))?;
+    let run = new_root.join("run");
+    let run_opts = format!("mode=0755,size={RUN_TMPFS_MB}m");
+    if let Err(e) = mount_fresh("tmpfs", &run, "tmpfs", NOSUID_NODEV_NOEXEC, Some(&run_opts)) {
+        log::warn(format_args!(
+            "{} (the image needs an empty /run)",
+            chain(&e)
+        ));
+    }
+
+    // Keep the kernel's devtmpfs and sysfs; /proc is remounted with hidepid so the sandbox
+    // user sees only its own processes.
+    for name in ["dev", "sys"] {
+        let from = Path::new("/").join(name);
+        let to = new_root.join(name);
+        step(
+            "move",
+            &from,
+            sys::mount(&from.to_string_lossy(), &to, None, libc::MS_MOVE, None),
+        )?;
+    }
+    let new_proc = new_root.join("proc");
+    mount_fresh(
+        "proc",
+        &new_proc,
+        "proc",
+        NOSUID_NODEV_NOEXEC,
+        Some("hidepid=2"),
+    )?;
+    if let Err(e) = sys::umount(Path::new("/proc"), libc::MNT_DETACH) {
+        log::warn(format_args!("cannot unmount the initramfs /proc: {e}"));
+    }
+    // The initramfs copy of this binary is not needed any more; free its memory.
+    let _ = fs::remove_file("/init");
+
+    step("enter", new_root, std::env::set_current_dir(new_root))?;
+    step(
+        "move",
+        new_root,
+        sys::mount(".", Path::new("/"), None, libc::MS_MOVE, None),
+    )?;
+    step("chroot into", new_root, sys::chroot(Path::new(".")))?;
+    step("enter", Path::new("/"), std::env::set_current_dir("/"))?;
+
+    // The root disk is mounted; the sandbox has no business with its device node.
+    let _ = fs::remove_file(paths::ROOT_DISK);
+    dev_extras(params);
+    Ok(())
+}
+
+/// /dev/pts, /dev/shm and the /dev/fd links that shells use for process substitution.
+fn dev_extras(params: BootParams) {
+    let pts = Path::new("/dev/pts");
+    let shm = Path::new("/dev/shm");
+    let shm_opts = format!("mode=1777,size={}m", params.tmp_mb);
+    let results = [
+        mkdir(pts, 0o755).map_err(|e| format!("mkdir /dev/pts: {e}")),
+        sys::mount(
+            "devpts",
+            pts,
+            Some("devpts"),
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=0620"),
+        )
+        .map_err(|e| format!("mount /dev/pts: {e}")),
+        mkdir(shm, 0o1777).map_err(|e| format!("mkdir /dev/shm: {e}")),
+        sys::mount(
+            "tmpfs",
+            shm,
+            Some("tmpfs"),
+            NOSUID_NODEV_NOEXEC,
+            Some(&shm_opts),
+        )
+        .map_err(|e| format!("mount /dev/shm: {e}")),
+    ];
+    for result in results {
+        if let Err(e) = result {
+            log::warn(format_args!("{e}"));
+        }
+    }
+    for (link, target) in [
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
+        match std::os::unix::fs::symlink(target, link) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                log::warn(format_args!("cannot link {link}: {e}"));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Sysctls that narrow what the sandbox user can learn or do. Missing ones (features not in the
+/// kernel) are skipped silently.
+const SYSCTLS: &[(&str, &str)] = &[
+    ("kernel/kptr_restrict", "2"),
+    ("kernel/dmesg_restrict", "1"),
+    ("kernel/perf_event_paranoid", "3"),
+    ("kernel/yama/ptrace_scope", "2"),
+    ("kernel/unprivileged_bpf_disabled", "1"),
+    ("kernel/sysrq", "0"),
+    ("kernel/hostname", "sandbox"),
+    ("vm/unprivileged_userfaultfd", "0"),
+    ("user/max_user_namespaces", "0"),
+    ("fs/protected_symlinks", "1"),
+    ("fs/protected_hardlinks", "1"),
+    ("fs/protected_fifos", "2"),
+    ("fs/protected_regular", "2"),
+    ("fs/suid_dumpable", "0"),
+];
+
+fn harden() {
+    for (key, value) in SYSCTLS {
+        let path = Path::new("/proc/sys").join(key);
+        match fs::write(&path, value) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => log::warn(format_args!("cannot set {key}={value}: {e}")),
+        }
+    }
+}
+
+/// Writes the Bun driver into `run_dir` (root-owned, read-only for everyone else).
+pub fn install_drivers(run_dir: &Path) -> io::Result<()> {
+    fs::create_dir_all(run_dir)?;
+    fs::set_permissions(run_dir, fs::Permissions::from_mode(0o755))?;
+    let path = crate::driver::bun_driver_path(run_dir);
+    let _ = fs::remove_file(&path);
+    fs::write(&path, crate::driver::BUN)?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o444))
+}
+
+/// An error and its causes on one line.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,115 @@
+//! Dispatch of host requests: pings are answered here at once, work goes to the language's
+//! worker, so a long execution never delays anything else.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use sbx_protocol::{
+    AgentHello, DecodeError, EVENT_ID_UNSOLICITED, Event, GuestErrorKind, Language,
+    PROTOCOL_VERSION, Request,
+};
+use tokio::sync::mpsc;
+
+use crate::context::Context;
+use crate::log;
+use crate::outbox::Outbox;
+use crate::sys;
+use crate::worker::{self, Job};
+
+/// What the control channel delivers to the server.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A host (re)connected: greet it.
+    Connected,
+    /// A request frame.
+    Request(u32, Request),
+    /// The host sent bytes that are not a valid frame: the stream cannot be trusted any more.
+    Desync(DecodeError),
+    /// The channel ended for good (dev mode: stdin closed).
+    Closed,
+}
+
+/// Why serving stopped.
+#[derive(Debug)]
+pub enum Stop {
+    /// The host asked for a power-off.
+    Shutdown,
+    /// The host's byte stream is corrupt.
+    Desync(DecodeError),
+    /// The channel is gone.
+    Closed,
+}
+
+/// Serves requests until the host asks to stop or the channel fails.
+pub async fn serve(ctx: Arc<Context>, mut inbound: mpsc::Receiver<Inbound>, out: Outbox) -> Stop {
+    let mut workers: HashMap<Language, mpsc::UnboundedSender<Job>> = HashMap::new();
+    loop {
+        let Some(message) = inbound.recv().await else {
+            return Stop::Closed;
+        };
+        match message {
+            Inbound::Connected => {
+                let hello = Event::Hello(AgentHello {
+                    protocol_version: PROTOCOL_VERSION,
+                    agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                    uptime_ms: sys::uptime_ms(),
+                    root_mounted: ctx.config.root_mounted,
+                });
+                let _ = out.send(EVENT_ID_UNSOLICITED, &hello).await;
+            }
+            Inbound::Request(id, request) => match request {
+                Request::Ping => {
+                    let _ = out.send(id, &Event::Pong).await;
+                }
+                Request::Warm(language) => {
+                    submit(&ctx, &out, &mut workers, language, Job::Warm { id }).await;
+                }
+                Request::Exec(request) => {
+                    let language = request.language;
+                    submit(
+                        &ctx,
+                        &out,
+                        &mut workers,
+                        language,
+                        Job::Exec { id, request },
+                    )
+                    .await;
+                }
+                Request::Shutdown => return Stop::Shutdown,
+            },
+            Inbound::Desync(e) => return Stop::Desync(e),
+            Inbound::Closed => return Stop::Closed,
+        }
+    }
+}
+
+async fn submit(
+    ctx: &Arc<Context>,
+    out: &Outbox,
+    workers: &mut HashMap<Language, mpsc::UnboundedSender<Job>>,
+    language: Language,
+    job: Job,
+) {
+    let queue = workers
+        .entry(language)
+        .or_insert_with(|| worker::spawn(ctx.clone(), language, out.clone()));
+    let Err(mpsc::error::SendError(job)) = queue.send(job) else {
+        return;
+    };
+    // The worker is gone (it panicked): its interpreter was dropped with it. Start over.
+    log::error(format_args!(
+        "{language} worker stopped; starting a new one"
+    ));
+    let queue = worker::spawn(ctx.clone(), language, out.clone());
+    let id = job.id();
+    if queue.send(job).is_err() {
+        let _ = out
+            .error(
+                id,
+                GuestErrorKind::Internal,
+                format!("{language} worker unavailable"),
+            )
+            .await;
+    }
+    workers.insert(language, queue);
+}

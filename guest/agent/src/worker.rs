@@ -1,0 +1,146 @@
+//! One task per language owns that language's interpreter and runs its jobs in order, so two
+//! executions in the same language queue while other requests (pings, other languages) proceed.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use sbx_protocol::{Event, ExecRequest, GuestErrorKind, Language};
+use tokio::sync::mpsc;
+
+use crate::context::Context;
+use crate::driver;
+use crate::interpreter::{Interpreter, StartError};
+use crate::log;
+use crate::outbox::Outbox;
+
+/// Work for a language's interpreter.
+#[derive(Debug)]
+pub enum Job {
+    /// Start the interpreter now; answer `Warmed`.
+    Warm {
+        /// Request id.
+        id: u32,
+    },
+    /// Run code; stream output, answer `ExecDone`.
+    Exec {
+        /// Request id.
+        id: u32,
+        /// The request.
+        request: ExecRequest,
+    },
+}
+
+impl Job {
+    /// The request id this job answers.
+    pub fn id(&self) -> u32 {
+        match self {
+            Job::Warm { id } | Job::Exec { id, .. } => *id,
+        }
+    }
+}
+
+/// Starts the worker task for `language`; jobs sent to the returned queue run one at a time.
+pub fn spawn(ctx: Arc<Context>, language: Language, out: Outbox) -> mpsc::UnboundedSender<Job> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(run(ctx, language, out, rx));
+    tx
+}
+
+async fn run(
+    ctx: Arc<Context>,
+    language: Language,
+    out: Outbox,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+) {
+    let mut slot: Option<Interpreter> = None;
+    while let Some(job) = jobs.recv().await {
+        match job {
+            Job::Warm { id } => {
+                let event = match ensure(&ctx, language, &mut slot).await {
+                    Ok(elapsed_ms) => Event::Warmed { elapsed_ms },
+                    Err(e) => start_failed(language, &e),
+                };
+                let _ = out.send(id, &event).await;
+            }
+            Job::Exec { id, request } => {
+                let event = exec(&ctx, language, &mut slot, id, &request, &out).await;
+                let _ = out.send(id, &event).await;
+            }
+        }
+    }
+}
+
+async fn exec(
+    ctx: &Arc<Context>,
+    language: Language,
+    slot: &mut Option<Interpreter>,
+    id: u32,
+    request: &ExecRequest,
+    out: &Outbox,
+) -> Event {
+    if let Err(e) = driver::validate(&request.code, &request.env, request.timeout_ms) {
+        return Event::Error(sbx_protocol::GuestError {
+            kind: GuestErrorKind::InvalidRequest,
+            message: e.to_string(),
+        });
+    }
+    let start_ms = match ensure(ctx, language, slot).await {
+        Ok(ms) => ms,
+        Err(e) => return start_failed(language, &e),
+    };
+    let Some(interpreter) = slot.as_mut() else {
+        return internal(format!("{language} interpreter vanished"));
+    };
+    match interpreter.run(id, request, out).await {
+        Ok(mut ran) => {
+            if !ran.alive {
+                // Dropping it kills whatever it left behind; the next job starts a fresh one.
+                *slot = None;
+            }
+            ran.outcome.interpreter_start_ms = start_ms;
+            Event::ExecDone(ran.outcome)
+        }
+        Err(e) => internal(format!("cannot run code: {e}")),
+    }
+}
+
+/// Makes sure the interpreter runs; returns how long starting it took (0 if it was running).
+async fn ensure(
+    ctx: &Arc<Context>,
+    language: Language,
+    slot: &mut Option<Interpreter>,
+) -> Result<u64, StartError> {
+    if let Some(interpreter) = slot {
+        if interpreter.is_alive() {
+            return Ok(0);
+        }
+        log::info(format_args!("{language} interpreter ended; restarting it"));
+        *slot = None;
+    }
+    let started = Instant::now();
+    let interpreter = Interpreter::start(ctx, language).await?;
+    *slot = Some(interpreter);
+    Ok(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX))
+}
+
+fn start_failed(language: Language, error: &StartError) -> Event {
+    let mut message = format!("{language} interpreter: {error}");
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    log::warn(format_args!("{message}"));
+    Event::Error(sbx_protocol::GuestError {
+        kind: GuestErrorKind::InterpreterStart,
+        message,
+    })
+}
+
+fn internal(message: String) -> Event {
+    log::warn(format_args!("{message}"));
+    Event::Error(sbx_protocol::GuestError {
+        kind: GuestErrorKind::Internal,
+        message,
+    })
+}
