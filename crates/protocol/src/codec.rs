@@ -293,12 +293,7 @@ mod tests {
             let mut d = FrameDecoder::new();
             for c in chunks {
                 d.push(&c);
-                loop {
-                    match d.next_frame::<Event>() {
-                        Ok(Some(_)) => continue,
-                        Ok(None) | Err(_) => break,
-                    }
-                }
+                while let Ok(Some(_)) = d.next_frame::<Event>() {}
             }
         }
 
