@@ -84,38 +84,10 @@ impl Scheduler {
             .expect("the scheduler never closes its semaphore");
         let assets = self.inner.assets.ensure(&[options.language]).await?;
         let host = self.host(&assets).await;
-        let spec = VmSpec {
-            name: format!(
-                "sbx-{}-{}",
-                std::process::id(),
-                self.inner.vm_counter.fetch_add(1, Ordering::Relaxed)
-            ),
-            kernel: assets.kernel.clone(),
-            initramfs: assets.initramfs.clone(),
-            rootfs: assets.rootfs(options.language).map(Into::into),
-            memory_mb,
-            vcpus: 1,
-            accelerator: host.choice.accelerator,
-            tsc_khz: host.tsc_khz,
-            verbose_console: options.on_boot_log.is_some(),
-            tmpfs_mb: memory_mb * limits::GUEST_TMPFS_PERCENT / 100,
-            qemu_sandbox: true,
-        };
         let setup_ms = elapsed_ms(started);
 
         let boot_started = Instant::now();
-        let boot_deadline = match host.choice.accelerator {
-            accel::Accelerator::Kvm => limits::BOOT_DEADLINE_KVM,
-            accel::Accelerator::Tcg => limits::BOOT_DEADLINE_TCG,
-        };
-        let vm = Vm::boot(
-            &config.qemu_binary,
-            &spec,
-            boot_deadline,
-            options.on_boot_log.clone(),
-        )
-        .await
-        .map_err(Error::Boot)?;
+        let (vm, origin) = self.acquire_vm(&options, memory_mb, &assets, host).await?;
         let boot_ms = elapsed_ms(boot_started);
 
         let execute_started = Instant::now();
@@ -158,9 +130,68 @@ impl Scheduler {
                 total_ms: elapsed_ms(started),
             },
             accelerator: host.choice.clone(),
-            warm_pool_hit: false,
-            l1_cache_hit: false,
+            warm_pool_hit: origin == VmOrigin::WarmPool,
+            l1_cache_hit: origin == VmOrigin::Snapshot,
         })
+    }
+
+    /// A VM ready to run `options`: from the warm pool when one fits, else restored from a
+    /// memory snapshot, else booted cold.
+    async fn acquire_vm(
+        &self,
+        options: &RunOptions,
+        memory_mb: u32,
+        assets: &GuestAssets,
+        host: &HostVerdict,
+    ) -> Result<(Vm, VmOrigin), Error> {
+        let spec = self.vm_spec(
+            options.language,
+            memory_mb,
+            assets,
+            host,
+            options.on_boot_log.is_some(),
+        );
+        let boot_deadline = match host.choice.accelerator {
+            accel::Accelerator::Kvm => limits::BOOT_DEADLINE_KVM,
+            accel::Accelerator::Tcg => limits::BOOT_DEADLINE_TCG,
+        };
+        let vm = Vm::boot(
+            &self.inner.config.qemu_binary,
+            &spec,
+            boot_deadline,
+            options.on_boot_log.clone(),
+        )
+        .await
+        .map_err(Error::Boot)?;
+        Ok((vm, VmOrigin::Cold))
+    }
+
+    /// The VM shape for a language and memory size on this host.
+    fn vm_spec(
+        &self,
+        language: Language,
+        memory_mb: u32,
+        assets: &GuestAssets,
+        host: &HostVerdict,
+        verbose_console: bool,
+    ) -> VmSpec {
+        VmSpec {
+            name: format!(
+                "sbx-{}-{}",
+                std::process::id(),
+                self.inner.vm_counter.fetch_add(1, Ordering::Relaxed)
+            ),
+            kernel: assets.kernel.clone(),
+            initramfs: assets.initramfs.clone(),
+            rootfs: assets.rootfs(language).map(Into::into),
+            memory_mb,
+            vcpus: 1,
+            accelerator: host.choice.accelerator,
+            tsc_khz: host.tsc_khz,
+            verbose_console,
+            tmpfs_mb: memory_mb * limits::GUEST_TMPFS_PERCENT / 100,
+            qemu_sandbox: true,
+        }
     }
 
     /// The accelerator verdict for this host: remembered, or decided now (with a probe boot).
@@ -237,6 +268,17 @@ async fn probe_kvm(config: &SchedulerConfig, assets: &GuestAssets) -> Result<Dur
         )),
         Err(other) => Err(other.to_string()),
     }
+}
+
+/// Where the VM of a run came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VmOrigin {
+    /// Booted for this run.
+    Cold,
+    /// Taken from the warm pool.
+    WarmPool,
+    /// Restored from an L1 memory snapshot.
+    Snapshot,
 }
 
 #[derive(Default)]
