@@ -380,9 +380,9 @@ mod tests {
         assert!(text.ends_with("END"));
     }
 
-    #[tokio::test]
-    async fn missing_qemu_is_a_permanent_spawn_error() {
-        let spec = VmSpec {
+    /// A spec whose paths don't exist: for tests where QEMU never gets that far.
+    fn unbootable_spec() -> VmSpec {
+        VmSpec {
             name: "t".into(),
             kernel: "/nonexistent/vmlinux".into(),
             initramfs: "/nonexistent/initramfs".into(),
@@ -394,7 +394,12 @@ mod tests {
             verbose_console: false,
             tmpfs_mb: 16,
             qemu_sandbox: false,
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn missing_qemu_is_a_permanent_spawn_error() {
+        let spec = unbootable_spec();
         let err = Vm::boot(
             Path::new("/nonexistent/qemu"),
             &spec,
@@ -411,20 +416,8 @@ mod tests {
 
     #[tokio::test]
     async fn qemu_that_exits_at_once_is_a_boot_error_with_its_output() {
-        // `sh` stands in for QEMU: it exits at once, complaining, like QEMU with a bad option.
-        let spec_args_ignored = VmSpec {
-            name: "t".into(),
-            kernel: "/nonexistent".into(),
-            initramfs: "/nonexistent".into(),
-            rootfs: None,
-            memory_mb: 128,
-            vcpus: 1,
-            accelerator: accel::Accelerator::Tcg,
-            tsc_khz: None,
-            verbose_console: false,
-            tmpfs_mb: 16,
-            qemu_sandbox: false,
-        };
+        // `false` stands in for a QEMU that exits at once, as with a bad option.
+        let spec_args_ignored = unbootable_spec();
         let err = Vm::boot(
             Path::new("/bin/false"),
             &spec_args_ignored,
