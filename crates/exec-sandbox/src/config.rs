@@ -10,7 +10,7 @@ use crate::validate::ValidationError;
 ///
 /// `SchedulerConfig::default()` gives the documented defaults; [`SchedulerConfig::from_env`]
 /// applies the `EXEC_SANDBOX_*` overrides listed in [`EnvVars`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SchedulerConfig {
     /// VMs alive at once; further runs wait for a slot (1-100, default 10).
     pub max_concurrent_vms: usize,
@@ -34,6 +34,40 @@ pub struct SchedulerConfig {
     pub force_emulation: bool,
     /// The QEMU binary (default `qemu-system-x86_64` from `PATH`).
     pub qemu_binary: PathBuf,
+    /// Restore runs from L1 memory snapshots (warm templates saved once per VM shape) instead
+    /// of booting, and save them in the background after a cold boot (default on).
+    pub l1_snapshots: bool,
+    /// Where memory snapshots live (default `<cache_dir>/snapshots`).
+    pub snapshot_cache_dir: PathBuf,
+    /// Bound of the snapshot cache, in MB on disk; least recently used templates are evicted
+    /// (default 2048).
+    pub snapshot_cache_max_mb: u64,
+    /// Warm VMs kept booted per language, interpreter started, for runs at the default memory
+    /// without boot-log streaming (0-20, default 0 = off). They are extra to
+    /// [`Self::max_concurrent_vms`] but count against the memory and CPU budget.
+    pub warm_pool_size: usize,
+    /// Longest a run waits for a slot and for admission before it fails with
+    /// [`Error::Capacity`](crate::Error::Capacity) (seconds, 1-3600, default 60). Asset
+    /// preparation does not count.
+    pub admission_timeout_seconds: u64,
+    /// Memory all VMs together may be charged, in MB; derived from the host when `None`
+    /// (default): (`MemTotal` − [`Self::host_memory_reserve_mb`]) × [`Self::memory_overcommit_ratio`].
+    /// A VM is charged its guest memory plus QEMU's overhead (30 MB, and 64 MB of translation
+    /// cache under TCG).
+    pub memory_budget_mb: Option<u64>,
+    /// Host memory kept out of the derived memory budget (MB, default 1024).
+    pub host_memory_reserve_mb: u64,
+    /// Memory budget over the host's memory less its reserve (> 0, default 1.5: guest RAM is
+    /// resident only once touched).
+    pub memory_overcommit_ratio: f64,
+    /// vCPUs admitted per host core (> 0, default 4.0: busy VMs slow each other down, idle ones
+    /// cost little).
+    pub cpu_overcommit_ratio: f64,
+    /// No VM is admitted while the host's `MemAvailable` is below this (MB, default 512).
+    pub min_available_memory_mb: u64,
+    /// No VM is admitted while memory pressure (`/proc/pressure/memory`, `some avg10`, percent)
+    /// is above this (0-100, default 20; ignored where the host has no PSI).
+    pub max_memory_pressure: f64,
 }
 
 impl Default for SchedulerConfig {
@@ -44,6 +78,7 @@ impl Default for SchedulerConfig {
             default_memory_mb: limits::DEFAULT_MEMORY_MB,
             default_timeout_seconds: limits::DEFAULT_TIMEOUT_SECONDS,
             images_dir: cache_dir.join("images"),
+            snapshot_cache_dir: cache_dir.join("snapshots"),
             cache_dir,
             offline: false,
             auto_download_assets: true,
@@ -51,6 +86,16 @@ impl Default for SchedulerConfig {
             asset_version: None,
             force_emulation: false,
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            l1_snapshots: true,
+            snapshot_cache_max_mb: limits::DEFAULT_SNAPSHOT_CACHE_MAX_MB,
+            warm_pool_size: 0,
+            admission_timeout_seconds: limits::DEFAULT_ADMISSION_TIMEOUT_SECONDS,
+            memory_budget_mb: None,
+            host_memory_reserve_mb: limits::DEFAULT_HOST_MEMORY_RESERVE_MB,
+            memory_overcommit_ratio: limits::DEFAULT_MEMORY_OVERCOMMIT_RATIO,
+            cpu_overcommit_ratio: limits::DEFAULT_CPU_OVERCOMMIT_RATIO,
+            min_available_memory_mb: limits::DEFAULT_MIN_AVAILABLE_MEMORY_MB,
+            max_memory_pressure: limits::DEFAULT_MAX_MEMORY_PRESSURE,
         }
     }
 }
@@ -86,6 +131,7 @@ impl SchedulerConfig {
         if let Some(v) = get(EnvVars::CACHE_DIR).filter(|v| !v.is_empty()) {
             self.cache_dir = PathBuf::from(v);
             self.images_dir = self.cache_dir.join("images");
+            self.snapshot_cache_dir = self.cache_dir.join("snapshots");
         }
         if let Some(v) = get(EnvVars::IMAGES_DIR).filter(|v| !v.is_empty()) {
             self.images_dir = PathBuf::from(v);
@@ -106,12 +152,103 @@ impl SchedulerConfig {
         if let Some(v) = get(EnvVars::QEMU).filter(|v| !v.is_empty()) {
             self.qemu_binary = PathBuf::from(v);
         }
+        if let Some(v) = get(EnvVars::L1_SNAPSHOTS).filter(|v| !v.trim().is_empty()) {
+            self.l1_snapshots = env::is_truthy(&v);
+        }
+        if let Some(v) = get(EnvVars::SNAPSHOT_CACHE_DIR).filter(|v| !v.is_empty()) {
+            self.snapshot_cache_dir = PathBuf::from(v);
+        }
+        if let Some(v) = get(EnvVars::SNAPSHOT_CACHE_MAX_MB) {
+            self.snapshot_cache_max_mb = parse(EnvVars::SNAPSHOT_CACHE_MAX_MB, &v)?;
+        }
+        self.apply_admission_env(&get)?;
         self.validate()?;
         Ok(self)
     }
 
+    /// The warm-pool and admission overrides.
+    fn apply_admission_env(
+        &mut self,
+        get: &impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ValidationError> {
+        fn parse<T: std::str::FromStr>(name: &'static str, v: &str) -> Result<T, ValidationError> {
+            v.trim().parse().map_err(|_| ValidationError::Config {
+                field: name,
+                reason: format!("`{v}` is not a valid number"),
+            })
+        }
+        let get = |name: &str| get(name).filter(|v| !v.trim().is_empty());
+        if let Some(v) = get(EnvVars::WARM_POOL_SIZE) {
+            self.warm_pool_size = parse(EnvVars::WARM_POOL_SIZE, &v)?;
+        }
+        if let Some(v) = get(EnvVars::ADMISSION_TIMEOUT_SECONDS) {
+            self.admission_timeout_seconds = parse(EnvVars::ADMISSION_TIMEOUT_SECONDS, &v)?;
+        }
+        if let Some(v) = get(EnvVars::MEMORY_BUDGET_MB) {
+            self.memory_budget_mb = Some(parse(EnvVars::MEMORY_BUDGET_MB, &v)?);
+        }
+        if let Some(v) = get(EnvVars::HOST_MEMORY_RESERVE_MB) {
+            self.host_memory_reserve_mb = parse(EnvVars::HOST_MEMORY_RESERVE_MB, &v)?;
+        }
+        if let Some(v) = get(EnvVars::MEMORY_OVERCOMMIT_RATIO) {
+            self.memory_overcommit_ratio = parse(EnvVars::MEMORY_OVERCOMMIT_RATIO, &v)?;
+        }
+        if let Some(v) = get(EnvVars::CPU_OVERCOMMIT_RATIO) {
+            self.cpu_overcommit_ratio = parse(EnvVars::CPU_OVERCOMMIT_RATIO, &v)?;
+        }
+        if let Some(v) = get(EnvVars::MIN_AVAILABLE_MEMORY_MB) {
+            self.min_available_memory_mb = parse(EnvVars::MIN_AVAILABLE_MEMORY_MB, &v)?;
+        }
+        if let Some(v) = get(EnvVars::MAX_MEMORY_PRESSURE) {
+            self.max_memory_pressure = parse(EnvVars::MAX_MEMORY_PRESSURE, &v)?;
+        }
+        Ok(())
+    }
+
+    /// Checks the warm-pool and admission fields.
+    fn validate_admission(&self) -> Result<(), ValidationError> {
+        let bad =
+            |field: &'static str, reason: String| Err(ValidationError::Config { field, reason });
+        if self.warm_pool_size > limits::MAX_WARM_POOL_SIZE {
+            return bad(
+                "warm_pool_size",
+                format!(
+                    "{} is above {}",
+                    self.warm_pool_size,
+                    limits::MAX_WARM_POOL_SIZE
+                ),
+            );
+        }
+        if !(1..=limits::MAX_ADMISSION_TIMEOUT_SECONDS).contains(&self.admission_timeout_seconds) {
+            return bad(
+                "admission_timeout_seconds",
+                format!(
+                    "{} is outside 1-{}",
+                    self.admission_timeout_seconds,
+                    limits::MAX_ADMISSION_TIMEOUT_SECONDS
+                ),
+            );
+        }
+        for (field, ratio) in [
+            ("memory_overcommit_ratio", self.memory_overcommit_ratio),
+            ("cpu_overcommit_ratio", self.cpu_overcommit_ratio),
+        ] {
+            if !(ratio.is_finite() && ratio > 0.0) {
+                return bad(field, format!("{ratio} is not a positive number"));
+            }
+        }
+        if !(0.0..=100.0).contains(&self.max_memory_pressure) {
+            return bad(
+                "max_memory_pressure",
+                format!("{} is outside 0-100", self.max_memory_pressure),
+            );
+        }
+        Ok(())
+    }
+
     /// Checks every field against its limit.
     pub fn validate(&self) -> Result<(), ValidationError> {
+        self.validate_admission()?;
         if !(limits::MIN_CONCURRENT_VMS..=limits::MAX_CONCURRENT_VMS)
             .contains(&self.max_concurrent_vms)
         {
@@ -188,6 +325,72 @@ mod tests {
         let c = with(&[(EnvVars::CACHE_DIR, "/a"), (EnvVars::IMAGES_DIR, "/b")]).unwrap();
         assert_eq!(c.images_dir, PathBuf::from("/b"));
         assert!(!with(&[(EnvVars::OFFLINE, "0")]).unwrap().offline);
+    }
+
+    #[test]
+    fn pool_and_admission_overrides_apply_and_are_checked() {
+        let d = SchedulerConfig::default();
+        assert_eq!(d.warm_pool_size, 0);
+        assert_eq!(d.admission_timeout_seconds, 60);
+        assert_eq!(d.memory_budget_mb, None);
+        let c = with(&[
+            (EnvVars::WARM_POOL_SIZE, "2"),
+            (EnvVars::ADMISSION_TIMEOUT_SECONDS, "5"),
+            (EnvVars::MEMORY_BUDGET_MB, "800"),
+            (EnvVars::MEMORY_OVERCOMMIT_RATIO, "1.25"),
+            (EnvVars::CPU_OVERCOMMIT_RATIO, "2"),
+            (EnvVars::MAX_MEMORY_PRESSURE, "50"),
+        ])
+        .unwrap();
+        assert_eq!(c.warm_pool_size, 2);
+        assert_eq!(c.admission_timeout_seconds, 5);
+        assert_eq!(c.memory_budget_mb, Some(800));
+        assert_eq!(c.memory_overcommit_ratio, 1.25);
+        assert_eq!(c.cpu_overcommit_ratio, 2.0);
+        assert_eq!(c.max_memory_pressure, 50.0);
+        for (var, value, field) in [
+            (EnvVars::WARM_POOL_SIZE, "21", "warm_pool_size"),
+            (
+                EnvVars::ADMISSION_TIMEOUT_SECONDS,
+                "0",
+                "admission_timeout_seconds",
+            ),
+            (EnvVars::CPU_OVERCOMMIT_RATIO, "0", "cpu_overcommit_ratio"),
+            (
+                EnvVars::MEMORY_OVERCOMMIT_RATIO,
+                "NaN",
+                "memory_overcommit_ratio",
+            ),
+            (EnvVars::MAX_MEMORY_PRESSURE, "101", "max_memory_pressure"),
+            (EnvVars::MEMORY_BUDGET_MB, "lots", EnvVars::MEMORY_BUDGET_MB),
+        ] {
+            let e = with(&[(var, value)]).unwrap_err();
+            assert!(e.to_string().contains(field), "{var}={value}: {e}");
+        }
+    }
+
+    #[test]
+    fn snapshot_settings() {
+        let d = SchedulerConfig::default();
+        assert!(d.l1_snapshots);
+        assert_eq!(d.snapshot_cache_dir, d.cache_dir.join("snapshots"));
+        let c = with(&[(EnvVars::CACHE_DIR, "/x")]).unwrap();
+        assert_eq!(c.snapshot_cache_dir, PathBuf::from("/x/snapshots"));
+        let c = with(&[
+            (EnvVars::L1_SNAPSHOTS, "0"),
+            (EnvVars::SNAPSHOT_CACHE_DIR, "/s"),
+            (EnvVars::SNAPSHOT_CACHE_MAX_MB, "100"),
+        ])
+        .unwrap();
+        assert!(!c.l1_snapshots);
+        assert_eq!(c.snapshot_cache_dir, PathBuf::from("/s"));
+        assert_eq!(c.snapshot_cache_max_mb, 100);
+        assert!(with(&[(EnvVars::L1_SNAPSHOTS, "1")]).unwrap().l1_snapshots);
+        let e = with(&[(EnvVars::SNAPSHOT_CACHE_MAX_MB, "big")]).unwrap_err();
+        assert!(
+            e.to_string().contains(EnvVars::SNAPSHOT_CACHE_MAX_MB),
+            "{e}"
+        );
     }
 
     #[test]

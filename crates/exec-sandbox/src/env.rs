@@ -24,6 +24,28 @@ impl EnvVars {
     pub const DEFAULT_MEMORY_MB: &'static str = "EXEC_SANDBOX_DEFAULT_MEMORY_MB";
     /// Overrides [`SchedulerConfig::default_timeout_seconds`](crate::SchedulerConfig::default_timeout_seconds).
     pub const DEFAULT_TIMEOUT_SECONDS: &'static str = "EXEC_SANDBOX_DEFAULT_TIMEOUT_SECONDS";
+    /// Overrides [`SchedulerConfig::warm_pool_size`](crate::SchedulerConfig::warm_pool_size).
+    pub const WARM_POOL_SIZE: &'static str = "EXEC_SANDBOX_WARM_POOL_SIZE";
+    /// Overrides [`SchedulerConfig::admission_timeout_seconds`](crate::SchedulerConfig::admission_timeout_seconds).
+    pub const ADMISSION_TIMEOUT_SECONDS: &'static str = "EXEC_SANDBOX_ADMISSION_TIMEOUT_SECONDS";
+    /// Overrides [`SchedulerConfig::memory_budget_mb`](crate::SchedulerConfig::memory_budget_mb).
+    pub const MEMORY_BUDGET_MB: &'static str = "EXEC_SANDBOX_MEMORY_BUDGET_MB";
+    /// Overrides [`SchedulerConfig::host_memory_reserve_mb`](crate::SchedulerConfig::host_memory_reserve_mb).
+    pub const HOST_MEMORY_RESERVE_MB: &'static str = "EXEC_SANDBOX_HOST_MEMORY_RESERVE_MB";
+    /// Overrides [`SchedulerConfig::memory_overcommit_ratio`](crate::SchedulerConfig::memory_overcommit_ratio).
+    pub const MEMORY_OVERCOMMIT_RATIO: &'static str = "EXEC_SANDBOX_MEMORY_OVERCOMMIT_RATIO";
+    /// Overrides [`SchedulerConfig::cpu_overcommit_ratio`](crate::SchedulerConfig::cpu_overcommit_ratio).
+    pub const CPU_OVERCOMMIT_RATIO: &'static str = "EXEC_SANDBOX_CPU_OVERCOMMIT_RATIO";
+    /// Overrides [`SchedulerConfig::min_available_memory_mb`](crate::SchedulerConfig::min_available_memory_mb).
+    pub const MIN_AVAILABLE_MEMORY_MB: &'static str = "EXEC_SANDBOX_MIN_AVAILABLE_MEMORY_MB";
+    /// Overrides [`SchedulerConfig::max_memory_pressure`](crate::SchedulerConfig::max_memory_pressure).
+    pub const MAX_MEMORY_PRESSURE: &'static str = "EXEC_SANDBOX_MAX_MEMORY_PRESSURE";
+    /// `0` switches L1 memory snapshots off ([`SchedulerConfig::l1_snapshots`](crate::SchedulerConfig::l1_snapshots)).
+    pub const L1_SNAPSHOTS: &'static str = "EXEC_SANDBOX_L1_SNAPSHOTS";
+    /// Overrides [`SchedulerConfig::snapshot_cache_dir`](crate::SchedulerConfig::snapshot_cache_dir).
+    pub const SNAPSHOT_CACHE_DIR: &'static str = "EXEC_SANDBOX_SNAPSHOT_CACHE_DIR";
+    /// Overrides [`SchedulerConfig::snapshot_cache_max_mb`](crate::SchedulerConfig::snapshot_cache_max_mb).
+    pub const SNAPSHOT_CACHE_MAX_MB: &'static str = "EXEC_SANDBOX_SNAPSHOT_CACHE_MAX_MB";
 }
 
 /// True for the values that switch a flag variable on (`1`, `true`, `yes`, `on`).

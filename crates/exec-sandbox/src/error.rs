@@ -1,5 +1,6 @@
 //! The public error type and its stable kinds.
 
+use crate::admission::CapacityError;
 use crate::assets::AssetError;
 use crate::validate::ValidationError;
 use crate::vm::VmError;
@@ -33,6 +34,9 @@ pub enum Error {
     /// Contact with the VM was lost after the code was dispatched.
     #[error("lost contact with the sandbox VM after the code was dispatched")]
     Communication(#[source] VmError),
+    /// No VM could be admitted before the admission deadline; the code never ran.
+    #[error("sandbox host at capacity")]
+    Capacity(#[from] CapacityError),
     /// The guest agent refused or failed the request.
     #[error("guest agent error ({kind:?}): {message}")]
     Guest {
@@ -51,6 +55,7 @@ impl Error {
             Error::Asset(e) => e.kind(),
             Error::Boot(e) => e.kind(),
             Error::Communication(_) => ErrorKind::OutcomeUnknown,
+            Error::Capacity(_) => ErrorKind::Transient,
             Error::Guest { kind, .. } => match kind {
                 sbx_protocol::GuestErrorKind::InvalidRequest => ErrorKind::InvalidInput,
                 sbx_protocol::GuestErrorKind::InterpreterStart => ErrorKind::Transient,
@@ -64,6 +69,9 @@ impl Error {
         match self {
             Error::Asset(e) => e.hint(),
             Error::Boot(e) => e.hint(),
+            Error::Capacity(_) => Some(
+                "retry later, or raise the budget (EXEC_SANDBOX_MEMORY_BUDGET_MB, EXEC_SANDBOX_CPU_OVERCOMMIT_RATIO) or EXEC_SANDBOX_ADMISSION_TIMEOUT_SECONDS".into(),
+            ),
             _ => None,
         }
     }

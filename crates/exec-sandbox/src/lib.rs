@@ -19,11 +19,13 @@
 //! # }
 //! ```
 
+pub mod admission;
 pub mod assets;
 mod config;
 mod env;
 mod error;
 pub mod limits;
+mod pool;
 mod result;
 mod run;
 mod scheduler;

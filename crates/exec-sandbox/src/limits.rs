@@ -46,3 +46,35 @@ pub const KVM_PROBE_DEADLINE: Duration = Duration::from_secs(5);
 pub const GUEST_TMPFS_PERCENT: u32 = 25;
 /// Bytes of boot log kept for error messages.
 pub const BOOT_LOG_TAIL_BYTES: usize = 16 * 1024;
+
+/// Most warm VMs a scheduler may keep per language.
+pub const MAX_WARM_POOL_SIZE: usize = 20;
+/// How often idle warm-pool VMs are pinged; a VM that does not answer is replaced.
+pub const WARM_POOL_HEALTH_INTERVAL: Duration = Duration::from_secs(10);
+/// Deadline for a pooled VM's ping (health check, and right before it is handed out).
+pub const WARM_POOL_PING_DEADLINE: Duration = Duration::from_secs(1);
+/// Default time a run may wait for a slot and admission before it fails with a capacity error.
+pub const DEFAULT_ADMISSION_TIMEOUT_SECONDS: u64 = 60;
+/// Longest accepted admission timeout.
+pub const MAX_ADMISSION_TIMEOUT_SECONDS: u64 = 3600;
+/// QEMU's own resident memory per VM besides guest RAM (device model, buffers, libraries).
+pub const QEMU_OVERHEAD_MB: u64 = 30;
+/// QEMU's translation-block cache under TCG (`-accel tcg,tb-size=64` in `vm/qemu.rs`).
+pub const TCG_TRANSLATION_CACHE_MB: u64 = 64;
+/// Default host memory kept out of the VM memory budget.
+pub const DEFAULT_HOST_MEMORY_RESERVE_MB: u64 = 1024;
+/// Default ratio of the VM memory budget to the host's memory (less its reserve). Above 1 because
+/// guest RAM is only resident once the guest touches it (a cold VM's PSS is about half its size).
+pub const DEFAULT_MEMORY_OVERCOMMIT_RATIO: f64 = 1.5;
+/// Default ratio of admitted vCPUs to host cores. Idle and waiting VMs cost little CPU; busy ones
+/// slow each other down (LAB.md: 4 busy VMs on 2 cores take 2.5x longer each) but do not fail.
+pub const DEFAULT_CPU_OVERCOMMIT_RATIO: f64 = 4.0;
+/// Default floor of the host's `MemAvailable` below which no VM is admitted.
+pub const DEFAULT_MIN_AVAILABLE_MEMORY_MB: u64 = 512;
+/// Default memory pressure (PSI `some avg10`, percent) above which no VM is admitted.
+pub const DEFAULT_MAX_MEMORY_PRESSURE: f64 = 20.0;
+/// How often a queued run at the head of the queue re-reads host memory facts while they block it.
+pub const ADMISSION_HOST_POLL: Duration = Duration::from_millis(250);
+/// Default bound of the L1 memory snapshot cache (allocated bytes on disk), in MB. A Python
+/// template at 256 MB of guest memory occupies about 45 MB.
+pub const DEFAULT_SNAPSHOT_CACHE_MAX_MB: u64 = 2048;

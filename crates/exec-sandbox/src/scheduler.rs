@@ -8,14 +8,17 @@ use sbx_protocol::{Event, ExecOutcome, ExecRequest, Language, Request};
 use tokio::sync::{OnceCell, Semaphore};
 
 use crate::SchedulerConfig;
+use crate::admission::{self, Admission, CapacityError, Cost, Permit};
 use crate::assets::{AssetStore, GuestAssets};
 use crate::error::Error;
 use crate::limits;
+use crate::pool::{self, PooledVm, WarmPool};
 use crate::result::{ExecutionResult, Timing};
 use crate::run::RunOptions;
 use crate::validate;
 use crate::vm::accel::{self, AcceleratorChoice, HostVerdict, Precheck};
 use crate::vm::qemu::VmSpec;
+use crate::vm::snapshot::{self, Templates};
 use crate::vm::{OutputCallback, Vm, VmError, host};
 
 /// Runs code in disposable microVMs.
@@ -31,22 +34,107 @@ struct Inner {
     slots: Semaphore,
     assets: AssetStore,
     host: OnceCell<HostVerdict>,
-    vm_counter: AtomicU64,
+    admission: Arc<Admission>,
+    pool: Arc<WarmPool>,
+    pool_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// L1 memory snapshots.
+    templates: Templates,
+}
+
+impl Drop for Inner {
+    /// The last handle is gone: stop refilling and kill the idle warm VMs (`kill_on_drop`).
+    fn drop(&mut self) {
+        if let Ok(mut task) = self.pool_task.lock()
+            && let Some(task) = task.take()
+        {
+            task.abort();
+        }
+        drop(self.pool.close());
+    }
 }
 
 impl Scheduler {
     /// A scheduler for `config` (validated here). Nothing is built or booted until needed.
     pub fn new(config: SchedulerConfig) -> Result<Self, Error> {
         config.validate()?;
-        Ok(Self {
+        let policy = admission::Policy::new(&config, &admission::ProcHost);
+        tracing::debug!(budget = %policy.budget, "admission budget");
+        let scheduler = Self {
             inner: Arc::new(Inner {
                 slots: Semaphore::new(config.max_concurrent_vms),
                 assets: AssetStore::new(&config),
                 host: OnceCell::new(),
-                vm_counter: AtomicU64::new(0),
+                admission: Admission::new(policy, Box::new(admission::ProcHost)),
+                pool: Arc::new(WarmPool::new(config.warm_pool_size)),
+                pool_task: std::sync::Mutex::new(None),
+                templates: Templates::new(config.l1_snapshots.then(|| {
+                    snapshot::Cache::new(
+                        config.snapshot_cache_dir.clone(),
+                        config.snapshot_cache_max_mb.saturating_mul(1024 * 1024),
+                    )
+                })),
                 config,
             }),
-        })
+        };
+        scheduler.ensure_pool_task();
+        Ok(scheduler)
+    }
+
+    /// Destroys the idle warm VMs and stops refilling the pool; waits until their QEMU
+    /// processes are gone. Runs still work afterwards, without the pool.
+    pub async fn shutdown(&self) {
+        let task = self.inner.pool_task.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            task.abort();
+            // A VM the task was booting is killed when its future is dropped.
+            let _ = task.await;
+        }
+        for vm in self.inner.pool.close() {
+            let PooledVm { vm, permit } = vm;
+            vm.destroy().await;
+            drop(permit);
+        }
+        // Memory snapshots being saved are abandoned (their template VMs killed).
+        self.inner.templates.abort().await;
+    }
+
+    /// Starts the warm-pool refill task if the pool is on and it is not running.
+    ///
+    /// Called from `new` (so the pool fills before the first run when the scheduler is made
+    /// inside a runtime) and again from `run` (a scheduler made outside a runtime, or whose
+    /// runtime ended, gets a task on the current one). The task holds only a weak reference.
+    fn ensure_pool_task(&self) {
+        if !self.inner.pool.enabled() || self.inner.pool.is_closed() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let Ok(mut task) = self.inner.pool_task.lock() else {
+            return;
+        };
+        if task.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let weak = Arc::downgrade(&self.inner);
+        *task = Some(
+            runtime.spawn(pool::maintain(self.inner.pool.clone(), move || {
+                weak.upgrade().map(|inner| Scheduler { inner })
+            })),
+        );
+    }
+
+    /// Names of the idle warm VMs for `language` (QEMU's `-name`), for tests.
+    #[doc(hidden)]
+    pub fn warm_pool_vm_names(&self, language: Language) -> Vec<String> {
+        self.inner.pool.idle_names(language)
+    }
+
+    /// Most VMs this scheduler had alive at once (each holds an admission permit from before
+    /// QEMU starts until after it is reaped), for tests.
+    #[doc(hidden)]
+    pub fn peak_vms(&self) -> usize {
+        self.inner.admission.peak_vms()
     }
 
     /// The configuration in force.
@@ -76,18 +164,32 @@ impl Scheduler {
         validate::memory(memory_mb)?;
         validate::env_vars(&options.env_vars)?;
 
-        let _slot = self
-            .inner
-            .slots
-            .acquire()
+        self.ensure_pool_task();
+        let queued = tokio::time::Instant::now();
+        let admission_timeout = Duration::from_secs(config.admission_timeout_seconds);
+        let _slot = tokio::time::timeout(admission_timeout, self.inner.slots.acquire())
             .await
+            .map_err(|_| CapacityError {
+                waited: admission_timeout,
+                needed: Cost::default(),
+                available: Cost::default(),
+                blocker: admission::Blocker::Slots {
+                    max_concurrent_vms: config.max_concurrent_vms,
+                },
+            })?
             .expect("the scheduler never closes its semaphore");
+        let slot_wait = queued.elapsed();
         let assets = self.inner.assets.ensure(&[options.language]).await?;
         let host = self.host(&assets).await;
         let setup_ms = elapsed_ms(started);
 
         let boot_started = Instant::now();
-        let (vm, origin) = self.acquire_vm(&options, memory_mb, &assets, host).await?;
+        // Asset preparation does not count against the admission deadline.
+        let admission_deadline =
+            tokio::time::Instant::now() + admission_timeout.saturating_sub(slot_wait);
+        let (vm, origin, _permit) = self
+            .acquire_vm(&options, memory_mb, &assets, host, admission_deadline)
+            .await?;
         let boot_ms = elapsed_ms(boot_started);
 
         let execute_started = Instant::now();
@@ -136,14 +238,29 @@ impl Scheduler {
     }
 
     /// A VM ready to run `options`: from the warm pool when one fits, else restored from a
-    /// memory snapshot, else booted cold.
+    /// memory snapshot, else booted cold. The permit is the VM's share of the admission
+    /// budget: hold it until the VM is destroyed.
     async fn acquire_vm(
         &self,
         options: &RunOptions,
         memory_mb: u32,
         assets: &GuestAssets,
         host: &HostVerdict,
-    ) -> Result<(Vm, VmOrigin), Error> {
+        admission_deadline: tokio::time::Instant,
+    ) -> Result<(Vm, VmOrigin, Permit), Error> {
+        // Warm pool: built at the default memory, without boot-log streaming.
+        if memory_mb == self.inner.config.default_memory_mb
+            && options.on_boot_log.is_none()
+            && let Some(PooledVm { vm, permit }) = self.inner.pool.take(options.language).await
+        {
+            return Ok((vm, VmOrigin::WarmPool, permit));
+        }
+        let permit = self
+            .admit(
+                Cost::vm(memory_mb, VM_VCPUS, host.choice.accelerator),
+                admission_deadline,
+            )
+            .await?;
         let spec = self.vm_spec(
             options.language,
             memory_mb,
@@ -155,6 +272,16 @@ impl Scheduler {
             accel::Accelerator::Kvm => limits::BOOT_DEADLINE_KVM,
             accel::Accelerator::Tcg => limits::BOOT_DEADLINE_TCG,
         };
+        // L1: a clone of this shape's template. Not with boot-log streaming: a clone prints no
+        // boot log.
+        let template_key = (self.inner.templates.enabled() && options.on_boot_log.is_none())
+            .then(|| self.template_key(options.language, &spec, assets));
+        if let Some(key) = &template_key {
+            let qemu = &self.inner.config.qemu_binary;
+            if let Some(vm) = self.inner.templates.restore(qemu, &spec, key).await {
+                return Ok((vm, VmOrigin::Snapshot, permit));
+            }
+        }
         let vm = Vm::boot(
             &self.inner.config.qemu_binary,
             &spec,
@@ -163,7 +290,26 @@ impl Scheduler {
         )
         .await
         .map_err(Error::Boot)?;
-        Ok((vm, VmOrigin::Cold))
+        if let Some(key) = template_key {
+            // Saved by a separate template VM: this run does not wait for it.
+            self.inner.templates.build_in_background(
+                self.inner.config.qemu_binary.clone(),
+                self.vm_spec(options.language, memory_mb, assets, host, false),
+                options.language,
+                key,
+                boot_deadline,
+            );
+        }
+        Ok((vm, VmOrigin::Cold, permit))
+    }
+
+    /// Waits for room in the budget. Idle warm VMs give way to a run that would otherwise queue
+    /// on the budget: the pool refills later, when nobody waits.
+    async fn admit(&self, cost: Cost, deadline: tokio::time::Instant) -> Result<Permit, Error> {
+        let admission = &self.inner.admission;
+        let _announced = admission.announce();
+        while admission.budget_is_short(cost) && self.inner.pool.evict_one().await {}
+        Ok(admission.admit(cost, deadline).await?)
     }
 
     /// The VM shape for a language and memory size on this host.
@@ -176,16 +322,17 @@ impl Scheduler {
         verbose_console: bool,
     ) -> VmSpec {
         VmSpec {
+            // Unique in the process (not per scheduler), so tests can find a VM by name.
             name: format!(
                 "sbx-{}-{}",
                 std::process::id(),
-                self.inner.vm_counter.fetch_add(1, Ordering::Relaxed)
+                VM_COUNTER.fetch_add(1, Ordering::Relaxed)
             ),
             kernel: assets.kernel.clone(),
             initramfs: assets.initramfs.clone(),
             rootfs: assets.rootfs(language).map(Into::into),
             memory_mb,
-            vcpus: 1,
+            vcpus: VM_VCPUS,
             accelerator: host.choice.accelerator,
             tsc_khz: host.tsc_khz,
             verbose_console,
@@ -200,6 +347,74 @@ impl Scheduler {
             .host
             .get_or_init(|| decide_host(&self.inner.config, assets))
             .await
+    }
+}
+
+/// L1 memory snapshots.
+impl Scheduler {
+    /// Saves a memory snapshot (warm template) for every language at the default memory size,
+    /// unless a valid one exists, so that the first runs restore instead of booting. Returns
+    /// the languages whose template is ready; none when L1 is off.
+    pub async fn prefetch_snapshots(&self) -> Result<Vec<Language>, Error> {
+        let assets = self.inner.assets.ensure(&Language::ALL).await?;
+        let host = self.host(&assets).await;
+        let mut ready = Vec::new();
+        for language in Language::ALL {
+            let spec = self.vm_spec(
+                language,
+                self.inner.config.default_memory_mb,
+                &assets,
+                host,
+                false,
+            );
+            let key = self.template_key(language, &spec, &assets);
+            let built = self
+                .inner
+                .templates
+                .ensure(
+                    &self.inner.config.qemu_binary,
+                    &spec,
+                    language,
+                    &key,
+                    boot_deadline(host),
+                )
+                .await;
+            match built {
+                Ok(true) => ready.push(language),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(%language, error = %crate::vm::error_chain(&e), "cannot save a memory snapshot");
+                }
+            }
+        }
+        Ok(ready)
+    }
+
+    /// Waits for memory snapshots being saved in the background. A short-lived process calls
+    /// this before exiting (after printing its results), or the template VM dies with it.
+    pub async fn wait_for_snapshots(&self) {
+        self.inner.templates.wait().await;
+    }
+
+    /// Whether memory snapshots are being saved in the background.
+    pub fn snapshots_pending(&self) -> bool {
+        self.inner.templates.pending()
+    }
+
+    fn template_key(&self, language: Language, spec: &VmSpec, assets: &GuestAssets) -> String {
+        self.inner.templates.key(
+            &self.inner.config.qemu_binary,
+            language,
+            spec,
+            &assets.version,
+        )
+    }
+}
+
+fn boot_deadline(host: &HostVerdict) -> Duration {
+    match host.choice.accelerator {
+        accel::Accelerator::Kvm => limits::BOOT_DEADLINE_KVM,
+        accel::Accelerator::Tcg => limits::BOOT_DEADLINE_TCG,
     }
 }
 
@@ -267,6 +482,64 @@ async fn probe_kvm(config: &SchedulerConfig, assets: &GuestAssets) -> Result<Dur
             log_tail.lines().last().unwrap_or("")
         )),
         Err(other) => Err(other.to_string()),
+    }
+}
+
+/// vCPUs of every run's VM.
+const VM_VCPUS: u32 = 1;
+
+/// Numbers VM names.
+static VM_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl pool::WarmBooter<Vm> for Scheduler {
+    async fn boot_warm(&self, language: Language) -> Result<Option<PooledVm>, Error> {
+        let assets = self.inner.assets.ensure(&[language]).await?;
+        let host = self.host(&assets).await;
+        let memory_mb = self.inner.config.default_memory_mb;
+        let Some(permit) =
+            self.inner
+                .admission
+                .try_admit(Cost::vm(memory_mb, VM_VCPUS, host.choice.accelerator))
+        else {
+            return Ok(None);
+        };
+        let spec = self.vm_spec(language, memory_mb, &assets, host, false);
+        let deadline = match host.choice.accelerator {
+            accel::Accelerator::Kvm => limits::BOOT_DEADLINE_KVM,
+            accel::Accelerator::Tcg => limits::BOOT_DEADLINE_TCG,
+        };
+        let started = Instant::now();
+        let qemu = &self.inner.config.qemu_binary;
+        // An L1 clone where a template exists: its interpreter is warm already, it is ready in
+        // tens of milliseconds, and idle it shares the template's pages.
+        let template_key = self
+            .inner
+            .templates
+            .enabled()
+            .then(|| self.template_key(language, &spec, &assets));
+        if let Some(key) = &template_key
+            && let Some(vm) = self.inner.templates.restore(qemu, &spec, key).await
+        {
+            tracing::debug!(vm = %vm.name(), %language, total_ms = elapsed_ms(started), "warm VM restored");
+            return Ok(Some(PooledVm { vm, permit }));
+        }
+        let vm = Vm::boot(qemu, &spec, deadline, None)
+            .await
+            .map_err(Error::Boot)?;
+        let warm_ms = pool::warm_up(&vm, language, deadline).await?;
+        tracing::debug!(vm = %vm.name(), %language, warm_ms, total_ms = elapsed_ms(started), "warm VM ready");
+        if let Some(key) = template_key {
+            // Later refills restore instead of booting.
+            let template_spec = self.vm_spec(language, memory_mb, &assets, host, false);
+            self.inner.templates.build_in_background(
+                qemu.clone(),
+                template_spec,
+                language,
+                key,
+                deadline,
+            );
+        }
+        Ok(Some(PooledVm { vm, permit }))
     }
 }
 

@@ -44,6 +44,70 @@ pub(crate) fn move_fd_for_exec(fd: RawFd, target: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// Moves each `(fd, target)` pair into place in the calling process, leaving the targets open
+/// across exec. Sources are first copied above every target so that placing one cannot
+/// clobber another that is still to be moved.
+///
+/// Meant for `pre_exec`: it only calls async-signal-safe functions and allocates nothing.
+pub(crate) fn move_fds_for_exec(moves: &[(RawFd, RawFd)]) -> io::Result<()> {
+    const MAX: usize = 8;
+    if moves.len() > MAX {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    let above = moves.iter().map(|&(_, t)| t).max().unwrap_or(0) + 1;
+    let mut copies = [-1; MAX];
+    for (i, &(fd, _)) in moves.iter().enumerate() {
+        // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller keeps open; no memory is passed.
+        let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, above) };
+        if copy < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        copies[i] = copy;
+    }
+    for (i, &(_, target)) in moves.iter().enumerate() {
+        move_fd_for_exec(copies[i], target)?;
+    }
+    Ok(())
+}
+
+/// Sends `bytes` on the connected unix socket `socket` with `fd` attached (`SCM_RIGHTS`).
+/// Returns the number of bytes sent; `WouldBlock` when the socket is non-blocking and full.
+pub(crate) fn send_with_fd(socket: RawFd, bytes: &[u8], fd: RawFd) -> io::Result<usize> {
+    // SAFETY: CMSG_SPACE is a pure computation on a constant.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    let mut control = [0u64; 8];
+    if space > std::mem::size_of_val(&control) {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid (empty) value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: msg_control points at `control`, which is large enough for one header holding
+    // one descriptor (checked above) and suitably aligned (u64); CMSG_FIRSTHDR/CMSG_DATA only
+    // compute addresses inside it.
+    unsafe {
+        let header = libc::CMSG_FIRSTHDR(&msg);
+        (*header).cmsg_level = libc::SOL_SOCKET;
+        (*header).cmsg_type = libc::SCM_RIGHTS;
+        (*header).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(header).cast::<RawFd>(), fd);
+    }
+    // SAFETY: `msg` and everything it points to (iov over `bytes`, `control`) outlive the call;
+    // the kernel only reads them.
+    let sent = unsafe { libc::sendmsg(socket, &msg, libc::MSG_NOSIGNAL) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(sent as usize)
+}
+
 /// Reads the CPU's time-stamp counter.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn read_tsc() -> u64 {

@@ -190,6 +190,14 @@ mod tests {
         );
         roundtrip(3, Event::Stdout((0..=255).collect()));
         roundtrip(
+            5,
+            Request::Reseed {
+                entropy: vec![7; 64],
+                unix_time_ns: 1_795_868_258_391_125_000,
+            },
+        );
+        roundtrip(6, Event::Reseeded { interpreters: 2 });
+        roundtrip(
             4,
             Event::ExecDone(ExecOutcome {
                 exit_code: -1,

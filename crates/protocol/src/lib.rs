@@ -36,5 +36,5 @@ pub use codec::{
 };
 pub use message::{
     AgentHello, CONTROL_PORT_NAME, EVENT_ID_UNSOLICITED, Event, ExecOutcome, ExecRequest,
-    GuestError, GuestErrorKind, Language, Request,
+    GuestError, GuestErrorKind, Language, MAX_RESEED_ENTROPY, Request,
 };

@@ -83,7 +83,20 @@ pub enum Request {
     Exec(ExecRequest),
     /// Power the VM off.
     Shutdown,
+    /// This VM was just restored from a memory snapshot shared with other clones: mix
+    /// `entropy` into the kernel's pool and reseed its CRNG, set the real-time clock to
+    /// `unix_time_ns`, and reseed the running interpreters' pseudo-random generators.
+    /// Answered by [`Event::Reseeded`] once all of that is done, or [`Event::Error`].
+    Reseed {
+        /// Fresh random bytes from the host (at most [`MAX_RESEED_ENTROPY`] are used).
+        entropy: Vec<u8>,
+        /// The host's wall clock, in nanoseconds since the Unix epoch.
+        unix_time_ns: u64,
+    },
 }
+
+/// Most entropy bytes the agent uses from one [`Request::Reseed`].
+pub const MAX_RESEED_ENTROPY: usize = 512;
 
 /// Sent once by the agent when its control port opens, with id [`EVENT_ID_UNSOLICITED`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,4 +168,10 @@ pub enum Event {
     ExecDone(ExecOutcome),
     /// The request failed.
     Error(GuestError),
+    /// Answer to [`Request::Reseed`]: the CRNG is reseeded, the clock set, the interpreters'
+    /// generators reseeded.
+    Reseeded {
+        /// Interpreters whose generator was reseeded.
+        interpreters: u32,
+    },
 }

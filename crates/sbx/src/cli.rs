@@ -20,6 +20,9 @@ pub enum Command {
     Run(RunArgs),
     /// Build or verify every guest asset and decide the accelerator, so later runs start at once.
     Prefetch(PrefetchArgs),
+    /// Measure run latency per language (cold, L1-restored, warm pool) against the host's own
+    /// `python3 -c pass`, throughput, and idle VM memory. Prints numbers; never fails on speed.
+    Bench(BenchArgs),
 }
 
 const RUN_AFTER_HELP: &str = "\
@@ -109,6 +112,44 @@ pub struct PrefetchArgs {
     /// Show debug logs on stderr.
     #[arg(long)]
     pub debug: bool,
+
+    /// Also save a memory snapshot (warm template) per language, so that the first runs
+    /// restore instead of booting.
+    #[arg(long)]
+    pub snapshots: bool,
+}
+
+/// Flags of `sbx bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Runs per measurement (p50/p95 are taken over them).
+    #[arg(short = 'n', long, value_name = "N", default_value_t = 10, value_parser = parse_runs)]
+    pub runs: usize,
+
+    /// Only these languages (repeatable; default: all three).
+    #[arg(short, long, value_name = "LANG", value_parser = parse_language)]
+    pub language: Vec<Language>,
+
+    /// Print the report as one JSON object on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// No progress on stderr.
+    #[arg(short, long, conflicts_with = "debug")]
+    pub quiet: bool,
+
+    /// Show debug logs on stderr.
+    #[arg(long)]
+    pub debug: bool,
+}
+
+fn parse_runs(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (1..=1000).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "`{text}` is not a number of runs between 1 and 1000"
+        )),
+    }
 }
 
 /// One thing to run, as the user wrote it.
@@ -351,7 +392,7 @@ mod tests {
     #[test]
     fn prefetch_and_version() {
         match parse(&["prefetch", "-q"]).unwrap().command {
-            Command::Prefetch(p) => assert!(p.quiet && !p.debug),
+            Command::Prefetch(p) => assert!(p.quiet && !p.debug && !p.snapshots),
             other => panic!("{other:?}"),
         }
         let e = parse(&["--version"]).unwrap_err();

@@ -4,6 +4,7 @@
 //! write to the terminal goes through `term` (so no `print!` and no `process::exit`: `main`
 //! returns the status).
 
+mod bench;
 mod cli;
 mod interrupt;
 mod output;
@@ -35,6 +36,7 @@ fn main() -> ExitCode {
     progress::init(match &cli.command {
         Command::Run(a) => Verbosity::from_flags(a.quiet, a.debug),
         Command::Prefetch(a) => Verbosity::from_flags(a.quiet, a.debug),
+        Command::Bench(a) => Verbosity::from_flags(a.quiet, a.debug),
     });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run::run(args).await,
             Command::Prefetch(args) => prefetch::prefetch(args).await,
+            Command::Bench(args) => bench::bench(args).await,
         }
     });
     runtime.shutdown_timeout(SHUTDOWN_GRACE);

@@ -45,7 +45,52 @@ pub async fn prefetch(args: PrefetchArgs) -> u8 {
                     choice.accelerator, choice.reason
                 ));
             }
+            if args.snapshots {
+                return prefetch_snapshots(&args, &scheduler).await;
+            }
             status::SUCCESS
+        }
+        Err(e) => {
+            output::print_sandbox_error(None, &e);
+            status::of_error(&e)
+        }
+    }
+}
+
+/// Saves a memory snapshot per language (`--snapshots`).
+async fn prefetch_snapshots(args: &PrefetchArgs, scheduler: &Scheduler) -> u8 {
+    if !scheduler.config().l1_snapshots {
+        term::stderr_line(&format!(
+            "memory snapshots are switched off ({}=0): nothing to save",
+            exec_sandbox::EnvVars::L1_SNAPSHOTS
+        ));
+        return status::SUCCESS;
+    }
+    if !args.quiet {
+        term::step(&format!(
+            "saving memory snapshots in {}",
+            scheduler.config().snapshot_cache_dir.display()
+        ));
+    }
+    let outcome = tokio::select! {
+        outcome = scheduler.prefetch_snapshots() => outcome,
+        code = interrupt::wait() => {
+            term::finish();
+            return code;
+        }
+    };
+    match outcome {
+        Ok(ready) => {
+            if !args.quiet {
+                let names: Vec<_> = ready.iter().map(|l| l.as_str()).collect();
+                term::stderr_line(&format!("memory snapshots ready: {}", names.join(", ")));
+            }
+            if ready.len() == Language::ALL.len() {
+                status::SUCCESS
+            } else {
+                term::stderr_line("some memory snapshots could not be saved (see the log above)");
+                status::SANDBOX_ERROR
+            }
         }
         Err(e) => {
             output::print_sandbox_error(None, &e);

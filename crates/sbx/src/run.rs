@@ -74,6 +74,16 @@ pub async fn run(args: RunArgs) -> u8 {
         term::finish();
         return code;
     }
+    // A memory snapshot being saved after a cold boot would die with this process, and the
+    // next `sbx run` could not restore it. Results are printed already; Ctrl-C skips the wait.
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    if runner.scheduler.snapshots_pending() && !args.quiet && term::is_live() {
+        term::step("saving a memory snapshot so that the next runs start faster");
+    }
+    tokio::select! {
+        () = runner.scheduler.wait_for_snapshots() => {}
+        _ = interrupt::wait() => {}
+    }
     status::combine(runner.statuses)
 }
 
@@ -97,6 +107,8 @@ fn prepare(args: &RunArgs) -> Result<Prepared, UsageError> {
     if std::env::var_os(EnvVars::MAX_CONCURRENT_VMS).is_none() {
         config.max_concurrent_vms = args.concurrency;
     }
+    // One-shot: warm VMs would boot alongside the runs and be thrown away at exit.
+    config.warm_pool_size = 0;
     let scheduler =
         Scheduler::new(config).map_err(|e| UsageError::new("invalid configuration").cause(e))?;
 

@@ -133,6 +133,11 @@ pub fn step(text: &str) {
     }
 }
 
+/// Whether stderr is a terminal that shows live progress lines.
+pub fn is_live() -> bool {
+    term().live_lines
+}
+
 /// Completes the live line, if any, so that the next output starts on a fresh line.
 pub fn finish() {
     settle(&mut lock());

@@ -24,6 +24,7 @@ mod outbox;
 mod port;
 mod procscan;
 mod reaper;
+mod reseed;
 mod server;
 mod streams;
 mod sys;

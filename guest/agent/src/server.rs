@@ -8,11 +8,12 @@ use sbx_protocol::{
     AgentHello, DecodeError, EVENT_ID_UNSOLICITED, Event, GuestErrorKind, Language,
     PROTOCOL_VERSION, Request,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::context::Context;
 use crate::log;
 use crate::outbox::Outbox;
+use crate::reseed;
 use crate::sys;
 use crate::worker::{self, Job};
 
@@ -75,12 +76,55 @@ pub async fn serve(ctx: Arc<Context>, mut inbound: mpsc::Receiver<Inbound>, out:
                     )
                     .await;
                 }
+                Request::Reseed {
+                    entropy,
+                    unix_time_ns,
+                } => reseed(&ctx, &out, &workers, id, &entropy, unix_time_ns).await,
                 Request::Shutdown => return Stop::Shutdown,
             },
             Inbound::Desync(e) => return Stop::Desync(e),
             Inbound::Closed => return Stop::Closed,
         }
     }
+}
+
+/// Reseeds the kernel at once, then each running interpreter through its worker (after the jobs
+/// already queued there), and answers when all are done.
+async fn reseed(
+    ctx: &Arc<Context>,
+    out: &Outbox,
+    workers: &HashMap<Language, mpsc::UnboundedSender<Job>>,
+    id: u32,
+    entropy: &[u8],
+    unix_time_ns: u64,
+) {
+    if let Err(e) = reseed::kernel(ctx.config.mode, entropy, unix_time_ns) {
+        let mut message = e.to_string();
+        if let Some(cause) = std::error::Error::source(&e) {
+            message.push_str(&format!(": {cause}"));
+        }
+        log::error(format_args!("{message}"));
+        let _ = out.error(id, GuestErrorKind::Internal, message).await;
+        return;
+    }
+    let mut answers = Vec::new();
+    for queue in workers.values() {
+        let (done, answer) = oneshot::channel();
+        if queue.send(Job::Reseed { id, done }).is_ok() {
+            answers.push(answer);
+        }
+    }
+    let out = out.clone();
+    tokio::spawn(async move {
+        let mut interpreters = 0;
+        for answer in answers {
+            // A worker that went away dropped its interpreter with it: nothing to reseed.
+            if answer.await.unwrap_or(false) {
+                interpreters += 1;
+            }
+        }
+        let _ = out.send(id, &Event::Reseeded { interpreters }).await;
+    });
 }
 
 async fn submit(

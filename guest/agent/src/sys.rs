@@ -26,6 +26,27 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+/// `RNDRESEEDCRNG` from `<linux/random.h>`: `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Forces the kernel to reseed its CRNG from the input pool now (needs `CAP_SYS_ADMIN`).
+pub fn reseed_crng(urandom: &std::fs::File) -> io::Result<()> {
+    // SAFETY: RNDRESEEDCRNG takes no argument and touches no user memory; the descriptor is
+    // kept open by `urandom` for the duration of the call.
+    check(unsafe { libc::ioctl(urandom.as_raw_fd(), RNDRESEEDCRNG as _) }).map(drop)
+}
+
+/// Sets `CLOCK_REALTIME` to `unix_time_ns` (needs `CAP_SYS_TIME`).
+pub fn set_realtime(unix_time_ns: u64) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(unix_time_ns / 1_000_000_000)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+        tv_nsec: (unix_time_ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: clock_settime reads the timespec we pass by reference and keeps no pointer.
+    check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) }).map(drop)
+}
+
 /// This process's id.
 pub fn getpid() -> i32 {
     // SAFETY: getpid has no preconditions and cannot fail.

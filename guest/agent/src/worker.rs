@@ -5,13 +5,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use sbx_protocol::{Event, ExecRequest, GuestErrorKind, Language};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::context::Context;
 use crate::driver;
 use crate::interpreter::{Interpreter, StartError};
 use crate::log;
 use crate::outbox::Outbox;
+use crate::reseed;
+
+/// Time an interpreter gets to reseed its generator.
+const RESEED_TIMEOUT_MS: u64 = 5_000;
 
 /// Work for a language's interpreter.
 #[derive(Debug)]
@@ -28,13 +32,21 @@ pub enum Job {
         /// The request.
         request: ExecRequest,
     },
+    /// Reseed the running interpreter's generator (after a snapshot restore); answers whether
+    /// an interpreter was reseeded. Never sends events itself.
+    Reseed {
+        /// Request id.
+        id: u32,
+        /// Where the answer goes.
+        done: oneshot::Sender<bool>,
+    },
 }
 
 impl Job {
     /// The request id this job answers.
     pub fn id(&self) -> u32 {
         match self {
-            Job::Warm { id } | Job::Exec { id, .. } => *id,
+            Job::Warm { id } | Job::Exec { id, .. } | Job::Reseed { id, .. } => *id,
         }
     }
 }
@@ -65,6 +77,9 @@ async fn run(
             Job::Exec { id, request } => {
                 let event = exec(&ctx, language, &mut slot, id, &request, &out).await;
                 let _ = out.send(id, &event).await;
+            }
+            Job::Reseed { id, done } => {
+                let _ = done.send(reseed(language, &mut slot, id, &out).await);
             }
         }
     }
@@ -101,6 +116,40 @@ async fn exec(
             Event::ExecDone(ran.outcome)
         }
         Err(e) => internal(format!("cannot run code: {e}")),
+    }
+}
+
+/// Reseeds the running interpreter's generator. An interpreter that cannot be reseeded is
+/// discarded, so the next job starts a fresh one (seeded from the fresh CRNG) rather than
+/// sharing a generator state with other clones.
+async fn reseed(language: Language, slot: &mut Option<Interpreter>, id: u32, out: &Outbox) -> bool {
+    let Some(interpreter) = slot.as_mut() else {
+        return false;
+    };
+    if !interpreter.is_alive() {
+        return false;
+    }
+    let Some(code) = reseed::interpreter_code(language) else {
+        return false;
+    };
+    let request = ExecRequest {
+        language,
+        code: code.to_string(),
+        timeout_ms: RESEED_TIMEOUT_MS,
+        env: Vec::new(),
+        // Nothing of this internal command reaches the host.
+        stdout_limit: 0,
+        stderr_limit: 0,
+    };
+    match interpreter.run(id, &request, out).await {
+        Ok(ran) if ran.alive && ran.outcome.exit_code == 0 => true,
+        outcome => {
+            log::warn(format_args!(
+                "{language} interpreter could not reseed its generator ({outcome:?}); discarding it"
+            ));
+            *slot = None;
+            false
+        }
     }
 }
 

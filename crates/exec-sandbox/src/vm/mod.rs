@@ -8,6 +8,8 @@ pub mod channel;
 pub mod host;
 pub mod process;
 pub mod qemu;
+pub mod qmp;
+pub mod snapshot;
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
@@ -15,12 +17,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sbx_protocol::AgentHello;
+use sbx_protocol::{AgentHello, Event, Request};
+use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Child;
 
 pub use self::channel::{Channel, ChannelError};
-use self::qemu::VmSpec;
+use self::qemu::{INCOMING_FD, Launch, QMP_SOCKET_FD, RAM_FD, RamFile, VmSpec};
+use self::qmp::{Qmp, QmpError};
 use crate::error::ErrorKind;
 use crate::limits;
 
@@ -85,6 +89,23 @@ pub enum VmError {
         /// Cause.
         #[source]
         source: ChannelError,
+    },
+    /// Talking to QEMU's monitor failed (saving or restoring a memory snapshot).
+    #[error("QEMU monitor of VM {name} failed")]
+    Qmp {
+        /// VM name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: QmpError,
+    },
+    /// Saving or restoring a memory snapshot failed.
+    #[error("memory snapshot of VM {name}: {reason}")]
+    Snapshot {
+        /// VM name.
+        name: String,
+        /// What went wrong.
+        reason: String,
     },
 }
 
@@ -153,7 +174,86 @@ pub struct Vm {
     channel: Channel,
     log: LogTail,
     hello: AgentHello,
+    /// QEMU's monitor, for templates and clones.
+    qmp: Option<Qmp>,
     _dir: tempfile::TempDir,
+}
+
+/// Deadline of each monitor exchange of a template save.
+const QMP_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A QEMU process just started, before its guest is known to be ready.
+struct Started {
+    child: Child,
+    channel: Channel,
+    log: LogTail,
+    qmp: Option<tokio::net::UnixStream>,
+    dir: tempfile::TempDir,
+}
+
+/// Binds a listening socket at `path` and connects to it. The connection waits in the
+/// listener's backlog until QEMU accepts it, so there is no window in which the socket exists
+/// without a listener and no polling for the path.
+fn listen_and_connect(path: &Path) -> Result<(OwnedFd, tokio::net::UnixStream), VmError> {
+    let prepare = |source| VmError::Prepare {
+        path: path.to_path_buf(),
+        source,
+    };
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(prepare)?;
+    let stream = std::os::unix::net::UnixStream::connect(path)
+        .and_then(|s| {
+            s.set_nonblocking(true)?;
+            tokio::net::UnixStream::from_std(s)
+        })
+        .map_err(prepare)?;
+    Ok((OwnedFd::from(listener), stream))
+}
+
+/// Starts QEMU for `spec` and `launch`, with the control socket (and QMP socket) pre-bound and
+/// connected, and `extra_fds` inherited.
+async fn start(
+    qemu: &Path,
+    spec: &VmSpec,
+    launch: &Launch,
+    extra_fds: Vec<(OwnedFd, i32)>,
+    on_console: Option<OutputCallback>,
+) -> Result<Started, VmError> {
+    let dir = tempfile::Builder::new()
+        .prefix("sbx-vm-")
+        .tempdir()
+        .map_err(|source| VmError::Prepare {
+            path: std::env::temp_dir(),
+            source,
+        })?;
+    let (control_listener, stream) = listen_and_connect(&dir.path().join("control.sock"))?;
+    let mut fds = vec![(control_listener, qemu::CONTROL_SOCKET_FD)];
+    let mut qmp = None;
+    if launch.qmp {
+        let (listener, stream) = listen_and_connect(&dir.path().join("qmp.sock"))?;
+        fds.push((listener, QMP_SOCKET_FD));
+        qmp = Some(stream);
+    }
+    fds.extend(extra_fds);
+    let mut child = process::spawn_qemu_with_fds(qemu.to_path_buf(), spec.args_for(launch), fds)
+        .await
+        .map_err(|source| VmError::Spawn {
+            qemu: qemu.to_path_buf(),
+            source,
+        })?;
+    let log = LogTail::default();
+    if let Some(stdout) = child.stdout.take() {
+        tokio::spawn(forward(stdout, log.clone(), on_console));
+    }
+    if let Some(stderr) = child.stderr.take() {
+        tokio::spawn(forward(stderr, log.clone(), None));
+    }
+    Ok(Started {
+        child,
+        channel: Channel::new(stream),
+        log,
+        qmp,
+        dir,
+    })
 }
 
 impl Vm {
@@ -165,47 +265,53 @@ impl Vm {
         deadline: Duration,
         on_console: Option<OutputCallback>,
     ) -> Result<Vm, VmError> {
-        let name = spec.name.clone();
-        let dir = tempfile::Builder::new()
-            .prefix("sbx-vm-")
-            .tempdir()
-            .map_err(|source| VmError::Prepare {
-                path: std::env::temp_dir(),
-                source,
-            })?;
-        let socket_path = dir.path().join("control.sock");
-        let listener = std::os::unix::net::UnixListener::bind(&socket_path).map_err(|source| {
-            VmError::Prepare {
-                path: socket_path.clone(),
-                source,
-            }
-        })?;
-        // Connect before QEMU starts: the connection waits in the listener's backlog and QEMU
-        // accepts it, so there is no window in which the socket exists without a listener.
-        let stream = std::os::unix::net::UnixStream::connect(&socket_path)
-            .and_then(|s| {
-                s.set_nonblocking(true)?;
-                tokio::net::UnixStream::from_std(s)
-            })
-            .map_err(|source| VmError::Prepare {
-                path: socket_path.clone(),
-                source,
-            })?;
-        let mut child =
-            process::spawn_qemu(qemu.to_path_buf(), spec.args(), OwnedFd::from(listener))
+        let (vm, _) = Self::boot_with(qemu, spec, &Launch::default(), deadline, on_console).await?;
+        Ok(vm)
+    }
+
+    /// Boots a template: guest RAM in `ram` (shared, so it holds the guest's memory when saved)
+    /// and a QMP monitor, for [`Vm::save_template`].
+    pub async fn boot_template(
+        qemu: &Path,
+        spec: &VmSpec,
+        ram: &Path,
+        deadline: Duration,
+    ) -> Result<Vm, VmError> {
+        let launch = Launch {
+            ram_file: Some(RamFile {
+                path: ram.to_path_buf(),
+                shared: true,
+            }),
+            qmp: true,
+            incoming: false,
+        };
+        let (mut vm, qmp) = Self::boot_with(qemu, spec, &launch, deadline, None).await?;
+        let name = vm.name.clone();
+        if let Some(stream) = qmp {
+            let qmp = Qmp::handshake(stream, tokio::time::Instant::now() + QMP_DEADLINE)
                 .await
-                .map_err(|source| VmError::Spawn {
-                    qemu: qemu.to_path_buf(),
-                    source,
-                })?;
-        let log = LogTail::default();
-        if let Some(stdout) = child.stdout.take() {
-            tokio::spawn(forward(stdout, log.clone(), on_console));
+                .map_err(|source| VmError::Qmp { name, source })?;
+            vm.qmp = Some(qmp);
         }
-        if let Some(stderr) = child.stderr.take() {
-            tokio::spawn(forward(stderr, log.clone(), None));
-        }
-        let channel = Channel::new(stream);
+        Ok(vm)
+    }
+
+    /// Boots and waits for the hello; also returns the QMP socket when `launch` asks for one.
+    async fn boot_with(
+        qemu: &Path,
+        spec: &VmSpec,
+        launch: &Launch,
+        deadline: Duration,
+        on_console: Option<OutputCallback>,
+    ) -> Result<(Vm, Option<tokio::net::UnixStream>), VmError> {
+        let name = spec.name.clone();
+        let Started {
+            mut child,
+            channel,
+            log,
+            qmp,
+            dir,
+        } = start(qemu, spec, launch, Vec::new(), on_console).await?;
         let started = Instant::now();
         let exited = |status: std::io::Result<std::process::ExitStatus>, log: &LogTail| {
             VmError::ExitedDuringBoot {
@@ -242,14 +348,243 @@ impl Vm {
             });
         }
         tracing::debug!(vm = %name, elapsed_ms = started.elapsed().as_millis() as u64, agent = %hello.agent_version, "agent ready");
-        Ok(Vm {
+        let vm = Vm {
             name,
             child,
             channel,
             log,
             hello,
+            qmp: None,
             _dir: dir,
-        })
+        };
+        Ok((vm, qmp))
+    }
+
+    /// Starts a clone of a template: its RAM file mapped copy-on-write (`share=off`, the file
+    /// is never modified), its device state read from `vmstate`, then the guest resumed and
+    /// told it is a clone (fresh entropy, clock, interpreter generators) before it is handed
+    /// out. `ram` is the template's RAM file and `vmstate` its device state, both open (the
+    /// caller checked them). `hello` is what the template's agent said.
+    pub async fn restore(
+        qemu: &Path,
+        spec: &VmSpec,
+        ram: std::fs::File,
+        vmstate: std::fs::File,
+        hello: AgentHello,
+        deadline: Duration,
+    ) -> Result<Vm, VmError> {
+        let name = spec.name.clone();
+        let launch = Launch {
+            ram_file: Some(RamFile {
+                // The open file, not a path: nothing can swap it between check and use.
+                path: format!("/proc/self/fd/{RAM_FD}").into(),
+                shared: false,
+            }),
+            qmp: true,
+            incoming: true,
+        };
+        let started_at = Instant::now();
+        let Started {
+            mut child,
+            channel,
+            log,
+            qmp,
+            dir,
+        } = start(
+            qemu,
+            spec,
+            &launch,
+            vec![
+                (OwnedFd::from(vmstate), INCOMING_FD),
+                (OwnedFd::from(ram), RAM_FD),
+            ],
+            None,
+        )
+        .await?;
+        let Some(qmp) = qmp else {
+            unreachable!("a clone is always started with a QMP socket");
+        };
+        let until = tokio::time::Instant::now() + deadline;
+        tracing::debug!(vm = %name, elapsed_ms = started_at.elapsed().as_millis() as u64, "QEMU started");
+        let resume = async {
+            let qmp_error = |source| VmError::Qmp {
+                name: name.clone(),
+                source,
+            };
+            let mut qmp = Qmp::handshake(qmp, until).await.map_err(qmp_error)?;
+            // The template's RAM is the file itself: only device state is in the stream.
+            let capabilities = json!({"capabilities": [
+                {"capability": "x-ignore-shared", "state": true},
+                {"capability": "events", "state": true},
+            ]});
+            qmp.execute("migrate-set-capabilities", Some(capabilities), until)
+                .await
+                .map_err(qmp_error)?;
+            qmp.execute(
+                "migrate-incoming",
+                Some(json!({"uri": format!("fd:{INCOMING_FD}")})),
+                until,
+            )
+            .await
+            .map_err(qmp_error)?;
+            let done = qmp
+                .wait_event(
+                    "MIGRATION",
+                    |data| matches!(data["status"].as_str(), Some("completed" | "failed")),
+                    until,
+                )
+                .await
+                .map_err(qmp_error)?;
+            if done["status"] != "completed" {
+                return Err(VmError::Snapshot {
+                    name: name.clone(),
+                    reason: "QEMU could not load the saved device state".into(),
+                });
+            }
+            tracing::debug!(vm = %name, elapsed_ms = started_at.elapsed().as_millis() as u64, "device state loaded");
+            // The template was saved paused, so the clone stays paused until told.
+            qmp.execute("cont", None, until).await.map_err(qmp_error)?;
+            Ok(qmp)
+        };
+        let qmp = tokio::select! {
+            qmp = resume => qmp,
+            status = child.wait() => {
+                settle_logs().await;
+                Err(VmError::ExitedDuringBoot {
+                    name: name.clone(),
+                    status: status.map_or_else(|e| e.to_string(), |s| s.to_string()),
+                    log_tail: log.text(),
+                })
+            }
+        }?;
+        let vm = Vm {
+            name,
+            child,
+            channel,
+            log,
+            hello,
+            qmp: Some(qmp),
+            _dir: dir,
+        };
+        let remaining = deadline.saturating_sub(started_at.elapsed());
+        vm.reseed(remaining).await?;
+        tracing::debug!(vm = %vm.name, elapsed_ms = started_at.elapsed().as_millis() as u64, "restored from a memory snapshot");
+        Ok(vm)
+    }
+
+    /// Tells a restored guest it is a clone: host entropy for its CRNG, the current time, and
+    /// fresh seeds for running interpreters. Also the first request after `cont`, so it pays
+    /// the empty translation cache rather than the user's code.
+    async fn reseed(&self, deadline: Duration) -> Result<(), VmError> {
+        let channel_error = |source| VmError::Channel {
+            name: self.name.clone(),
+            source,
+        };
+        let mut entropy = vec![0u8; 64];
+        std::io::Read::read_exact(
+            &mut std::fs::File::open("/dev/urandom").map_err(|source| VmError::Prepare {
+                path: "/dev/urandom".into(),
+                source,
+            })?,
+            &mut entropy,
+        )
+        .map_err(|source| VmError::Prepare {
+            path: "/dev/urandom".into(),
+            source,
+        })?;
+        let unix_time_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let mut answers = self
+            .channel
+            .request(&Request::Reseed {
+                entropy,
+                unix_time_ns,
+            })
+            .await
+            .map_err(channel_error)?;
+        match tokio::time::timeout(deadline, answers.recv()).await {
+            Ok(Some(Event::Reseeded { .. })) => Ok(()),
+            Ok(Some(Event::Error(e))) => Err(VmError::Snapshot {
+                name: self.name.clone(),
+                reason: format!("the guest could not reseed: {}", e.message),
+            }),
+            Ok(Some(other)) => Err(VmError::Snapshot {
+                name: self.name.clone(),
+                reason: format!("unexpected answer to reseed: {other:?}"),
+            }),
+            Ok(None) => Err(channel_error(ChannelError::Closed)),
+            Err(_) => Err(VmError::Snapshot {
+                name: self.name.clone(),
+                reason: format!("no answer to reseed within {} ms", deadline.as_millis()),
+            }),
+        }
+    }
+
+    /// Saves a template booted with [`Vm::boot_template`]: pauses the guest for good, writes
+    /// its device state to `vmstate` (the RAM is already in the template's RAM file) and ends
+    /// QEMU. The VM is consumed: a saved template is never resumed.
+    pub async fn save_template(mut self, vmstate: &std::fs::File) -> Result<(), VmError> {
+        use std::os::fd::AsFd;
+        let name = self.name.clone();
+        let qmp_error = |source| VmError::Qmp {
+            name: name.clone(),
+            source,
+        };
+        let Some(mut qmp) = self.qmp.take() else {
+            return Err(VmError::Snapshot {
+                name,
+                reason: "not booted as a template".into(),
+            });
+        };
+        let until = tokio::time::Instant::now() + QMP_DEADLINE;
+        let capabilities =
+            json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]});
+        qmp.execute("migrate-set-capabilities", Some(capabilities), until)
+            .await
+            .map_err(qmp_error)?;
+        qmp.execute("stop", None, until).await.map_err(qmp_error)?;
+        // QEMU's own sandbox forbids `exec:` URIs (spawn=deny) and 7.2 has no `file:`: the
+        // open file travels over the monitor socket and `fd:` names it.
+        qmp.execute_with_fd(
+            "getfd",
+            Some(json!({"fdname": "vmstate"})),
+            vmstate.as_fd(),
+            until,
+        )
+        .await
+        .map_err(qmp_error)?;
+        qmp.execute("migrate", Some(json!({"uri": "fd:vmstate"})), until)
+            .await
+            .map_err(qmp_error)?;
+        loop {
+            let info = qmp
+                .execute("query-migrate", None, until)
+                .await
+                .map_err(qmp_error)?;
+            match info["status"].as_str() {
+                Some("completed") => break,
+                Some("failed" | "cancelled") => {
+                    return Err(VmError::Snapshot {
+                        name,
+                        reason: format!(
+                            "QEMU could not save the device state: {}",
+                            info["error-desc"].as_str().unwrap_or("no reason given")
+                        ),
+                    });
+                }
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+        // `quit` may close the socket before answering.
+        let _ = qmp.execute("quit", None, until).await;
+        if tokio::time::timeout(QMP_DEADLINE, self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.start_kill();
+        }
+        Ok(())
     }
 
     /// The VM's name.
@@ -284,6 +619,18 @@ impl Vm {
         }
         stats
     }
+}
+
+/// An error and its sources on one line, for logs.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Gives the log readers a moment to catch a dead QEMU's last output.

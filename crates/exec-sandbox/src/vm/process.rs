@@ -38,12 +38,30 @@ pub async fn spawn_qemu(
     args: Vec<std::ffi::OsString>,
     control_listener: OwnedFd,
 ) -> std::io::Result<Child> {
+    spawn_qemu_with_fds(program, args, vec![(control_listener, CONTROL_SOCKET_FD)]).await
+}
+
+/// Like [`spawn_qemu`], with each `(fd, number)` of `fds` inherited at that number (at most 8).
+pub async fn spawn_qemu_with_fds(
+    program: std::path::PathBuf,
+    args: Vec<std::ffi::OsString>,
+    fds: Vec<(OwnedFd, i32)>,
+) -> std::io::Result<Child> {
+    if fds.len() > 8 {
+        return Err(std::io::Error::other(
+            "at most 8 descriptors can be passed to QEMU",
+        ));
+    }
     let runtime = tokio::runtime::Handle::current();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let job: Job = Box::new(move || {
         let _guard = runtime.enter();
         let parent = std::process::id() as i32;
-        let listener_fd = control_listener.as_raw_fd();
+        let mut moves = [(-1, -1); 8];
+        let count = fds.len().min(moves.len());
+        for (slot, (fd, target)) in moves.iter_mut().zip(&fds) {
+            *slot = (fd.as_raw_fd(), *target);
+        }
         let mut cmd = Command::new(program);
         cmd.args(args)
             .stdin(Stdio::null())
@@ -51,7 +69,7 @@ pub async fn spawn_qemu(
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
-        // functions (prctl, getppid, fcntl, dup2); it allocates nothing.
+        // functions (prctl, getppid, fcntl, dup2); it allocates nothing (`moves` is copied in).
         unsafe {
             cmd.pre_exec(move || {
                 crate::sys::set_parent_death_signal()?;
@@ -59,11 +77,11 @@ pub async fn spawn_qemu(
                 if crate::sys::parent_pid() != parent {
                     return Err(std::io::Error::other("parent exited during spawn"));
                 }
-                crate::sys::move_fd_for_exec(listener_fd, CONTROL_SOCKET_FD)
+                crate::sys::move_fds_for_exec(&moves[..count])
             });
         }
         let result = cmd.spawn();
-        drop(control_listener);
+        drop(fds);
         let _ = tx.send(result);
     });
     spawner()

@@ -8,6 +8,37 @@ use super::accel::Accelerator;
 /// File descriptor number at which QEMU inherits the listening control socket.
 pub const CONTROL_SOCKET_FD: i32 = 3;
 
+/// File descriptor at which QEMU inherits the listening QMP socket (templates and clones).
+pub const QMP_SOCKET_FD: i32 = 4;
+/// File descriptor at which a restored VM inherits its template's device state.
+pub const INCOMING_FD: i32 = 5;
+/// File descriptor at which a restored VM inherits its template's RAM file.
+pub const RAM_FD: i32 = 6;
+/// Id of the file memory backend; a clone's must match its template's.
+const MEMORY_BACKEND_ID: &str = "mem0";
+
+/// Guest RAM kept in a file, for memory snapshots (LAB.md, "Channel and snapshots").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RamFile {
+    /// The file (created by QEMU for a template, its saved RAM for a clone).
+    pub path: PathBuf,
+    /// `share=on` (a template: guest writes reach the file) or `share=off` (a clone: a private
+    /// copy-on-write mapping; the file is never modified).
+    pub shared: bool,
+}
+
+/// How a VM is launched beyond its [`VmSpec`]: the template and clone variants.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Launch {
+    /// Guest RAM in a file instead of anonymous memory.
+    pub ram_file: Option<RamFile>,
+    /// A QMP monitor on the socket inherited at [`QMP_SOCKET_FD`].
+    pub qmp: bool,
+    /// Wait for the device state over QMP (`-incoming defer`) instead of booting; the kernel
+    /// is left out (it is in the restored RAM).
+    pub incoming: bool,
+}
+
 /// Everything that shapes one VM's command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmSpec {
@@ -66,18 +97,43 @@ impl VmSpec {
         parts.join(" ")
     }
 
-    /// QEMU's arguments (without the program name).
+    /// QEMU's arguments (without the program name) for a cold boot.
     pub fn args(&self) -> Vec<OsString> {
+        self.args_for(&Launch::default())
+    }
+
+    /// QEMU's arguments (without the program name) for `launch`.
+    ///
+    /// A clone must get exactly its template's machine options, memory, CPUs, devices and
+    /// device order; only socket paths, the name, `-incoming` and the kernel may differ.
+    pub fn args_for(&self, launch: &Launch) -> Vec<OsString> {
         let mut a: Vec<OsString> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(OsString::from));
         push(&["-name", &self.name]);
-        push(&["-M", "microvm,x-option-roms=off,isa-serial=on,acpi=off"]);
+        let mut machine = String::from("microvm,x-option-roms=off,isa-serial=on,acpi=off");
+        if launch.ram_file.is_some() {
+            machine.push_str(",memory-backend=");
+            machine.push_str(MEMORY_BACKEND_ID);
+        }
+        push(&["-M", &machine]);
         match self.accelerator {
             Accelerator::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
             // tb-size=64 halves QEMU's resident memory with no measurable slowdown (LAB.md).
             Accelerator::Tcg => push(&["-accel", "tcg,tb-size=64", "-cpu", "max"]),
         }
         push(&["-m", &self.memory_mb.to_string()]);
+        if let Some(ram) = &launch.ram_file {
+            // Never `readonly=on`: guest RAM would be read-only and the guest die silently.
+            let mut object = OsString::from(format!(
+                "memory-backend-file,id={MEMORY_BACKEND_ID},size={}M,share={},mem-path=",
+                self.memory_mb,
+                if ram.shared { "on" } else { "off" }
+            ));
+            object.push(escape_option_value(&ram.path));
+            a.push("-object".into());
+            a.push(object);
+        }
+        let mut push = |items: &[&str]| a.extend(items.iter().map(OsString::from));
         push(&["-smp", &self.vcpus.to_string()]);
         push(&[
             "-nodefaults",
@@ -111,12 +167,25 @@ impl VmSpec {
                 sbx_protocol::CONTROL_PORT_NAME
             ),
         ]);
-        a.push("-kernel".into());
-        a.push(self.kernel.clone().into_os_string());
-        a.push("-initrd".into());
-        a.push(self.initramfs.clone().into_os_string());
-        a.push("-append".into());
-        a.push(self.kernel_cmdline().into());
+        if launch.qmp {
+            a.push("-chardev".into());
+            a.push(format!("socket,id=qmp,fd={QMP_SOCKET_FD},server=on,wait=off").into());
+            a.push("-mon".into());
+            a.push("chardev=qmp,mode=control".into());
+        }
+        if launch.incoming {
+            // x-ignore-shared cannot be set on the command line in QEMU 7.2: the stream is
+            // given later over QMP.
+            a.push("-incoming".into());
+            a.push("defer".into());
+        } else {
+            a.push("-kernel".into());
+            a.push(self.kernel.clone().into_os_string());
+            a.push("-initrd".into());
+            a.push(self.initramfs.clone().into_os_string());
+            a.push("-append".into());
+            a.push(self.kernel_cmdline().into());
+        }
         if let Some(rootfs) = &self.rootfs {
             let mut drive = OsString::from("id=root,format=raw,if=none,readonly=on,file=");
             drive.push(escape_option_value(rootfs));
@@ -202,6 +271,52 @@ mod tests {
         );
         assert!(args.contains("virtio-rng-device"));
         assert!(args.contains(&format!("name={}", sbx_protocol::CONTROL_PORT_NAME)));
+    }
+
+    #[test]
+    fn template_and_clone_differ_only_where_qemu_allows() {
+        let s = spec(Accelerator::Tcg);
+        let template = Launch {
+            ram_file: Some(RamFile {
+                path: "/c/t/ram".into(),
+                shared: true,
+            }),
+            qmp: true,
+            incoming: false,
+        };
+        let clone = Launch {
+            ram_file: Some(RamFile {
+                path: "/c/t/ram".into(),
+                shared: false,
+            }),
+            qmp: true,
+            incoming: true,
+        };
+        let t = s
+            .args_for(&template)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let c = s
+            .args_for(&clone)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(t.contains("acpi=off,memory-backend=mem0 "), "{t}");
+        assert!(t.contains("memory-backend-file,id=mem0,size=256M,share=on,mem-path=/c/t/ram"));
+        assert!(c.contains("share=off,mem-path=/c/t/ram"), "{c}");
+        assert!(!t.contains("readonly=on,mem") && !c.contains("-kernel"));
+        assert!(c.contains("-incoming defer") && !t.contains("-incoming"));
+        assert!(c.contains("-mon chardev=qmp,mode=control"));
+        // Everything before the kernel/incoming part is the same except `share`.
+        let cut = |x: &str, at: &str| x[..x.find(at).unwrap()].replace("share=on", "share=off");
+        assert_eq!(cut(&t, "-kernel"), cut(&c, "-incoming"));
+        assert!(
+            !joined(&s).contains("memory-backend"),
+            "cold boots keep anonymous RAM"
+        );
     }
 
     #[test]

@@ -3,5 +3,8 @@
 
 mod assets;
 mod support;
+mod vm_admission;
 mod vm_exec;
 mod vm_limits;
+mod vm_pool;
+mod vm_snapshot;

@@ -58,3 +58,24 @@ impl Recorder {
         self.0.lock().unwrap().first().map(|(t, _)| *t)
     }
 }
+
+/// Polls `condition` every 50 ms until it holds, panicking with `what` after `timeout`.
+pub async fn wait_until(
+    what: &str,
+    timeout: std::time::Duration,
+    mut condition: impl FnMut() -> bool,
+) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// The pid of the live QEMU process started with `-name <name>`, found through /proc.
+pub fn qemu_pid(name: &str) -> Option<u32> {
+    exec_sandbox::vm::host::qemu_pid(name)
+}

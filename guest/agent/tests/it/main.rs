@@ -404,6 +404,35 @@ fn warm_starts_the_interpreter_ahead() {
 }
 
 #[test]
+fn reseed_reseeds_running_interpreters_and_keeps_their_state() {
+    let mut agent = started();
+    let setup = "import random\nrandom.seed(1)\nkept = 7";
+    assert_eq!(agent.exec(PY, setup).outcome.exit_code, 0);
+    assert_eq!(agent.exec(SH, "RANDOM=1").outcome.exit_code, 0);
+    let seeded = agent
+        .exec(PY, "random.seed(1); print(random.random())")
+        .stdout();
+    assert_eq!(agent.exec(PY, "random.seed(1)").outcome.exit_code, 0);
+    let id = agent.send(&Request::Reseed {
+        entropy: vec![0x5a; 64],
+        unix_time_ns: 0,
+    });
+    assert_eq!(
+        agent.next_for(id, EVENT_DEADLINE).event,
+        Event::Reseeded { interpreters: 2 }
+    );
+    let r = agent.exec(PY, "print(random.random()); print(kept)");
+    assert_eq!(r.outcome.exit_code, 0, "stderr: {}", r.stderr());
+    let (value, kept) = r
+        .stdout()
+        .split_once('\n')
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .unwrap();
+    assert_ne!(format!("{value}\n"), seeded, "the generator was reseeded");
+    assert_eq!(kept, "7\n", "user state survives a reseed");
+}
+
+#[test]
 fn invalid_requests_are_refused() {
     let mut agent = started();
     let e = agent.exec_error(Agent::request(PY, "print(1)\0"));

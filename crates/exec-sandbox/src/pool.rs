@@ -1,0 +1,577 @@
+//! The warm pool: VMs booted ahead, interpreter already started, each handed out to one run.
+//!
+//! A background task ([`maintain`]) keeps `size` idle VMs per language, booting one at a time
+//! and only when the admission budget has room with nobody queued (refills never delay runs). Idle
+//! VMs are pinged every [`limits::WARM_POOL_HEALTH_INTERVAL`] and once more right before they
+//! are handed out; a VM whose channel closed or that does not answer is destroyed and replaced,
+//! never handed out. A VM leaves the pool for good: nothing a run leaves behind reaches another.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sbx_protocol::{Event, Language, Request};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::admission::Permit;
+use crate::error::Error;
+use crate::limits;
+use crate::vm::{ChannelError, Vm, VmError};
+
+/// What the pool needs of a VM: a seam, so the pool's logic unit-tests with fakes.
+pub(crate) trait PoolVm: Send + Sync + 'static {
+    /// The VM's name.
+    fn name(&self) -> &str;
+    /// True once the VM is known to be dead (its control channel closed).
+    fn is_gone(&self) -> bool;
+    /// Whether the agent answers a ping within [`limits::WARM_POOL_PING_DEADLINE`].
+    fn ping(&self) -> impl Future<Output = bool> + Send;
+    /// Kills and reaps the VM.
+    fn destroy(self) -> impl Future<Output = ()> + Send;
+}
+
+impl PoolVm for Vm {
+    fn name(&self) -> &str {
+        Vm::name(self)
+    }
+
+    fn is_gone(&self) -> bool {
+        self.channel().is_closed()
+    }
+
+    async fn ping(&self) -> bool {
+        if self.channel().is_closed() {
+            return false;
+        }
+        let Ok(mut pong) = self.channel().request(&Request::Ping).await else {
+            return false;
+        };
+        matches!(
+            tokio::time::timeout(limits::WARM_POOL_PING_DEADLINE, pong.recv()).await,
+            Ok(Some(Event::Pong))
+        )
+    }
+
+    async fn destroy(self) {
+        Vm::destroy(self).await;
+    }
+}
+
+/// An idle warm VM and its share of the admission budget.
+pub(crate) struct Pooled<V = Vm> {
+    /// The VM, its interpreter started.
+    pub vm: V,
+    /// Held for as long as the VM lives.
+    pub permit: Permit,
+}
+
+/// A pooled real VM.
+pub(crate) type PooledVm = Pooled<Vm>;
+
+impl<V: PoolVm> Pooled<V> {
+    /// Kills and reaps the VM, then gives its budget back.
+    async fn destroy(self) {
+        let Pooled { vm, permit } = self;
+        vm.destroy().await;
+        drop(permit);
+    }
+}
+
+/// Boots warm VMs for the pool (the scheduler, reached through a weak reference).
+pub(crate) trait WarmBooter<V>: Send {
+    /// Boots a VM for `language` and starts its interpreter; `Ok(None)` when the admission
+    /// budget has no room right now.
+    fn boot_warm(
+        &self,
+        language: Language,
+    ) -> impl Future<Output = Result<Option<Pooled<V>>, Error>> + Send;
+}
+
+struct State<V> {
+    idle: HashMap<Language, VecDeque<Pooled<V>>>,
+    closed: bool,
+}
+
+/// Idle warm VMs per language.
+pub(crate) struct WarmPool<V = Vm> {
+    size: usize,
+    state: Mutex<State<V>>,
+    wake: Notify,
+}
+
+impl<V: PoolVm> WarmPool<V> {
+    /// A pool keeping `size` VMs per language (0: disabled).
+    pub fn new(size: usize) -> Self {
+        Self {
+            size,
+            state: Mutex::new(State {
+                idle: HashMap::new(),
+                closed: false,
+            }),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Whether the pool keeps any VMs.
+    pub fn enabled(&self) -> bool {
+        self.size > 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State<V>> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether [`Self::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// A live warm VM for `language`, if one is idle. Dead ones found on the way are destroyed.
+    pub async fn take(&self, language: Language) -> Option<Pooled<V>> {
+        loop {
+            let candidate = self.lock().idle.get_mut(&language)?.pop_front()?;
+            self.wake.notify_one();
+            if candidate.vm.ping().await {
+                return Some(candidate);
+            }
+            tracing::info!(vm = %candidate.vm.name(), "warm VM is dead: discarded");
+            candidate.destroy().await;
+        }
+    }
+
+    /// Destroys one idle VM (from the language with the most) so a queued run can use its
+    /// budget. False when the pool is empty.
+    pub async fn evict_one(&self) -> bool {
+        let victim = {
+            let mut state = self.lock();
+            state
+                .idle
+                .values_mut()
+                .max_by_key(|q| q.len())
+                .and_then(VecDeque::pop_back)
+        };
+        match victim {
+            Some(vm) => {
+                tracing::debug!(vm = %vm.vm.name(), "warm VM evicted for a queued run");
+                vm.destroy().await;
+                self.wake.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stops refilling and returns every idle VM for the caller to destroy.
+    pub fn close(&self) -> Vec<Pooled<V>> {
+        let drained: Vec<Pooled<V>> = {
+            let mut state = self.lock();
+            state.closed = true;
+            state.idle.drain().flat_map(|(_, q)| q).collect()
+        };
+        self.wake.notify_one();
+        drained
+    }
+
+    /// Names of the idle VMs for `language` (for tests).
+    pub fn idle_names(&self, language: Language) -> Vec<String> {
+        self.lock()
+            .idle
+            .get(&language)
+            .map(|q| q.iter().map(|p| p.vm.name().to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Adds a VM; returns it when the pool is closed (the caller destroys it).
+    fn put(&self, language: Language, vm: Pooled<V>) -> Option<Pooled<V>> {
+        let mut state = self.lock();
+        if state.closed {
+            return Some(vm);
+        }
+        state.idle.entry(language).or_default().push_back(vm);
+        None
+    }
+
+    /// Drops VMs whose channel closed (QEMU died) and returns the language furthest below size.
+    fn most_needed(&self) -> (Option<Language>, Vec<Pooled<V>>) {
+        let mut state = self.lock();
+        let mut dead = Vec::new();
+        for queue in state.idle.values_mut() {
+            let (alive, gone): (VecDeque<Pooled<V>>, VecDeque<Pooled<V>>) =
+                queue.drain(..).partition(|p| !p.vm.is_gone());
+            *queue = alive;
+            dead.extend(gone);
+        }
+        let needed = Language::ALL
+            .into_iter()
+            .map(|l| (l, state.idle.get(&l).map_or(0, VecDeque::len)))
+            .filter(|(_, n)| *n < self.size)
+            .min_by_key(|(_, n)| *n)
+            .map(|(l, _)| l);
+        (needed, dead)
+    }
+
+    /// Pings every idle VM; those that fail are destroyed.
+    async fn health_check(&self) {
+        let all: Vec<(Language, Pooled<V>)> = {
+            let mut state = self.lock();
+            state
+                .idle
+                .iter_mut()
+                .flat_map(|(l, q)| q.drain(..).map(|p| (*l, p)).collect::<Vec<_>>())
+                .collect()
+        };
+        for (language, vm) in all {
+            if vm.vm.ping().await {
+                if let Some(vm) = self.put(language, vm) {
+                    vm.destroy().await;
+                }
+            } else {
+                tracing::info!(vm = %vm.vm.name(), "warm VM failed its health check: replaced");
+                vm.destroy().await;
+            }
+        }
+    }
+}
+
+/// Starts `language`'s interpreter in a freshly booted VM and waits until it is warm.
+pub(crate) async fn warm_up(vm: &Vm, language: Language, deadline: Duration) -> Result<u64, Error> {
+    let channel_error = |source| {
+        Error::Boot(VmError::Channel {
+            name: vm.name().to_string(),
+            source,
+        })
+    };
+    let mut events = vm
+        .channel()
+        .request(&Request::Warm(language))
+        .await
+        .map_err(channel_error)?;
+    match tokio::time::timeout(deadline, events.recv()).await {
+        Ok(Some(Event::Warmed { elapsed_ms })) => Ok(elapsed_ms),
+        Ok(Some(Event::Error(e))) => Err(Error::Guest {
+            kind: e.kind,
+            message: e.message,
+        }),
+        Ok(_) => Err(channel_error(ChannelError::Closed)),
+        Err(_) => Err(Error::Boot(VmError::BootTimeout {
+            name: vm.name().to_string(),
+            after: deadline,
+            log_tail: vm.log_tail(),
+        })),
+    }
+}
+
+/// Keeps the pool full until it is closed or the scheduler is gone (`upgrade` returns `None`).
+///
+/// The task holds the scheduler only while it boots a VM, so dropping the last user handle ends
+/// it (the scheduler's drop closes the pool).
+pub(crate) async fn maintain<V: PoolVm, B: WarmBooter<V>>(
+    pool: Arc<WarmPool<V>>,
+    upgrade: impl Fn() -> Option<B> + Send,
+) {
+    let mut next_health = Instant::now() + limits::WARM_POOL_HEALTH_INTERVAL;
+    let mut failures: u32 = 0;
+    // Refills wait after a failed boot (backoff) or a full budget, even when woken earlier.
+    let mut refill_not_before = Instant::now();
+    loop {
+        while Instant::now() >= refill_not_before {
+            if pool.is_closed() {
+                return;
+            }
+            let (needed, dead) = pool.most_needed();
+            for vm in dead {
+                tracing::info!(vm = %vm.vm.name(), "warm VM died: replaced");
+                vm.destroy().await;
+            }
+            let Some(language) = needed else { break };
+            let Some(booter) = upgrade() else { return };
+            match booter.boot_warm(language).await {
+                Ok(Some(vm)) => {
+                    failures = 0;
+                    if let Some(vm) = pool.put(language, vm) {
+                        vm.destroy().await;
+                        return;
+                    }
+                }
+                Ok(None) => refill_not_before = Instant::now() + Duration::from_secs(1),
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    let backoff = Duration::from_secs(1 << failures.min(6));
+                    tracing::warn!(%language, error = %e, retry_in_s = backoff.as_secs(), "warm VM failed to boot");
+                    refill_not_before = Instant::now() + backoff;
+                }
+            }
+        }
+        if pool.is_closed() {
+            return;
+        }
+        if Instant::now() >= next_health {
+            pool.health_check().await;
+            next_health = Instant::now() + limits::WARM_POOL_HEALTH_INTERVAL;
+            continue;
+        }
+        let wake = if refill_not_before > Instant::now() {
+            next_health.min(refill_not_before)
+        } else {
+            next_health
+        };
+        tokio::select! {
+            () = pool.wake.notified() => {}
+            () = tokio::time::sleep_until(wake) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::admission::{Admission, Cost, HostFacts, Policy};
+
+    struct NoHostLimits;
+
+    impl HostFacts for NoHostLimits {
+        fn memory_mb(&self) -> Option<(u64, u64)> {
+            None
+        }
+        fn cores(&self) -> usize {
+            2
+        }
+        fn memory_pressure(&self) -> Option<f64> {
+            None
+        }
+    }
+
+    const VM: Cost = Cost {
+        memory_mb: 350,
+        cpu_milli: 1000,
+    };
+
+    fn admission(vms: u64) -> Arc<Admission> {
+        Admission::new(
+            Policy {
+                budget: Cost {
+                    memory_mb: VM.memory_mb * vms,
+                    cpu_milli: 100_000,
+                },
+                min_available_mb: 0,
+                max_pressure: 100.0,
+            },
+            Box::new(NoHostLimits),
+        )
+    }
+
+    /// A VM that can be made to die (`gone`) or hang (`hung`: channel open, no pong).
+    struct FakeVm {
+        name: String,
+        gone: Arc<AtomicBool>,
+        hung: Arc<AtomicBool>,
+        destroyed: Arc<AtomicUsize>,
+    }
+
+    impl PoolVm for FakeVm {
+        fn name(&self) -> &str {
+            &self.name
+        }
+        fn is_gone(&self) -> bool {
+            self.gone.load(Ordering::SeqCst)
+        }
+        async fn ping(&self) -> bool {
+            !self.is_gone() && !self.hung.load(Ordering::SeqCst)
+        }
+        async fn destroy(self) {
+            self.destroyed.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A booted fake's name and its (gone, hung) switches.
+    type Booted = (String, Arc<AtomicBool>, Arc<AtomicBool>);
+
+    #[derive(Clone)]
+    struct Booter {
+        admission: Arc<Admission>,
+        booted: Arc<Mutex<Vec<Booted>>>,
+        destroyed: Arc<AtomicUsize>,
+        failing: Arc<AtomicBool>,
+        attempts: Arc<AtomicUsize>,
+    }
+
+    impl Booter {
+        fn new(admission: Arc<Admission>) -> Self {
+            Self {
+                admission,
+                booted: Arc::default(),
+                destroyed: Arc::default(),
+                failing: Arc::default(),
+                attempts: Arc::default(),
+            }
+        }
+
+        /// Flags of the VM called `name`: (gone, hung).
+        fn flags(&self, name: &str) -> (Arc<AtomicBool>, Arc<AtomicBool>) {
+            let booted = self.booted.lock().unwrap();
+            let (_, gone, hung) = booted.iter().find(|(n, ..)| n == name).unwrap();
+            (gone.clone(), hung.clone())
+        }
+    }
+
+    impl WarmBooter<FakeVm> for Booter {
+        async fn boot_warm(&self, language: Language) -> Result<Option<Pooled<FakeVm>>, Error> {
+            self.attempts.fetch_add(1, Ordering::SeqCst);
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(Error::Guest {
+                    kind: sbx_protocol::GuestErrorKind::InterpreterStart,
+                    message: "no interpreter".into(),
+                });
+            }
+            let Some(permit) = self.admission.try_admit(VM) else {
+                return Ok(None);
+            };
+            let mut booted = self.booted.lock().unwrap();
+            let name = format!("{language}-{}", booted.len());
+            let (gone, hung) = (Arc::default(), Arc::default());
+            booted.push((name.clone(), Arc::clone(&gone), Arc::clone(&hung)));
+            Ok(Some(Pooled {
+                vm: FakeVm {
+                    name,
+                    gone,
+                    hung,
+                    destroyed: self.destroyed.clone(),
+                },
+                permit,
+            }))
+        }
+    }
+
+    fn start(size: usize, booter: &Booter) -> (Arc<WarmPool<FakeVm>>, tokio::task::JoinHandle<()>) {
+        let pool = Arc::new(WarmPool::new(size));
+        let b = booter.clone();
+        let task = tokio::spawn(maintain(pool.clone(), move || Some(b.clone())));
+        (pool, task)
+    }
+
+    async fn until(what: &str, mut condition: impl FnMut() -> bool) {
+        for _ in 0..10_000 {
+            if condition() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("never happened: {what}");
+    }
+
+    fn idle(pool: &WarmPool<FakeVm>) -> usize {
+        Language::ALL
+            .iter()
+            .map(|l| pool.idle_names(*l).len())
+            .sum()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fills_every_language_and_refills_after_a_take() {
+        let booter = Booter::new(admission(100));
+        let (pool, _task) = start(2, &booter);
+        until("full pool", || idle(&pool) == 6).await;
+        let oldest = pool.idle_names(Language::Python)[0].clone();
+        let taken = pool.take(Language::Python).await.expect("a warm VM");
+        assert_eq!(taken.vm.name(), oldest);
+        until("refilled", || pool.idle_names(Language::Python).len() == 2).await;
+        assert!(!pool.idle_names(Language::Python).contains(&oldest));
+        assert_eq!(booter.booted.lock().unwrap().len(), 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_or_hung_vm_is_never_handed_out() {
+        let booter = Booter::new(admission(100));
+        let (pool, task) = start(1, &booter);
+        until("full pool", || idle(&pool) == 3).await;
+        task.abort();
+        let name = pool.idle_names(Language::Python)[0].clone();
+        booter.flags(&name).0.store(true, Ordering::SeqCst);
+        assert!(pool.take(Language::Python).await.is_none());
+        let name = pool.idle_names(Language::Raw)[0].clone();
+        booter.flags(&name).1.store(true, Ordering::SeqCst);
+        assert!(pool.take(Language::Raw).await.is_none());
+        assert_eq!(booter.destroyed.load(Ordering::SeqCst), 2);
+        assert!(pool.take(Language::Javascript).await.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dead_and_hung_idle_vms_are_replaced() {
+        let booter = Booter::new(admission(100));
+        let (pool, _task) = start(1, &booter);
+        until("full pool", || idle(&pool) == 3).await;
+        let hung = pool.idle_names(Language::Python)[0].clone();
+        booter.flags(&hung).1.store(true, Ordering::SeqCst);
+        let dead = pool.idle_names(Language::Raw)[0].clone();
+        booter.flags(&dead).0.store(true, Ordering::SeqCst);
+        // The periodic health check finds both (the dead one may go sooner).
+        tokio::time::sleep(limits::WARM_POOL_HEALTH_INTERVAL + Duration::from_secs(1)).await;
+        until("replacements", || {
+            idle(&pool) == 3
+                && !pool.idle_names(Language::Python).contains(&hung)
+                && !pool.idle_names(Language::Raw).contains(&dead)
+        })
+        .await;
+        assert_eq!(booter.destroyed.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refills_stay_within_the_budget_and_give_way_to_runs() {
+        let admission = admission(2);
+        let booter = Booter::new(admission.clone());
+        let (pool, _task) = start(1, &booter);
+        until("two warm VMs", || idle(&pool) == 2).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(idle(&pool), 2, "the third does not fit");
+        // A run that needs room evicts an idle VM, and the refill does not take the room back
+        // while the run is announced.
+        let announced = admission.announce();
+        assert!(admission.budget_is_short(VM));
+        assert!(pool.evict_one().await);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let permit = admission.try_admit(VM);
+        assert!(permit.is_none(), "announced runs go through the queue");
+        drop(announced);
+        assert!(admission.try_admit(VM).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn boot_failures_back_off() {
+        let booter = Booter::new(admission(100));
+        booter.failing.store(true, Ordering::SeqCst);
+        let (pool, _task) = start(1, &booter);
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let attempts = booter.attempts.load(Ordering::SeqCst);
+        // 2 + 4 + 8 + 16 s between attempts: 4 or 5 in 30 s, not hundreds.
+        assert!((3..=5).contains(&attempts), "{attempts} attempts");
+        booter.failing.store(false, Ordering::SeqCst);
+        until("recovered", || idle(&pool) == 3).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_drains_and_a_gone_scheduler_ends_the_task() {
+        let booter = Booter::new(admission(100));
+        let (pool, task) = start(1, &booter);
+        until("full pool", || idle(&pool) == 3).await;
+        assert_eq!(pool.close().len(), 3);
+        assert!(pool.take(Language::Python).await.is_none());
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("the task ends once the pool is closed")
+            .unwrap();
+
+        let pool = Arc::new(WarmPool::<FakeVm>::new(1));
+        let task = tokio::spawn(maintain(pool.clone(), || None::<Booter>));
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("the task ends when the scheduler is gone")
+            .unwrap();
+        assert_eq!(idle(&pool), 0);
+    }
+}

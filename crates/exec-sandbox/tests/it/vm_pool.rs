@@ -1,0 +1,146 @@
+//! The warm pool: hits, isolation between runs, dead VMs, shutdown.
+
+use std::time::{Duration, Instant};
+
+use exec_sandbox::{Language, RunOptions, Scheduler, SchedulerConfig};
+
+use crate::support::{chain, qemu_pid, wait_until};
+
+/// Boots may queue behind other tests' VMs on a busy 2-core host.
+const REFILL: Duration = Duration::from_secs(90);
+
+/// A scheduler keeping one warm VM per language: L1 clones when `l1` and a template exists,
+/// else booted cold and warmed with `Request::Warm`.
+fn pooled_scheduler(l1: bool) -> Scheduler {
+    let config = SchedulerConfig {
+        warm_pool_size: 1,
+        l1_snapshots: l1,
+        ..SchedulerConfig::from_env().unwrap()
+    };
+    Scheduler::new(config).unwrap()
+}
+
+async fn run(s: &Scheduler, options: RunOptions) -> exec_sandbox::ExecutionResult {
+    s.run(options)
+        .await
+        .unwrap_or_else(|e| panic!("run failed: {}", chain(&e)))
+}
+
+async fn refilled(s: &Scheduler, not: &[String]) -> String {
+    let mut name = String::new();
+    wait_until("a warm VM", REFILL, || {
+        match s.warm_pool_vm_names(Language::Python).pop() {
+            Some(n) if !not.contains(&n) => {
+                name = n;
+                true
+            }
+            _ => false,
+        }
+    })
+    .await;
+    name
+}
+
+#[tokio::test]
+#[expect(clippy::print_stderr, reason = "reports the measured latencies")]
+async fn pool_hits_are_fast_and_runs_never_share_a_vm() {
+    let s = pooled_scheduler(true);
+    let first = refilled(&s, &[]).await;
+    let r1 = run(
+        &s,
+        RunOptions::new(
+            Language::Python,
+            "open('/home/user/x', 'w').write('1'); open('/tmp/x', 'w').write('1'); print('wrote')",
+        ),
+    )
+    .await;
+    assert_eq!(r1.stdout, "wrote\n", "stderr: {}", r1.stderr);
+    assert!(r1.warm_pool_hit);
+    assert!(
+        qemu_pid(&first).is_none(),
+        "a used VM is destroyed, never returned"
+    );
+
+    let second = refilled(&s, std::slice::from_ref(&first)).await;
+    let r2 = run(
+        &s,
+        RunOptions::new(
+            Language::Python,
+            "import os; print(os.path.exists('/home/user/x'), os.path.exists('/tmp/x'))",
+        ),
+    )
+    .await;
+    assert_eq!(r2.stdout, "False False\n", "stderr: {}", r2.stderr);
+    assert!(r2.warm_pool_hit);
+
+    // Latency: warm hits against runs that skip the pool (a non-default memory size), which
+    // boot cold or restore a memory snapshot.
+    let mut warm = vec![r1.timing.total_ms, r2.timing.total_ms];
+    let mut seen = vec![first, second];
+    let third = refilled(&s, &seen).await;
+    seen.push(third);
+    let started = Instant::now();
+    let r = run(&s, RunOptions::new(Language::Python, "print(1)")).await;
+    assert!(r.warm_pool_hit);
+    warm.push(started.elapsed().as_millis() as u64);
+    let mut other = Vec::new();
+    for _ in 0..2 {
+        let started = Instant::now();
+        let r = run(
+            &s,
+            RunOptions::new(Language::Python, "print(1)").memory_mb(320),
+        )
+        .await;
+        assert!(!r.warm_pool_hit);
+        let origin = if r.l1_cache_hit { "l1" } else { "cold" };
+        other.push(format!("{} ({origin})", started.elapsed().as_millis()));
+    }
+    let last = refilled(&s, &seen).await;
+    let pid = qemu_pid(&last).expect("the idle warm VM's QEMU");
+    let pss = exec_sandbox::vm::host::pss_mb(pid);
+    eprintln!(
+        "warm-pool run ms: {warm:?}; non-pool run ms: {other:?}; idle warm VM PSS: {:?} MB",
+        pss.map(|mb| mb.round())
+    );
+    s.shutdown().await;
+    assert!(s.warm_pool_vm_names(Language::Python).is_empty());
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "QEMU {pid} still exists after shutdown"
+    );
+    // Runs still work after shutdown, without the pool.
+    let r = run(&s, RunOptions::new(Language::Raw, "echo after")).await;
+    assert_eq!(r.stdout, "after\n");
+    assert!(!r.warm_pool_hit);
+}
+
+#[tokio::test]
+async fn a_dead_warm_vm_is_replaced_not_handed_out() {
+    let s = pooled_scheduler(false);
+    let doomed = refilled(&s, &[]).await;
+    let pid = qemu_pid(&doomed).expect("the warm VM's QEMU");
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+
+    let r = run(&s, RunOptions::new(Language::Python, "print(6 * 7)")).await;
+    assert_eq!(r.stdout, "42\n", "stderr: {}", r.stderr);
+
+    let replacement = refilled(&s, &[doomed]).await;
+    let r = run(&s, RunOptions::new(Language::Python, "print('hit')")).await;
+    assert_eq!(r.stdout, "hit\n");
+    assert!(r.warm_pool_hit);
+    assert!(qemu_pid(&replacement).is_none());
+
+    // Dropping the last handle kills the idle VMs too.
+    let next = refilled(&s, &[replacement]).await;
+    let pid = qemu_pid(&next).expect("the idle warm VM's QEMU");
+    drop(s);
+    wait_until("QEMU gone after drop", Duration::from_secs(10), || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |stat| stat.contains(") Z "))
+    })
+    .await;
+}

@@ -1,0 +1,135 @@
+//! L1 memory snapshots: restored runs are correct, clean and unique; bad snapshots are rebuilt.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use exec_sandbox::{ExecutionResult, Language, RunOptions, Scheduler, SchedulerConfig};
+
+use crate::support::chain;
+
+/// A scheduler with L1 on and its own snapshot cache (kept until the returned dir is dropped).
+fn l1_scheduler() -> (Scheduler, tempfile::TempDir) {
+    let dir = tempfile::Builder::new()
+        .prefix("sbx-l1-test-")
+        .tempdir()
+        .unwrap();
+    let config = SchedulerConfig {
+        l1_snapshots: true,
+        snapshot_cache_dir: dir.path().to_path_buf(),
+        warm_pool_size: 0,
+        ..SchedulerConfig::from_env().unwrap()
+    };
+    (Scheduler::new(config).unwrap(), dir)
+}
+
+async fn run(s: &Scheduler, code: &str) -> ExecutionResult {
+    s.run(RunOptions::new(Language::Python, code))
+        .await
+        .unwrap_or_else(|e| panic!("run failed: {}", chain(&e)))
+}
+
+/// Runs cold once and waits for the template saved after it.
+async fn with_template(s: &Scheduler) {
+    let r = run(s, "print('cold')").await;
+    assert_eq!(r.stdout, "cold\n", "stderr: {}", r.stderr);
+    assert!(!r.l1_cache_hit, "the first run of a fresh cache boots");
+    s.wait_for_snapshots().await;
+}
+
+fn entries(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir() && !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .collect()
+}
+
+const PROBE: &str = "import os, random, time
+print(os.urandom(32).hex())
+print(random.random())
+print(time.time())
+print('defined' if 'leak' in globals() else 'clean')
+leak = 1";
+
+#[tokio::test]
+async fn restored_runs_are_correct_clean_unique_and_current() {
+    let (s, dir) = l1_scheduler();
+    with_template(&s).await;
+    assert_eq!(entries(dir.path()).len(), 1, "one template saved");
+
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let r = run(&s, PROBE).await;
+        assert!(r.l1_cache_hit, "restored from the template");
+        assert_eq!(r.exit_code, 0, "stderr: {}", r.stderr);
+        let lines: Vec<&str> = r.stdout.lines().collect();
+        assert_eq!(lines.len(), 4, "{}", r.stdout);
+        assert_eq!(lines[0].len(), 64);
+        assert_eq!(lines[3], "clean", "a name defined by an earlier run leaked");
+        let guest_time: f64 = lines[2].parse().unwrap();
+        let host_time = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(
+            (host_time - guest_time).abs() < 5.0,
+            "guest clock {guest_time} vs host {host_time}"
+        );
+        seen.push((lines[0].to_string(), lines[1].to_string()));
+    }
+    assert_ne!(seen[0].0, seen[1].0, "clones share os.urandom output");
+    assert_ne!(seen[0].1, seen[1].1, "clones share random.random() state");
+}
+
+#[tokio::test]
+async fn a_corrupt_snapshot_is_rejected_and_rebuilt() {
+    let (s, dir) = l1_scheduler();
+    with_template(&s).await;
+    let entry = entries(dir.path()).pop().expect("a template");
+    // Truncate the device state: it must never reach QEMU.
+    let vmstate = entry.join("vmstate");
+    let len = std::fs::metadata(&vmstate).unwrap().len();
+    std::fs::File::options()
+        .write(true)
+        .open(&vmstate)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+
+    let r = run(&s, "print(6 * 7)").await;
+    assert_eq!(r.stdout, "42\n", "stderr: {}", r.stderr);
+    assert!(!r.l1_cache_hit, "a corrupt snapshot is not restored");
+    s.wait_for_snapshots().await;
+    let rebuilt = entries(dir.path());
+    assert_eq!(rebuilt.len(), 1);
+    assert_eq!(
+        std::fs::metadata(rebuilt[0].join("vmstate")).unwrap().len(),
+        len,
+        "rebuilt in full"
+    );
+    let r = run(&s, "print(6 * 7)").await;
+    assert_eq!(r.stdout, "42\n", "stderr: {}", r.stderr);
+    assert!(r.l1_cache_hit, "the rebuilt snapshot is used");
+}
+
+#[tokio::test]
+async fn javascript_clones_get_their_own_math_random() {
+    let (s, _dir) = l1_scheduler();
+    let js = |code: &str| RunOptions::new(Language::Javascript, code);
+    let cold = s.run(js("console.log('cold')")).await.unwrap();
+    assert_eq!(cold.stdout, "cold\n", "stderr: {}", cold.stderr);
+    s.wait_for_snapshots().await;
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let r = s
+            .run(js("console.log(Math.random(), Math.random() < 1)"))
+            .await
+            .unwrap_or_else(|e| panic!("run failed: {}", chain(&e)));
+        assert!(r.l1_cache_hit, "restored from the template");
+        assert_eq!(r.exit_code, 0, "stderr: {}", r.stderr);
+        assert!(r.stdout.ends_with(" true\n"), "{}", r.stdout);
+        seen.push(r.stdout);
+    }
+    assert_ne!(seen[0], seen[1], "clones share Math.random state");
+}

@@ -1,0 +1,105 @@
+//! Making a restored clone unique: the host restores many VMs from one memory snapshot, and
+//! each clone starts with the template's kernel CRNG state, clock and interpreter PRNG state.
+//! On [`Request::Reseed`](sbx_protocol::Request::Reseed) the agent mixes the host's entropy
+//! into the kernel pool and forces a CRNG reseed, sets the real-time clock, and has each
+//! running interpreter reseed its generator.
+
+use std::io::{self, Write};
+
+use sbx_protocol::{Language, MAX_RESEED_ENTROPY};
+
+use crate::config::Mode;
+use crate::sys;
+
+/// The kernel part of a reseed failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReseedError {
+    /// Writing the entropy or the reseed ioctl failed.
+    #[error("cannot reseed the kernel CRNG")]
+    Crng(#[source] io::Error),
+    /// Setting `CLOCK_REALTIME` failed.
+    #[error("cannot set the clock")]
+    Clock(#[source] io::Error),
+}
+
+/// Mixes `entropy` into the kernel's input pool, reseeds the CRNG from it and sets the clock.
+///
+/// Writing to `/dev/urandom` mixes without crediting; `RNDRESEEDCRNG` then makes the CRNG (and
+/// every per-CPU generator) derive new keys, so `getrandom` differs between clones at once. In
+/// dev mode only the (harmless) write happens: the ioctl and the clock belong to the host.
+pub fn kernel(mode: Mode, entropy: &[u8], unix_time_ns: u64) -> Result<(), ReseedError> {
+    let entropy = &entropy[..entropy.len().min(MAX_RESEED_ENTROPY)];
+    let mut urandom = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")
+        .map_err(ReseedError::Crng)?;
+    urandom.write_all(entropy).map_err(ReseedError::Crng)?;
+    if mode == Mode::Init {
+        sys::reseed_crng(&urandom).map_err(ReseedError::Crng)?;
+        sys::set_realtime(unix_time_ns).map_err(ReseedError::Clock)?;
+    }
+    Ok(())
+}
+
+/// Code run in `language`'s interpreter to reseed its generator from the (fresh) kernel CRNG,
+/// or `None` when the language has nothing to reseed.
+///
+/// - Python: `random.seed()` without argument draws from `os.urandom`. Only if `random` is
+///   already imported: a later import seeds itself from the fresh CRNG anyway.
+/// - bash: assigning `RANDOM` seeds it; `SRANDOM` (bash >= 5.1) comes from `getrandom`.
+/// - Bun: JavaScriptCore seeds `Math.random` once per global object and offers no way to
+///   reseed it, so clones of a warm template would share its sequence. It is replaced by
+///   xoshiro128** seeded from `crypto.getRandomValues` (the fresh kernel CRNG), 53 bits per
+///   double like the native one; like it, not a cryptographic generator.
+pub fn interpreter_code(language: Language) -> Option<&'static str> {
+    match language {
+        Language::Python => Some(
+            "__import__('sys').modules.get('random') is not None and __import__('sys').modules['random'].seed()",
+        ),
+        Language::Raw => Some("RANDOM=$SRANDOM"),
+        Language::Javascript => Some(JS_RESEED),
+    }
+}
+
+/// Replaces `Math.random` with a generator seeded from the kernel CRNG (see above).
+const JS_RESEED: &str = r#"(() => {
+  const s = crypto.getRandomValues(new Uint32Array(4));
+  const rotl = (x, k) => (x << k) | (x >>> (32 - k));
+  const next = () => {
+    const result = Math.imul(rotl(Math.imul(s[1], 5), 7), 9) >>> 0;
+    const t = s[1] << 9;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 11);
+    return result;
+  };
+  Object.defineProperty(Math, "random", {
+    value: function random() {
+      return ((next() >>> 5) * 67108864 + (next() >>> 6)) / 9007199254740992;
+    },
+    writable: true,
+    configurable: true,
+    enumerable: false,
+  });
+})();"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_mode_only_mixes_entropy() {
+        // As a normal user the ioctl and clock_settime would fail: dev mode must not try.
+        kernel(Mode::Stdio, &[1; 2 * MAX_RESEED_ENTROPY], 0).expect("write to /dev/urandom");
+    }
+
+    #[test]
+    fn every_language_reseeds() {
+        for language in Language::ALL {
+            assert!(interpreter_code(language).is_some(), "{language}");
+        }
+    }
+}
