@@ -59,7 +59,8 @@ pub const DEFAULT_ADMISSION_TIMEOUT_SECONDS: u64 = 60;
 pub const MAX_ADMISSION_TIMEOUT_SECONDS: u64 = 3600;
 /// QEMU's own resident memory per VM besides guest RAM (device model, buffers, libraries).
 pub const QEMU_OVERHEAD_MB: u64 = 30;
-/// QEMU's translation-block cache under TCG (`-accel tcg,tb-size=64` in `vm/qemu.rs`).
+/// QEMU's translation-block cache under TCG (`-accel tcg,tb-size=`), passed to QEMU and charged
+/// by admission control.
 pub const TCG_TRANSLATION_CACHE_MB: u64 = 64;
 /// Default host memory kept out of the VM memory budget.
 pub const DEFAULT_HOST_MEMORY_RESERVE_MB: u64 = 1024;

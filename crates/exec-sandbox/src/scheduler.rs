@@ -268,10 +268,7 @@ impl Scheduler {
             host,
             options.on_boot_log.is_some(),
         );
-        let boot_deadline = match host.choice.accelerator {
-            accel::Accelerator::Kvm => limits::BOOT_DEADLINE_KVM,
-            accel::Accelerator::Tcg => limits::BOOT_DEADLINE_TCG,
-        };
+        let boot_deadline = boot_deadline(host);
         // L1: a clone of this shape's template. Not with boot-log streaming: a clone prints no
         // boot log.
         let template_key = (self.inner.templates.enabled() && options.on_boot_log.is_none())
@@ -292,15 +289,38 @@ impl Scheduler {
         .map_err(Error::Boot)?;
         if let Some(key) = template_key {
             // Saved by a separate template VM: this run does not wait for it.
-            self.inner.templates.build_in_background(
-                self.inner.config.qemu_binary.clone(),
+            self.save_template_in_background(
                 self.vm_spec(options.language, memory_mb, assets, host, false),
                 options.language,
                 key,
-                boot_deadline,
+                host,
             );
         }
         Ok((vm, VmOrigin::Cold, permit))
+    }
+
+    /// Saves a memory snapshot with a template VM of its own, in the background, when the
+    /// admission budget has room for that VM now; otherwise a later cold boot tries again.
+    fn save_template_in_background(
+        &self,
+        spec: VmSpec,
+        language: Language,
+        key: String,
+        host: &HostVerdict,
+    ) {
+        let cost = Cost::vm(spec.memory_mb, spec.vcpus, host.choice.accelerator);
+        let Some(permit) = self.inner.admission.try_admit(cost) else {
+            tracing::debug!(%language, "no budget for a template VM now; the snapshot waits");
+            return;
+        };
+        self.inner.templates.build_in_background(
+            self.inner.config.qemu_binary.clone(),
+            spec,
+            language,
+            key,
+            boot_deadline(host),
+            permit,
+        );
     }
 
     /// Waits for room in the budget. Idle warm VMs give way to a run that would otherwise queue
@@ -368,6 +388,11 @@ impl Scheduler {
                 false,
             );
             let key = self.template_key(language, &spec, &assets);
+            // The template VM takes its share of the budget like any other VM.
+            let cost = Cost::vm(spec.memory_mb, spec.vcpus, host.choice.accelerator);
+            let deadline = tokio::time::Instant::now()
+                + Duration::from_secs(self.inner.config.admission_timeout_seconds);
+            let _permit = self.admit(cost, deadline).await?;
             let built = self
                 .inner
                 .templates
@@ -504,10 +529,7 @@ impl pool::WarmBooter<Vm> for Scheduler {
             return Ok(None);
         };
         let spec = self.vm_spec(language, memory_mb, &assets, host, false);
-        let deadline = match host.choice.accelerator {
-            accel::Accelerator::Kvm => limits::BOOT_DEADLINE_KVM,
-            accel::Accelerator::Tcg => limits::BOOT_DEADLINE_TCG,
-        };
+        let deadline = boot_deadline(host);
         let started = Instant::now();
         let qemu = &self.inner.config.qemu_binary;
         // An L1 clone where a template exists: its interpreter is warm already, it is ready in
@@ -531,13 +553,7 @@ impl pool::WarmBooter<Vm> for Scheduler {
         if let Some(key) = template_key {
             // Later refills restore instead of booting.
             let template_spec = self.vm_spec(language, memory_mb, &assets, host, false);
-            self.inner.templates.build_in_background(
-                qemu.clone(),
-                template_spec,
-                language,
-                key,
-                deadline,
-            );
+            self.save_template_in_background(template_spec, language, key, host);
         }
         Ok(Some(PooledVm { vm, permit }))
     }

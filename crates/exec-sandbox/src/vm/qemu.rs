@@ -118,8 +118,14 @@ impl VmSpec {
         push(&["-M", &machine]);
         match self.accelerator {
             Accelerator::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
-            // tb-size=64 halves QEMU's resident memory with no measurable slowdown (LAB.md).
-            Accelerator::Tcg => push(&["-accel", "tcg,tb-size=64", "-cpu", "max"]),
+            // A 64 MB translation cache halves QEMU's resident memory with no measurable
+            // slowdown (LAB.md); admission control charges the same figure per VM.
+            Accelerator::Tcg => push(&[
+                "-accel",
+                &format!("tcg,tb-size={}", crate::limits::TCG_TRANSLATION_CACHE_MB),
+                "-cpu",
+                "max",
+            ]),
         }
         push(&["-m", &self.memory_mb.to_string()]);
         if let Some(ram) = &launch.ram_file {

@@ -643,6 +643,7 @@ impl Templates {
         language: Language,
         key: String,
         boot_deadline: Duration,
+        budget: impl Send + 'static,
     ) {
         let Some(cache) = self.cache.clone() else {
             return;
@@ -660,6 +661,8 @@ impl Templates {
         }
         let building = self.building.clone();
         let task = tokio::spawn(async move {
+            // The template VM's share of the host budget, held until it is gone.
+            let _budget = budget;
             let started = std::time::Instant::now();
             match build(&cache, &qemu, &spec, language, &key, boot_deadline).await {
                 Ok(Some(dir)) => {
