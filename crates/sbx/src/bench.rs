@@ -323,7 +323,7 @@ fn round2(x: f64) -> f64 {
 }
 
 fn step(args: &BenchArgs, text: &str) {
-    if !args.quiet {
+    if !args.log.quiet {
         term::step(text);
     }
 }

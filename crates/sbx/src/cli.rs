@@ -79,13 +79,9 @@ pub struct RunArgs {
     #[arg(long)]
     pub json: bool,
 
-    /// No progress, no per-source headers: only the program's output and errors.
-    #[arg(short, long, conflicts_with = "debug")]
-    pub quiet: bool,
-
-    /// Show the VM console (boot log) and debug logs on stderr.
-    #[arg(long)]
-    pub debug: bool,
+    /// How much goes to stderr.
+    #[command(flatten)]
+    pub log: LogArgs,
 
     /// Most sources running at once.
     #[arg(
@@ -105,18 +101,26 @@ pub struct RunArgs {
 /// Flags of `sbx prefetch`.
 #[derive(Debug, Args)]
 pub struct PrefetchArgs {
-    /// No progress and no summary: only errors.
-    #[arg(short, long, conflicts_with = "debug")]
-    pub quiet: bool,
-
-    /// Show debug logs on stderr.
-    #[arg(long)]
-    pub debug: bool,
+    /// How much goes to stderr.
+    #[command(flatten)]
+    pub log: LogArgs,
 
     /// Also save a memory snapshot (warm template) per language, so that the first runs
     /// restore instead of booting.
     #[arg(long)]
     pub snapshots: bool,
+}
+
+/// The stderr verbosity flags every subcommand shares.
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Nothing on stderr but errors: no progress, no headers, no summary.
+    #[arg(short, long, conflicts_with = "debug")]
+    pub quiet: bool,
+
+    /// Debug logs on stderr, and for `run` the VM console (boot log).
+    #[arg(long)]
+    pub debug: bool,
 }
 
 /// Flags of `sbx bench`.
@@ -134,13 +138,9 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
 
-    /// No progress on stderr.
-    #[arg(short, long, conflicts_with = "debug")]
-    pub quiet: bool,
-
-    /// Show debug logs on stderr.
-    #[arg(long)]
-    pub debug: bool,
+    /// How much goes to stderr.
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 fn parse_runs(text: &str) -> Result<usize, String> {
@@ -278,7 +278,7 @@ mod tests {
         assert_eq!(r.timeout, None);
         assert_eq!(r.memory, None);
         assert!(r.env.is_empty());
-        assert!(!r.json && !r.quiet && !r.debug);
+        assert!(!r.json && !r.log.quiet && !r.log.debug);
         assert_eq!(r.concurrency, 10);
     }
 
@@ -295,7 +295,7 @@ mod tests {
             r.env,
             vec![("A".into(), "1".into()), ("B".into(), "x=y".into())]
         );
-        assert!(r.json && r.quiet);
+        assert!(r.json && r.log.quiet);
         assert_eq!(r.concurrency, 3);
         let r = run(&[
             "run",
@@ -315,7 +315,7 @@ mod tests {
             (r.timeout, r.memory, r.concurrency),
             (Some(300), Some(128), 100)
         );
-        assert!(r.debug);
+        assert!(r.log.debug);
     }
 
     #[test]
@@ -392,7 +392,7 @@ mod tests {
     #[test]
     fn prefetch_and_version() {
         match parse(&["prefetch", "-q"]).unwrap().command {
-            Command::Prefetch(p) => assert!(p.quiet && !p.debug && !p.snapshots),
+            Command::Prefetch(p) => assert!(p.log.quiet && !p.log.debug && !p.snapshots),
             other => panic!("{other:?}"),
         }
         let e = parse(&["--version"]).unwrap_err();

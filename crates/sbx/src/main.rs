@@ -34,9 +34,9 @@ fn main() -> ExitCode {
         }
     };
     progress::init(match &cli.command {
-        Command::Run(a) => Verbosity::from_flags(a.quiet, a.debug),
-        Command::Prefetch(a) => Verbosity::from_flags(a.quiet, a.debug),
-        Command::Bench(a) => Verbosity::from_flags(a.quiet, a.debug),
+        Command::Run(a) => Verbosity::from_flags(&a.log),
+        Command::Prefetch(a) => Verbosity::from_flags(&a.log),
+        Command::Bench(a) => Verbosity::from_flags(&a.log),
     });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -22,7 +22,7 @@ pub async fn prefetch(args: PrefetchArgs) -> u8 {
             return status::USAGE;
         }
     };
-    if !args.quiet {
+    if !args.log.quiet {
         let languages: Vec<_> = Language::ALL.iter().map(|l| l.as_str()).collect();
         term::step(&format!(
             "readying guest assets for {} in {}",
@@ -39,7 +39,7 @@ pub async fn prefetch(args: PrefetchArgs) -> u8 {
     };
     match outcome {
         Ok(choice) => {
-            if !args.quiet {
+            if !args.log.quiet {
                 term::stderr_line(&format!(
                     "ready: accelerator {} ({})",
                     choice.accelerator, choice.reason
@@ -66,7 +66,7 @@ async fn prefetch_snapshots(args: &PrefetchArgs, scheduler: &Scheduler) -> u8 {
         ));
         return status::SUCCESS;
     }
-    if !args.quiet {
+    if !args.log.quiet {
         term::step(&format!(
             "saving memory snapshots in {}",
             scheduler.config().snapshot_cache_dir.display()
@@ -81,7 +81,7 @@ async fn prefetch_snapshots(args: &PrefetchArgs, scheduler: &Scheduler) -> u8 {
     };
     match outcome {
         Ok(ready) => {
-            if !args.quiet {
+            if !args.log.quiet {
                 let names: Vec<_> = ready.iter().map(|l| l.as_str()).collect();
                 term::stderr_line(&format!("memory snapshots ready: {}", names.join(", ")));
             }

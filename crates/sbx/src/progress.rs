@@ -29,8 +29,8 @@ pub enum Verbosity {
 
 impl Verbosity {
     /// From the `-q` and `--debug` flags (clap makes them exclusive).
-    pub fn from_flags(quiet: bool, debug: bool) -> Self {
-        match (quiet, debug) {
+    pub fn from_flags(flags: &crate::cli::LogArgs) -> Self {
+        match (flags.quiet, flags.debug) {
             (true, _) => Verbosity::Quiet,
             (_, true) => Verbosity::Debug,
             _ => Verbosity::Normal,
@@ -171,9 +171,13 @@ mod tests {
 
     #[test]
     fn verbosity_from_flags() {
-        assert_eq!(Verbosity::from_flags(true, false), Verbosity::Quiet);
-        assert_eq!(Verbosity::from_flags(false, true), Verbosity::Debug);
-        assert_eq!(Verbosity::from_flags(false, false), Verbosity::Normal);
+        let flags = |quiet, debug| crate::cli::LogArgs { quiet, debug };
+        assert_eq!(Verbosity::from_flags(&flags(true, false)), Verbosity::Quiet);
+        assert_eq!(Verbosity::from_flags(&flags(false, true)), Verbosity::Debug);
+        assert_eq!(
+            Verbosity::from_flags(&flags(false, false)),
+            Verbosity::Normal
+        );
         for v in [Verbosity::Quiet, Verbosity::Normal, Verbosity::Debug] {
             assert!(EnvFilter::try_new(v.directives()).is_ok());
         }

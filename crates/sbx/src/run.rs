@@ -77,7 +77,7 @@ pub async fn run(args: RunArgs) -> u8 {
     // A memory snapshot being saved after a cold boot would die with this process, and the
     // next `sbx run` could not restore it. Results are printed already; Ctrl-C skips the wait.
     let _ = std::io::Write::flush(&mut std::io::stdout());
-    if runner.scheduler.snapshots_pending() && !args.quiet && term::is_live() {
+    if runner.scheduler.snapshots_pending() && !args.log.quiet && term::is_live() {
         term::step("saving a memory snapshot so that the next runs start faster");
     }
     tokio::select! {
@@ -114,7 +114,7 @@ fn prepare(args: &RunArgs) -> Result<Prepared, UsageError> {
 
     if planned.iter().any(|p| p.origin == source::Origin::Stdin)
         && std::io::stdin().is_terminal()
-        && !args.quiet
+        && !args.log.quiet
     {
         term::stderr_line("reading code from stdin; end it with Ctrl-D");
     }
@@ -200,7 +200,7 @@ impl Runner<'_> {
         if self.mode == Mode::Stream {
             options = options.on_stdout(term::stdout).on_stderr(term::stderr);
         }
-        let console = self.args.debug.then(|| {
+        let console = self.args.log.debug.then(|| {
             let prefix = (total > 1).then(|| format!("[{}/{total}] ", position + 1));
             Arc::new(Console::new(prefix))
         });
@@ -236,7 +236,7 @@ impl Runner<'_> {
         let source = &self.sources[position];
         let total = self.sources.len();
         let several = total > 1;
-        let quiet = self.args.quiet;
+        let quiet = self.args.log.quiet;
         let label = several.then_some(source.label.as_str());
         match outcome {
             Outcome::Ran(result) => {
