@@ -2,6 +2,7 @@
 
 use crate::admission::CapacityError;
 use crate::assets::AssetError;
+use crate::session::SessionCloseReason;
 use crate::validate::ValidationError;
 use crate::vm::VmError;
 
@@ -45,6 +46,23 @@ pub enum Error {
         /// The agent's message.
         message: String,
     },
+    /// A file operation in a VM failed.
+    #[error("cannot {op} file `{path}` in the sandbox")]
+    File {
+        /// `write`, `read` or `list`.
+        op: &'static str,
+        /// The path in the sandbox (truncated to 256 characters).
+        path: String,
+        /// What went wrong.
+        #[source]
+        source: crate::files::FileError,
+    },
+    /// The session is closed; it runs nothing more. Open a new one.
+    #[error("session is closed: {reason}")]
+    SessionClosed {
+        /// Why it closed.
+        reason: SessionCloseReason,
+    },
 }
 
 impl Error {
@@ -56,6 +74,8 @@ impl Error {
             Error::Boot(e) => e.kind(),
             Error::Communication(_) => ErrorKind::OutcomeUnknown,
             Error::Capacity(_) => ErrorKind::Transient,
+            Error::SessionClosed { .. } => ErrorKind::Permanent,
+            Error::File { source, .. } => source.kind(),
             Error::Guest { kind, .. } => match kind {
                 sbx_protocol::GuestErrorKind::InvalidRequest => ErrorKind::InvalidInput,
                 sbx_protocol::GuestErrorKind::InterpreterStart => ErrorKind::Transient,
@@ -72,6 +92,7 @@ impl Error {
             Error::Capacity(_) => Some(
                 "retry later, or raise the budget (EXEC_SANDBOX_MEMORY_BUDGET_MB, EXEC_SANDBOX_CPU_OVERCOMMIT_RATIO) or EXEC_SANDBOX_ADMISSION_TIMEOUT_SECONDS".into(),
             ),
+            Error::SessionClosed { .. } => Some("open a new session".into()),
             _ => None,
         }
     }

@@ -28,6 +28,12 @@ pub const MAX_ENV_NAME_BYTES: usize = 256;
 pub const MAX_ENV_VALUE_BYTES: usize = 4096;
 /// Fewest concurrent VMs a scheduler may be configured for.
 pub const MIN_CONCURRENT_VMS: usize = 1;
+/// Shortest accepted session idle timeout.
+pub const MIN_SESSION_IDLE_TIMEOUT_SECONDS: u64 = 10;
+/// Longest accepted session idle timeout.
+pub const MAX_SESSION_IDLE_TIMEOUT_SECONDS: u64 = 3600;
+/// Default session idle timeout: a session with no operation for this long closes itself.
+pub const DEFAULT_SESSION_IDLE_TIMEOUT_SECONDS: u64 = 300;
 /// Most concurrent VMs a scheduler may be configured for.
 pub const MAX_CONCURRENT_VMS: usize = 100;
 /// Default concurrent VM limit.
@@ -79,3 +85,14 @@ pub const ADMISSION_HOST_POLL: Duration = Duration::from_millis(250);
 /// Default bound of the L1 memory snapshot cache (allocated bytes on disk), in MB. A Python
 /// template at 256 MB of guest memory occupies about 45 MB.
 pub const DEFAULT_SNAPSHOT_CACHE_MAX_MB: u64 = 2048;
+
+/// Largest file written to or read from a sandbox's home directory (500 MiB; the guest agent
+/// enforces the same limit).
+pub const MAX_FILE_BYTES: u64 = sbx_protocol::MAX_FILE_SIZE;
+/// Longest path accepted for a file in the sandbox, in bytes.
+pub const MAX_GUEST_PATH_BYTES: usize = sbx_protocol::MAX_PATH_BYTES;
+/// Longest path component accepted for a file in the sandbox, in bytes.
+pub const MAX_GUEST_NAME_BYTES: usize = sbx_protocol::MAX_NAME_BYTES;
+/// Longest a file transfer waits for the guest: for each answer, and for each chunk the guest
+/// must accept. A guest slower than this is treated as broken.
+pub const FILE_IO_DEADLINE: Duration = Duration::from_secs(30);

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sbx_protocol::{Event, ExecOutcome, ExecRequest, Language, Request};
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
 
 use crate::SchedulerConfig;
 use crate::admission::{self, Admission, CapacityError, Cost, Permit};
@@ -19,7 +19,7 @@ use crate::validate;
 use crate::vm::accel::{self, AcceleratorChoice, HostVerdict, Precheck};
 use crate::vm::qemu::VmSpec;
 use crate::vm::snapshot::{self, Templates};
-use crate::vm::{OutputCallback, Vm, VmError, host};
+use crate::vm::{OutputCallback, Vm, VmError, VmStats, host};
 
 /// Runs code in disposable microVMs.
 ///
@@ -31,7 +31,8 @@ pub struct Scheduler {
 
 struct Inner {
     config: SchedulerConfig,
-    slots: Semaphore,
+    /// Shared with the VMs' owners: a session holds its slot for its whole life.
+    slots: Arc<Semaphore>,
     assets: AssetStore,
     host: OnceCell<HostVerdict>,
     admission: Arc<Admission>,
@@ -61,7 +62,7 @@ impl Scheduler {
         tracing::debug!(budget = %policy.budget, "admission budget");
         let scheduler = Self {
             inner: Arc::new(Inner {
-                slots: Semaphore::new(config.max_concurrent_vms),
+                slots: Arc::new(Semaphore::new(config.max_concurrent_vms)),
                 assets: AssetStore::new(&config),
                 host: OnceCell::new(),
                 admission: Admission::new(policy, Box::new(admission::ProcHost)),
@@ -164,22 +165,79 @@ impl Scheduler {
         validate::memory(memory_mb)?;
         validate::env_vars(&options.env_vars)?;
 
+        let StartedVm {
+            vm,
+            origin,
+            accelerator,
+            setup_ms,
+            boot_ms,
+            permit: _permit,
+            slot: _slot,
+        } = self
+            .start_vm(
+                options.language,
+                memory_mb,
+                options.on_boot_log.as_ref(),
+                started,
+            )
+            .await?;
+
+        let execute_started = Instant::now();
+        let collected = execute_code(
+            &vm,
+            options.language,
+            options.code,
+            timeout_seconds,
+            options.env_vars,
+            options.on_stdout,
+            options.on_stderr,
+        )
+        .await;
+        let execute_ms = elapsed_ms(execute_started);
+        let stats = vm.destroy().await;
+        let collected = collected?;
+
+        Ok(collected.into_result(
+            stats,
+            Timing {
+                setup_ms,
+                boot_ms,
+                execute_ms,
+                total_ms: elapsed_ms(started),
+            },
+            accelerator,
+            origin,
+        ))
+    }
+
+    /// Takes a slot, readies the assets and the accelerator verdict, and acquires a VM for
+    /// `language` (warm pool, memory snapshot or cold boot). Shared by runs and sessions: the
+    /// caller holds the returned slot and permit for as long as the VM lives.
+    pub(crate) async fn start_vm(
+        &self,
+        language: Language,
+        memory_mb: u32,
+        on_boot_log: Option<&OutputCallback>,
+        started: Instant,
+    ) -> Result<StartedVm, Error> {
+        let config = &self.inner.config;
         self.ensure_pool_task();
         let queued = tokio::time::Instant::now();
         let admission_timeout = Duration::from_secs(config.admission_timeout_seconds);
-        let _slot = tokio::time::timeout(admission_timeout, self.inner.slots.acquire())
-            .await
-            .map_err(|_| CapacityError {
-                waited: admission_timeout,
-                needed: Cost::default(),
-                available: Cost::default(),
-                blocker: admission::Blocker::Slots {
-                    max_concurrent_vms: config.max_concurrent_vms,
-                },
-            })?
-            .expect("the scheduler never closes its semaphore");
+        let slot =
+            tokio::time::timeout(admission_timeout, self.inner.slots.clone().acquire_owned())
+                .await
+                .map_err(|_| CapacityError {
+                    waited: admission_timeout,
+                    needed: Cost::default(),
+                    available: Cost::default(),
+                    blocker: admission::Blocker::Slots {
+                        max_concurrent_vms: config.max_concurrent_vms,
+                    },
+                })?
+                .expect("the scheduler never closes its semaphore");
         let slot_wait = queued.elapsed();
-        let assets = self.inner.assets.ensure(&[options.language]).await?;
+        let assets = self.inner.assets.ensure(&[language]).await?;
         let host = self.host(&assets).await;
         let setup_ms = elapsed_ms(started);
 
@@ -187,53 +245,25 @@ impl Scheduler {
         // Asset preparation does not count against the admission deadline.
         let admission_deadline =
             tokio::time::Instant::now() + admission_timeout.saturating_sub(slot_wait);
-        let (vm, origin, _permit) = self
-            .acquire_vm(&options, memory_mb, &assets, host, admission_deadline)
+        let (vm, origin, permit) = self
+            .acquire_vm(
+                language,
+                on_boot_log,
+                memory_mb,
+                &assets,
+                host,
+                admission_deadline,
+            )
             .await?;
         let boot_ms = elapsed_ms(boot_started);
-
-        let execute_started = Instant::now();
-        let request = ExecRequest {
-            language: options.language,
-            code: options.code,
-            timeout_ms: timeout_seconds * 1000,
-            env: options.env_vars,
-            stdout_limit: limits::MAX_STDOUT_BYTES,
-            stderr_limit: limits::MAX_STDERR_BYTES,
-        };
-        let collected = execute(
-            &vm,
-            request,
-            options.on_stdout,
-            options.on_stderr,
-            Duration::from_secs(timeout_seconds) + limits::HOST_TIMEOUT_GRACE,
-        )
-        .await;
-        let execute_ms = elapsed_ms(execute_started);
-        let stats = vm.destroy().await;
-        let collected = collected?;
-
-        Ok(ExecutionResult {
-            stdout: String::from_utf8_lossy(&collected.stdout.bytes).into_owned(),
-            stderr: String::from_utf8_lossy(&collected.stderr.bytes).into_owned(),
-            exit_code: collected.outcome.exit_code,
-            timed_out: collected.outcome.timed_out,
-            stdout_truncated: collected.outcome.stdout_truncated || collected.stdout.truncated,
-            stderr_truncated: collected.outcome.stderr_truncated || collected.stderr.truncated,
-            execution_time_ms: collected
-                .guest_reported
-                .then_some(collected.outcome.execution_time_ms),
-            external_cpu_time_ms: stats.cpu_time_ms,
-            external_memory_peak_mb: stats.memory_peak_mb,
-            timing: Timing {
-                setup_ms,
-                boot_ms,
-                execute_ms,
-                total_ms: elapsed_ms(started),
-            },
+        Ok(StartedVm {
+            vm,
+            origin,
             accelerator: host.choice.clone(),
-            warm_pool_hit: origin == VmOrigin::WarmPool,
-            l1_cache_hit: origin == VmOrigin::Snapshot,
+            setup_ms,
+            boot_ms,
+            permit,
+            slot,
         })
     }
 
@@ -242,7 +272,8 @@ impl Scheduler {
     /// budget: hold it until the VM is destroyed.
     async fn acquire_vm(
         &self,
-        options: &RunOptions,
+        language: Language,
+        on_boot_log: Option<&OutputCallback>,
         memory_mb: u32,
         assets: &GuestAssets,
         host: &HostVerdict,
@@ -250,8 +281,8 @@ impl Scheduler {
     ) -> Result<(Vm, VmOrigin, Permit), Error> {
         // Warm pool: built at the default memory, without boot-log streaming.
         if memory_mb == self.inner.config.default_memory_mb
-            && options.on_boot_log.is_none()
-            && let Some(PooledVm { vm, permit }) = self.inner.pool.take(options.language).await
+            && on_boot_log.is_none()
+            && let Some(PooledVm { vm, permit }) = self.inner.pool.take(language).await
         {
             return Ok((vm, VmOrigin::WarmPool, permit));
         }
@@ -261,18 +292,12 @@ impl Scheduler {
                 admission_deadline,
             )
             .await?;
-        let spec = self.vm_spec(
-            options.language,
-            memory_mb,
-            assets,
-            host,
-            options.on_boot_log.is_some(),
-        );
+        let spec = self.vm_spec(language, memory_mb, assets, host, on_boot_log.is_some());
         let boot_deadline = boot_deadline(host);
         // L1: a clone of this shape's template. Not with boot-log streaming: a clone prints no
         // boot log.
-        let template_key = (self.inner.templates.enabled() && options.on_boot_log.is_none())
-            .then(|| self.template_key(options.language, &spec, assets));
+        let template_key = (self.inner.templates.enabled() && on_boot_log.is_none())
+            .then(|| self.template_key(language, &spec, assets));
         if let Some(key) = &template_key {
             let qemu = &self.inner.config.qemu_binary;
             if let Some(vm) = self.inner.templates.restore(qemu, &spec, key).await {
@@ -283,15 +308,15 @@ impl Scheduler {
             &self.inner.config.qemu_binary,
             &spec,
             boot_deadline,
-            options.on_boot_log.clone(),
+            on_boot_log.cloned(),
         )
         .await
         .map_err(Error::Boot)?;
         if let Some(key) = template_key {
             // Saved by a separate template VM: this run does not wait for it.
             self.save_template_in_background(
-                self.vm_spec(options.language, memory_mb, assets, host, false),
-                options.language,
+                self.vm_spec(language, memory_mb, assets, host, false),
+                language,
                 key,
                 host,
             );
@@ -561,7 +586,7 @@ impl pool::WarmBooter<Vm> for Scheduler {
 
 /// Where the VM of a run came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum VmOrigin {
+pub(crate) enum VmOrigin {
     /// Booted for this run.
     Cold,
     /// Taken from the warm pool.
@@ -597,11 +622,92 @@ impl Capped {
     }
 }
 
-struct Collected {
+/// A VM acquired for a run or a session, with what it took to get it.
+pub(crate) struct StartedVm {
+    pub(crate) vm: Vm,
+    pub(crate) origin: VmOrigin,
+    pub(crate) accelerator: AcceleratorChoice,
+    pub(crate) setup_ms: u64,
+    pub(crate) boot_ms: u64,
+    /// The VM's share of the admission budget: dropped after the VM is destroyed.
+    pub(crate) permit: Permit,
+    /// One of `max_concurrent_vms`: dropped after the VM is destroyed.
+    pub(crate) slot: OwnedSemaphorePermit,
+}
+
+/// What one execution produced, before it becomes an [`ExecutionResult`].
+pub(crate) struct Collected {
     stdout: Capped,
     stderr: Capped,
     outcome: ExecOutcome,
     guest_reported: bool,
+}
+
+impl Collected {
+    /// The exit code the program ended with (-1 on a timeout).
+    pub(crate) fn exit_code(&self) -> i32 {
+        self.outcome.exit_code
+    }
+
+    /// False when the host's own deadline fired: the guest stopped answering.
+    pub(crate) fn guest_reported(&self) -> bool {
+        self.guest_reported
+    }
+
+    pub(crate) fn into_result(
+        self,
+        stats: VmStats,
+        timing: Timing,
+        accelerator: AcceleratorChoice,
+        origin: VmOrigin,
+    ) -> ExecutionResult {
+        ExecutionResult {
+            stdout: String::from_utf8_lossy(&self.stdout.bytes).into_owned(),
+            stderr: String::from_utf8_lossy(&self.stderr.bytes).into_owned(),
+            exit_code: self.outcome.exit_code,
+            timed_out: self.outcome.timed_out,
+            stdout_truncated: self.outcome.stdout_truncated || self.stdout.truncated,
+            stderr_truncated: self.outcome.stderr_truncated || self.stderr.truncated,
+            execution_time_ms: self
+                .guest_reported
+                .then_some(self.outcome.execution_time_ms),
+            external_cpu_time_ms: stats.cpu_time_ms,
+            external_memory_peak_mb: stats.memory_peak_mb,
+            timing,
+            accelerator,
+            warm_pool_hit: origin == VmOrigin::WarmPool,
+            l1_cache_hit: origin == VmOrigin::Snapshot,
+        }
+    }
+}
+
+/// Runs `code` (already validated) in `vm`'s interpreter for `language`, with the host's own
+/// deadline a grace period past the timeout.
+pub(crate) async fn execute_code(
+    vm: &Vm,
+    language: Language,
+    code: String,
+    timeout_seconds: u64,
+    env: Vec<(String, String)>,
+    on_stdout: Option<OutputCallback>,
+    on_stderr: Option<OutputCallback>,
+) -> Result<Collected, Error> {
+    let request = ExecRequest {
+        language,
+        code,
+        timeout_ms: timeout_seconds * 1000,
+        env,
+        stdout_limit: limits::MAX_STDOUT_BYTES,
+        stderr_limit: limits::MAX_STDERR_BYTES,
+    };
+    execute(
+        vm,
+        request,
+        on_stdout,
+        on_stderr,
+        Duration::from_secs(timeout_seconds) + limits::HOST_TIMEOUT_GRACE,
+    )
+    .await
 }
 
 /// Dispatches the code and gathers output until the guest reports completion or the host's own

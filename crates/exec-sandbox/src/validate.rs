@@ -40,6 +40,16 @@ pub enum ValidationError {
         /// Requested memory.
         value: u32,
     },
+    /// The session idle timeout is outside the accepted range.
+    #[error(
+        "idle_timeout_seconds is {value}, must be {}-{}",
+        limits::MIN_SESSION_IDLE_TIMEOUT_SECONDS,
+        limits::MAX_SESSION_IDLE_TIMEOUT_SECONDS
+    )]
+    IdleTimeout {
+        /// Requested idle timeout.
+        value: u64,
+    },
     /// Too many environment variables.
     #[error("{count} environment variables, limit is {}", limits::MAX_ENV_VARS)]
     TooManyEnvVars {
@@ -53,6 +63,20 @@ pub enum ValidationError {
         name: String,
         /// Which rule.
         reason: String,
+    },
+    /// A path in the sandbox broke a rule.
+    #[error("path `{path}`: {reason}")]
+    GuestPath {
+        /// The path (truncated to 64 characters for display).
+        path: String,
+        /// Which rule.
+        reason: String,
+    },
+    /// A file is larger than [`limits::MAX_FILE_BYTES`].
+    #[error("file is {size} bytes, limit is {} bytes", limits::MAX_FILE_BYTES)]
+    FileTooLarge {
+        /// Size of the file (or bytes produced so far).
+        size: u64,
     },
     /// A configuration field is invalid.
     #[error("invalid configuration {field}: {reason}")]
@@ -78,6 +102,61 @@ pub fn code(code: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
+/// Checks the form of a path in the sandbox, relative to `/home/user`: not absolute, no `..`
+/// component, no NUL byte, components of at most [`limits::MAX_GUEST_NAME_BYTES`] bytes, at most
+/// [`limits::MAX_GUEST_PATH_BYTES`] bytes in all, and naming a file unless `may_be_home` (then
+/// `""` and `"."` mean the home directory). The guest checks again and resolves the path without
+/// leaving the home directory; this only catches mistakes before anything is sent.
+pub fn guest_path(path: &str, may_be_home: bool) -> Result<(), ValidationError> {
+    let error = |reason: String| ValidationError::GuestPath {
+        path: path.chars().take(64).collect(),
+        reason,
+    };
+    if path.len() > limits::MAX_GUEST_PATH_BYTES {
+        return Err(error(format!(
+            "{} bytes, limit is {}",
+            path.len(),
+            limits::MAX_GUEST_PATH_BYTES
+        )));
+    }
+    if path.contains('\0') {
+        return Err(error("contains a NUL byte".into()));
+    }
+    if path.starts_with('/') {
+        return Err(error(
+            "is absolute; paths are relative to the home directory".into(),
+        ));
+    }
+    let mut names = 0;
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => return Err(error("contains `..`".into())),
+            name if name.len() > limits::MAX_GUEST_NAME_BYTES => {
+                return Err(error(format!(
+                    "a component is {} bytes, limit is {}",
+                    name.len(),
+                    limits::MAX_GUEST_NAME_BYTES
+                )));
+            }
+            _ => names += 1,
+        }
+    }
+    if names == 0 && !may_be_home {
+        return Err(error("names no file".into()));
+    }
+    Ok(())
+}
+
+/// Checks a file size against [`limits::MAX_FILE_BYTES`].
+pub fn file_size(size: u64) -> Result<(), ValidationError> {
+    if size > limits::MAX_FILE_BYTES {
+        Err(ValidationError::FileTooLarge { size })
+    } else {
+        Ok(())
+    }
+}
+
 /// Checks an execution timeout in seconds.
 pub fn timeout(seconds: u64) -> Result<(), ValidationError> {
     if (limits::MIN_TIMEOUT_SECONDS..=limits::MAX_TIMEOUT_SECONDS).contains(&seconds) {
@@ -93,6 +172,17 @@ pub fn memory(mb: u32) -> Result<(), ValidationError> {
         Ok(())
     } else {
         Err(ValidationError::Memory { value: mb })
+    }
+}
+
+/// Checks a session idle timeout in seconds.
+pub fn idle_timeout(seconds: u64) -> Result<(), ValidationError> {
+    if (limits::MIN_SESSION_IDLE_TIMEOUT_SECONDS..=limits::MAX_SESSION_IDLE_TIMEOUT_SECONDS)
+        .contains(&seconds)
+    {
+        Ok(())
+    } else {
+        Err(ValidationError::IdleTimeout { value: seconds })
     }
 }
 
@@ -181,6 +271,59 @@ fn env_var(name: &str, value: &str) -> Result<(), ValidationError> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn guest_path_forms() {
+        for ok in ["a.txt", "a/b/c", "./a", "a//b/", "..a", "a..b/c"] {
+            assert_eq!(guest_path(ok, false), Ok(()), "{ok}");
+        }
+        assert_eq!(guest_path("", true), Ok(()));
+        assert_eq!(guest_path(".", true), Ok(()));
+        let long_name = "n".repeat(limits::MAX_GUEST_NAME_BYTES + 1);
+        let long_path = "d/".repeat(limits::MAX_GUEST_PATH_BYTES / 2 + 1);
+        for bad in [
+            "/etc/passwd",
+            "/",
+            "..",
+            "../x",
+            "a/../../x",
+            "a/..",
+            "a\0b",
+            &long_name,
+            &long_path,
+        ] {
+            assert!(
+                matches!(
+                    guest_path(bad, true),
+                    Err(ValidationError::GuestPath { .. })
+                ),
+                "{bad:?} accepted"
+            );
+        }
+        for no_file in ["", ".", "./", "//"] {
+            assert!(guest_path(no_file, false).is_err(), "{no_file:?}");
+        }
+        assert_eq!(
+            guest_path(&"n".repeat(limits::MAX_GUEST_NAME_BYTES), false),
+            Ok(())
+        );
+        let msg = guest_path("/etc/passwd", false).unwrap_err().to_string();
+        assert!(
+            msg.contains("/etc/passwd") && msg.contains("absolute"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn file_size_limit() {
+        assert_eq!(file_size(limits::MAX_FILE_BYTES), Ok(()));
+        assert_eq!(
+            file_size(limits::MAX_FILE_BYTES + 1),
+            Err(ValidationError::FileTooLarge {
+                size: limits::MAX_FILE_BYTES + 1
+            })
+        );
+    }
+
     fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
             .iter()
@@ -218,6 +361,24 @@ mod tests {
                 .contains("timeout_seconds")
         );
         assert!(memory(1).unwrap_err().to_string().contains("memory_mb"));
+    }
+
+    #[test]
+    fn idle_timeout_bounds() {
+        assert!(idle_timeout(9).is_err());
+        assert!(idle_timeout(10).is_ok());
+        assert!(idle_timeout(300).is_ok());
+        assert!(idle_timeout(3600).is_ok());
+        assert_eq!(
+            idle_timeout(3601),
+            Err(ValidationError::IdleTimeout { value: 3601 })
+        );
+        assert!(
+            idle_timeout(0)
+                .unwrap_err()
+                .to_string()
+                .contains("idle_timeout_seconds")
+        );
     }
 
     #[test]

@@ -198,6 +198,33 @@ mod tests {
         );
         roundtrip(6, Event::Reseeded { interpreters: 2 });
         roundtrip(
+            7,
+            Request::WriteFile {
+                path: "a/b.txt".into(),
+                size: Some(3),
+                executable: true,
+            },
+        );
+        roundtrip(7, Request::FileData(vec![0, 255, 10]));
+        roundtrip(7, Request::FileEnd);
+        roundtrip(7, Request::FileAbort);
+        roundtrip(8, Request::ReadFile { path: "x".into() });
+        roundtrip(9, Request::ListFiles { path: ".".into() });
+        roundtrip(7, Event::FileWritten { size: 3 });
+        roundtrip(8, Event::FileData(vec![1; 10]));
+        roundtrip(8, Event::FileEnd { size: 10 });
+        roundtrip(
+            9,
+            Event::FileList {
+                entries: vec![crate::FileEntry {
+                    name: "d".into(),
+                    is_dir: true,
+                    size: 4096,
+                }],
+                truncated: false,
+            },
+        );
+        roundtrip(
             4,
             Event::ExecDone(ExecOutcome {
                 exit_code: -1,
@@ -208,6 +235,55 @@ mod tests {
                 interpreter_start_ms: 0,
             }),
         );
+    }
+
+    #[test]
+    fn variant_indices_are_stable() {
+        // postcard encodes the variant index first: old peers must keep understanding old
+        // messages, so new variants only ever go at the end.
+        let first = |m: &Request| encode_frame(1, m).unwrap()[HEADER_LEN];
+        assert_eq!(first(&Request::Ping), 0);
+        assert_eq!(first(&Request::Shutdown), 3);
+        assert_eq!(
+            first(&Request::WriteFile {
+                path: String::new(),
+                size: None,
+                executable: false
+            }),
+            5
+        );
+        assert_eq!(
+            first(&Request::ListFiles {
+                path: String::new()
+            }),
+            10
+        );
+        let first = |m: &Event| encode_frame(1, m).unwrap()[HEADER_LEN];
+        assert_eq!(first(&Event::Reseeded { interpreters: 0 }), 7);
+        assert_eq!(first(&Event::FileWritten { size: 0 }), 8);
+        assert_eq!(
+            first(&Event::FileList {
+                entries: Vec::new(),
+                truncated: true
+            }),
+            11
+        );
+    }
+
+    #[test]
+    fn full_file_chunk_and_full_listing_fit_in_a_frame() {
+        assert!(encode_frame(u32::MAX, &Request::FileData(vec![0xff; crate::FILE_CHUNK])).is_ok());
+        assert!(encode_frame(u32::MAX, &Event::FileData(vec![0xff; crate::FILE_CHUNK])).is_ok());
+        let entry = crate::FileEntry {
+            name: "\u{10ffff}".repeat(crate::MAX_NAME_BYTES / 4),
+            is_dir: false,
+            size: u64::MAX,
+        };
+        let list = Event::FileList {
+            entries: vec![entry; crate::MAX_LIST_ENTRIES],
+            truncated: true,
+        };
+        assert!(encode_frame(u32::MAX, &list).is_ok());
     }
 
     #[test]

@@ -36,5 +36,6 @@ pub use codec::{
 };
 pub use message::{
     AgentHello, CONTROL_PORT_NAME, EVENT_ID_UNSOLICITED, Event, ExecOutcome, ExecRequest,
-    GuestError, GuestErrorKind, Language, MAX_RESEED_ENTROPY, Request,
+    FILE_CHUNK, FileEntry, GuestError, GuestErrorKind, Language, MAX_FILE_SIZE, MAX_LIST_ENTRIES,
+    MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_RESEED_ENTROPY, Request,
 };

@@ -93,6 +93,65 @@ pub enum Request {
         /// The host's wall clock, in nanoseconds since the Unix epoch.
         unix_time_ns: u64,
     },
+    /// Start writing the file at `path` (relative to the sandbox user's home). The content
+    /// follows as [`Request::FileData`] frames and a [`Request::FileEnd`], all with this
+    /// request's id, or a [`Request::FileAbort`]. Answered by [`Event::FileWritten`] after the
+    /// end, or [`Event::Error`] (possibly before the end: the host stops sending then). The file
+    /// is written to a temporary name and renamed into place, so a failed or aborted write
+    /// leaves nothing behind.
+    WriteFile {
+        /// Path relative to the home directory.
+        path: String,
+        /// Announced size, checked against [`MAX_FILE_SIZE`] before any data and against the
+        /// bytes received at the end.
+        size: Option<u64>,
+        /// Mode 0755 instead of 0644.
+        executable: bool,
+    },
+    /// A chunk (at most [`FILE_CHUNK`] bytes) of the file being written by the request with
+    /// this id.
+    FileData(Vec<u8>),
+    /// The file being written by the request with this id is complete.
+    FileEnd,
+    /// Give up the write with this id: the temporary file is removed, no answer is sent.
+    FileAbort,
+    /// Read the regular file at `path`; answered by [`Event::FileData`] chunks then
+    /// [`Event::FileEnd`], or [`Event::Error`].
+    ReadFile {
+        /// Path relative to the home directory.
+        path: String,
+    },
+    /// List the directory at `path` (`""` or `"."` is the home directory); answered by
+    /// [`Event::FileList`] or [`Event::Error`].
+    ListFiles {
+        /// Path relative to the home directory.
+        path: String,
+    },
+}
+
+/// Largest file written or read through [`Request::WriteFile`] and [`Request::ReadFile`]
+/// (500 MiB).
+pub const MAX_FILE_SIZE: u64 = 500 * 1024 * 1024;
+/// Largest payload of one [`Request::FileData`] or [`Event::FileData`] frame.
+pub const FILE_CHUNK: usize = 256 * 1024;
+/// Longest accepted file path, in bytes.
+pub const MAX_PATH_BYTES: usize = 4096;
+/// Longest accepted path component, in bytes.
+pub const MAX_NAME_BYTES: usize = 255;
+/// Most entries one [`Event::FileList`] carries (keeps it well under a frame's size).
+pub const MAX_LIST_ENTRIES: usize = 4096;
+
+/// One directory entry in an [`Event::FileList`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// The entry's name (lossily converted to UTF-8).
+    pub name: String,
+    /// Whether it is a directory (symbolic links are not followed: a link is never a
+    /// directory here).
+    pub is_dir: bool,
+    /// Allocated size in bytes (`st_blocks * 512`): a sparse file reports what it occupies,
+    /// not its apparent length.
+    pub size: u64,
 }
 
 /// Most entropy bytes the agent uses from one [`Request::Reseed`].
@@ -173,5 +232,25 @@ pub enum Event {
     Reseeded {
         /// Interpreters whose generator was reseeded.
         interpreters: u32,
+    },
+    /// Answer to a completed [`Request::WriteFile`]: the file is in place.
+    FileWritten {
+        /// Bytes written.
+        size: u64,
+    },
+    /// A chunk (at most [`FILE_CHUNK`] bytes) of the file read by [`Request::ReadFile`].
+    FileData(Vec<u8>),
+    /// The file read by [`Request::ReadFile`] is complete.
+    FileEnd {
+        /// Bytes sent in all.
+        size: u64,
+    },
+    /// Answer to [`Request::ListFiles`], sorted by name.
+    FileList {
+        /// At most [`MAX_LIST_ENTRIES`] entries.
+        entries: Vec<FileEntry>,
+        /// The directory holds more entries than were sent (which ones were sent is
+        /// unspecified).
+        truncated: bool,
     },
 }

@@ -62,6 +62,14 @@ pub const RUN_TMPFS_MB: u64 = 8;
 
 /// Largest chunk read from an interpreter's stdout or stderr, and so the largest output event.
 pub const OUTPUT_CHUNK: usize = 64 * 1024;
+/// Largest chunk of a file read for the host (one `FileData` event; the outbox holds up to
+/// 64 events, so a read buffers at most a few MiB however slowly the host drains it).
+pub const FILE_READ_CHUNK: usize = 64 * 1024;
+/// Most file writes in progress at once.
+pub const MAX_UPLOADS: usize = 16;
+/// A write whose next chunk does not arrive within this time is abandoned (its temporary file
+/// removed), so a host that vanished mid-upload leaves nothing behind.
+pub const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Between SIGTERM and SIGKILL when an execution times out.
 pub const TERM_GRACE: Duration = Duration::from_secs(1);
 /// How long to wait for a SIGKILLed interpreter to be reaped before reporting anyway.

@@ -17,6 +17,7 @@
 mod config;
 mod context;
 mod driver;
+mod files;
 mod init;
 mod interpreter;
 mod log;

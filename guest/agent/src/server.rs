@@ -1,5 +1,5 @@
 //! Dispatch of host requests: pings are answered here at once, work goes to the language's
-//! worker, so a long execution never delays anything else.
+//! worker and file requests to their own tasks, so a long execution never delays anything else.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,6 +11,7 @@ use sbx_protocol::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::context::Context;
+use crate::files::{self, Uploads};
 use crate::log;
 use crate::outbox::Outbox;
 use crate::reseed;
@@ -44,6 +45,7 @@ pub enum Stop {
 /// Serves requests until the host asks to stop or the channel fails.
 pub async fn serve(ctx: Arc<Context>, mut inbound: mpsc::Receiver<Inbound>, out: Outbox) -> Stop {
     let mut workers: HashMap<Language, mpsc::UnboundedSender<Job>> = HashMap::new();
+    let mut uploads = Uploads::default();
     loop {
         let Some(message) = inbound.recv().await else {
             return Stop::Closed;
@@ -81,6 +83,24 @@ pub async fn serve(ctx: Arc<Context>, mut inbound: mpsc::Receiver<Inbound>, out:
                     unix_time_ns,
                 } => reseed(&ctx, &out, &workers, id, &entropy, unix_time_ns).await,
                 Request::Shutdown => return Stop::Shutdown,
+                // File requests run in their own tasks; only an upload's chunks pass through
+                // here, and wait only while that upload's small queue is full.
+                Request::WriteFile {
+                    path,
+                    size,
+                    executable,
+                } => {
+                    uploads.start(&ctx, &out, id, path, size, executable).await;
+                }
+                Request::FileData(bytes) => uploads.data(id, bytes).await,
+                Request::FileEnd => uploads.end(id).await,
+                Request::FileAbort => uploads.abort(id),
+                Request::ReadFile { path } => {
+                    tokio::spawn(files::read(ctx.clone(), out.clone(), id, path));
+                }
+                Request::ListFiles { path } => {
+                    tokio::spawn(files::list(ctx.clone(), out.clone(), id, path));
+                }
             },
             Inbound::Desync(e) => return Stop::Desync(e),
             Inbound::Closed => return Stop::Closed,

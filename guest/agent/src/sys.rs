@@ -323,6 +323,82 @@ pub fn sandbox_child(command: &mut Command, setup: ChildSetup) {
     unsafe { command.pre_exec(pre_exec) };
 }
 
+fn name_cstring(name: &[u8]) -> io::Result<CString> {
+    CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in path"))
+}
+
+/// `openat2(2)`: opens `path` relative to `dir` with the `RESOLVE_*` flags in `resolve`
+/// (`RESOLVE_BENEATH` confines resolution, symbolic links included, to `dir`'s subtree).
+/// Retries the `EAGAIN` the kernel returns when a concurrent rename made it unsure.
+pub fn openat2(
+    dir: std::os::fd::BorrowedFd<'_>,
+    path: &[u8],
+    flags: libc::c_int,
+    mode: u32,
+    resolve: u64,
+) -> io::Result<OwnedFd> {
+    let path = name_cstring(path)?;
+    // SAFETY: open_how is plain old data; all-zero is a valid value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = u64::try_from(flags | libc::O_CLOEXEC).unwrap_or(0);
+    how.mode = u64::from(mode);
+    how.resolve = resolve;
+    let mut attempts = 0;
+    loop {
+        // SAFETY: `path` is a NUL-terminated string and `how` a valid open_how, both outliving
+        // the call, and the size passed is exactly that of `how`; the kernel keeps no pointer.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dir.as_raw_fd(),
+                path.as_ptr(),
+                &raw const how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if ret >= 0 {
+            let fd = RawFd::try_from(ret).map_err(|_| io::Error::other("bad descriptor"))?;
+            // SAFETY: openat2 returned a fresh descriptor that nobody else owns.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        let error = io::Error::last_os_error();
+        let retry = matches!(error.raw_os_error(), Some(libc::EAGAIN | libc::EINTR));
+        attempts += 1;
+        if !retry || attempts >= 16 {
+            return Err(error);
+        }
+    }
+}
+
+/// `mkdirat(2)`.
+pub fn mkdirat(dir: std::os::fd::BorrowedFd<'_>, name: &[u8], mode: u32) -> io::Result<()> {
+    let name = name_cstring(name)?;
+    // SAFETY: `name` is a NUL-terminated string that outlives the call.
+    check(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) }).map(drop)
+}
+
+/// `renameat(2)` within one directory: replaces `to` (never following a link there).
+pub fn renameat(dir: std::os::fd::BorrowedFd<'_>, from: &[u8], to: &[u8]) -> io::Result<()> {
+    let from = name_cstring(from)?;
+    let to = name_cstring(to)?;
+    // SAFETY: both names are NUL-terminated strings that outlive the call.
+    check(unsafe { libc::renameat(dir.as_raw_fd(), from.as_ptr(), dir.as_raw_fd(), to.as_ptr()) })
+        .map(drop)
+}
+
+/// `unlinkat(2)` of a file (not a directory).
+pub fn unlinkat(dir: std::os::fd::BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
+    let name = name_cstring(name)?;
+    // SAFETY: `name` is a NUL-terminated string that outlives the call.
+    check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) }).map(drop)
+}
+
+/// `fchown(2)`.
+pub fn fchown(fd: std::os::fd::BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: fchown takes integers only.
+    check(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) }).map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -68,6 +68,12 @@ impl Subscription {
     pub fn id(&self) -> u32 {
         self.id
     }
+
+    /// An event already received, without waiting (`None` when there is none yet or the
+    /// channel closed).
+    pub fn try_recv(&mut self) -> Option<Event> {
+        self.events.try_recv().ok()
+    }
 }
 
 impl Drop for Subscription {
@@ -132,6 +138,18 @@ impl Channel {
         writer.write_all(&frame).await.map_err(ChannelError::Io)?;
         writer.flush().await.map_err(ChannelError::Io)?;
         Ok(subscription)
+    }
+
+    /// Sends a further frame of the request `id` (a file's data after its `WriteFile`). Waits
+    /// while the guest is not reading: the guest paces the host.
+    pub async fn send(&self, id: u32, request: &Request) -> Result<(), ChannelError> {
+        if self.is_closed() {
+            return Err(ChannelError::Closed);
+        }
+        let frame = encode_frame(id, request).map_err(ChannelError::Encode)?;
+        let mut writer = self.writer.lock().await;
+        writer.write_all(&frame).await.map_err(ChannelError::Io)?;
+        writer.flush().await.map_err(ChannelError::Io)
     }
 
     /// True once the reader stopped (guest closed the channel or broke the protocol).

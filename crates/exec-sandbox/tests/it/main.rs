@@ -5,6 +5,8 @@ mod assets;
 mod support;
 mod vm_admission;
 mod vm_exec;
+mod vm_files;
 mod vm_limits;
 mod vm_pool;
+mod vm_session;
 mod vm_snapshot;

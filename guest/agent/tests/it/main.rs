@@ -3,6 +3,7 @@
 
 #![expect(clippy::unwrap_used, reason = "tests")]
 
+mod files;
 mod support;
 
 use std::io::Write as _;

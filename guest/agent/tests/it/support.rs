@@ -7,7 +7,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use sbx_protocol::{
-    Event, ExecOutcome, ExecRequest, FrameDecoder, GuestError, Language, Request, encode_frame,
+    Event, ExecOutcome, ExecRequest, FILE_CHUNK, FileEntry, FrameDecoder, GuestError, Language,
+    Request, encode_frame,
 };
 
 /// Longest any single test waits for one event.
@@ -289,6 +290,73 @@ impl Agent {
         match self.next_for(id, EVENT_DEADLINE).event {
             Event::Error(e) => e,
             other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    /// Writes `content` to `path` in chunks, announcing `size`; returns the answer.
+    pub fn write_file_sized(
+        &mut self,
+        path: &str,
+        content: &[u8],
+        size: Option<u64>,
+        executable: bool,
+    ) -> Result<u64, GuestError> {
+        let id = self.send(&Request::WriteFile {
+            path: path.to_string(),
+            size,
+            executable,
+        });
+        let mut frames = Vec::new();
+        for chunk in content.chunks(FILE_CHUNK) {
+            frames.extend(encode_frame(id, &Request::FileData(chunk.to_vec())).expect("encode"));
+        }
+        frames.extend(encode_frame(id, &Request::FileEnd).expect("encode"));
+        self.send_raw(&frames);
+        match self.next_for(id, EVENT_DEADLINE).event {
+            Event::FileWritten { size } => Ok(size),
+            Event::Error(e) => Err(e),
+            other => panic!("unexpected answer to a write: {other:?}"),
+        }
+    }
+
+    /// Writes `content` to `path`, announcing its size.
+    pub fn write_file(
+        &mut self,
+        path: &str,
+        content: &[u8],
+        executable: bool,
+    ) -> Result<u64, GuestError> {
+        self.write_file_sized(path, content, Some(content.len() as u64), executable)
+    }
+
+    /// Reads `path` whole.
+    pub fn read_file(&mut self, path: &str) -> Result<Vec<u8>, GuestError> {
+        let id = self.send(&Request::ReadFile {
+            path: path.to_string(),
+        });
+        let mut content = Vec::new();
+        loop {
+            match self.next_for(id, EVENT_DEADLINE).event {
+                Event::FileData(bytes) => content.extend(bytes),
+                Event::FileEnd { size } => {
+                    assert_eq!(size, content.len() as u64, "FileEnd size");
+                    return Ok(content);
+                }
+                Event::Error(e) => return Err(e),
+                other => panic!("unexpected answer to a read: {other:?}"),
+            }
+        }
+    }
+
+    /// Lists `path`.
+    pub fn list_files(&mut self, path: &str) -> Result<(Vec<FileEntry>, bool), GuestError> {
+        let id = self.send(&Request::ListFiles {
+            path: path.to_string(),
+        });
+        match self.next_for(id, EVENT_DEADLINE).event {
+            Event::FileList { entries, truncated } => Ok((entries, truncated)),
+            Event::Error(e) => Err(e),
+            other => panic!("unexpected answer to a listing: {other:?}"),
         }
     }
 

@@ -1,0 +1,658 @@
+//! Sessions: one VM kept alive across several executions, its interpreter state carried over.
+//!
+//! A [`Session`] owns a VM (and its concurrency slot and admission permit) from
+//! [`Scheduler::session`] until it closes: explicitly, on drop, after its idle timeout, or by
+//! rule when the VM can no longer be trusted to hold state (the program was SIGKILLed, the VM
+//! stopped answering). Every operation goes through [`Session::operation`], which suspends the
+//! idle timer while it runs.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use sbx_protocol::Language;
+use tokio::sync::{Mutex, OwnedSemaphorePermit, RwLock};
+
+use crate::admission::Permit;
+use crate::error::Error;
+use crate::limits;
+use crate::result::{ExecutionResult, Timing};
+use crate::scheduler::{Scheduler, StartedVm, VmOrigin, execute_code};
+use crate::validate;
+use crate::vm::accel::AcceleratorChoice;
+use crate::vm::{OutputCallback, Vm, VmStats};
+
+/// Exit code of a program killed by SIGKILL (128 + 9): usually the guest's OOM killer, after
+/// which the VM's state is not worth keeping.
+const EXIT_SIGKILL: i32 = 137;
+
+/// What [`Scheduler::session`] opens.
+///
+/// ```
+/// use exec_sandbox::{Language, SessionOptions};
+///
+/// let options = SessionOptions::new(Language::Python)
+///     .idle_timeout_seconds(60)
+///     .env("GREETING", "hi");
+/// assert_eq!(options.idle_timeout_seconds, 60);
+/// ```
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    /// Interpreter of every execution in the session.
+    pub language: Language,
+    /// Guest memory in MB (at least 128); the scheduler's default when `None`.
+    pub memory_mb: Option<u32>,
+    /// Environment variables of every execution (an execution's own variables override them).
+    pub env_vars: Vec<(String, String)>,
+    /// Seconds without any operation after which the session closes itself (10-3600).
+    pub idle_timeout_seconds: u64,
+    /// Replaces `idle_timeout_seconds` without its lower bound, for tests.
+    #[doc(hidden)]
+    pub idle_timeout_unchecked: Option<Duration>,
+}
+
+impl SessionOptions {
+    /// A session in `language` with every other setting at its default.
+    pub fn new(language: Language) -> Self {
+        Self {
+            language,
+            memory_mb: None,
+            env_vars: Vec::new(),
+            idle_timeout_seconds: limits::DEFAULT_SESSION_IDLE_TIMEOUT_SECONDS,
+            idle_timeout_unchecked: None,
+        }
+    }
+
+    /// Sets the guest memory.
+    pub fn memory_mb(mut self, mb: u32) -> Self {
+        self.memory_mb = Some(mb);
+        self
+    }
+
+    /// Adds one environment variable for every execution.
+    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env_vars.push((name.into(), value.into()));
+        self
+    }
+
+    /// Sets the idle timeout.
+    pub fn idle_timeout_seconds(mut self, seconds: u64) -> Self {
+        self.idle_timeout_seconds = seconds;
+        self
+    }
+
+    /// Sets an idle timeout below the accepted minimum, for tests.
+    #[doc(hidden)]
+    pub fn idle_timeout_unchecked(mut self, idle: Duration) -> Self {
+        self.idle_timeout_unchecked = Some(idle);
+        self
+    }
+}
+
+/// One execution in a [`Session`].
+///
+/// ```
+/// use exec_sandbox::ExecOptions;
+///
+/// let options = ExecOptions::new("print(x)").timeout_seconds(5).env("N", "1");
+/// assert_eq!(options.timeout_seconds, Some(5));
+/// ```
+#[derive(Clone)]
+pub struct ExecOptions {
+    /// Program text (UTF-8, at most 1 MiB, no NUL bytes).
+    pub code: String,
+    /// Execution timeout in seconds (1-300); the scheduler's default when `None`.
+    pub timeout_seconds: Option<u64>,
+    /// Environment variables for this execution, on top of the session's.
+    pub env_vars: Vec<(String, String)>,
+    /// Receives stdout chunks as the program produces them.
+    pub on_stdout: Option<OutputCallback>,
+    /// Receives stderr chunks as the program produces them.
+    pub on_stderr: Option<OutputCallback>,
+}
+
+impl std::fmt::Debug for ExecOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecOptions")
+            .field("code_bytes", &self.code.len())
+            .field("timeout_seconds", &self.timeout_seconds)
+            .field("env_vars", &self.env_vars.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ExecOptions {
+    /// An execution of `code` with every other setting at its default.
+    pub fn new(code: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            timeout_seconds: None,
+            env_vars: Vec::new(),
+            on_stdout: None,
+            on_stderr: None,
+        }
+    }
+
+    /// Sets the execution timeout.
+    pub fn timeout_seconds(mut self, seconds: u64) -> Self {
+        self.timeout_seconds = Some(seconds);
+        self
+    }
+
+    /// Adds one environment variable.
+    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env_vars.push((name.into(), value.into()));
+        self
+    }
+
+    /// Streams stdout chunks to `f`.
+    pub fn on_stdout(mut self, f: impl Fn(&[u8]) + Send + Sync + 'static) -> Self {
+        self.on_stdout = Some(Arc::new(f));
+        self
+    }
+
+    /// Streams stderr chunks to `f`.
+    pub fn on_stderr(mut self, f: impl Fn(&[u8]) + Send + Sync + 'static) -> Self {
+        self.on_stderr = Some(Arc::new(f));
+        self
+    }
+}
+
+/// Why a session closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionCloseReason {
+    /// [`Session::close`] was called or the session was dropped.
+    Closed,
+    /// No operation for the idle timeout.
+    IdleTimeout {
+        /// The idle timeout.
+        after: Duration,
+    },
+    /// A program was killed by SIGKILL (exit code 137, usually the guest's out-of-memory killer).
+    Killed,
+    /// The VM stopped answering or its control channel closed.
+    VmLost,
+}
+
+impl std::fmt::Display for SessionCloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Closed => f.write_str("closed by the caller"),
+            Self::IdleTimeout { after } => {
+                write!(f, "idle for {} s", after.as_secs_f64())
+            }
+            Self::Killed => {
+                f.write_str("a program was killed (exit code 137, likely out of memory)")
+            }
+            Self::VmLost => f.write_str("the sandbox VM stopped answering"),
+        }
+    }
+}
+
+/// One VM kept alive across executions; interpreter state (Python's `__main__`, JavaScript
+/// top-level declarations, shell variables, functions and working directory) carries over.
+///
+/// Made by [`Scheduler::session`]. Concurrent [`exec`](Self::exec) calls run one after the
+/// other. Dropping the session destroys its VM.
+pub struct Session {
+    inner: Arc<Inner>,
+    idle_watch: tokio::task::JoinHandle<()>,
+}
+
+struct Inner {
+    language: Language,
+    env_vars: Vec<(String, String)>,
+    default_timeout_seconds: u64,
+    origin: VmOrigin,
+    accelerator: AcceleratorChoice,
+    vm_name: String,
+    /// `None` once closed. Operations hold a read guard, so they may overlap (a file transfer
+    /// during an exec); closing takes the write guard, after the operations in progress.
+    live: RwLock<Option<Live>>,
+    /// Serializes executions: one interpreter, outputs never interleaved.
+    exec_turn: Mutex<()>,
+    activity: std::sync::Mutex<Activity>,
+    exec_count: AtomicU64,
+}
+
+/// The VM and what it holds of the scheduler's capacity; released together.
+struct Live {
+    vm: Vm,
+    permit: Permit,
+    slot: OwnedSemaphorePermit,
+}
+
+impl Live {
+    async fn destroy(self) -> VmStats {
+        let Live { vm, permit, slot } = self;
+        let stats = vm.destroy().await;
+        drop(permit);
+        drop(slot);
+        stats
+    }
+}
+
+/// What the idle timer watches.
+struct Activity {
+    closed: Option<SessionCloseReason>,
+    last: tokio::time::Instant,
+    in_flight: usize,
+}
+
+/// An operation in progress: the idle timer is suspended until it is dropped.
+struct InFlight<'a>(&'a Inner);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut activity = self.0.activity();
+        activity.in_flight -= 1;
+        activity.last = tokio::time::Instant::now();
+    }
+}
+
+impl Inner {
+    fn activity(&self) -> std::sync::MutexGuard<'_, Activity> {
+        self.activity.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts an operation, unless the session is closed.
+    fn begin(&self) -> Result<InFlight<'_>, Error> {
+        let mut activity = self.activity();
+        if let Some(reason) = &activity.closed {
+            return Err(Error::SessionClosed {
+                reason: reason.clone(),
+            });
+        }
+        activity.in_flight += 1;
+        Ok(InFlight(self))
+    }
+
+    fn closed_error(&self) -> Error {
+        Error::SessionClosed {
+            reason: self
+                .activity()
+                .closed
+                .clone()
+                .unwrap_or(SessionCloseReason::Closed),
+        }
+    }
+
+    /// Marks the session closed (the first reason wins) and destroys the VM once the
+    /// operations in progress are done. Returns what the host measured of the VM, when this
+    /// call destroyed it.
+    async fn close(&self, reason: SessionCloseReason) -> Option<VmStats> {
+        self.activity().closed.get_or_insert(reason);
+        let live = self.live.write().await.take()?;
+        let stats = live.destroy().await;
+        tracing::debug!(vm = %self.vm_name, reason = %self.closed_error(), "session closed");
+        Some(stats)
+    }
+}
+
+impl Drop for Inner {
+    /// Destroys the VM in the background when a runtime is there to do it, so the permit is
+    /// released after QEMU is reaped; otherwise `kill_on_drop` kills it.
+    fn drop(&mut self) {
+        if let Some(live) = self.live.get_mut().take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                live.destroy().await;
+            });
+        }
+    }
+}
+
+/// Closes the session once it has been idle for `idle`. Holds only a weak reference.
+async fn watch_idle(inner: Weak<Inner>, idle: Duration) {
+    loop {
+        let wake = {
+            let Some(inner) = inner.upgrade() else { return };
+            let activity = inner.activity();
+            if activity.closed.is_some() {
+                return;
+            }
+            if activity.in_flight > 0 {
+                // Suspended; looked at again after another full period.
+                tokio::time::Instant::now() + idle
+            } else {
+                activity.last + idle
+            }
+        };
+        tokio::time::sleep_until(wake).await;
+        let Some(inner) = inner.upgrade() else { return };
+        let expired = {
+            let mut activity = inner.activity();
+            let expired = activity.closed.is_none()
+                && activity.in_flight == 0
+                && tokio::time::Instant::now() >= activity.last + idle;
+            if expired {
+                activity.closed = Some(SessionCloseReason::IdleTimeout { after: idle });
+            }
+            expired
+        };
+        if expired {
+            inner
+                .close(SessionCloseReason::IdleTimeout { after: idle })
+                .await;
+            return;
+        }
+    }
+}
+
+/// Sessions.
+impl Scheduler {
+    /// Opens a session: a VM (from the warm pool, a memory snapshot or a cold boot; its state
+    /// starts clean either way) kept for several [`Session::exec`] calls.
+    ///
+    /// Invalid options are rejected before any VM boots. The session holds one of the
+    /// scheduler's slots and its share of the admission budget until it closes.
+    pub async fn session(&self, options: SessionOptions) -> Result<Session, Error> {
+        let started = Instant::now();
+        let config = self.config();
+        let memory_mb = options.memory_mb.unwrap_or(config.default_memory_mb);
+        validate::memory(memory_mb)?;
+        validate::env_vars(&options.env_vars)?;
+        let idle = match options.idle_timeout_unchecked {
+            Some(idle) => idle,
+            None => {
+                validate::idle_timeout(options.idle_timeout_seconds)?;
+                Duration::from_secs(options.idle_timeout_seconds)
+            }
+        };
+        let default_timeout_seconds = config.default_timeout_seconds;
+        let StartedVm {
+            vm,
+            origin,
+            accelerator,
+            permit,
+            slot,
+            ..
+        } = self
+            .start_vm(options.language, memory_mb, None, started)
+            .await?;
+        tracing::debug!(vm = %vm.name(), language = %options.language, ?origin, "session opened");
+        let inner = Arc::new(Inner {
+            language: options.language,
+            env_vars: options.env_vars,
+            default_timeout_seconds,
+            origin,
+            accelerator,
+            vm_name: vm.name().to_string(),
+            live: RwLock::new(Some(Live { vm, permit, slot })),
+            exec_turn: Mutex::new(()),
+            activity: std::sync::Mutex::new(Activity {
+                closed: None,
+                last: tokio::time::Instant::now(),
+                in_flight: 0,
+            }),
+            exec_count: AtomicU64::new(0),
+        });
+        let idle_watch = tokio::spawn(watch_idle(Arc::downgrade(&inner), idle));
+        Ok(Session { inner, idle_watch })
+    }
+}
+
+impl Session {
+    /// Runs `options.code` in the session's interpreter and returns its result.
+    ///
+    /// A program error, `sys.exit(n)` or a syntax error leave the session and its state as they
+    /// were. A program that ends its interpreter (`os._exit`, a signal, the timeout) loses the
+    /// state; the next execution gets a fresh interpreter. Exit code 137 (SIGKILL, usually out
+    /// of memory) or a VM that stops answering close the session: this call still returns the
+    /// result (or the transport error), later calls fail with [`Error::SessionClosed`].
+    ///
+    /// In the result, `timing.setup_ms` is the wait for earlier executions, `boot_ms` is 0, and
+    /// the host's CPU and memory measurements are only there when this execution closed the
+    /// session.
+    pub async fn exec(&self, options: ExecOptions) -> Result<ExecutionResult, Error> {
+        let started = Instant::now();
+        let timeout_seconds = options
+            .timeout_seconds
+            .unwrap_or(self.inner.default_timeout_seconds);
+        validate::code(&options.code)?;
+        validate::timeout(timeout_seconds)?;
+        let env = merge_env(&self.inner.env_vars, options.env_vars);
+        validate::env_vars(&env)?;
+
+        let language = self.inner.language;
+        // Waiting for the turn counts as an operation in progress, and the turn is held until
+        // a closing verdict is in: an exec queued behind one that closes the session fails.
+        let _queued = self.inner.begin()?;
+        let _turn = self.inner.exec_turn.lock().await;
+        let queued_ms = elapsed_ms(started);
+        let (outcome, execute_ms) = self
+            .operation(async |vm: &Vm| {
+                let execute_started = Instant::now();
+                let collected = execute_code(
+                    vm,
+                    language,
+                    options.code,
+                    timeout_seconds,
+                    env,
+                    options.on_stdout,
+                    options.on_stderr,
+                )
+                .await;
+                let channel_closed = vm.channel().is_closed();
+                let execute_ms = elapsed_ms(execute_started);
+                ((collected, channel_closed), execute_ms)
+            })
+            .await?;
+        let (collected, channel_closed) = outcome;
+        let close_reason = match &collected {
+            Ok(c) if c.exit_code() == EXIT_SIGKILL => Some(SessionCloseReason::Killed),
+            // The host's deadline fired: the guest is not trusted any more.
+            Ok(c) if !c.guest_reported() => Some(SessionCloseReason::VmLost),
+            Err(Error::Communication(_) | Error::Boot(_)) => Some(SessionCloseReason::VmLost),
+            _ if channel_closed => Some(SessionCloseReason::VmLost),
+            _ => None,
+        };
+        let stats = match close_reason {
+            Some(reason) => self.inner.close(reason).await.unwrap_or_default(),
+            None => VmStats::default(),
+        };
+        let collected = collected?;
+        self.inner.exec_count.fetch_add(1, Ordering::Relaxed);
+        Ok(collected.into_result(
+            stats,
+            Timing {
+                setup_ms: queued_ms,
+                boot_ms: 0,
+                execute_ms,
+                total_ms: elapsed_ms(started),
+            },
+            self.inner.accelerator.clone(),
+            self.inner.origin,
+        ))
+    }
+
+    /// Runs `f` with the session's VM as one operation: fails with [`Error::SessionClosed`]
+    /// once the session is closed, and suspends the idle timer while `f` runs. Every session
+    /// operation (executions, file transfers) goes through here; operations may overlap.
+    pub(crate) async fn operation<R>(&self, f: impl AsyncFnOnce(&Vm) -> R) -> Result<R, Error> {
+        let _in_flight = self.inner.begin()?;
+        let live = self.inner.live.read().await;
+        // Closed while this operation waited: the VM may still be there, winding down.
+        let Some(live) = live
+            .as_ref()
+            .filter(|_| self.inner.activity().closed.is_none())
+        else {
+            return Err(self.inner.closed_error());
+        };
+        Ok(f(&live.vm).await)
+    }
+
+    /// Writes `source` to `path` (relative to `/home/user`) in the sandbox: streamed in chunks,
+    /// parents created, atomic (an aborted or failed write leaves no partial file), owned by the
+    /// sandbox user, mode 0755 if `executable` else 0644, at most
+    /// [`MAX_FILE_BYTES`](crate::limits::MAX_FILE_BYTES) (checked before the transfer when `size`
+    /// is given). Works while an execution is running. Returns the bytes written.
+    pub async fn write_file(
+        &self,
+        path: &str,
+        source: impl tokio::io::AsyncRead + Unpin,
+        size: Option<u64>,
+        executable: bool,
+    ) -> Result<u64, Error> {
+        self.file_operation(async |vm: &Vm| {
+            crate::files::write_file(vm, path, source, size, executable).await
+        })
+        .await
+    }
+
+    /// Streams the sandbox file `path` (relative to `/home/user`) into `dest`. Symbolic links
+    /// leading out of the home directory are refused. Returns the bytes read.
+    pub async fn read_file(
+        &self,
+        path: &str,
+        dest: impl tokio::io::AsyncWrite + Unpin,
+    ) -> Result<u64, Error> {
+        self.file_operation(async |vm: &Vm| crate::files::read_file(vm, path, dest).await)
+            .await
+    }
+
+    /// Lists the directory `path` (relative to `/home/user`; `""` or `"."` for the home itself).
+    pub async fn list_files(&self, path: &str) -> Result<Vec<crate::FileEntry>, Error> {
+        self.file_operation(async |vm: &Vm| crate::files::list_files(vm, path).await)
+            .await
+    }
+
+    /// One file operation; a VM found dead afterwards closes the session, as for executions.
+    async fn file_operation<R>(
+        &self,
+        f: impl AsyncFnOnce(&Vm) -> Result<R, Error>,
+    ) -> Result<R, Error> {
+        let (result, channel_closed) = self
+            .operation(async |vm: &Vm| {
+                let result = f(vm).await;
+                (result, vm.channel().is_closed())
+            })
+            .await?;
+        if channel_closed {
+            self.inner.close(SessionCloseReason::VmLost).await;
+        }
+        result
+    }
+
+    /// Executions that returned a result.
+    pub fn exec_count(&self) -> u64 {
+        self.inner.exec_count.load(Ordering::Relaxed)
+    }
+
+    /// The session's interpreter.
+    pub fn language(&self) -> Language {
+        self.inner.language
+    }
+
+    /// Why the session closed, or `None` while it is open.
+    pub fn close_reason(&self) -> Option<SessionCloseReason> {
+        self.inner.activity().closed.clone()
+    }
+
+    /// Which accelerator runs the session's VM.
+    pub fn accelerator(&self) -> &AcceleratorChoice {
+        &self.inner.accelerator
+    }
+
+    /// The VM's name (QEMU's `-name`), for tests.
+    #[doc(hidden)]
+    pub fn vm_name(&self) -> &str {
+        &self.inner.vm_name
+    }
+
+    /// Closes the session and destroys its VM, after the operations in progress. Later calls
+    /// fail with [`Error::SessionClosed`]. Closing a closed session does nothing.
+    pub async fn close(&self) {
+        self.inner.close(SessionCloseReason::Closed).await;
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.idle_watch.abort();
+    }
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("vm", &self.inner.vm_name)
+            .field("language", &self.inner.language)
+            .field("exec_count", &self.exec_count())
+            .field("close_reason", &self.close_reason())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The session's variables with the execution's on top (an execution's value wins).
+fn merge_env(session: &[(String, String)], exec: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = session
+        .iter()
+        .filter(|(name, _)| !exec.iter().any(|(n, _)| n == name))
+        .cloned()
+        .collect();
+    env.extend(exec);
+    env
+}
+
+fn elapsed_ms(since: Instant) -> u64 {
+    since.elapsed().as_millis() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ErrorKind, SchedulerConfig};
+
+    fn offline_scheduler() -> Scheduler {
+        Scheduler::new(SchedulerConfig {
+            // A QEMU that does not exist: reaching the VM stage would fail differently.
+            qemu_binary: "/nonexistent/qemu".into(),
+            offline: true,
+            ..SchedulerConfig::default()
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn invalid_options_are_rejected_before_any_vm() {
+        let s = offline_scheduler();
+        for options in [
+            SessionOptions::new(Language::Python).idle_timeout_seconds(9),
+            SessionOptions::new(Language::Python).idle_timeout_seconds(3601),
+            SessionOptions::new(Language::Python).memory_mb(64),
+            SessionOptions::new(Language::Raw).env("LD_PRELOAD", "/x.so"),
+        ] {
+            let started = Instant::now();
+            let err = s.session(options).await.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+            assert!(started.elapsed() < Duration::from_secs(1));
+        }
+    }
+
+    #[test]
+    fn exec_env_overrides_session_env() {
+        let v = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            merge_env(&v(&[("A", "1"), ("B", "2")]), v(&[("B", "3"), ("C", "4")])),
+            v(&[("A", "1"), ("B", "3"), ("C", "4")])
+        );
+    }
+
+    #[test]
+    fn session_closed_is_permanent_and_names_the_reason() {
+        let e = Error::SessionClosed {
+            reason: SessionCloseReason::IdleTimeout {
+                after: Duration::from_secs(300),
+            },
+        };
+        assert_eq!(e.kind(), ErrorKind::Permanent);
+        assert_eq!(e.to_string(), "session is closed: idle for 300 s");
+    }
+}

@@ -1,0 +1,102 @@
+//! File transfer through a session's VM: upload, use, download, list, and the guest's path rules.
+
+use std::time::Duration;
+
+use exec_sandbox::{ErrorKind, ExecOptions, Language, SessionOptions};
+
+use crate::support::{chain, scheduler};
+
+#[tokio::test]
+async fn upload_transform_download_and_list_in_a_real_vm() {
+    let session = scheduler()
+        .session(SessionOptions::new(Language::Python))
+        .await
+        .unwrap_or_else(|e| panic!("{}", chain(&e)));
+
+    let data: Vec<u8> = (0..=255u8).cycle().take(300_000).collect();
+    let written = session
+        .write_file("in/data.bin", &data[..], Some(data.len() as u64), false)
+        .await
+        .unwrap_or_else(|e| panic!("{}", chain(&e)));
+    assert_eq!(written, data.len() as u64);
+
+    let r = session
+        .exec(ExecOptions::new(
+            "import os\nb = open('in/data.bin', 'rb').read()\nopen('out.bin', 'wb').write(bytes(reversed(b)))\nprint(len(b), oct(os.stat('in/data.bin').st_mode & 0o777), os.stat('in/data.bin').st_uid)",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "300000 0o644 1000\n", "stderr: {}", r.stderr);
+
+    let mut back = Vec::new();
+    session.read_file("out.bin", &mut back).await.unwrap();
+    let expected: Vec<u8> = data.iter().rev().copied().collect();
+    assert!(back == expected, "downloaded bytes differ");
+
+    let entries = session.list_files("").await.unwrap();
+    let names: Vec<_> = entries
+        .iter()
+        .map(|e| (e.name.as_str(), e.is_dir))
+        .collect();
+    assert!(names.contains(&("in", true)), "{names:?}");
+    assert!(names.contains(&("out.bin", false)), "{names:?}");
+
+    // An executable upload runs.
+    let script = b"#!/bin/sh\necho uploaded-script-ran\n";
+    session
+        .write_file("bin/hello.sh", &script[..], Some(script.len() as u64), true)
+        .await
+        .unwrap();
+    let r = session
+        .exec(ExecOptions::new("import subprocess\nprint(subprocess.run(['./bin/hello.sh'], capture_output=True, text=True).stdout, end='')"))
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "uploaded-script-ran\n", "stderr: {}", r.stderr);
+
+    // A symlink planted by user code is not followed out of the home directory.
+    session
+        .exec(ExecOptions::new(
+            "import os\nos.symlink('/etc/passwd', 'passwd')\nos.symlink('/etc', 'etc')",
+        ))
+        .await
+        .unwrap();
+    let err = session
+        .read_file("passwd", &mut Vec::new())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{}", chain(&err));
+    let err = session
+        .write_file("etc/evil", &b"x"[..], Some(1), false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{}", chain(&err));
+    // Rejected on the host before anything is sent.
+    for bad in ["/etc/passwd", "../x", "a/../../x"] {
+        let err = session.read_file(bad, &mut Vec::new()).await.unwrap_err();
+        assert_eq!(
+            err.kind(),
+            ErrorKind::InvalidInput,
+            "{bad}: {}",
+            chain(&err)
+        );
+    }
+
+    // Listing answers while an execution is still running on the same VM.
+    let running = session.exec(ExecOptions::new(
+        "import time; time.sleep(4); print('slept')",
+    ));
+    let listing = async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let started = std::time::Instant::now();
+        let entries = session.list_files("in").await.unwrap();
+        (entries, started.elapsed())
+    };
+    let (r, (entries, took)) = tokio::join!(running, listing);
+    assert_eq!(r.unwrap().stdout, "slept\n");
+    assert_eq!(entries.len(), 1);
+    assert!(
+        took < Duration::from_secs(2),
+        "list took {took:?} during an exec"
+    );
+    session.close().await;
+}
