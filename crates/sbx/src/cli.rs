@@ -71,6 +71,16 @@ pub struct RunArgs {
     #[arg(short, long, value_name = "MB", value_parser = parse_memory)]
     pub memory: Option<u32>,
 
+    /// Copy a local file into the sandbox before the code runs; GUEST is relative to
+    /// /home/user (repeatable; needs exactly one source).
+    #[arg(long = "upload", value_name = "LOCAL:GUEST", value_parser = crate::transfer::parse_upload)]
+    pub uploads: Vec<crate::transfer::Upload>,
+
+    /// Copy a sandbox file out after the code ran; LOCAL defaults to the file's name in the
+    /// current directory (repeatable; needs exactly one source).
+    #[arg(long = "download", value_name = "GUEST[:LOCAL]", value_parser = crate::transfer::parse_download)]
+    pub downloads: Vec<crate::transfer::Download>,
+
     /// Environment variable for the program (repeatable; the last of a name wins).
     #[arg(short, long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
     pub env: Vec<(String, String)>,

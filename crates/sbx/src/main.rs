@@ -14,6 +14,7 @@ mod run;
 mod source;
 mod status;
 mod term;
+mod transfer;
 
 use std::process::ExitCode;
 use std::time::Duration;

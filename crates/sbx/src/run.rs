@@ -6,7 +6,8 @@ use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
 
 use exec_sandbox::{
-    EnvVars, ErrorKind, ExecutionResult, RunOptions, Scheduler, SchedulerConfig, validate,
+    EnvVars, ErrorKind, ExecOptions, ExecutionResult, RunOptions, Scheduler, SchedulerConfig,
+    validate,
 };
 use tokio::task::JoinSet;
 
@@ -99,6 +100,15 @@ fn prepare(args: &RunArgs) -> Result<Prepared, UsageError> {
     let env = last_of_each_name(&args.env);
     validate::env_vars(&env).map_err(|e| UsageError::new("invalid --env").cause(e))?;
     let planned = source::classify(&args.inputs, args.language, source::probe_path)?;
+    if !args.uploads.is_empty() || !args.downloads.is_empty() {
+        if planned.len() != 1 {
+            return Err(UsageError::new(format!(
+                "--upload and --download need exactly one source, got {}",
+                planned.len()
+            )));
+        }
+        crate::transfer::check_local(&args.uploads, &args.downloads)?;
+    }
 
     let mut config = SchedulerConfig::from_env().map_err(|e| {
         UsageError::new(e.to_string()).hint("fix or unset the EXEC_SANDBOX_* environment variable")
@@ -210,8 +220,29 @@ impl Runner<'_> {
         }
         let scheduler = self.scheduler.clone();
         let label = source.label.clone();
+        let transfers = (!self.args.uploads.is_empty() || !self.args.downloads.is_empty())
+            .then(|| (self.args.uploads.clone(), self.args.downloads.clone()));
         let handle = self.tasks.spawn(async move {
-            let outcome = scheduler.run(options).await;
+            let outcome = match transfers {
+                None => scheduler.run(options).await,
+                // Files need a VM that outlives the execution: a session.
+                Some((uploads, downloads)) => {
+                    let mut exec = ExecOptions::new(std::mem::take(&mut options.code));
+                    exec.timeout_seconds = options.timeout_seconds;
+                    exec.on_stdout = options.on_stdout.take();
+                    exec.on_stderr = options.on_stderr.take();
+                    crate::transfer::run_with_files(
+                        &scheduler,
+                        options.language,
+                        options.memory_mb,
+                        std::mem::take(&mut options.env_vars),
+                        exec,
+                        &uploads,
+                        &downloads,
+                    )
+                    .await
+                }
+            };
             if let Some(console) = console {
                 console.flush();
             }

@@ -140,3 +140,29 @@ fn offline_without_assets_is_a_sandbox_error_with_json_on_stdout() {
     assert_eq!(value["error"]["kind"], "permanent");
     assert!(String::from_utf8_lossy(&out.stderr).contains("error:"));
 }
+
+#[test]
+fn bad_uploads_and_downloads_are_refused_before_any_vm() {
+    refuses(
+        &["run", "--upload", "no-such-file.csv:data.csv", "print(1)"],
+        "--upload: cannot read no-such-file.csv",
+    );
+    refuses(
+        &["run", "--upload", "x:/etc/passwd", "print(1)"],
+        "absolute",
+    );
+    refuses(&["run", "--download", "../escape", "print(1)"], "..");
+    refuses(
+        &[
+            "run",
+            "--download",
+            "out.txt:/no/such/dir/out.txt",
+            "print(1)",
+        ],
+        "does not exist",
+    );
+    refuses(
+        &["run", "--download", "out.txt", "print(1)", "print(2)"],
+        "exactly one source",
+    );
+}

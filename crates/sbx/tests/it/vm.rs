@@ -201,3 +201,39 @@ fn env_vars_reach_the_program() {
         .success()
         .stdout("hi there\n");
 }
+
+#[test]
+fn upload_then_download_through_a_session() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.csv"), "a,b\n1,2\n").unwrap();
+    sbx()
+        .current_dir(dir.path())
+        .args([
+            "run",
+            "--upload",
+            "in.csv:data/in.csv",
+            "--download",
+            "data/out.txt",
+            "open('data/out.txt', 'w').write(open('data/in.csv').read().upper())\nprint('done')",
+        ])
+        .timeout(RUN_DEADLINE)
+        .assert()
+        .success()
+        .stdout("done\n");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("out.txt")).unwrap(),
+        "A,B\n1,2\n"
+    );
+    // A download that fails leaves no file behind.
+    sbx()
+        .current_dir(dir.path())
+        .args(["run", "--download", "missing.txt", "print(1)"])
+        .timeout(RUN_DEADLINE)
+        .assert()
+        .failure();
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+}
