@@ -83,7 +83,7 @@ async fn upload_transform_download_and_list_in_a_real_vm() {
 
     // Listing answers while an execution is still running on the same VM.
     let running = session.exec(ExecOptions::new(
-        "import time; time.sleep(4); print('slept')",
+        "import time; time.sleep(10); print('slept')",
     ));
     let listing = async {
         tokio::time::sleep(Duration::from_millis(800)).await;
@@ -98,5 +98,111 @@ async fn upload_transform_download_and_list_in_a_real_vm() {
         took < Duration::from_secs(2),
         "list took {took:?} during an exec"
     );
+    session.close().await;
+}
+
+/// A reader that yields `good` bytes and then fails, like a local disk error mid-upload.
+struct FailingReader {
+    good: usize,
+}
+
+impl tokio::io::AsyncRead for FailingReader {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.good == 0 {
+            return std::task::Poll::Ready(Err(std::io::Error::other("disk went away")));
+        }
+        let n = self.good.min(buf.remaining());
+        buf.put_slice(&vec![b'z'; n]);
+        self.good -= n;
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[tokio::test]
+async fn big_random_round_trip_limits_and_aborted_writes_in_a_real_vm() {
+    use sha2::{Digest, Sha256};
+
+    let session = scheduler()
+        .session(SessionOptions::new(Language::Raw))
+        .await
+        .unwrap_or_else(|e| panic!("{}", chain(&e)));
+
+    // 10 MB of pseudo-random bytes (a fixed xorshift stream), and the empty file.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let data: Vec<u8> = (0..10 * 1024 * 1024)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    session
+        .write_file(
+            "nested/deeper/random.bin",
+            &data[..],
+            Some(data.len() as u64),
+            false,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", chain(&e)));
+    session
+        .write_file("empty", &b""[..], Some(0), false)
+        .await
+        .unwrap();
+    let r = session
+        .exec(ExecOptions::new(
+            "sha256sum nested/deeper/random.bin | cut -c1-64; stat -c %s empty",
+        ))
+        .await
+        .unwrap();
+    let expected = hex::encode(Sha256::digest(&data));
+    assert_eq!(r.stdout, format!("{expected}\n0\n"), "stderr: {}", r.stderr);
+    let mut back = Vec::new();
+    session
+        .read_file("nested/deeper/random.bin", &mut back)
+        .await
+        .unwrap();
+    assert_eq!(hex::encode(Sha256::digest(&back)), expected);
+    let mut empty = Vec::new();
+    assert_eq!(session.read_file("empty", &mut empty).await.unwrap(), 0);
+
+    // Over the limit with a known size: refused before anything is sent.
+    let started = std::time::Instant::now();
+    let err = session
+        .write_file(
+            "huge",
+            tokio::io::empty(),
+            Some(exec_sandbox::limits::MAX_FILE_BYTES + 1),
+            false,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{}", chain(&err));
+    assert!(started.elapsed() < Duration::from_millis(200));
+
+    // A write whose source fails midway leaves no file, and the session keeps working.
+    let err = session
+        .write_file("partial.bin", FailingReader { good: 600_000 }, None, false)
+        .await
+        .unwrap_err();
+    assert!(chain(&err).contains("disk went away"), "{}", chain(&err));
+    let names: Vec<_> = session
+        .list_files("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert!(!names.iter().any(|n| n.contains("partial")), "{names:?}");
+    let r = session
+        .exec(ExecOptions::new("ls -A | sort | tr '\\n' ' '"))
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "empty nested ", "stderr: {}", r.stderr);
     session.close().await;
 }
