@@ -260,6 +260,9 @@ log "configuring /etc"
 printf '127.0.0.1\tlocalhost\n' >"$tree/etc/hosts"
 # Host-derived files debootstrap copies in: not wanted in the image.
 rm -f -- "$tree/etc/resolv.conf" "$tree/etc/hostname" "$tree/etc/machine-id"
+# The agent writes the resolver configuration into /run (a tmpfs it mounts at boot) when the
+# VM has a network: the gateway is the only name server. Without one the link dangles.
+ln -s ../run/resolv.conf "$tree/etc/resolv.conf"
 
 # Untrusted code runs as uid 1000: no setuid/setgid programs (su, mount, ...).
 find "$tree" -xdev -type f -perm /6000 -exec chmod ug-s -- {} +

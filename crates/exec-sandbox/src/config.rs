@@ -68,6 +68,14 @@ pub struct SchedulerConfig {
     /// No VM is admitted while memory pressure (`/proc/pressure/memory`, `some avg10`, percent)
     /// is above this (0-100, default 20; ignored where the host has no PSI).
     pub max_memory_pressure: f64,
+    /// Let guests reach the host's loopback, private and link-local addresses (cloud metadata
+    /// included) through the gateway when their policy otherwise allows the destination
+    /// (default off: never). Meant for tests with loopback fixtures and for operators with
+    /// internal mirrors.
+    pub network_allow_internal: bool,
+    /// Static names the gateway resolves itself before asking the host's resolver, like
+    /// `/etc/hosts` for the guests' DNS (default none). A guest still needs the name allowed.
+    pub network_hosts: Vec<(String, std::net::Ipv4Addr)>,
 }
 
 impl Default for SchedulerConfig {
@@ -96,8 +104,34 @@ impl Default for SchedulerConfig {
             cpu_overcommit_ratio: limits::DEFAULT_CPU_OVERCOMMIT_RATIO,
             min_available_memory_mb: limits::DEFAULT_MIN_AVAILABLE_MEMORY_MB,
             max_memory_pressure: limits::DEFAULT_MAX_MEMORY_PRESSURE,
+            network_allow_internal: false,
+            network_hosts: Vec::new(),
         }
     }
+}
+
+/// Parses `name=ipv4[,name=ipv4...]` (the format of [`EnvVars::NETWORK_HOSTS`]).
+fn parse_network_hosts(text: &str) -> Result<Vec<(String, std::net::Ipv4Addr)>, ValidationError> {
+    let bad = |reason: String| ValidationError::Config {
+        field: EnvVars::NETWORK_HOSTS,
+        reason,
+    };
+    text.split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            let (name, addr) = entry
+                .split_once('=')
+                .ok_or_else(|| bad(format!("`{entry}` is not NAME=IPV4")))?;
+            let name =
+                sbx_net::policy::validate_domain(name.trim()).map_err(|e| bad(e.to_string()))?;
+            let addr = addr
+                .trim()
+                .parse()
+                .map_err(|_| bad(format!("`{addr}` is not an IPv4 address")))?;
+            Ok((name, addr))
+        })
+        .collect()
 }
 
 impl SchedulerConfig {
@@ -162,6 +196,12 @@ impl SchedulerConfig {
             self.snapshot_cache_max_mb = parse(EnvVars::SNAPSHOT_CACHE_MAX_MB, &v)?;
         }
         self.apply_admission_env(&get)?;
+        if let Some(v) = get(EnvVars::NETWORK_ALLOW_INTERNAL).filter(|v| !v.trim().is_empty()) {
+            self.network_allow_internal = env::is_truthy(&v);
+        }
+        if let Some(v) = get(EnvVars::NETWORK_HOSTS).filter(|v| !v.trim().is_empty()) {
+            self.network_hosts = parse_network_hosts(&v)?;
+        }
         self.validate()?;
         Ok(self)
     }

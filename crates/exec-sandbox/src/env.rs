@@ -46,6 +46,12 @@ impl EnvVars {
     pub const SNAPSHOT_CACHE_DIR: &'static str = "EXEC_SANDBOX_SNAPSHOT_CACHE_DIR";
     /// Overrides [`SchedulerConfig::snapshot_cache_max_mb`](crate::SchedulerConfig::snapshot_cache_max_mb).
     pub const SNAPSHOT_CACHE_MAX_MB: &'static str = "EXEC_SANDBOX_SNAPSHOT_CACHE_MAX_MB";
+    /// Let guests reach the host's internal addresses (`1`/`true`); see
+    /// [`SchedulerConfig::network_allow_internal`](crate::SchedulerConfig::network_allow_internal).
+    pub const NETWORK_ALLOW_INTERNAL: &'static str = "EXEC_SANDBOX_NETWORK_ALLOW_INTERNAL";
+    /// `name=ipv4,...` answered by the gateway's DNS; see
+    /// [`SchedulerConfig::network_hosts`](crate::SchedulerConfig::network_hosts).
+    pub const NETWORK_HOSTS: &'static str = "EXEC_SANDBOX_NETWORK_HOSTS";
 }
 
 /// True for the values that switch a flag variable on (`1`, `true`, `yes`, `on`).

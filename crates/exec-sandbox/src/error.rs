@@ -57,6 +57,10 @@ pub enum Error {
         #[source]
         source: crate::files::FileError,
     },
+    /// The VM's network gateway could not start (a forwarded host port is taken, say); no VM
+    /// was booted.
+    #[error("cannot set up the sandbox network")]
+    Network(#[from] crate::gateway::GatewayError),
     /// The session is closed; it runs nothing more. Open a new one.
     #[error("session is closed: {reason}")]
     SessionClosed {
@@ -75,6 +79,7 @@ impl Error {
             Error::Communication(_) => ErrorKind::OutcomeUnknown,
             Error::Capacity(_) => ErrorKind::Transient,
             Error::SessionClosed { .. } => ErrorKind::Permanent,
+            Error::Network(e) => e.kind(),
             Error::File { source, .. } => source.kind(),
             Error::Guest { kind, .. } => match kind {
                 sbx_protocol::GuestErrorKind::InvalidRequest => ErrorKind::InvalidInput,
@@ -93,6 +98,9 @@ impl Error {
                 "retry later, or raise the budget (EXEC_SANDBOX_MEMORY_BUDGET_MB, EXEC_SANDBOX_CPU_OVERCOMMIT_RATIO) or EXEC_SANDBOX_ADMISSION_TIMEOUT_SECONDS".into(),
             ),
             Error::SessionClosed { .. } => Some("open a new session".into()),
+            Error::Network(crate::gateway::GatewayError::Bind { .. }) => {
+                Some("choose another host port, or 0 for any free one".into())
+            }
             _ => None,
         }
     }

@@ -96,3 +96,10 @@ pub const MAX_GUEST_NAME_BYTES: usize = sbx_protocol::MAX_NAME_BYTES;
 /// Longest a file transfer waits for the guest: for each answer, and for each chunk the guest
 /// must accept. A guest slower than this is treated as broken.
 pub const FILE_IO_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Most ports one VM may forward.
+pub const MAX_EXPOSED_PORTS: usize = 10;
+/// Lowest host port a caller may ask for (0 still means "any free port").
+pub const MIN_EXTERNAL_PORT: u16 = 1024;
+/// Most domains in one allowlist.
+pub const MAX_ALLOWED_DOMAINS: usize = sbx_net::policy::MAX_ALLOWED_DOMAINS;

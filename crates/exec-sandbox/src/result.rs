@@ -47,4 +47,6 @@ pub struct ExecutionResult {
     pub warm_pool_hit: bool,
     /// The VM was restored from a memory snapshot (always false until snapshots exist).
     pub l1_cache_hit: bool,
+    /// Ports forwarded from the host into the VM, as bound.
+    pub exposed_ports: Vec<crate::network::ExposedPort>,
 }

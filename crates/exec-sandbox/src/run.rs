@@ -2,6 +2,7 @@
 
 use sbx_protocol::Language;
 
+use crate::network::{ExposePort, NetworkOptions, PortsCallback};
 use crate::vm::OutputCallback;
 
 /// One execution request for [`Scheduler::run`](crate::Scheduler::run).
@@ -33,6 +34,10 @@ pub struct RunOptions {
     pub on_stderr: Option<OutputCallback>,
     /// Receives the VM's console output during boot (also makes the kernel verbose).
     pub on_boot_log: Option<OutputCallback>,
+    /// Network access and forwarded ports (default: no NIC at all).
+    pub network: NetworkOptions,
+    /// Receives the forwarded ports once bound, before the code runs.
+    pub on_ports: Option<PortsCallback>,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -43,6 +48,7 @@ impl std::fmt::Debug for RunOptions {
             .field("timeout_seconds", &self.timeout_seconds)
             .field("memory_mb", &self.memory_mb)
             .field("env_vars", &self.env_vars.len())
+            .field("network", &self.network)
             .finish_non_exhaustive()
     }
 }
@@ -59,6 +65,8 @@ impl RunOptions {
             on_stdout: None,
             on_stderr: None,
             on_boot_log: None,
+            network: NetworkOptions::default(),
+            on_ports: None,
         }
     }
 
@@ -95,6 +103,38 @@ impl RunOptions {
     /// Streams the VM console to `f`.
     pub fn on_boot_log(mut self, f: impl Fn(&[u8]) + Send + Sync + 'static) -> Self {
         self.on_boot_log = Some(std::sync::Arc::new(f));
+        self
+    }
+
+    /// Lets the guest open connections, to every public destination unless
+    /// [`allowed_domains`](Self::allowed_domains) narrows it.
+    pub fn allow_network(mut self) -> Self {
+        self.network.allow_network = true;
+        self
+    }
+
+    /// Allows only these domains and their subdomains (an empty list allows nothing). Needs
+    /// [`allow_network`](Self::allow_network).
+    pub fn allowed_domains<S: Into<String>>(
+        mut self,
+        domains: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.network.allowed_domains = Some(domains.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Forwards a port from `127.0.0.1` on the host into the guest.
+    pub fn expose(mut self, port: ExposePort) -> Self {
+        self.network.expose_ports.push(port);
+        self
+    }
+
+    /// Calls `f` with the forwarded ports once they are bound, before the code runs.
+    pub fn on_ports(
+        mut self,
+        f: impl Fn(&[crate::network::ExposedPort]) + Send + Sync + 'static,
+    ) -> Self {
+        self.on_ports = Some(std::sync::Arc::new(f));
         self
     }
 }

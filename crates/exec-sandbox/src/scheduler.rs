@@ -11,7 +11,9 @@ use crate::SchedulerConfig;
 use crate::admission::{self, Admission, CapacityError, Cost, Permit};
 use crate::assets::{AssetStore, GuestAssets};
 use crate::error::Error;
+use crate::gateway::{Gateway, GatewayConfig};
 use crate::limits;
+use crate::network::NetworkOptions;
 use crate::pool::{self, PooledVm, WarmPool};
 use crate::result::{ExecutionResult, Timing};
 use crate::run::RunOptions;
@@ -20,6 +22,7 @@ use crate::vm::accel::{self, AcceleratorChoice, HostVerdict, Precheck};
 use crate::vm::qemu::VmSpec;
 use crate::vm::snapshot::{self, Templates};
 use crate::vm::{OutputCallback, Vm, VmError, VmStats, host};
+use sbx_net::policy::Allowlist;
 
 /// Runs code in disposable microVMs.
 ///
@@ -164,6 +167,11 @@ impl Scheduler {
         validate::timeout(timeout_seconds)?;
         validate::memory(memory_mb)?;
         validate::env_vars(&options.env_vars)?;
+        let allowed_domains = validate::network(&options.network)?;
+        let gateway = self.gateway(&options.network, allowed_domains)?;
+        if let (Some(gateway), Some(on_ports)) = (&gateway, &options.on_ports) {
+            on_ports(gateway.exposed_ports());
+        }
 
         let StartedVm {
             vm,
@@ -179,8 +187,10 @@ impl Scheduler {
                 memory_mb,
                 options.on_boot_log.as_ref(),
                 started,
+                gateway,
             )
             .await?;
+        let exposed_ports = vm.exposed_ports().to_vec();
 
         let execute_started = Instant::now();
         let collected = execute_code(
@@ -197,7 +207,7 @@ impl Scheduler {
         let stats = vm.destroy().await;
         let collected = collected?;
 
-        Ok(collected.into_result(
+        let mut result = collected.into_result(
             stats,
             Timing {
                 setup_ms,
@@ -207,7 +217,33 @@ impl Scheduler {
             },
             accelerator,
             origin,
-        ))
+        );
+        result.exposed_ports = exposed_ports;
+        Ok(result)
+    }
+
+    /// The gateway for a VM with `network` options, when it needs a NIC: forwarded ports are
+    /// bound here, before any VM boots, so a taken port fails the call with nothing started.
+    pub(crate) fn gateway(
+        &self,
+        network: &NetworkOptions,
+        allowed_domains: Option<Vec<String>>,
+    ) -> Result<Option<Gateway>, Error> {
+        if !network.needs_nic() {
+            return Ok(None);
+        }
+        let config = &self.inner.config;
+        let gateway = Gateway::start(GatewayConfig {
+            outbound: network.allow_network,
+            allowlist: match allowed_domains {
+                Some(domains) => Allowlist::Only(domains),
+                None => Allowlist::Any,
+            },
+            allow_internal: config.network_allow_internal,
+            hosts: config.network_hosts.clone(),
+            expose: network.expose_ports.clone(),
+        })?;
+        Ok(Some(gateway))
     }
 
     /// Takes a slot, readies the assets and the accelerator verdict, and acquires a VM for
@@ -219,6 +255,7 @@ impl Scheduler {
         memory_mb: u32,
         on_boot_log: Option<&OutputCallback>,
         started: Instant,
+        gateway: Option<Gateway>,
     ) -> Result<StartedVm, Error> {
         let config = &self.inner.config;
         self.ensure_pool_task();
@@ -253,6 +290,7 @@ impl Scheduler {
                 &assets,
                 host,
                 admission_deadline,
+                gateway,
             )
             .await?;
         let boot_ms = elapsed_ms(boot_started);
@@ -269,7 +307,9 @@ impl Scheduler {
 
     /// A VM ready to run `options`: from the warm pool when one fits, else restored from a
     /// memory snapshot, else booted cold. The permit is the VM's share of the admission
-    /// budget: hold it until the VM is destroyed.
+    /// budget: hold it until the VM is destroyed. A VM with a gateway (a NIC) always boots
+    /// cold: pooled VMs and templates have no NIC.
+    #[allow(clippy::too_many_arguments)]
     async fn acquire_vm(
         &self,
         language: Language,
@@ -278,7 +318,28 @@ impl Scheduler {
         assets: &GuestAssets,
         host: &HostVerdict,
         admission_deadline: tokio::time::Instant,
+        gateway: Option<Gateway>,
     ) -> Result<(Vm, VmOrigin, Permit), Error> {
+        if let Some(gateway) = gateway {
+            let permit = self
+                .admit(
+                    Cost::vm(memory_mb, VM_VCPUS, host.choice.accelerator),
+                    admission_deadline,
+                )
+                .await?;
+            let mut spec = self.vm_spec(language, memory_mb, assets, host, on_boot_log.is_some());
+            spec.nic = true;
+            let vm = Vm::boot_networked(
+                &self.inner.config.qemu_binary,
+                &spec,
+                boot_deadline(host),
+                on_boot_log.cloned(),
+                gateway,
+            )
+            .await
+            .map_err(Error::Boot)?;
+            return Ok((vm, VmOrigin::Cold, permit));
+        }
         // Warm pool: built at the default memory, without boot-log streaming.
         if memory_mb == self.inner.config.default_memory_mb
             && on_boot_log.is_none()
@@ -383,6 +444,7 @@ impl Scheduler {
             verbose_console,
             tmpfs_mb: memory_mb * limits::GUEST_TMPFS_PERCENT / 100,
             qemu_sandbox: true,
+            nic: false,
         }
     }
 
@@ -513,6 +575,7 @@ async fn probe_kvm(config: &SchedulerConfig, assets: &GuestAssets) -> Result<Dur
         verbose_console: false,
         tmpfs_mb: 16,
         qemu_sandbox: true,
+        nic: false,
     };
     let started = Instant::now();
     match Vm::boot(&config.qemu_binary, &spec, limits::KVM_PROBE_DEADLINE, None).await {
@@ -677,6 +740,7 @@ impl Collected {
             accelerator,
             warm_pool_hit: origin == VmOrigin::WarmPool,
             l1_cache_hit: origin == VmOrigin::Snapshot,
+            exposed_ports: Vec::new(),
         }
     }
 }

@@ -16,6 +16,7 @@ use tokio::sync::{Mutex, OwnedSemaphorePermit, RwLock};
 use crate::admission::Permit;
 use crate::error::Error;
 use crate::limits;
+use crate::network::{ExposePort, ExposedPort, NetworkOptions};
 use crate::result::{ExecutionResult, Timing};
 use crate::scheduler::{Scheduler, StartedVm, VmOrigin, execute_code};
 use crate::validate;
@@ -49,6 +50,8 @@ pub struct SessionOptions {
     /// Replaces `idle_timeout_seconds` without its lower bound, for tests.
     #[doc(hidden)]
     pub idle_timeout_unchecked: Option<Duration>,
+    /// Network access and forwarded ports for the session's VM (default: no NIC at all).
+    pub network: NetworkOptions,
 }
 
 impl SessionOptions {
@@ -60,7 +63,30 @@ impl SessionOptions {
             env_vars: Vec::new(),
             idle_timeout_seconds: limits::DEFAULT_SESSION_IDLE_TIMEOUT_SECONDS,
             idle_timeout_unchecked: None,
+            network: NetworkOptions::default(),
         }
+    }
+
+    /// Lets the guest open connections, to every public destination unless
+    /// [`allowed_domains`](Self::allowed_domains) narrows it.
+    pub fn allow_network(mut self) -> Self {
+        self.network.allow_network = true;
+        self
+    }
+
+    /// Allows only these domains and their subdomains (an empty list allows nothing).
+    pub fn allowed_domains<S: Into<String>>(
+        mut self,
+        domains: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.network.allowed_domains = Some(domains.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Forwards a port from `127.0.0.1` on the host into the guest.
+    pub fn expose(mut self, port: ExposePort) -> Self {
+        self.network.expose_ports.push(port);
+        self
     }
 
     /// Sets the guest memory.
@@ -206,6 +232,7 @@ struct Inner {
     origin: VmOrigin,
     accelerator: AcceleratorChoice,
     vm_name: String,
+    exposed_ports: Vec<ExposedPort>,
     /// `None` once closed. Operations hold a read guard, so they may overlap (a file transfer
     /// during an exec); closing takes the write guard, after the operations in progress.
     live: RwLock<Option<Live>>,
@@ -353,6 +380,8 @@ impl Scheduler {
         let memory_mb = options.memory_mb.unwrap_or(config.default_memory_mb);
         validate::memory(memory_mb)?;
         validate::env_vars(&options.env_vars)?;
+        let allowed_domains = validate::network(&options.network)?;
+        let gateway = self.gateway(&options.network, allowed_domains)?;
         let idle = match options.idle_timeout_unchecked {
             Some(idle) => idle,
             None => {
@@ -369,8 +398,9 @@ impl Scheduler {
             slot,
             ..
         } = self
-            .start_vm(options.language, memory_mb, None, started)
+            .start_vm(options.language, memory_mb, None, started, gateway)
             .await?;
+        let exposed_ports = vm.exposed_ports().to_vec();
         tracing::debug!(vm = %vm.name(), language = %options.language, ?origin, "session opened");
         let inner = Arc::new(Inner {
             language: options.language,
@@ -379,6 +409,7 @@ impl Scheduler {
             origin,
             accelerator,
             vm_name: vm.name().to_string(),
+            exposed_ports,
             live: RwLock::new(Some(Live { vm, permit, slot })),
             exec_turn: Mutex::new(()),
             activity: std::sync::Mutex::new(Activity {
@@ -454,7 +485,7 @@ impl Session {
         };
         let collected = collected?;
         self.inner.exec_count.fetch_add(1, Ordering::Relaxed);
-        Ok(collected.into_result(
+        let mut result = collected.into_result(
             stats,
             Timing {
                 setup_ms: queued_ms,
@@ -464,7 +495,9 @@ impl Session {
             },
             self.inner.accelerator.clone(),
             self.inner.origin,
-        ))
+        );
+        result.exposed_ports = self.inner.exposed_ports.clone();
+        Ok(result)
     }
 
     /// Runs `f` with the session's VM as one operation: fails with [`Error::SessionClosed`]
@@ -548,6 +581,11 @@ impl Session {
     /// Why the session closed, or `None` while it is open.
     pub fn close_reason(&self) -> Option<SessionCloseReason> {
         self.inner.activity().closed.clone()
+    }
+
+    /// Ports forwarded from `127.0.0.1` on the host into the session's VM, as bound.
+    pub fn exposed_ports(&self) -> &[ExposedPort] {
+        &self.inner.exposed_ports
     }
 
     /// Which accelerator runs the session's VM.

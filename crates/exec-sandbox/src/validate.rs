@@ -1,6 +1,7 @@
 //! Input validation: everything a caller passes is checked here, before any VM boots.
 
 use crate::limits;
+use crate::network::NetworkOptions;
 
 /// A caller's input broke a rule. Always the caller's bug: nothing ran.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -78,6 +79,14 @@ pub enum ValidationError {
         /// Size of the file (or bytes produced so far).
         size: u64,
     },
+    /// A network option broke a rule.
+    #[error("{field}: {reason}")]
+    Network {
+        /// `allowed_domains`, `expose_ports` or `allow_network`.
+        field: &'static str,
+        /// Which rule, naming the value and the limit.
+        reason: String,
+    },
     /// A configuration field is invalid.
     #[error("invalid configuration {field}: {reason}")]
     Config {
@@ -86,6 +95,93 @@ pub enum ValidationError {
         /// Which rule.
         reason: String,
     },
+}
+
+/// Checks network options: allowlist entries are RFC 1035 host names (at most
+/// [`limits::MAX_ALLOWED_DOMAINS`] of them) and need `allow_network`; at most
+/// [`limits::MAX_EXPOSED_PORTS`] forwarded ports, internal ports 1-65535, host ports
+/// [`limits::MIN_EXTERNAL_PORT`]-65535 (or dynamic), no port forwarded twice. Returns the
+/// normalized allowlist (lowercase, no trailing dot), if any.
+pub fn network(options: &NetworkOptions) -> Result<Option<Vec<String>>, ValidationError> {
+    let error = |field, reason| ValidationError::Network { field, reason };
+    let domains = match &options.allowed_domains {
+        None => None,
+        Some(_) if !options.allow_network => {
+            return Err(error(
+                "allowed_domains",
+                "an allowlist needs allow_network".into(),
+            ));
+        }
+        Some(list) if list.len() > limits::MAX_ALLOWED_DOMAINS => {
+            return Err(error(
+                "allowed_domains",
+                format!(
+                    "{} domains, limit is {}",
+                    list.len(),
+                    limits::MAX_ALLOWED_DOMAINS
+                ),
+            ));
+        }
+        Some(list) => Some(
+            list.iter()
+                .map(|d| sbx_net::policy::validate_domain(d))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| error("allowed_domains", e.to_string()))?,
+        ),
+    };
+    let ports = &options.expose_ports;
+    if ports.len() > limits::MAX_EXPOSED_PORTS {
+        return Err(error(
+            "expose_ports",
+            format!(
+                "{} ports, limit is {}",
+                ports.len(),
+                limits::MAX_EXPOSED_PORTS
+            ),
+        ));
+    }
+    for (i, port) in ports.iter().enumerate() {
+        if port.internal == 0 {
+            return Err(error(
+                "expose_ports",
+                "internal port 0; must be 1-65535".into(),
+            ));
+        }
+        if let Some(external) = port.external
+            && external < limits::MIN_EXTERNAL_PORT
+        {
+            return Err(error(
+                "expose_ports",
+                format!(
+                    "host port {external} for {}/{}; must be {}-65535, or 0 for any free port",
+                    port.internal,
+                    port.protocol,
+                    limits::MIN_EXTERNAL_PORT
+                ),
+            ));
+        }
+        let earlier = &ports[..i];
+        if earlier
+            .iter()
+            .any(|p| p.internal == port.internal && p.protocol == port.protocol)
+        {
+            return Err(error(
+                "expose_ports",
+                format!("{}/{} is forwarded twice", port.internal, port.protocol),
+            ));
+        }
+        if let Some(external) = port.external
+            && earlier
+                .iter()
+                .any(|p| p.external == Some(external) && p.protocol == port.protocol)
+        {
+            return Err(error(
+                "expose_ports",
+                format!("host port {external}/{} is used twice", port.protocol),
+            ));
+        }
+    }
+    Ok(domains)
 }
 
 /// Checks program text: not blank, at most 1 MiB, no NUL bytes.
@@ -420,6 +516,58 @@ mod tests {
             Err(ValidationError::TooManyEnvVars {
                 count: limits::MAX_ENV_VARS + 1
             })
+        );
+    }
+
+    #[test]
+    fn network_rules_name_the_field_and_limit() {
+        use crate::network::{ExposePort, NetworkOptions};
+        let net = |allow: bool, domains: Option<&[&str]>, ports: &[ExposePort]| NetworkOptions {
+            allow_network: allow,
+            allowed_domains: domains.map(|d| d.iter().map(|s| s.to_string()).collect()),
+            expose_ports: ports.to_vec(),
+        };
+        assert_eq!(network(&NetworkOptions::default()), Ok(None));
+        assert_eq!(
+            network(&net(true, Some(&["Example.COM."]), &[])),
+            Ok(Some(vec!["example.com".to_string()]))
+        );
+        assert_eq!(network(&net(true, Some(&[]), &[])), Ok(Some(vec![])));
+        let err = |o: &NetworkOptions| network(o).unwrap_err().to_string();
+        assert!(err(&net(false, Some(&["a.com"]), &[])).contains("allow_network"));
+        assert!(err(&net(true, Some(&["bad_domain!"]), &[])).starts_with("allowed_domains"));
+        let many: Vec<String> = (0..=limits::MAX_ALLOWED_DOMAINS)
+            .map(|i| format!("d{i}.com"))
+            .collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(err(&net(true, Some(&many), &[])).contains("limit is 100"));
+
+        let e = err(&net(false, None, &[ExposePort::tcp(80).on_host_port(80)]));
+        assert!(
+            e.contains("host port 80") && e.contains("1024-65535"),
+            "{e}"
+        );
+        assert!(err(&net(false, None, &[ExposePort::tcp(0)])).contains("internal port 0"));
+        let eleven: Vec<ExposePort> = (1..=11).map(ExposePort::tcp).collect();
+        assert!(err(&net(false, None, &eleven)).contains("11 ports, limit is 10"));
+        let twice = [ExposePort::tcp(80), ExposePort::tcp(80)];
+        assert!(err(&net(false, None, &twice)).contains("forwarded twice"));
+        let same_host = [
+            ExposePort::tcp(80).on_host_port(8080),
+            ExposePort::tcp(81).on_host_port(8080),
+        ];
+        assert!(err(&net(false, None, &same_host)).contains("used twice"));
+        // The same number over TCP and UDP is two different ports.
+        let both = [ExposePort::tcp(53), ExposePort::udp(53)];
+        assert!(network(&net(false, None, &both)).is_ok());
+        // Ports below 1024 in the guest are fine.
+        assert!(
+            network(&net(
+                false,
+                None,
+                &[ExposePort::tcp(80).on_host_port(18080)]
+            ))
+            .is_ok()
         );
     }
 }

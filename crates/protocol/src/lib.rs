@@ -29,6 +29,7 @@
 
 mod codec;
 mod message;
+pub mod net;
 
 pub use codec::{
     DecodeError, EncodeError, FrameDecoder, HEADER_LEN, MAGIC, MAX_PAYLOAD, PROTOCOL_VERSION,

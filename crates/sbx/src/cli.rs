@@ -1,7 +1,7 @@
 //! The whole command line, in one place: every subcommand, flag, default and value check.
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use exec_sandbox::{Language, limits, validate};
+use exec_sandbox::{ExposePort, Language, NetworkOptions, limits, validate};
 
 /// Run untrusted Python, JavaScript/TypeScript and shell code in disposable QEMU microVMs.
 #[derive(Debug, Parser)]
@@ -34,6 +34,14 @@ Sources:
 
 An argument that ends in one of those extensions but names no file is an error, not code.
 Several sources run concurrently; each one's output is printed as one block, in order.
+
+Network:
+  By default the sandbox has no network device at all. --network lets the code connect out
+  through a gateway in this process that enforces the policy; --allow-domain narrows that to
+  the listed domains and their subdomains (and implies --network). --expose forwards a port
+  on 127.0.0.1 into the sandbox, with or without --network; each one is printed on stderr as
+  soon as it is bound (`sbx: port 8000/tcp -> http://127.0.0.1:41234`, not with -q) and
+  listed in --json as `exposed_ports`. Code in the sandbox may listen on any port, 80 too.
 
 Exit status:
   the program's own (with several sources, the first non-zero one in order)
@@ -80,6 +88,26 @@ pub struct RunArgs {
     /// current directory (repeatable; needs exactly one source).
     #[arg(long = "download", value_name = "GUEST[:LOCAL]", value_parser = crate::transfer::parse_download)]
     pub downloads: Vec<crate::transfer::Download>,
+
+    /// Let the code open outbound connections, through the host's gateway and its policy.
+    /// Without this (or --allow-domain) the sandbox has no network at all.
+    #[arg(long)]
+    pub network: bool,
+
+    /// Allow outbound connections only to DOMAIN and its subdomains (repeatable, at most
+    /// 100); implies --network.
+    #[arg(long = "allow-domain", value_name = "DOMAIN", value_parser = parse_domain)]
+    pub allow_domains: Vec<String>,
+
+    /// Forward 127.0.0.1:EXTERNAL on the host to port INTERNAL in the sandbox (repeatable, at
+    /// most 10). EXTERNAL is 1024-65535, or any free port when omitted or 0; PROTOCOL is tcp
+    /// (default) or udp. Needs no --network.
+    #[arg(
+        long = "expose",
+        value_name = "INTERNAL[:EXTERNAL][/PROTOCOL]",
+        value_parser = parse_expose
+    )]
+    pub expose: Vec<ExposePort>,
 
     /// Environment variable for the program (repeatable; the last of a name wins).
     #[arg(short, long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
@@ -250,6 +278,49 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
     Ok(pair)
 }
 
+impl RunArgs {
+    /// The network part of every run: `--allow-domain` implies `--network`.
+    pub fn network_options(&self) -> NetworkOptions {
+        NetworkOptions {
+            allow_network: self.network || !self.allow_domains.is_empty(),
+            allowed_domains: (!self.allow_domains.is_empty()).then(|| self.allow_domains.clone()),
+            expose_ports: self.expose.clone(),
+        }
+    }
+}
+
+/// One `--allow-domain`, checked by the library's rules so the error names the flag.
+fn parse_domain(s: &str) -> Result<String, String> {
+    let one = NetworkOptions {
+        allow_network: true,
+        allowed_domains: Some(vec![s.to_string()]),
+        expose_ports: Vec::new(),
+    };
+    validate::network(&one).map_err(network_reason)?;
+    Ok(s.to_string())
+}
+
+/// One `--expose`: its syntax, then the library's rules for a single port (host port range).
+fn parse_expose(s: &str) -> Result<ExposePort, String> {
+    let port: ExposePort = s
+        .parse()
+        .map_err(|e: exec_sandbox::network::ExposeParseError| e.to_string())?;
+    let one = NetworkOptions {
+        expose_ports: vec![port],
+        ..NetworkOptions::default()
+    };
+    validate::network(&one).map_err(network_reason)?;
+    Ok(port)
+}
+
+/// What is wrong with a network value, without the library's field name (clap names the flag).
+pub fn network_reason(error: validate::ValidationError) -> String {
+    match error {
+        validate::ValidationError::Network { reason, .. } => reason,
+        other => other.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,6 +468,78 @@ mod tests {
         usage_error(&["prefetch", "-q", "--debug"]);
         usage_error(&["run", "--frobnicate", "x"]);
         usage_error(&[]);
+    }
+
+    #[test]
+    fn network_flags() {
+        let r = run(&["run", "x"]);
+        assert_eq!(r.network_options(), NetworkOptions::default());
+        assert!(!r.network_options().needs_nic());
+
+        let r = run(&["run", "--network", "x"]);
+        assert!(r.network_options().allow_network);
+        assert_eq!(r.network_options().allowed_domains, None);
+
+        let r = run(&[
+            "run",
+            "--allow-domain",
+            "example.org",
+            "--allow-domain",
+            "Files.Example.NET.",
+            "x",
+        ]);
+        let net = r.network_options();
+        assert!(net.allow_network, "--allow-domain implies --network");
+        assert_eq!(
+            net.allowed_domains,
+            Some(vec!["example.org".into(), "Files.Example.NET.".into()])
+        );
+
+        let r = run(&[
+            "run",
+            "--expose",
+            "8000",
+            "--expose",
+            "53:5353/udp",
+            "--expose",
+            "80:0/tcp",
+            "x",
+        ]);
+        let net = r.network_options();
+        assert!(
+            !net.allow_network,
+            "--expose alone gives no outbound access"
+        );
+        assert!(net.needs_nic());
+        assert_eq!(
+            net.expose_ports,
+            vec![
+                ExposePort::tcp(8000),
+                ExposePort::udp(53).on_host_port(5353),
+                ExposePort::tcp(80),
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_network_values_name_the_flag() {
+        for (args, says) in [
+            (&["--expose", "80/sctp"][..], "tcp or udp"),
+            (&["--expose", "abc"], "abc"),
+            (&["--expose", "70000"], "70000"),
+            (&["--expose", "0"], "internal port 0"),
+            (&["--expose", "80:80"], "1024"),
+            (&["--allow-domain", "bad_domain!"], "bad_domain!"),
+            (&["--allow-domain", "10.0.0.1"], "10.0.0.1"),
+            (&["--allow-domain", ""], "empty"),
+        ] {
+            let mut all = vec!["run"];
+            all.extend_from_slice(args);
+            all.push("x");
+            let message = usage_error(&all);
+            assert!(message.contains(args[0]), "{args:?}: {message}");
+            assert!(message.contains(says), "{args:?}: {message}");
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! What `sbx` shows users: JSON lines, per-source headers, and error reports.
 
-use exec_sandbox::{ErrorKind, ExecutionResult, Language};
+use exec_sandbox::{ErrorKind, ExecutionResult, ExposedPort, Language};
 use serde::Serialize;
 
 use crate::term::{self, Style};
@@ -156,6 +156,21 @@ pub fn print_usage_error(error: &crate::status::UsageError) {
     print_error(None, error, error.hint_text());
 }
 
+/// `sbx: port 8000/tcp -> http://127.0.0.1:41234`, one line per forwarded port (with several
+/// sources, the source's label after `sbx: `).
+pub fn port_lines(label: Option<&str>, ports: &[ExposedPort]) -> Vec<String> {
+    let prefix = label.map(|l| format!("{l}: ")).unwrap_or_default();
+    ports
+        .iter()
+        .map(|p| {
+            format!(
+                "sbx: {prefix}port {}/{} -> {}",
+                p.internal, p.protocol, p.url
+            )
+        })
+        .collect()
+}
+
 /// Warns (unless quiet) when output was cut at its limit.
 pub fn truncation_warnings(label: Option<&str>, result: &ExecutionResult) -> Vec<String> {
     let prefix = label.map(|l| format!("{l}: ")).unwrap_or_default();
@@ -185,7 +200,7 @@ pub fn truncation_warnings(label: Option<&str>, result: &ExecutionResult) -> Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use exec_sandbox::{Accelerator, AcceleratorChoice, Timing};
+    use exec_sandbox::{Accelerator, AcceleratorChoice, PortProtocol, Timing};
 
     fn result() -> ExecutionResult {
         ExecutionResult {
@@ -210,6 +225,7 @@ mod tests {
             },
             warm_pool_hit: false,
             l1_cache_hit: false,
+            exposed_ports: vec![ExposedPort::new(8000, 41234, PortProtocol::Tcp)],
         }
     }
 
@@ -236,12 +252,43 @@ mod tests {
             "accelerator",
             "warm_pool_hit",
             "l1_cache_hit",
+            "exposed_ports",
         ] {
             assert!(keys.iter().any(|k| k == key), "missing {key}: {keys:?}");
         }
         assert_eq!(value["accelerator"]["name"], "tcg");
         assert_eq!(value["language"], "python");
         assert_eq!(value["timing"]["total_ms"], 745);
+        assert_eq!(
+            value["exposed_ports"],
+            serde_json::json!([{
+                "internal": 8000,
+                "external": 41234,
+                "host": "127.0.0.1",
+                "protocol": "tcp",
+                "url": "http://127.0.0.1:41234"
+            }])
+        );
+    }
+
+    #[test]
+    fn forwarded_ports_one_line_each() {
+        let ports = [
+            ExposedPort::new(8000, 41234, PortProtocol::Tcp),
+            ExposedPort::new(53, 41235, PortProtocol::Udp),
+        ];
+        assert_eq!(
+            port_lines(None, &ports),
+            [
+                "sbx: port 8000/tcp -> http://127.0.0.1:41234",
+                "sbx: port 53/udp -> udp://127.0.0.1:41235"
+            ]
+        );
+        assert_eq!(
+            port_lines(Some("code[2]"), &ports[..1]),
+            ["sbx: code[2]: port 8000/tcp -> http://127.0.0.1:41234"]
+        );
+        assert!(port_lines(None, &[]).is_empty());
     }
 
     #[test]

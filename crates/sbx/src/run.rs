@@ -6,8 +6,8 @@ use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
 
 use exec_sandbox::{
-    EnvVars, ErrorKind, ExecOptions, ExecutionResult, RunOptions, Scheduler, SchedulerConfig,
-    validate,
+    EnvVars, ErrorKind, ExecutionResult, NetworkOptions, RunOptions, Scheduler, SchedulerConfig,
+    ValidationError, validate,
 };
 use tokio::task::JoinSet;
 
@@ -41,6 +41,7 @@ pub async fn run(args: RunArgs) -> u8 {
         scheduler,
         sources,
         env,
+        network,
     } = match prepare(&args) {
         Ok(prepared) => prepared,
         Err(e) => {
@@ -58,6 +59,7 @@ pub async fn run(args: RunArgs) -> u8 {
         mode,
         scheduler,
         env,
+        network,
         sources,
         tasks: JoinSet::new(),
         positions: HashMap::new(),
@@ -93,12 +95,17 @@ struct Prepared {
     scheduler: Scheduler,
     sources: Vec<Source>,
     env: Vec<(String, String)>,
+    network: NetworkOptions,
 }
 
 /// Everything is checked here, before any VM: flags, sources, configuration and code.
 fn prepare(args: &RunArgs) -> Result<Prepared, UsageError> {
     let env = last_of_each_name(&args.env);
     validate::env_vars(&env).map_err(|e| UsageError::new("invalid --env").cause(e))?;
+    // Each value was checked alone while parsing; this checks them together (counts, a port
+    // forwarded twice).
+    let network = args.network_options();
+    validate::network(&network).map_err(network_usage_error)?;
     let planned = source::classify(&args.inputs, args.language, source::probe_path)?;
     if !args.uploads.is_empty() || !args.downloads.is_empty() {
         if planned.len() != 1 {
@@ -108,6 +115,14 @@ fn prepare(args: &RunArgs) -> Result<Prepared, UsageError> {
             )));
         }
         crate::transfer::check_local(&args.uploads, &args.downloads)?;
+    }
+    if planned.len() > 1 && network.expose_ports.iter().any(|p| p.external.is_some()) {
+        // Every source's VM would bind the same host port.
+        return Err(UsageError::new(format!(
+            "--expose with a fixed host port needs exactly one source, got {}",
+            planned.len()
+        ))
+        .hint("leave the host port out (INTERNAL or INTERNAL:0) to get one per source"));
     }
 
     let mut config = SchedulerConfig::from_env().map_err(|e| {
@@ -139,7 +154,27 @@ fn prepare(args: &RunArgs) -> Result<Prepared, UsageError> {
         scheduler,
         sources,
         env,
+        network,
     })
+}
+
+/// A network validation error, naming the flag behind the library's field.
+fn network_usage_error(error: ValidationError) -> UsageError {
+    let flag = match &error {
+        ValidationError::Network {
+            field: "allowed_domains",
+            ..
+        } => "--allow-domain",
+        ValidationError::Network {
+            field: "expose_ports",
+            ..
+        } => "--expose",
+        _ => "--network",
+    };
+    UsageError::new(format!(
+        "invalid {flag}: {}",
+        crate::cli::network_reason(error)
+    ))
 }
 
 /// Repeated `-e` names: the last value wins, at the position of the first.
@@ -159,6 +194,7 @@ struct Runner<'a> {
     mode: Mode,
     scheduler: Scheduler,
     env: Vec<(String, String)>,
+    network: NetworkOptions,
     sources: Vec<Source>,
     tasks: JoinSet<(usize, Result<ExecutionResult, exec_sandbox::Error>)>,
     /// Task id to source position, to place a task that panicked.
@@ -207,6 +243,15 @@ impl Runner<'_> {
         options.env_vars = self.env.clone();
         options.timeout_seconds = self.args.timeout;
         options.memory_mb = self.args.memory;
+        options.network = self.network.clone();
+        if !self.network.expose_ports.is_empty() && !self.args.log.quiet {
+            let label = (total > 1).then(|| source.label.clone());
+            options = options.on_ports(move |ports| {
+                for line in output::port_lines(label.as_deref(), ports) {
+                    term::stderr_line(&line);
+                }
+            });
+        }
         if self.mode == Mode::Stream {
             options = options.on_stdout(term::stdout).on_stderr(term::stderr);
         }
@@ -227,20 +272,7 @@ impl Runner<'_> {
                 None => scheduler.run(options).await,
                 // Files need a VM that outlives the execution: a session.
                 Some((uploads, downloads)) => {
-                    let mut exec = ExecOptions::new(std::mem::take(&mut options.code));
-                    exec.timeout_seconds = options.timeout_seconds;
-                    exec.on_stdout = options.on_stdout.take();
-                    exec.on_stderr = options.on_stderr.take();
-                    crate::transfer::run_with_files(
-                        &scheduler,
-                        options.language,
-                        options.memory_mb,
-                        std::mem::take(&mut options.env_vars),
-                        exec,
-                        &uploads,
-                        &downloads,
-                    )
-                    .await
+                    crate::transfer::run_with_files(&scheduler, options, &uploads, &downloads).await
                 }
             };
             if let Some(console) = console {

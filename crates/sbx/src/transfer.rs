@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use exec_sandbox::{
-    Error, ExecOptions, ExecutionResult, Language, Scheduler, SessionOptions, validate,
+    Error, ExecOptions, ExecutionResult, RunOptions, Scheduler, SessionOptions, validate,
 };
 
 use crate::status::UsageError;
@@ -101,25 +101,43 @@ fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
-/// Runs one source in a session: uploads, the code, downloads (each written to a temporary
-/// file beside its destination and renamed, so a failure leaves no half-written file).
+/// Runs one source (`run` as [`Scheduler::run`] would take it) in a session: uploads, the
+/// code, downloads (each written to a temporary file beside its destination and renamed, so a
+/// failure leaves no half-written file).
 pub async fn run_with_files(
     scheduler: &Scheduler,
-    language: Language,
-    memory_mb: Option<u32>,
-    env: Vec<(String, String)>,
-    exec: ExecOptions,
+    run: RunOptions,
     uploads: &[Upload],
     downloads: &[Download],
 ) -> Result<ExecutionResult, Error> {
+    let RunOptions {
+        language,
+        code,
+        timeout_seconds,
+        memory_mb,
+        env_vars,
+        on_stdout,
+        on_stderr,
+        network,
+        on_ports,
+        ..
+    } = run;
     let mut options = SessionOptions::new(language);
-    if let Some(mb) = memory_mb {
-        options = options.memory_mb(mb);
-    }
-    for (name, value) in env {
-        options = options.env(name, value);
-    }
+    options.memory_mb = memory_mb;
+    options.env_vars = env_vars;
+    options.network = network;
+    let mut exec = ExecOptions::new(code);
+    exec.timeout_seconds = timeout_seconds;
+    exec.on_stdout = on_stdout;
+    exec.on_stderr = on_stderr;
     let session = scheduler.session(options).await?;
+    // Bound with the session's VM: reported before anything runs in it. The session's exec
+    // results list them too.
+    if let Some(on_ports) = &on_ports
+        && !session.exposed_ports().is_empty()
+    {
+        on_ports(session.exposed_ports());
+    }
     let outcome = async {
         for upload in uploads {
             let file = tokio::fs::File::open(&upload.local)

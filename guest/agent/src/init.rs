@@ -105,6 +105,7 @@ pub fn boot() -> Result<Booted, InitError> {
     if let Err(e) = sys::loopback_up() {
         log::warn(format_args!("cannot bring up lo: {e}"));
     }
+    crate::network::configure();
     let run_dir = if root_mounted {
         PathBuf::from(paths::RUN_DIR)
     } else {
@@ -235,8 +236,9 @@ fn dev_extras(params: BootParams) {
     }
 }
 
-/// Sysctls that narrow what the sandbox user can learn or do. Missing ones (features not in the
-/// kernel) are skipped silently.
+/// Sysctls that narrow what the sandbox user can learn or do (and one that widens it: any user
+/// may listen on ports below 1024, so a sandboxed server can take port 80). Missing ones
+/// (features not in the kernel) are skipped silently.
 const SYSCTLS: &[(&str, &str)] = &[
     ("kernel/kptr_restrict", "2"),
     ("kernel/dmesg_restrict", "1"),
@@ -252,6 +254,7 @@ const SYSCTLS: &[(&str, &str)] = &[
     ("fs/protected_fifos", "2"),
     ("fs/protected_regular", "2"),
     ("fs/suid_dumpable", "0"),
+    ("net/ipv4/ip_unprivileged_port_start", "0"),
 ];
 
 fn harden() {

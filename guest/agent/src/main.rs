@@ -21,6 +21,7 @@ mod files;
 mod init;
 mod interpreter;
 mod log;
+mod network;
 mod outbox;
 mod port;
 mod procscan;

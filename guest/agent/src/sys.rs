@@ -253,23 +253,118 @@ pub fn uptime_ms() -> u64 {
 
 /// Brings the loopback interface up, so programs in the sandbox can talk to themselves.
 pub fn loopback_up() -> io::Result<()> {
-    // SAFETY: socket takes integer arguments; the result is checked.
-    let sock =
-        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
-    // SAFETY: socket returned a fresh descriptor that nobody else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(sock) };
-    // SAFETY: ifreq is plain old data; all-zero is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
-        *dst = *src as libc::c_char;
+    Interface::open("lo")?.up()
+}
+
+/// An IPv4 `sockaddr` (port zero), as interface and route ioctls take it.
+fn sockaddr_ipv4(addr: [u8; 4]) -> libc::sockaddr {
+    // `sockaddr_in` viewed as a `sockaddr`: the family, then in `sa_data` the port and the
+    // address (both big-endian, which is byte order), then zero padding.
+    let mut sa_data = [0 as libc::c_char; 14];
+    for (dst, src) in sa_data[2..6].iter_mut().zip(addr) {
+        *dst = src as libc::c_char;
     }
-    // SAFETY: `req` is a valid ifreq the kernel reads and fills.
-    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
-    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
-    let flags = unsafe { req.ifr_ifru.ifru_flags };
-    req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-    // SAFETY: `req` is a valid ifreq the kernel reads.
-    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) }).map(drop)
+    libc::sockaddr {
+        sa_family: libc::AF_INET as libc::sa_family_t,
+        sa_data,
+    }
+}
+
+/// A network interface configured through ioctls on an `AF_INET` datagram socket (needs
+/// `CAP_NET_ADMIN` for every change).
+pub struct Interface {
+    sock: OwnedFd,
+    name: CString,
+}
+
+impl Interface {
+    /// Opens the control socket for interface `name` (the interface itself is looked up by each
+    /// call).
+    pub fn open(name: &str) -> io::Result<Self> {
+        let name = CString::new(name)
+            .ok()
+            .filter(|n| n.as_bytes_with_nul().len() <= libc::IFNAMSIZ)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("bad interface name {name:?}"),
+                )
+            })?;
+        // SAFETY: socket takes integer arguments; the result is checked.
+        let sock = check(unsafe {
+            libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
+        })?;
+        // SAFETY: socket returned a fresh descriptor that nobody else owns.
+        let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+        Ok(Self { sock, name })
+    }
+
+    /// An `ifreq` naming this interface, everything else zero.
+    fn request(&self) -> libc::ifreq {
+        // SAFETY: ifreq is plain old data; all-zero is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(self.name.as_bytes_with_nul()) {
+            *dst = *src as libc::c_char;
+        }
+        req
+    }
+
+    /// One `SIOC*IF*` ioctl: the kernel reads `req` and, for the getters, fills it.
+    fn ioctl(&self, request: libc::Ioctl, req: &mut libc::ifreq) -> io::Result<()> {
+        // SAFETY: every request passed here takes a `struct ifreq`, and `req` is a valid,
+        // exclusively borrowed one for the duration of the call; the kernel keeps no pointer.
+        check(unsafe { libc::ioctl(self.sock.as_raw_fd(), request, &raw mut *req) }).map(drop)
+    }
+
+    /// Sets `IFF_UP | IFF_RUNNING`, keeping the other flags.
+    pub fn up(&self) -> io::Result<()> {
+        let mut req = self.request();
+        self.ioctl(libc::SIOCGIFFLAGS, &mut req)?;
+        // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+        let flags = unsafe { req.ifr_ifru.ifru_flags };
+        req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        self.ioctl(libc::SIOCSIFFLAGS, &mut req)
+    }
+
+    /// Sets the interface's IPv4 address.
+    pub fn set_address(&self, addr: [u8; 4]) -> io::Result<()> {
+        let mut req = self.request();
+        req.ifr_ifru.ifru_addr = sockaddr_ipv4(addr);
+        self.ioctl(libc::SIOCSIFADDR, &mut req)
+    }
+
+    /// Sets the netmask of the interface's IPv4 address.
+    pub fn set_netmask(&self, mask: [u8; 4]) -> io::Result<()> {
+        let mut req = self.request();
+        req.ifr_ifru.ifru_netmask = sockaddr_ipv4(mask);
+        self.ioctl(libc::SIOCSIFNETMASK, &mut req)
+    }
+
+    /// Sets the MTU.
+    pub fn set_mtu(&self, mtu: u16) -> io::Result<()> {
+        let mut req = self.request();
+        req.ifr_ifru.ifru_mtu = libc::c_int::from(mtu);
+        self.ioctl(libc::SIOCSIFMTU, &mut req)
+    }
+
+    /// Adds the default route (`0.0.0.0/0`) via `gateway` on this interface, which must be up
+    /// with an address on the gateway's subnet. An existing default route is left alone.
+    pub fn add_default_route(&self, gateway: [u8; 4]) -> io::Result<()> {
+        // SAFETY: rtentry is plain old data (its one pointer may be null); all-zero is valid.
+        let mut route: libc::rtentry = unsafe { std::mem::zeroed() };
+        route.rt_dst = sockaddr_ipv4([0; 4]);
+        route.rt_genmask = sockaddr_ipv4([0; 4]);
+        route.rt_gateway = sockaddr_ipv4(gateway);
+        route.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+        route.rt_dev = self.name.as_ptr().cast_mut();
+        // SAFETY: SIOCADDRT takes a `struct rtentry`; `route` and the NUL-terminated name its
+        // `rt_dev` points to (only read by the kernel) outlive the call, which keeps no pointer.
+        match check(unsafe { libc::ioctl(self.sock.as_raw_fd(), libc::SIOCADDRT, &raw mut route) })
+        {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            other => other.map(drop),
+        }
+    }
 }
 
 /// What a child does between fork and exec to become a sandboxed interpreter.
@@ -407,6 +502,30 @@ mod tests {
     fn wait_status_codes() {
         assert_eq!(WaitStatus::Exited(3).code(), 3);
         assert_eq!(WaitStatus::Signaled(9).code(), 137);
+    }
+
+    #[test]
+    fn ipv4_sockaddr_matches_sockaddr_in() {
+        let sa = sockaddr_ipv4([10, 0, 2, 15]);
+        assert_eq!(sa.sa_family, libc::AF_INET as libc::sa_family_t);
+        let bytes: Vec<u8> = sa.sa_data.iter().map(|&b| b as u8).collect();
+        assert_eq!(bytes, [0, 0, 10, 0, 2, 15, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            std::mem::size_of::<libc::sockaddr>(),
+            std::mem::size_of::<libc::sockaddr_in>()
+        );
+    }
+
+    #[test]
+    fn interface_names() {
+        assert!(Interface::open("eth0").is_ok());
+        assert!(Interface::open("a-name-far-too-long").is_err());
+        assert!(Interface::open("e\0th").is_err());
+        let req = Interface::open("lo").expect("lo").request();
+        assert_eq!(
+            req.ifr_name[..3],
+            [b'l' as libc::c_char, b'o' as libc::c_char, 0]
+        );
     }
 
     #[test]

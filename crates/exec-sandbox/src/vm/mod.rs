@@ -176,6 +176,8 @@ pub struct Vm {
     hello: AgentHello,
     /// QEMU's monitor, for templates and clones.
     qmp: Option<Qmp>,
+    /// The gateway behind the NIC, for networked VMs; dropped (stopped) with the VM.
+    gateway: Option<crate::gateway::Gateway>,
     _dir: tempfile::TempDir,
 }
 
@@ -265,8 +267,50 @@ impl Vm {
         deadline: Duration,
         on_console: Option<OutputCallback>,
     ) -> Result<Vm, VmError> {
-        let (vm, _) = Self::boot_with(qemu, spec, &Launch::default(), deadline, on_console).await?;
+        let (vm, _) = Self::boot_with(
+            qemu,
+            spec,
+            &Launch::default(),
+            Vec::new(),
+            deadline,
+            on_console,
+        )
+        .await?;
         Ok(vm)
+    }
+
+    /// Like [`Vm::boot`], with a NIC whose backend is `gateway` (which the VM then owns: it
+    /// stops when the VM is destroyed). `spec.nic` must be set.
+    pub async fn boot_networked(
+        qemu: &Path,
+        spec: &VmSpec,
+        deadline: Duration,
+        on_console: Option<OutputCallback>,
+        mut gateway: crate::gateway::Gateway,
+    ) -> Result<Vm, VmError> {
+        let nic = gateway.take_qemu_end().ok_or_else(|| VmError::Prepare {
+            path: PathBuf::from("nic"),
+            source: std::io::Error::other("the gateway's NIC socket was already used"),
+        })?;
+        let (mut vm, _) = Self::boot_with(
+            qemu,
+            spec,
+            &Launch::default(),
+            vec![(nic, qemu::NIC_FD)],
+            deadline,
+            on_console,
+        )
+        .await?;
+        vm.gateway = Some(gateway);
+        Ok(vm)
+    }
+
+    /// The forwarded ports of a networked VM.
+    pub fn exposed_ports(&self) -> &[crate::network::ExposedPort] {
+        self.gateway
+            .as_ref()
+            .map(|g| g.exposed_ports())
+            .unwrap_or_default()
     }
 
     /// Boots a template: guest RAM in `ram` (shared, so it holds the guest's memory when saved)
@@ -285,7 +329,8 @@ impl Vm {
             qmp: true,
             incoming: false,
         };
-        let (mut vm, qmp) = Self::boot_with(qemu, spec, &launch, deadline, None).await?;
+        let (mut vm, qmp) =
+            Self::boot_with(qemu, spec, &launch, Vec::new(), deadline, None).await?;
         let name = vm.name.clone();
         if let Some(stream) = qmp {
             let qmp = Qmp::handshake(stream, tokio::time::Instant::now() + QMP_DEADLINE)
@@ -301,6 +346,7 @@ impl Vm {
         qemu: &Path,
         spec: &VmSpec,
         launch: &Launch,
+        extra_fds: Vec<(OwnedFd, i32)>,
         deadline: Duration,
         on_console: Option<OutputCallback>,
     ) -> Result<(Vm, Option<tokio::net::UnixStream>), VmError> {
@@ -311,7 +357,7 @@ impl Vm {
             log,
             qmp,
             dir,
-        } = start(qemu, spec, launch, Vec::new(), on_console).await?;
+        } = start(qemu, spec, launch, extra_fds, on_console).await?;
         let started = Instant::now();
         let exited = |status: std::io::Result<std::process::ExitStatus>, log: &LogTail| {
             VmError::ExitedDuringBoot {
@@ -355,6 +401,7 @@ impl Vm {
             log,
             hello,
             qmp: None,
+            gateway: None,
             _dir: dir,
         };
         Ok((vm, qmp))
@@ -464,6 +511,7 @@ impl Vm {
             log,
             hello,
             qmp: Some(qmp),
+            gateway: None,
             _dir: dir,
         };
         let remaining = deadline.saturating_sub(started_at.elapsed());
@@ -741,6 +789,7 @@ mod tests {
             verbose_console: false,
             tmpfs_mb: 16,
             qemu_sandbox: false,
+            nic: false,
         }
     }
 

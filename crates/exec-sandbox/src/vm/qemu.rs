@@ -14,6 +14,8 @@ pub const QMP_SOCKET_FD: i32 = 4;
 pub const INCOMING_FD: i32 = 5;
 /// File descriptor at which a restored VM inherits its template's RAM file.
 pub const RAM_FD: i32 = 6;
+/// File descriptor at which QEMU inherits its end of the gateway's NIC socket pair.
+pub const NIC_FD: i32 = 7;
 /// Id of the file memory backend; a clone's must match its template's.
 const MEMORY_BACKEND_ID: &str = "mem0";
 
@@ -64,6 +66,8 @@ pub struct VmSpec {
     pub tmpfs_mb: u32,
     /// Run QEMU under its own seccomp sandbox.
     pub qemu_sandbox: bool,
+    /// A virtio-net NIC whose backend is the socket inherited at [`NIC_FD`] (the gateway's).
+    pub nic: bool,
 }
 
 impl VmSpec {
@@ -173,6 +177,17 @@ impl VmSpec {
                 sbx_protocol::CONTROL_PORT_NAME
             ),
         ]);
+        if self.nic {
+            let mac = sbx_protocol::net::GUEST_MAC
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":");
+            a.push("-netdev".into());
+            a.push(format!("socket,id=net0,fd={NIC_FD}").into());
+            a.push("-device".into());
+            a.push(format!("virtio-net-device,netdev=net0,mac={mac}").into());
+        }
         if launch.qmp {
             a.push("-chardev".into());
             a.push(format!("socket,id=qmp,fd={QMP_SOCKET_FD},server=on,wait=off").into());
@@ -234,6 +249,7 @@ mod tests {
             verbose_console: false,
             tmpfs_mb: 64,
             qemu_sandbox: true,
+            nic: false,
         }
     }
 

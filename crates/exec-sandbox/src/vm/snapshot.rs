@@ -767,6 +767,7 @@ mod tests {
             verbose_console: false,
             tmpfs_mb: 64,
             qemu_sandbox: true,
+            nic: false,
         }
     }
 

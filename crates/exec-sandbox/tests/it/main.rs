@@ -7,6 +7,7 @@ mod vm_admission;
 mod vm_exec;
 mod vm_files;
 mod vm_limits;
+mod vm_network;
 mod vm_pool;
 mod vm_session;
 mod vm_snapshot;

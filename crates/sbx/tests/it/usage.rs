@@ -166,3 +166,68 @@ fn bad_uploads_and_downloads_are_refused_before_any_vm() {
         "exactly one source",
     );
 }
+
+#[test]
+fn malformed_network_flags_are_usage_errors_naming_the_flag() {
+    refuses(&["run", "--expose", "80/sctp", "print(1)"], "--expose");
+    refuses(&["run", "--expose", "80/sctp", "print(1)"], "tcp or udp");
+    refuses(&["run", "--expose", "abc", "print(1)"], "--expose");
+    refuses(
+        &["run", "--expose", "abc", "print(1)"],
+        "INTERNAL[:EXTERNAL]",
+    );
+}
+
+#[test]
+fn network_limits_are_refused_before_any_vm() {
+    refuses(&["run", "--expose", "80:80", "print(1)"], "--expose");
+    refuses(&["run", "--expose", "80:80", "print(1)"], "1024");
+    refuses(
+        &["run", "--allow-domain", "bad_domain!", "print(1)"],
+        "--allow-domain",
+    );
+    refuses(
+        &["run", "--allow-domain", "bad_domain!", "print(1)"],
+        "bad_domain!",
+    );
+    let ports: Vec<String> = (8001..=8011).map(|p| p.to_string()).collect();
+    let mut args = vec!["run"];
+    for port in &ports {
+        args.extend(["--expose", port.as_str()]);
+    }
+    args.push("print(1)");
+    refuses(&args, "invalid --expose: 11 ports, limit is 10");
+    refuses(
+        &[
+            "run", "--expose", "8000", "--expose", "8000/tcp", "print(1)",
+        ],
+        "forwarded twice",
+    );
+    refuses(
+        &[
+            "run",
+            "--expose",
+            "8000:18000",
+            "-c",
+            "print(1)",
+            "-c",
+            "print(2)",
+        ],
+        "needs exactly one source",
+    );
+}
+
+#[test]
+fn network_flags_are_in_the_help() {
+    let cache = tempfile::tempdir().unwrap();
+    sbx_offline(&cache)
+        .args(["run", "--help"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("--network"))
+        .stdout(predicate::str::contains("--allow-domain <DOMAIN>"))
+        .stdout(predicate::str::contains("implies --network"))
+        .stdout(predicate::str::contains(
+            "--expose <INTERNAL[:EXTERNAL][/PROTOCOL]>",
+        ));
+}

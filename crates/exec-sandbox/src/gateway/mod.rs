@@ -1,0 +1,170 @@
+//! The host-side gateway: the only thing a networked VM's NIC talks to.
+//!
+//! QEMU's NIC backend is one end of a unix stream socket pair (`-netdev socket,fd=N`: each
+//! Ethernet frame is prefixed by its length, 4 bytes big endian); the other end feeds a
+//! user-space TCP/IP stack ([smoltcp]) in this process. No packet from the guest reaches the
+//! host's kernel network stack; the gateway opens *new* host connections on the guest's behalf
+//! when, and only when, the VM's policy allows them:
+//!
+//! - DNS (UDP to the gateway, port 53): names the allowlist permits are resolved on the host and
+//!   answered with a *virtual* address bound to that name ([`sbx_net::policy::NameTable`]);
+//!   every other name gets NXDOMAIN. DNS to any other server gets an ICMP port unreachable.
+//! - TCP: a SYN to a virtual address is accepted; the first bytes the client sends must present
+//!   the name that address was bound to (TLS SNI or HTTP `Host`), and only then is the host
+//!   connection opened, to the name's real address and the same port. Anything else (a raw IP
+//!   under an allowlist, another name, no name within 10 s) is reset. Without an allowlist
+//!   ([`Allowlist::Any`]) names are not checked and public raw IPs are allowed too.
+//! - Host-internal destinations (loopback, private, link-local, metadata) are never connected
+//!   to unless the operator allows them ([`GatewayConfig::allow_internal`]).
+//! - Other UDP: port unreachable. Forwarded ports: the gateway listens on `127.0.0.1` and
+//!   opens connections (or relays datagrams) into the guest.
+//!
+//! Module layout: [`device`] moves frames between QEMU and the stack, [`stack`] is the event loop
+//! and the policy enforcement, [`relay`] pumps one host connection, [`resolve`] asks the host's
+//! resolver.
+
+mod device;
+mod relay;
+mod resolve;
+mod stack;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::OwnedFd;
+
+use sbx_net::policy::Allowlist;
+
+use crate::error::ErrorKind;
+use crate::network::{EXPOSE_HOST, ExposePort, ExposedPort, PortProtocol};
+
+/// What one VM's gateway enforces.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Whether the guest may open connections at all (false: ports only).
+    pub outbound: bool,
+    /// Which names (and, with [`Allowlist::Any`], raw public addresses) the guest may reach.
+    pub allowlist: Allowlist,
+    /// Allow host-internal destinations (operator switch).
+    pub allow_internal: bool,
+    /// Static names answered before the host's resolver.
+    pub hosts: Vec<(String, Ipv4Addr)>,
+    /// Ports to forward into the guest.
+    pub expose: Vec<ExposePort>,
+}
+
+/// Why a gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// A host port to forward is taken (or not permitted).
+    #[error("cannot bind {EXPOSE_HOST}:{port}/{protocol} for guest port {internal}")]
+    Bind {
+        /// The host port asked for.
+        port: u16,
+        /// Guest port it was for.
+        internal: u16,
+        /// TCP or UDP.
+        protocol: PortProtocol,
+        /// What the kernel said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The socket pair for QEMU could not be created.
+    #[error("cannot create the NIC socket pair")]
+    SocketPair(#[source] std::io::Error),
+}
+
+impl GatewayError {
+    /// The stable kind: a taken port asked for by number is the caller's to fix.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            GatewayError::Bind { source, .. } if source.kind() == std::io::ErrorKind::AddrInUse => {
+                ErrorKind::InvalidInput
+            }
+            _ => ErrorKind::Transient,
+        }
+    }
+}
+
+/// Host sockets of the forwarded ports, bound before the VM boots.
+enum HostSocket {
+    Tcp(std::net::TcpListener),
+    Udp(std::net::UdpSocket),
+}
+
+/// A running gateway. Dropping it stops everything it runs: the stack, every relayed
+/// connection, the forwarded ports' listeners.
+pub struct Gateway {
+    exposed: Vec<ExposedPort>,
+    qemu_end: Option<OwnedFd>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("exposed", &self.exposed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// Binds the forwarded ports and starts the stack. Must be called inside a tokio runtime.
+    pub fn start(config: GatewayConfig) -> Result<Gateway, GatewayError> {
+        let mut exposed = Vec::with_capacity(config.expose.len());
+        let mut host_sockets = Vec::with_capacity(config.expose.len());
+        for port in &config.expose {
+            let addr = SocketAddr::from((
+                EXPOSE_HOST.parse::<Ipv4Addr>().expect("a valid address"),
+                port.external.unwrap_or(0),
+            ));
+            let bind_error = |source| GatewayError::Bind {
+                port: port.external.unwrap_or(0),
+                internal: port.internal,
+                protocol: port.protocol,
+                source,
+            };
+            let (socket, local) = match port.protocol {
+                PortProtocol::Tcp => {
+                    let listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
+                    listener.set_nonblocking(true).map_err(bind_error)?;
+                    let local = listener.local_addr().map_err(bind_error)?;
+                    (HostSocket::Tcp(listener), local)
+                }
+                PortProtocol::Udp => {
+                    let socket = std::net::UdpSocket::bind(addr).map_err(bind_error)?;
+                    socket.set_nonblocking(true).map_err(bind_error)?;
+                    let local = socket.local_addr().map_err(bind_error)?;
+                    (HostSocket::Udp(socket), local)
+                }
+            };
+            exposed.push(ExposedPort::new(port.internal, local.port(), port.protocol));
+            host_sockets.push(socket);
+        }
+        let (ours, qemu_end) =
+            std::os::unix::net::UnixStream::pair().map_err(GatewayError::SocketPair)?;
+        ours.set_nonblocking(true)
+            .map_err(GatewayError::SocketPair)?;
+        let ours = tokio::net::UnixStream::from_std(ours).map_err(GatewayError::SocketPair)?;
+        let task = tokio::spawn(stack::run(config, ours, host_sockets));
+        Ok(Gateway {
+            exposed,
+            qemu_end: Some(qemu_end.into()),
+            task,
+        })
+    }
+
+    /// The forwarded ports as bound.
+    pub fn exposed_ports(&self) -> &[ExposedPort] {
+        &self.exposed
+    }
+
+    /// QEMU's end of the NIC socket pair (once).
+    pub fn take_qemu_end(&mut self) -> Option<OwnedFd> {
+        self.qemu_end.take()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,0 +1,131 @@
+//! The host side of one relayed TCP connection.
+//!
+//! A relay task owns a host `TcpStream` (connected by the gateway on the guest's behalf, or
+//! accepted on a forwarded port) and moves bytes between it and the stack:
+//! guest → host through a bounded channel (the stack stops reading the guest's socket when it
+//! is full), host → guest as [`Event::Data`] under a byte credit the stack returns as the
+//! guest's socket takes the data, so a slow guest slows the host connection instead of growing
+//! a buffer.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, mpsc};
+
+use super::stack::{ConnId, Event};
+
+/// Longest an outbound host connection may take to establish (all addresses together).
+pub const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
+/// Bytes read from the host per chunk.
+pub const CHUNK: usize = 16 * 1024;
+/// Host bytes in flight toward one guest socket (read but not yet taken by the guest).
+pub const CREDIT: usize = 256 * 1024;
+/// Guest chunks queued toward one host connection.
+pub const TO_HOST_CHUNKS: usize = 16;
+
+/// The channels of one relay.
+pub struct RelayIo {
+    /// Which connection.
+    pub id: ConnId,
+    /// Guest bytes to write to the host; closed when the guest finished sending.
+    pub to_host: mpsc::Receiver<Vec<u8>>,
+    /// Back to the stack.
+    pub events: mpsc::Sender<Event>,
+    /// Host bytes the relay may still read ahead of the guest.
+    pub credit: Arc<Semaphore>,
+}
+
+/// Connects to `port` on the first of `addrs` that answers, then relays, with `initial`
+/// (the bytes the guest already sent while presenting its name) written first.
+pub async fn connect_and_relay(addrs: Vec<Ipv4Addr>, port: u16, initial: Vec<u8>, io: RelayIo) {
+    let started = Instant::now();
+    let attempt = async {
+        let mut last = None;
+        for addr in &addrs {
+            match TcpStream::connect(SocketAddr::from((*addr, port))).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) => last = Some(format!("{addr}:{port}: {e}")),
+            }
+        }
+        Err(last.unwrap_or_else(|| "no address".into()))
+    };
+    let stream = match tokio::time::timeout(CONNECT_DEADLINE, attempt).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(reason)) => return fail(&io, reason).await,
+        Err(_) => {
+            return fail(
+                &io,
+                format!("no connection within {} s", CONNECT_DEADLINE.as_secs()),
+            )
+            .await;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let _ = io
+        .events
+        .send(Event::Connected {
+            id: io.id,
+            took: started.elapsed(),
+        })
+        .await;
+    relay(stream, initial, io).await;
+}
+
+async fn fail(io: &RelayIo, reason: String) {
+    let _ = io.events.send(Event::Failed { id: io.id, reason }).await;
+}
+
+/// Relays between `stream` and the stack until both directions are done or one fails.
+pub async fn relay(stream: TcpStream, initial: Vec<u8>, io: RelayIo) {
+    let RelayIo {
+        id,
+        mut to_host,
+        events,
+        credit,
+    } = io;
+    let (mut reader, mut writer) = stream.into_split();
+    let upstream = async move {
+        if !initial.is_empty() {
+            writer.write_all(&initial).await?;
+        }
+        while let Some(chunk) = to_host.recv().await {
+            writer.write_all(&chunk).await?;
+        }
+        // The guest finished sending: pass its FIN on.
+        writer.shutdown().await
+    };
+    let down_events = events.clone();
+    let downstream = async move {
+        let mut buf = vec![0; CHUNK];
+        loop {
+            let Ok(permit) = credit.acquire_many(CHUNK as u32).await else {
+                return Ok(());
+            };
+            permit.forget();
+            let n = reader.read(&mut buf).await?;
+            credit.add_permits(CHUNK - n);
+            let event = if n == 0 {
+                Event::Eof { id }
+            } else {
+                Event::Data {
+                    id,
+                    bytes: buf[..n].to_vec(),
+                }
+            };
+            if down_events.send(event).await.is_err() || n == 0 {
+                return Ok(());
+            }
+        }
+    };
+    if let Err(e) = tokio::try_join!(upstream, downstream) {
+        let _ = events
+            .send(Event::Failed {
+                id,
+                reason: e.to_string(),
+            })
+            .await;
+    }
+}

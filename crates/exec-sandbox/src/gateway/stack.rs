@@ -1,0 +1,897 @@
+//! The gateway's event loop: a smoltcp interface on the guest's link, the policy applied to
+//! every DNS query and every connection the guest opens, and the forwarded ports.
+//!
+//! One task owns all state (no locks). It wakes on a frame from QEMU, an event from a relay,
+//! resolver or listener task, or smoltcp's next timer, and then polls the interface, serves DNS
+//! and the forwarded UDP ports, and pumps every connection.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sbx_net::dns::{self, Rcode};
+use sbx_net::policy::{Allowlist, Binding, NameTable, host_may_connect, same_name};
+use sbx_net::sniff::{MAX_SNIFF_BYTES, Presented, sniff};
+use sbx_protocol::net::{GATEWAY_IPV4, GATEWAY_MAC, GUEST_IPV4, PREFIX_LEN};
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::{tcp, udp};
+use smoltcp::time::Instant as NetInstant;
+use smoltcp::wire::{
+    EthernetAddress, EthernetFrame, EthernetProtocol, IpAddress, IpCidr, IpEndpoint,
+    IpListenEndpoint, IpProtocol, Ipv4Packet, TcpPacket,
+};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::{AbortHandle, JoinSet};
+
+use super::device::{Queues, read_frame, write_frame};
+use super::relay::{self, CHUNK, CREDIT, RelayIo, TO_HOST_CHUNKS};
+use super::resolve::{self, Resolution};
+use super::{GatewayConfig, HostSocket};
+
+/// Identifies one relayed connection.
+pub type ConnId = u64;
+
+/// What the stack's helper tasks tell it.
+#[derive(Debug)]
+pub enum Event {
+    /// An outbound host connection is established.
+    Connected {
+        /// Which connection.
+        id: ConnId,
+        /// How long connecting took.
+        took: Duration,
+    },
+    /// Host bytes for the guest.
+    Data {
+        /// Which connection.
+        id: ConnId,
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
+    /// The host finished sending.
+    Eof {
+        /// Which connection.
+        id: ConnId,
+    },
+    /// The host connection failed or could not be made.
+    Failed {
+        /// Which connection.
+        id: ConnId,
+        /// Why.
+        reason: String,
+    },
+    /// A connection arrived on a forwarded TCP port.
+    Accepted {
+        /// Index of the forwarded port.
+        port: usize,
+        /// The host client.
+        stream: TcpStream,
+    },
+    /// A datagram arrived on a forwarded UDP port.
+    Datagram {
+        /// Index of the forwarded port.
+        port: usize,
+        /// Who sent it.
+        peer: SocketAddr,
+        /// The payload.
+        bytes: Vec<u8>,
+    },
+    /// A host lookup for a guest's DNS query finished.
+    Resolved {
+        /// The query.
+        query: dns::Query,
+        /// Where the answer goes.
+        peer: IpEndpoint,
+        /// What the host found.
+        resolution: Resolution,
+    },
+}
+
+/// TCP buffer size per direction per connection.
+const SOCKET_BUFFER: usize = 128 * 1024;
+/// Connections one VM may have open through the gateway at once.
+const MAX_CONNECTIONS: usize = 128;
+/// Host lookups one VM may have in flight.
+const MAX_LOOKUPS: usize = 16;
+/// Longest a connection may take to present its name.
+const SNIFF_DEADLINE: Duration = Duration::from_secs(10);
+/// TTL of DNS answers (the virtual address of a name never changes during a VM's life).
+const DNS_TTL: u32 = 300;
+/// Longest the loop sleeps (bounds how late deadlines are noticed).
+const MAX_SLEEP: Duration = Duration::from_millis(500);
+/// Sleep while a connection waits for room toward its host.
+const BLOCKED_SLEEP: Duration = Duration::from_millis(2);
+/// Frames or events handled per wake-up before polling the interface again.
+const BATCH: usize = 64;
+/// Local ports of connections the gateway opens into the guest.
+const INBOUND_PORTS: std::ops::Range<u16> = 40000..60000;
+/// Local ports of the forwarded UDP ports' sockets on the gateway.
+const UDP_FORWARD_BASE: u16 = 30000;
+
+/// A guest-initiated flow: (guest port, destination, destination port).
+type FlowKey = (u16, Ipv4Addr, u16);
+
+/// Where an accepted guest connection may go.
+#[derive(Debug, Clone)]
+enum Target {
+    /// To the name bound to a virtual address.
+    Named(Binding, u16),
+    /// To a public address (network on without an allowlist).
+    Raw(Ipv4Addr, u16),
+}
+
+enum Phase {
+    /// Waiting for the client to present a name.
+    Sniffing {
+        buf: Vec<u8>,
+        deadline: std::time::Instant,
+        binding: Binding,
+        port: u16,
+    },
+    /// Relaying (or connecting to the host).
+    Open,
+}
+
+struct Conn {
+    handle: SocketHandle,
+    flow: Option<FlowKey>,
+    phase: Phase,
+    to_host: Option<mpsc::Sender<Vec<u8>>>,
+    to_host_rx: Option<mpsc::Receiver<Vec<u8>>>,
+    pending: Vec<u8>,
+    pending_from: usize,
+    host_eof: bool,
+    fin_sent: bool,
+    established: bool,
+    credit: Arc<Semaphore>,
+    task: Option<AbortHandle>,
+    label: String,
+}
+
+struct UdpForward {
+    handle: SocketHandle,
+    internal: u16,
+    host: Arc<tokio::net::UdpSocket>,
+    peer: Option<SocketAddr>,
+}
+
+struct Stack {
+    config: Arc<GatewayConfig>,
+    iface: Interface,
+    device: Queues,
+    sockets: SocketSet<'static>,
+    dns: SocketHandle,
+    udp_forwards: Vec<UdpForward>,
+    tcp_forwards: Vec<u16>,
+    conns: HashMap<ConnId, Conn>,
+    flows: HashMap<FlowKey, ConnId>,
+    names: NameTable,
+    next_id: ConnId,
+    next_inbound_port: u16,
+    lookups: usize,
+    blocked: bool,
+    events: mpsc::Sender<Event>,
+    tasks: JoinSet<()>,
+    started: std::time::Instant,
+}
+
+fn guest() -> Ipv4Addr {
+    Ipv4Addr::from(GUEST_IPV4)
+}
+
+fn gateway() -> Ipv4Addr {
+    Ipv4Addr::from(GATEWAY_IPV4)
+}
+
+/// Runs the gateway until QEMU closes the NIC socket (or the task is aborted).
+pub async fn run(config: GatewayConfig, nic: UnixStream, host_sockets: Vec<HostSocket>) {
+    let (events_tx, mut events) = mpsc::channel::<Event>(1024);
+    let (frames_in_tx, mut frames_in) = mpsc::channel::<Vec<u8>>(256);
+    let (frames_out_tx, mut frames_out) = mpsc::channel::<Vec<u8>>(1024);
+    let (mut nic_rx, mut nic_tx) = nic.into_split();
+    let mut stack = Stack::new(config, events_tx);
+    stack.tasks.spawn(async move {
+        loop {
+            match read_frame(&mut nic_rx).await {
+                Ok(frame) => {
+                    if frames_in_tx.send(frame).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(target: "sbx::network", "gateway: {e}");
+                    return;
+                }
+            }
+        }
+    });
+    stack.tasks.spawn(async move {
+        while let Some(frame) = frames_out.recv().await {
+            if write_frame(&mut nic_tx, &frame).await.is_err() {
+                return;
+            }
+        }
+    });
+    stack.listen(host_sockets);
+
+    loop {
+        stack.poll();
+        for frame in stack.device.tx.drain(..) {
+            // QEMU not keeping up: drop, like a full NIC queue; TCP retransmits.
+            let _ = frames_out_tx.try_send(frame);
+        }
+        let sleep = stack.next_wake();
+        tokio::select! {
+            frame = frames_in.recv() => {
+                let Some(frame) = frame else { break };
+                stack.device.rx.push_back(frame);
+                while stack.device.rx.len() < BATCH {
+                    match frames_in.try_recv() {
+                        Ok(frame) => stack.device.rx.push_back(frame),
+                        Err(_) => break,
+                    }
+                }
+            }
+            Some(event) = events.recv() => {
+                stack.handle(event);
+                for _ in 1..BATCH {
+                    match events.try_recv() {
+                        Ok(event) => stack.handle(event),
+                        Err(_) => break,
+                    }
+                }
+            }
+            () = tokio::time::sleep(sleep) => {}
+        }
+    }
+    tracing::debug!(target: "sbx::network", "gateway: the NIC closed; stopping");
+}
+
+impl Stack {
+    fn new(config: GatewayConfig, events: mpsc::Sender<Event>) -> Stack {
+        let mut device = Queues::default();
+        let mut iface_config = Config::new(EthernetAddress(GATEWAY_MAC).into());
+        iface_config.random_seed = random_seed();
+        let started = std::time::Instant::now();
+        let mut iface = Interface::new(iface_config, &mut device, NetInstant::from_millis(0));
+        iface.update_ip_addrs(|addrs| {
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(gateway()), PREFIX_LEN));
+        });
+        // Accept packets for every address routed via ourselves: the guest's default route
+        // points here, so every destination it dials arrives at this stack.
+        iface.set_any_ip(true);
+        let _ = iface.routes_mut().add_default_ipv4_route(gateway());
+
+        let mut sockets = SocketSet::new(Vec::new());
+        let mut dns_socket = udp_socket(32, 32 * 1024);
+        let _ = dns_socket.bind(IpListenEndpoint {
+            addr: Some(IpAddress::Ipv4(gateway())),
+            port: 53,
+        });
+        let dns = sockets.add(dns_socket);
+        Stack {
+            config: Arc::new(config),
+            iface,
+            device,
+            sockets,
+            dns,
+            udp_forwards: Vec::new(),
+            tcp_forwards: Vec::new(),
+            conns: HashMap::new(),
+            flows: HashMap::new(),
+            names: NameTable::new(),
+            next_id: 0,
+            next_inbound_port: INBOUND_PORTS.start,
+            lookups: 0,
+            blocked: false,
+            events,
+            tasks: JoinSet::new(),
+            started,
+        }
+    }
+
+    fn now(&self) -> NetInstant {
+        NetInstant::from_micros(
+            i64::try_from(self.started.elapsed().as_micros()).unwrap_or(i64::MAX),
+        )
+    }
+
+    /// Starts the tasks that accept on the forwarded ports.
+    fn listen(&mut self, host_sockets: Vec<HostSocket>) {
+        for (index, (socket, port)) in host_sockets
+            .into_iter()
+            .zip(self.config.expose.clone())
+            .enumerate()
+        {
+            let events = self.events.clone();
+            match socket {
+                HostSocket::Tcp(listener) => {
+                    self.tcp_forwards.push(port.internal);
+                    let slot = self.tcp_forwards.len() - 1;
+                    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                        continue;
+                    };
+                    self.tasks.spawn(async move {
+                        while let Ok((stream, _)) = listener.accept().await {
+                            let event = Event::Accepted { port: slot, stream };
+                            if events.send(event).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+                HostSocket::Udp(socket) => {
+                    let Ok(host) = tokio::net::UdpSocket::from_std(socket) else {
+                        continue;
+                    };
+                    let host = Arc::new(host);
+                    let mut guest_side = udp_socket(64, 256 * 1024);
+                    let _ = guest_side.bind(IpListenEndpoint {
+                        addr: Some(IpAddress::Ipv4(gateway())),
+                        port: UDP_FORWARD_BASE + index as u16,
+                    });
+                    let handle = self.sockets.add(guest_side);
+                    self.udp_forwards.push(UdpForward {
+                        handle,
+                        internal: port.internal,
+                        host: host.clone(),
+                        peer: None,
+                    });
+                    let slot = self.udp_forwards.len() - 1;
+                    self.tasks.spawn(async move {
+                        let mut buf = vec![0; 65536];
+                        while let Ok((n, peer)) = host.recv_from(&mut buf).await {
+                            let event = Event::Datagram {
+                                port: slot,
+                                peer,
+                                bytes: buf[..n].to_vec(),
+                            };
+                            if events.send(event).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    /// Ingests queued frames, serves DNS and forwarded datagrams, pumps connections, and
+    /// emits what that produced.
+    fn poll(&mut self) {
+        let frames: Vec<Option<(FlowKey, Ipv4Addr, u16)>> =
+            self.device.rx.iter().map(|f| guest_syn(f)).collect();
+        for (key, dst, port) in frames.into_iter().flatten() {
+            self.on_syn(key, dst, port);
+        }
+        let now = self.now();
+        self.iface.poll(now, &mut self.device, &mut self.sockets);
+        self.blocked = false;
+        self.serve_dns();
+        self.serve_udp_forwards();
+        self.pump();
+        self.iface.poll(now, &mut self.device, &mut self.sockets);
+    }
+
+    fn next_wake(&mut self) -> Duration {
+        let now = self.now();
+        let mut sleep = self
+            .iface
+            .poll_delay(now, &self.sockets)
+            .map(|d| Duration::from_micros(d.total_micros()))
+            .unwrap_or(MAX_SLEEP)
+            .min(MAX_SLEEP);
+        if self.blocked {
+            sleep = sleep.min(BLOCKED_SLEEP);
+        }
+        sleep
+    }
+
+    /// A guest SYN for a flow not seen yet: a listening socket for it if the policy allows the
+    /// destination; otherwise nothing, and smoltcp answers with a reset.
+    fn on_syn(&mut self, key: FlowKey, dst: Ipv4Addr, port: u16) {
+        if self.flows.contains_key(&key) {
+            return;
+        }
+        let target = match self.decide(dst, port) {
+            Ok(target) => target,
+            Err(reason) => {
+                tracing::info!(target: "sbx::network", "refused TCP to {dst}:{port}: {reason}");
+                return;
+            }
+        };
+        if self.conns.len() >= MAX_CONNECTIONS {
+            tracing::info!(
+                target: "sbx::network",
+                "refused TCP to {dst}:{port}: {MAX_CONNECTIONS} connections are open"
+            );
+            return;
+        }
+        let mut socket = tcp_socket();
+        if socket
+            .listen(IpListenEndpoint {
+                addr: Some(IpAddress::Ipv4(dst)),
+                port,
+            })
+            .is_err()
+        {
+            return;
+        }
+        let handle = self.sockets.add(socket);
+        let (label, phase) = match &target {
+            Target::Named(binding, port) => (
+                format!("{}:{port}", binding.name),
+                match &self.config.allowlist {
+                    Allowlist::Only(_) => Phase::Sniffing {
+                        buf: Vec::new(),
+                        deadline: std::time::Instant::now() + SNIFF_DEADLINE,
+                        binding: binding.clone(),
+                        port: *port,
+                    },
+                    Allowlist::Any => Phase::Open,
+                },
+            ),
+            Target::Raw(addr, port) => (format!("{addr}:{port}"), Phase::Open),
+        };
+        let id = self.add_conn(handle, Some(key), phase, label);
+        if matches!(self.conns[&id].phase, Phase::Open) {
+            let (addrs, port) = match target {
+                Target::Named(binding, port) => (binding.addrs, port),
+                Target::Raw(addr, port) => (vec![addr], port),
+            };
+            self.spawn_connect(id, addrs, port, Vec::new());
+        }
+    }
+
+    /// The policy for a guest SYN to `dst:port`.
+    fn decide(&self, dst: Ipv4Addr, port: u16) -> Result<Target, String> {
+        if !self.config.outbound {
+            return Err("the VM has no network access (forwarded ports only)".into());
+        }
+        if dst == gateway() {
+            return Err("no TCP service on the gateway".into());
+        }
+        if NameTable::is_virtual(dst) {
+            return match self.names.lookup(dst) {
+                Some(binding) => Ok(Target::Named(binding.clone(), port)),
+                None => Err("the address was never given in a DNS answer".into()),
+            };
+        }
+        match &self.config.allowlist {
+            Allowlist::Any if host_may_connect(dst, self.config.allow_internal) => {
+                Ok(Target::Raw(dst, port))
+            }
+            Allowlist::Any => Err("a host-internal address".into()),
+            Allowlist::Only(_) => {
+                Err("connections to IP addresses are refused; connect by an allowed name".into())
+            }
+        }
+    }
+
+    fn add_conn(
+        &mut self,
+        handle: SocketHandle,
+        flow: Option<FlowKey>,
+        phase: Phase,
+        label: String,
+    ) -> ConnId {
+        let id = self.next_id;
+        self.next_id += 1;
+        let (tx, rx) = mpsc::channel(TO_HOST_CHUNKS);
+        if let Some(flow) = flow {
+            self.flows.insert(flow, id);
+        }
+        self.conns.insert(
+            id,
+            Conn {
+                handle,
+                flow,
+                phase,
+                to_host: Some(tx),
+                to_host_rx: Some(rx),
+                pending: Vec::new(),
+                pending_from: 0,
+                host_eof: false,
+                fin_sent: false,
+                established: false,
+                credit: Arc::new(Semaphore::new(CREDIT)),
+                task: None,
+                label,
+            },
+        );
+        id
+    }
+
+    fn relay_io(&mut self, id: ConnId) -> Option<RelayIo> {
+        let conn = self.conns.get_mut(&id)?;
+        Some(RelayIo {
+            id,
+            to_host: conn.to_host_rx.take()?,
+            events: self.events.clone(),
+            credit: conn.credit.clone(),
+        })
+    }
+
+    fn spawn_connect(&mut self, id: ConnId, addrs: Vec<Ipv4Addr>, port: u16, initial: Vec<u8>) {
+        let Some(io) = self.relay_io(id) else { return };
+        let task = self
+            .tasks
+            .spawn(relay::connect_and_relay(addrs, port, initial, io));
+        if let Some(conn) = self.conns.get_mut(&id) {
+            conn.task = Some(task);
+        }
+    }
+
+    fn remove_conn(&mut self, id: ConnId) {
+        if let Some(conn) = self.conns.remove(&id) {
+            if let Some(task) = conn.task {
+                task.abort();
+            }
+            conn.credit.close();
+            if let Some(flow) = conn.flow {
+                self.flows.remove(&flow);
+            }
+            self.sockets.remove(conn.handle);
+        }
+    }
+
+    /// Resets the guest's side of `id`; the connection is removed after the reset went out.
+    fn refuse(&mut self, id: ConnId, reason: &str) {
+        if let Some(conn) = self.conns.get_mut(&id) {
+            tracing::info!(target: "sbx::network", "refused TCP to {}: {reason}", conn.label);
+            if let Some(task) = conn.task.take() {
+                task.abort();
+            }
+            conn.to_host = None;
+            self.sockets.get_mut::<tcp::Socket>(conn.handle).abort();
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Connected { id, took } => {
+                if let Some(conn) = self.conns.get(&id) {
+                    tracing::debug!(
+                        target: "sbx::network",
+                        "connected to {} in {} ms", conn.label, took.as_millis()
+                    );
+                }
+            }
+            Event::Data { id, bytes } => {
+                if let Some(conn) = self.conns.get_mut(&id) {
+                    conn.pending.extend_from_slice(&bytes);
+                }
+            }
+            Event::Eof { id } => {
+                if let Some(conn) = self.conns.get_mut(&id) {
+                    conn.host_eof = true;
+                }
+            }
+            Event::Failed { id, reason } => self.refuse(id, &reason),
+            Event::Accepted { port, stream } => self.accept_forwarded(port, stream),
+            Event::Datagram { port, peer, bytes } => {
+                if let Some(forward) = self.udp_forwards.get_mut(port) {
+                    forward.peer = Some(peer);
+                    let to = IpEndpoint::new(IpAddress::Ipv4(guest()), forward.internal);
+                    // A full buffer drops the datagram, as UDP may.
+                    let _ = self
+                        .sockets
+                        .get_mut::<udp::Socket>(forward.handle)
+                        .send_slice(&bytes, to);
+                }
+            }
+            Event::Resolved {
+                query,
+                peer,
+                resolution,
+            } => {
+                self.lookups = self.lookups.saturating_sub(1);
+                let answer = match resolution {
+                    Resolution::Found(addrs) => match self.names.bind(&query.name, addrs) {
+                        Some(virtual_addr) => dns::answer_a(&query, &[virtual_addr], DNS_TTL),
+                        None => dns::answer_error(&query, Rcode::ServFail),
+                    },
+                    Resolution::Nothing { forbidden } => {
+                        if forbidden > 0 {
+                            tracing::info!(
+                                target: "sbx::network",
+                                "DNS {}: only host-internal addresses ({forbidden}), not given out",
+                                query.name
+                            );
+                        }
+                        dns::answer_error(&query, Rcode::NxDomain)
+                    }
+                    Resolution::Failed(reason) => {
+                        tracing::info!(target: "sbx::network", "DNS {}: {reason}", query.name);
+                        dns::answer_error(&query, Rcode::ServFail)
+                    }
+                };
+                self.reply_dns(&answer, peer);
+            }
+        }
+    }
+
+    /// A host client on a forwarded TCP port: a connection from the gateway into the guest.
+    fn accept_forwarded(&mut self, port: usize, stream: TcpStream) {
+        let Some(&internal) = self.tcp_forwards.get(port) else {
+            return;
+        };
+        if self.conns.len() >= MAX_CONNECTIONS {
+            return;
+        }
+        let local_port = self.next_inbound_port;
+        self.next_inbound_port = if local_port + 1 >= INBOUND_PORTS.end {
+            INBOUND_PORTS.start
+        } else {
+            local_port + 1
+        };
+        let mut socket = tcp_socket();
+        let remote = IpEndpoint::new(IpAddress::Ipv4(guest()), internal);
+        let local = IpListenEndpoint {
+            addr: Some(IpAddress::Ipv4(gateway())),
+            port: local_port,
+        };
+        if socket.connect(self.iface.context(), remote, local).is_err() {
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        let handle = self.sockets.add(socket);
+        let id = self.add_conn(handle, None, Phase::Open, format!("guest port {internal}"));
+        let Some(io) = self.relay_io(id) else { return };
+        let task = self.tasks.spawn(relay::relay(stream, Vec::new(), io));
+        if let Some(conn) = self.conns.get_mut(&id) {
+            conn.task = Some(task);
+        }
+    }
+
+    fn reply_dns(&mut self, answer: &[u8], peer: IpEndpoint) {
+        let _ = self
+            .sockets
+            .get_mut::<udp::Socket>(self.dns)
+            .send_slice(answer, peer);
+    }
+
+    /// Answers every queued DNS query: refusals at once, allowed A queries after a host lookup.
+    fn serve_dns(&mut self) {
+        let mut queries = Vec::new();
+        {
+            let socket = self.sockets.get_mut::<udp::Socket>(self.dns);
+            while let Ok((packet, meta)) = socket.recv() {
+                queries.push((
+                    dns::parse_query(packet),
+                    dns::query_id(packet),
+                    meta.endpoint,
+                ));
+            }
+        }
+        for (parsed, id, peer) in queries {
+            let query = match parsed {
+                Ok(query) => query,
+                Err(e) => {
+                    tracing::debug!(target: "sbx::network", "DNS: malformed query: {e}");
+                    if let Some(id) = id {
+                        self.reply_dns(&dns::answer_formerr(id), peer);
+                    }
+                    continue;
+                }
+            };
+            let immediate = if !self.config.outbound {
+                Some(Rcode::Refused)
+            } else if query.qclass != dns::CLASS_IN {
+                Some(Rcode::NotImp)
+            } else if !self.config.allowlist.permits(&query.name) {
+                tracing::info!(target: "sbx::network", "DNS {}: not allowed", query.name);
+                Some(Rcode::NxDomain)
+            } else if self.lookups >= MAX_LOOKUPS {
+                Some(Rcode::ServFail)
+            } else {
+                None
+            };
+            if let Some(rcode) = immediate {
+                self.reply_dns(&dns::answer_error(&query, rcode), peer);
+                continue;
+            }
+            if query.qtype != dns::TYPE_A {
+                // An allowed name, but IPv4 is all the guest has: "no data" (not an error, so
+                // resolvers go on to the A answer).
+                self.reply_dns(&dns::answer_a(&query, &[], DNS_TTL), peer);
+                continue;
+            }
+            self.lookups += 1;
+            let config = self.config.clone();
+            let events = self.events.clone();
+            self.tasks.spawn(async move {
+                let resolution =
+                    resolve::resolve(query.name.clone(), &config.hosts, config.allow_internal)
+                        .await;
+                let _ = events
+                    .send(Event::Resolved {
+                        query,
+                        peer,
+                        resolution,
+                    })
+                    .await;
+            });
+        }
+    }
+
+    /// Datagrams the guest sent back on forwarded UDP ports go to the port's last host peer.
+    fn serve_udp_forwards(&mut self) {
+        for forward in &self.udp_forwards {
+            let socket = self.sockets.get_mut::<udp::Socket>(forward.handle);
+            while let Ok((bytes, meta)) = socket.recv() {
+                let from_service =
+                    meta.endpoint == IpEndpoint::new(IpAddress::Ipv4(guest()), forward.internal);
+                if let (true, Some(peer)) = (from_service, forward.peer) {
+                    let _ = forward.host.try_send_to(bytes, peer);
+                }
+            }
+        }
+    }
+
+    /// Moves bytes between every connection's guest socket and its relay.
+    fn pump(&mut self) {
+        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        for id in ids {
+            self.pump_one(id);
+        }
+    }
+
+    fn pump_one(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let socket = self.sockets.get_mut::<tcp::Socket>(conn.handle);
+        let state = socket.state();
+        if matches!(state, tcp::State::Closed | tcp::State::TimeWait) {
+            self.remove_conn(id);
+            return;
+        }
+        if state == tcp::State::Established {
+            conn.established = true;
+        }
+        if let Phase::Sniffing {
+            buf,
+            deadline,
+            binding,
+            port,
+        } = &mut conn.phase
+        {
+            while socket.can_recv() && buf.len() < MAX_SNIFF_BYTES {
+                let room = MAX_SNIFF_BYTES - buf.len();
+                let _ = socket.recv(|data| {
+                    let n = data.len().min(room);
+                    buf.extend_from_slice(&data[..n]);
+                    (n, ())
+                });
+            }
+            let verdict = match sniff(buf) {
+                Presented::NeedMore
+                    if buf.len() < MAX_SNIFF_BYTES
+                        && std::time::Instant::now() < *deadline
+                        && (socket.may_recv() || !conn.established) =>
+                {
+                    return;
+                }
+                Presented::NeedMore => Err(format!(
+                    "no TLS server name or HTTP Host within {} s or {} bytes",
+                    SNIFF_DEADLINE.as_secs(),
+                    MAX_SNIFF_BYTES
+                )),
+                Presented::Unnamed(reason) => Err(format!("no name presented ({reason})")),
+                Presented::Tls(name) | Presented::Http(name) => {
+                    if same_name(&name, &binding.name) && self.config.allowlist.permits(&name) {
+                        Ok((std::mem::take(buf), binding.addrs.clone(), *port))
+                    } else {
+                        Err(format!(
+                            "the client named {name:?} on an address resolved for {:?}",
+                            binding.name
+                        ))
+                    }
+                }
+            };
+            match verdict {
+                Ok((initial, addrs, port)) => {
+                    conn.phase = Phase::Open;
+                    self.spawn_connect(id, addrs, port, initial);
+                }
+                Err(reason) => self.refuse(id, &reason),
+            }
+            return;
+        }
+
+        // Guest → host.
+        if let Some(tx) = &conn.to_host {
+            while socket.can_recv() {
+                match tx.try_reserve() {
+                    Ok(permit) => {
+                        let chunk = socket
+                            .recv(|data| {
+                                let n = data.len().min(CHUNK);
+                                (n, data[..n].to_vec())
+                            })
+                            .unwrap_or_default();
+                        permit.send(chunk);
+                    }
+                    Err(mpsc::error::TrySendError::Full(())) => {
+                        self.blocked = true;
+                        break;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(())) => break,
+                }
+            }
+            if conn.established && !socket.may_recv() && !socket.can_recv() {
+                // The guest sent FIN: the relay shuts the host side's write half.
+                conn.to_host = None;
+            }
+        }
+        // Host → guest.
+        while conn.pending_from < conn.pending.len() && socket.can_send() {
+            let n = socket
+                .send_slice(&conn.pending[conn.pending_from..])
+                .unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            conn.pending_from += n;
+            conn.credit.add_permits(n);
+        }
+        if conn.pending_from == conn.pending.len() {
+            conn.pending.clear();
+            conn.pending_from = 0;
+            if conn.host_eof && !conn.fin_sent {
+                socket.close();
+                conn.fin_sent = true;
+            }
+        }
+    }
+}
+
+/// `(flow, destination, port)` when `frame` is a TCP SYN (without ACK) from the guest.
+fn guest_syn(frame: &[u8]) -> Option<(FlowKey, Ipv4Addr, u16)> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    if eth.ethertype() != EthernetProtocol::Ipv4 {
+        return None;
+    }
+    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+    if ip.next_header() != IpProtocol::Tcp || ip.src_addr() != guest() {
+        return None;
+    }
+    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+    if !tcp.syn() || tcp.ack() {
+        return None;
+    }
+    let dst = ip.dst_addr();
+    Some(((tcp.src_port(), dst, tcp.dst_port()), dst, tcp.dst_port()))
+}
+
+fn tcp_socket() -> tcp::Socket<'static> {
+    let mut socket = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER]),
+        tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER]),
+    );
+    socket.set_nagle_enabled(false);
+    socket
+}
+
+fn udp_socket(packets: usize, bytes: usize) -> udp::Socket<'static> {
+    udp::Socket::new(
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; packets], vec![0; bytes]),
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; packets], vec![0; bytes]),
+    )
+}
+
+/// Seed for TCP initial sequence numbers and ephemeral choices: differs per gateway.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    hasher.finish()
+}

@@ -1,0 +1,19 @@
+//! Network policy of exec-sandbox.
+//!
+//! Everything the host gateway decides about a guest's traffic is here, as pure functions over
+//! bytes and addresses: no I/O, no async runtime. The parsers read bytes the guest controls, so
+//! they are bounded, never panic, and are fuzzed (`fuzz/fuzz_targets/{dns_query,client_hello,
+//! http_host}.rs`).
+//!
+//! - [`dns`]: the one-question DNS queries the gateway answers, and its answers.
+//! - [`sni`]: the server name of a TLS ClientHello.
+//! - [`http`]: the `Host` of a plain HTTP/1 request.
+//! - [`sniff`]: which name the first bytes of a TCP connection present (TLS or HTTP).
+//! - [`policy`]: domain validation, the allowlist, destination address classes, and the table
+//!   binding the addresses handed to a guest to the names they were resolved for.
+
+pub mod dns;
+pub mod http;
+pub mod policy;
+pub mod sni;
+pub mod sniff;
