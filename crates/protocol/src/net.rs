@@ -14,6 +14,6 @@ pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 /// The gateway's MAC address (locally administered).
 pub const GATEWAY_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x02];
 /// Link MTU (IP packet size) on both sides.
-pub const MTU: u16 = 1500;
+pub const MTU: u16 = 65520;
 /// Name of the guest's NIC.
 pub const GUEST_NIC: &str = "eth0";

@@ -237,3 +237,56 @@ fn upload_then_download_through_a_session() {
         .collect();
     assert_eq!(names.len(), 2, "{names:?}");
 }
+
+#[test]
+fn expose_is_announced_on_stderr_and_in_json_and_the_guest_gets_a_nic() {
+    let out = sbx()
+        .args([
+            "run",
+            "--json",
+            "-l",
+            "raw",
+            "--expose",
+            "80",
+            "--expose",
+            "53/udp",
+            "ls /sys/class/net | tr '\\n' ' '",
+        ])
+        .timeout(RUN_DEADLINE)
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let json = json_of(&out.stdout);
+    assert_eq!(json["stdout"], "eth0 lo ", "{json}");
+    let ports = json["exposed_ports"].as_array().expect("exposed_ports");
+    assert_eq!(ports.len(), 2, "{json}");
+    assert_eq!(ports[0]["internal"], 80);
+    assert_eq!(ports[0]["protocol"], "tcp");
+    assert_eq!(ports[1]["protocol"], "udp");
+    let url = ports[0]["url"].as_str().unwrap();
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    assert!(
+        stderr.contains(&format!("port 80/tcp -> {url}")),
+        "the port is announced on stderr: {stderr}"
+    );
+}
+
+#[test]
+fn allow_domain_implies_network_and_unlisted_names_do_not_resolve() {
+    // --allow-domain implies --network; an unlisted name gets NXDOMAIN from the gateway.
+    sbx()
+        .args([
+            "run",
+            "-l",
+            "raw",
+            "--allow-domain",
+            "example.com",
+            "getent hosts unlisted.test || echo refused; ls /sys/class/net | tr '\\n' ' '",
+        ])
+        .timeout(RUN_DEADLINE)
+        .assert()
+        .success()
+        .stdout("refused\neth0 lo ");
+}
