@@ -321,24 +321,17 @@ impl Scheduler {
         gateway: Option<Gateway>,
     ) -> Result<(Vm, VmOrigin, Permit), Error> {
         if let Some(gateway) = gateway {
-            let permit = self
-                .admit(
-                    Cost::vm(memory_mb, VM_VCPUS, host.choice.accelerator),
+            return self
+                .acquire_networked_vm(
+                    language,
+                    on_boot_log,
+                    memory_mb,
+                    assets,
+                    host,
                     admission_deadline,
+                    gateway,
                 )
-                .await?;
-            let mut spec = self.vm_spec(language, memory_mb, assets, host, on_boot_log.is_some());
-            spec.nic = true;
-            let vm = Vm::boot_networked(
-                &self.inner.config.qemu_binary,
-                &spec,
-                boot_deadline(host),
-                on_boot_log.cloned(),
-                gateway,
-            )
-            .await
-            .map_err(Error::Boot)?;
-            return Ok((vm, VmOrigin::Cold, permit));
+                .await;
         }
         // Warm pool: built at the default memory, without boot-log streaming.
         if memory_mb == self.inner.config.default_memory_mb
@@ -361,7 +354,7 @@ impl Scheduler {
             .then(|| self.template_key(language, &spec, assets));
         if let Some(key) = &template_key {
             let qemu = &self.inner.config.qemu_binary;
-            if let Some(vm) = self.inner.templates.restore(qemu, &spec, key).await {
+            if let Some(vm) = self.inner.templates.restore(qemu, &spec, key, None).await {
                 return Ok((vm, VmOrigin::Snapshot, permit));
             }
         }
@@ -381,6 +374,56 @@ impl Scheduler {
                 key,
                 host,
             );
+        }
+        Ok((vm, VmOrigin::Cold, permit))
+    }
+
+    /// A VM with a NIC whose backend is `gateway`: a clone of the networked template of its
+    /// shape when there is one (the guest's NIC was configured when the template booted; the
+    /// clone gets this gateway's socket), else booted cold, after which the template is saved in
+    /// the background. Never from the warm pool: pooled VMs have no NIC.
+    #[allow(clippy::too_many_arguments)]
+    async fn acquire_networked_vm(
+        &self,
+        language: Language,
+        on_boot_log: Option<&OutputCallback>,
+        memory_mb: u32,
+        assets: &GuestAssets,
+        host: &HostVerdict,
+        admission_deadline: tokio::time::Instant,
+        gateway: Gateway,
+    ) -> Result<(Vm, VmOrigin, Permit), Error> {
+        let permit = self
+            .admit(
+                Cost::vm(memory_mb, VM_VCPUS, host.choice.accelerator),
+                admission_deadline,
+            )
+            .await?;
+        let mut spec = self.vm_spec(language, memory_mb, assets, host, on_boot_log.is_some());
+        spec.nic = true;
+        let template_key = (self.inner.templates.enabled() && on_boot_log.is_none())
+            .then(|| self.template_key(language, &spec, assets));
+        if let Some(key) = &template_key {
+            let qemu = &self.inner.config.qemu_binary;
+            let nic = gateway.qemu_end_copy();
+            if let Some(mut vm) = self.inner.templates.restore(qemu, &spec, key, nic).await {
+                vm.attach_gateway(gateway);
+                return Ok((vm, VmOrigin::Snapshot, permit));
+            }
+        }
+        let vm = Vm::boot_networked(
+            &self.inner.config.qemu_binary,
+            &spec,
+            boot_deadline(host),
+            on_boot_log.cloned(),
+            gateway,
+        )
+        .await
+        .map_err(Error::Boot)?;
+        if let Some(key) = template_key {
+            let mut template_spec = self.vm_spec(language, memory_mb, assets, host, false);
+            template_spec.nic = true;
+            self.save_template_in_background(template_spec, language, key, host);
         }
         Ok((vm, VmOrigin::Cold, permit))
     }
@@ -628,7 +671,7 @@ impl pool::WarmBooter<Vm> for Scheduler {
             .enabled()
             .then(|| self.template_key(language, &spec, &assets));
         if let Some(key) = &template_key
-            && let Some(vm) = self.inner.templates.restore(qemu, &spec, key).await
+            && let Some(vm) = self.inner.templates.restore(qemu, &spec, key, None).await
         {
             tracing::debug!(vm = %vm.name(), %language, total_ms = elapsed_ms(started), "warm VM restored");
             return Ok(Some(PooledVm { vm, permit }));

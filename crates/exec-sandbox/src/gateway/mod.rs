@@ -51,6 +51,19 @@ pub struct GatewayConfig {
     pub expose: Vec<ExposePort>,
 }
 
+impl GatewayConfig {
+    /// A gateway that allows nothing and forwards nothing (for template VMs).
+    pub fn closed() -> Self {
+        Self {
+            outbound: false,
+            allowlist: Allowlist::Only(Vec::new()),
+            allow_internal: false,
+            hosts: Vec::new(),
+            expose: Vec::new(),
+        }
+    }
+}
+
 /// Why a gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -160,6 +173,12 @@ impl Gateway {
     /// QEMU's end of the NIC socket pair (once).
     pub fn take_qemu_end(&mut self) -> Option<OwnedFd> {
         self.qemu_end.take()
+    }
+
+    /// A duplicate of QEMU's end, for an attempt that may fail (a snapshot restore): the
+    /// original stays for the next attempt.
+    pub fn qemu_end_copy(&self) -> Option<OwnedFd> {
+        self.qemu_end.as_ref().and_then(|fd| fd.try_clone().ok())
     }
 }
 

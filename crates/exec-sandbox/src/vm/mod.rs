@@ -305,6 +305,12 @@ impl Vm {
         Ok(vm)
     }
 
+    /// Hands the VM the gateway behind its NIC (a clone restored with the gateway's socket):
+    /// it stops when the VM is destroyed.
+    pub fn attach_gateway(&mut self, gateway: crate::gateway::Gateway) {
+        self.gateway = Some(gateway);
+    }
+
     /// The forwarded ports of a networked VM.
     pub fn exposed_ports(&self) -> &[crate::network::ExposedPort] {
         self.gateway
@@ -314,7 +320,9 @@ impl Vm {
     }
 
     /// Boots a template: guest RAM in `ram` (shared, so it holds the guest's memory when saved)
-    /// and a QMP monitor, for [`Vm::save_template`].
+    /// and a QMP monitor, for [`Vm::save_template`]. A template with a NIC (`spec.nic`) gets a
+    /// gateway that allows nothing: the guest configures its NIC at boot, and its clones are
+    /// given their own gateways when restored.
     pub async fn boot_template(
         qemu: &Path,
         spec: &VmSpec,
@@ -329,8 +337,23 @@ impl Vm {
             qmp: true,
             incoming: false,
         };
-        let (mut vm, qmp) =
-            Self::boot_with(qemu, spec, &launch, Vec::new(), deadline, None).await?;
+        let mut fds = Vec::new();
+        let mut gateway = None;
+        if spec.nic {
+            let mut closed =
+                crate::gateway::Gateway::start(crate::gateway::GatewayConfig::closed()).map_err(
+                    |e| VmError::Prepare {
+                        path: PathBuf::from("nic"),
+                        source: std::io::Error::other(e.to_string()),
+                    },
+                )?;
+            if let Some(fd) = closed.take_qemu_end() {
+                fds.push((fd, qemu::NIC_FD));
+            }
+            gateway = Some(closed);
+        }
+        let (mut vm, qmp) = Self::boot_with(qemu, spec, &launch, fds, deadline, None).await?;
+        vm.gateway = gateway;
         let name = vm.name.clone();
         if let Some(stream) = qmp {
             let qmp = Qmp::handshake(stream, tokio::time::Instant::now() + QMP_DEADLINE)
@@ -412,12 +435,14 @@ impl Vm {
     /// told it is a clone (fresh entropy, clock, interpreter generators) before it is handed
     /// out. `ram` is the template's RAM file and `vmstate` its device state, both open (the
     /// caller checked them). `hello` is what the template's agent said.
+    #[allow(clippy::too_many_arguments)]
     pub async fn restore(
         qemu: &Path,
         spec: &VmSpec,
         ram: std::fs::File,
         vmstate: std::fs::File,
         hello: AgentHello,
+        nic: Option<OwnedFd>,
         deadline: Duration,
     ) -> Result<Vm, VmError> {
         let name = spec.name.clone();
@@ -441,10 +466,13 @@ impl Vm {
             qemu,
             spec,
             &launch,
-            vec![
+            [
                 (OwnedFd::from(vmstate), INCOMING_FD),
                 (OwnedFd::from(ram), RAM_FD),
-            ],
+            ]
+            .into_iter()
+            .chain(nic.map(|fd| (fd, qemu::NIC_FD)))
+            .collect(),
             None,
         )
         .await?;

@@ -22,7 +22,7 @@
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -598,8 +598,15 @@ impl Templates {
     }
 
     /// A clone of `key`'s template, or `None` (no template, L1 off, or the restore failed: then
-    /// the entry is discarded and the caller boots cold).
-    pub async fn restore(&self, qemu: &Path, spec: &VmSpec, key: &str) -> Option<Vm> {
+    /// the entry is discarded and the caller boots cold). `nic` is the NIC backend socket of a
+    /// networked clone.
+    pub async fn restore(
+        &self,
+        qemu: &Path,
+        spec: &VmSpec,
+        key: &str,
+        nic: Option<OwnedFd>,
+    ) -> Option<Vm> {
         let cache = self.cache.as_ref()?;
         if self.has_failed(key) {
             return None;
@@ -612,6 +619,7 @@ impl Templates {
             entry.ram,
             entry.vmstate,
             hello,
+            nic,
             RESTORE_DEADLINE,
         )
         .await
@@ -867,13 +875,23 @@ mod tests {
         let templates = Templates::new(Some(cache.clone()));
         // `false` stands in for a QEMU that dies while loading the snapshot.
         let qemu = Path::new("/bin/false");
-        assert!(templates.restore(qemu, &spec(256), "k").await.is_none());
+        assert!(
+            templates
+                .restore(qemu, &spec(256), "k", None)
+                .await
+                .is_none()
+        );
         assert!(
             !dir.exists(),
             "an entry that failed to restore is discarded"
         );
         publish(&cache, "k", b"device state");
-        assert!(templates.restore(qemu, &spec(256), "k").await.is_none());
+        assert!(
+            templates
+                .restore(qemu, &spec(256), "k", None)
+                .await
+                .is_none()
+        );
         assert!(
             cache.open("k").is_some(),
             "not tried again in this process: the new entry was left alone"

@@ -461,3 +461,27 @@ async fn a_taken_host_port_and_bad_options_fail_before_any_vm() {
     );
     drop(taken);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_networked_clone_of_a_memory_snapshot_gets_its_own_gateway() {
+    let fixture = Fixture::start(b"clone says hi".to_vec()).await;
+    let scheduler = scheduler(true);
+    let options = || {
+        RunOptions::new(
+            Language::Raw,
+            format!("curl -s http://fixture.test:{}/", fixture.port),
+        )
+        .allow_network()
+        .allowed_domains(["fixture.test"])
+        .timeout_seconds(60)
+    };
+    let first = run_on(&scheduler, options()).await;
+    assert_eq!(first.stdout, "clone says hi", "{first:?}");
+    // The first networked run of this shape (if no earlier one did) saves a template with a
+    // NIC; the next one is its clone, with this run's own gateway behind the NIC.
+    scheduler.wait_for_snapshots().await;
+    let second = run_on(&scheduler, options()).await;
+    assert!(second.l1_cache_hit, "{second:?}");
+    assert_eq!(second.stdout, "clone says hi", "{second:?}");
+    assert_eq!(fixture.connections(), 2);
+}
