@@ -49,4 +49,8 @@ pub struct ExecutionResult {
     pub l1_cache_hit: bool,
     /// Ports forwarded from the host into the VM, as bound.
     pub exposed_ports: Vec<crate::network::ExposedPort>,
+    /// What the network gateway refused during this execution (a DNS name outside the
+    /// allowlist, a connection presenting another name, a raw IP, UDP, ...): distinct entries,
+    /// at most 50 and a count of the rest. Empty without network.
+    pub network_refusals: Vec<String>,
 }

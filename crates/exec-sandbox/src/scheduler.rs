@@ -204,6 +204,7 @@ impl Scheduler {
         )
         .await;
         let execute_ms = elapsed_ms(execute_started);
+        let network_refusals = vm.take_network_refusals();
         let stats = vm.destroy().await;
         let collected = collected?;
 
@@ -219,6 +220,7 @@ impl Scheduler {
             origin,
         );
         result.exposed_ports = exposed_ports;
+        result.network_refusals = network_refusals;
         Ok(result)
     }
 
@@ -784,6 +786,7 @@ impl Collected {
             warm_pool_hit: origin == VmOrigin::WarmPool,
             l1_cache_hit: origin == VmOrigin::Snapshot,
             exposed_ports: Vec::new(),
+            network_refusals: Vec::new(),
         }
     }
 }

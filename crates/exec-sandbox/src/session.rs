@@ -467,10 +467,11 @@ impl Session {
                 .await;
                 let channel_closed = vm.channel().is_closed();
                 let execute_ms = elapsed_ms(execute_started);
-                ((collected, channel_closed), execute_ms)
+                let refusals = vm.take_network_refusals();
+                ((collected, channel_closed, refusals), execute_ms)
             })
             .await?;
-        let (collected, channel_closed) = outcome;
+        let (collected, channel_closed, refusals) = outcome;
         let close_reason = match &collected {
             Ok(c) if c.exit_code() == EXIT_SIGKILL => Some(SessionCloseReason::Killed),
             // The host's deadline fired: the guest is not trusted any more.
@@ -497,6 +498,7 @@ impl Session {
             self.inner.origin,
         );
         result.exposed_ports = self.inner.exposed_ports.clone();
+        result.network_refusals = refusals;
         Ok(result)
     }
 

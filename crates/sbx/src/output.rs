@@ -171,8 +171,9 @@ pub fn port_lines(label: Option<&str>, ports: &[ExposedPort]) -> Vec<String> {
         .collect()
 }
 
-/// Warns (unless quiet) when output was cut at its limit.
-pub fn truncation_warnings(label: Option<&str>, result: &ExecutionResult) -> Vec<String> {
+/// Warnings about a result (printed unless quiet): output cut at its limit, and what the
+/// network gateway refused.
+pub fn result_warnings(label: Option<&str>, result: &ExecutionResult) -> Vec<String> {
     let prefix = label.map(|l| format!("{l}: ")).unwrap_or_default();
     let mut out = Vec::new();
     for (stream, truncated, limit) in [
@@ -193,6 +194,12 @@ pub fn truncation_warnings(label: Option<&str>, result: &ExecutionResult) -> Vec
                 term::paint(Style::Warning, "warning:")
             ));
         }
+    }
+    for refusal in &result.network_refusals {
+        out.push(format!(
+            "{} {prefix}network refused {refusal}",
+            term::paint(Style::Warning, "warning:")
+        ));
     }
     out
 }
@@ -226,6 +233,7 @@ mod tests {
             warm_pool_hit: false,
             l1_cache_hit: false,
             exposed_ports: vec![ExposedPort::new(8000, 41234, PortProtocol::Tcp)],
+            network_refusals: Vec::new(),
         }
     }
 
@@ -253,6 +261,7 @@ mod tests {
             "warm_pool_hit",
             "l1_cache_hit",
             "exposed_ports",
+            "network_refusals",
         ] {
             assert!(keys.iter().any(|k| k == key), "missing {key}: {keys:?}");
         }
@@ -334,12 +343,27 @@ mod tests {
     #[test]
     fn truncation_is_reported_per_stream() {
         let mut r = result();
-        assert!(truncation_warnings(None, &r).is_empty());
+        assert!(result_warnings(None, &r).is_empty());
         r.stdout_truncated = true;
-        let w = truncation_warnings(Some("a.py"), &r);
+        let w = result_warnings(Some("a.py"), &r);
         assert_eq!(w.len(), 1);
         assert!(
             w[0].contains("a.py: stdout passed its limit of 1000000 bytes"),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn network_refusals_are_warned_one_line_each() {
+        let mut r = result();
+        r.network_refusals = vec![
+            "DNS other.test: not in the allowlist".into(),
+            "UDP 198.18.0.1:5353: only DNS to the gateway (10.0.2.2:53)".into(),
+        ];
+        let w = result_warnings(None, &r);
+        assert_eq!(w.len(), 2);
+        assert!(
+            w[0].ends_with("network refused DNS other.test: not in the allowlist"),
             "{w:?}"
         );
     }

@@ -319,7 +319,7 @@ impl Runner<'_> {
                     term::stderr(result.stderr.as_bytes());
                 }
                 if !quiet && !self.args.json {
-                    for warning in output::truncation_warnings(label, &result) {
+                    for warning in output::result_warnings(label, &result) {
                         term::stderr_line(&warning);
                     }
                 }

@@ -30,6 +30,7 @@ mod stack;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
 
 use sbx_net::policy::Allowlist;
 
@@ -97,6 +98,51 @@ impl GatewayError {
     }
 }
 
+/// Most distinct refusals kept between two [`Refusals::take`] calls.
+const MAX_REFUSALS: usize = 50;
+
+/// What the gateway refused (DNS names, connections, datagrams), kept for the caller so a
+/// program that failed to reach something says why. Distinct entries only, at most
+/// [`MAX_REFUSALS`], then a count of the rest. Every refusal is also logged (`info`,
+/// target `sbx::network`).
+#[derive(Debug, Clone, Default)]
+pub struct Refusals(Arc<Mutex<RefusalLog>>);
+
+#[derive(Debug, Default)]
+struct RefusalLog {
+    entries: Vec<String>,
+    more: usize,
+}
+
+impl Refusals {
+    /// Records one refusal.
+    pub(crate) fn record(&self, text: String) {
+        tracing::info!(target: "sbx::network", "refused: {text}");
+        let Ok(mut log) = self.0.lock() else { return };
+        if log.entries.contains(&text) {
+            return;
+        }
+        if log.entries.len() < MAX_REFUSALS {
+            log.entries.push(text);
+        } else {
+            log.more += 1;
+        }
+    }
+
+    /// The refusals since the last call.
+    pub fn take(&self) -> Vec<String> {
+        let Ok(mut log) = self.0.lock() else {
+            return Vec::new();
+        };
+        let mut entries = std::mem::take(&mut log.entries);
+        if log.more > 0 {
+            entries.push(format!("... and {} more", log.more));
+            log.more = 0;
+        }
+        entries
+    }
+}
+
 /// Host sockets of the forwarded ports, bound before the VM boots.
 enum HostSocket {
     Tcp(std::net::TcpListener),
@@ -107,6 +153,7 @@ enum HostSocket {
 /// connection, the forwarded ports' listeners.
 pub struct Gateway {
     exposed: Vec<ExposedPort>,
+    refusals: Refusals,
     qemu_end: Option<OwnedFd>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -157,9 +204,11 @@ impl Gateway {
         ours.set_nonblocking(true)
             .map_err(GatewayError::SocketPair)?;
         let ours = tokio::net::UnixStream::from_std(ours).map_err(GatewayError::SocketPair)?;
-        let task = tokio::spawn(stack::run(config, ours, host_sockets));
+        let refusals = Refusals::default();
+        let task = tokio::spawn(stack::run(config, ours, host_sockets, refusals.clone()));
         Ok(Gateway {
             exposed,
+            refusals,
             qemu_end: Some(qemu_end.into()),
             task,
         })
@@ -168,6 +217,11 @@ impl Gateway {
     /// The forwarded ports as bound.
     pub fn exposed_ports(&self) -> &[ExposedPort] {
         &self.exposed
+    }
+
+    /// What the gateway refused since the last call.
+    pub fn take_refusals(&self) -> Vec<String> {
+        self.refusals.take()
     }
 
     /// QEMU's end of the NIC socket pair (once).
@@ -185,5 +239,25 @@ impl Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_distinct_bounded_and_taken_once() {
+        let refusals = Refusals::default();
+        refusals.record("DNS a.test: not in the allowlist".into());
+        refusals.record("DNS a.test: not in the allowlist".into());
+        for i in 0..MAX_REFUSALS + 3 {
+            refusals.record(format!("TCP 198.18.0.{i}:80: refused"));
+        }
+        let taken = refusals.take();
+        assert_eq!(taken.len(), MAX_REFUSALS + 1);
+        assert_eq!(taken[0], "DNS a.test: not in the allowlist");
+        assert_eq!(taken.last().unwrap(), "... and 4 more");
+        assert!(refusals.take().is_empty());
     }
 }

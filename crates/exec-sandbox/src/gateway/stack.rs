@@ -19,7 +19,7 @@ use smoltcp::socket::{tcp, udp};
 use smoltcp::time::Instant as NetInstant;
 use smoltcp::wire::{
     EthernetAddress, EthernetFrame, EthernetProtocol, IpAddress, IpCidr, IpEndpoint,
-    IpListenEndpoint, IpProtocol, Ipv4Packet, TcpPacket,
+    IpListenEndpoint, IpProtocol, Ipv4Packet, TcpPacket, UdpPacket,
 };
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{Semaphore, mpsc};
@@ -28,7 +28,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use super::device::{Queues, read_frame, write_frame};
 use super::relay::{self, CHUNK, CREDIT, RelayIo, TO_HOST_CHUNKS};
 use super::resolve::{self, Resolution};
-use super::{GatewayConfig, HostSocket};
+use super::{GatewayConfig, HostSocket, Refusals};
 
 /// Identifies one relayed connection.
 pub type ConnId = u64;
@@ -175,6 +175,7 @@ struct Stack {
     events: mpsc::Sender<Event>,
     tasks: JoinSet<()>,
     started: std::time::Instant,
+    refusals: Refusals,
 }
 
 fn guest() -> Ipv4Addr {
@@ -186,12 +187,17 @@ fn gateway() -> Ipv4Addr {
 }
 
 /// Runs the gateway until QEMU closes the NIC socket (or the task is aborted).
-pub async fn run(config: GatewayConfig, nic: UnixStream, host_sockets: Vec<HostSocket>) {
+pub async fn run(
+    config: GatewayConfig,
+    nic: UnixStream,
+    host_sockets: Vec<HostSocket>,
+    refusals: Refusals,
+) {
     let (events_tx, mut events) = mpsc::channel::<Event>(1024);
     let (frames_in_tx, mut frames_in) = mpsc::channel::<Vec<u8>>(256);
     let (frames_out_tx, mut frames_out) = mpsc::channel::<Vec<u8>>(1024);
     let (mut nic_rx, mut nic_tx) = nic.into_split();
-    let mut stack = Stack::new(config, events_tx);
+    let mut stack = Stack::new(config, events_tx, refusals);
     stack.tasks.spawn(async move {
         loop {
             match read_frame(&mut nic_rx).await {
@@ -250,7 +256,7 @@ pub async fn run(config: GatewayConfig, nic: UnixStream, host_sockets: Vec<HostS
 }
 
 impl Stack {
-    fn new(config: GatewayConfig, events: mpsc::Sender<Event>) -> Stack {
+    fn new(config: GatewayConfig, events: mpsc::Sender<Event>, refusals: Refusals) -> Stack {
         let mut device = Queues::default();
         let mut iface_config = Config::new(EthernetAddress(GATEWAY_MAC).into());
         iface_config.random_seed = random_seed();
@@ -289,6 +295,7 @@ impl Stack {
             events,
             tasks: JoinSet::new(),
             started,
+            refusals,
         }
     }
 
@@ -361,10 +368,12 @@ impl Stack {
     /// Ingests queued frames, serves DNS and forwarded datagrams, pumps connections, and
     /// emits what that produced.
     fn poll(&mut self) {
-        let frames: Vec<Option<(FlowKey, Ipv4Addr, u16)>> =
-            self.device.rx.iter().map(|f| guest_syn(f)).collect();
-        for (key, dst, port) in frames.into_iter().flatten() {
-            self.on_syn(key, dst, port);
+        let frames: Vec<Option<Inspected>> = self.device.rx.iter().map(|f| inspect(f)).collect();
+        for inspected in frames.into_iter().flatten() {
+            match inspected {
+                Inspected::Syn(key, dst, port) => self.on_syn(key, dst, port),
+                Inspected::Udp(dst, port) => self.on_udp(dst, port),
+            }
         }
         let now = self.now();
         self.iface.poll(now, &mut self.device, &mut self.sockets);
@@ -398,15 +407,14 @@ impl Stack {
         let target = match self.decide(dst, port) {
             Ok(target) => target,
             Err(reason) => {
-                tracing::info!(target: "sbx::network", "refused TCP to {dst}:{port}: {reason}");
+                self.refusals.record(format!("TCP {dst}:{port}: {reason}"));
                 return;
             }
         };
         if self.conns.len() >= MAX_CONNECTIONS {
-            tracing::info!(
-                target: "sbx::network",
-                "refused TCP to {dst}:{port}: {MAX_CONNECTIONS} connections are open"
-            );
+            self.refusals.record(format!(
+                "TCP {dst}:{port}: {MAX_CONNECTIONS} connections are open"
+            ));
             return;
         }
         let mut socket = tcp_socket();
@@ -442,6 +450,21 @@ impl Stack {
                 Target::Raw(addr, port) => (vec![addr], port),
             };
             self.spawn_connect(id, addrs, port, Vec::new());
+        }
+    }
+
+    /// Records a guest datagram smoltcp will answer with "port unreachable": anything but DNS
+    /// to the gateway and replies on forwarded UDP ports.
+    fn on_udp(&mut self, dst: Ipv4Addr, port: u16) {
+        let served = dst == gateway()
+            && (port == 53
+                || (UDP_FORWARD_BASE..UDP_FORWARD_BASE + self.udp_forwards.len() as u16)
+                    .contains(&port));
+        if !served {
+            self.refusals.record(format!(
+                "UDP {dst}:{port}: only DNS to the gateway ({}:53)",
+                gateway()
+            ));
         }
     }
 
@@ -540,7 +563,8 @@ impl Stack {
     /// Resets the guest's side of `id`; the connection is removed after the reset went out.
     fn refuse(&mut self, id: ConnId, reason: &str) {
         if let Some(conn) = self.conns.get_mut(&id) {
-            tracing::info!(target: "sbx::network", "refused TCP to {}: {reason}", conn.label);
+            self.refusals
+                .record(format!("TCP {}: {reason}", conn.label));
             if let Some(task) = conn.task.take() {
                 task.abort();
             }
@@ -595,11 +619,10 @@ impl Stack {
                     },
                     Resolution::Nothing { forbidden } => {
                         if forbidden > 0 {
-                            tracing::info!(
-                                target: "sbx::network",
-                                "DNS {}: only host-internal addresses ({forbidden}), not given out",
+                            self.refusals.record(format!(
+                                "DNS {}: resolves only to host-internal addresses",
                                 query.name
-                            );
+                            ));
                         }
                         dns::answer_error(&query, Rcode::NxDomain)
                     }
@@ -678,11 +701,16 @@ impl Stack {
                 }
             };
             let immediate = if !self.config.outbound {
+                self.refusals.record(format!(
+                    "DNS {}: the VM has no network access (forwarded ports only)",
+                    query.name
+                ));
                 Some(Rcode::Refused)
             } else if query.qclass != dns::CLASS_IN {
                 Some(Rcode::NotImp)
             } else if !self.config.allowlist.permits(&query.name) {
-                tracing::info!(target: "sbx::network", "DNS {}: not allowed", query.name);
+                self.refusals
+                    .record(format!("DNS {}: not in the allowlist", query.name));
                 Some(Rcode::NxDomain)
             } else if self.lookups >= MAX_LOOKUPS {
                 Some(Rcode::ServFail)
@@ -849,22 +877,38 @@ impl Stack {
     }
 }
 
-/// `(flow, destination, port)` when `frame` is a TCP SYN (without ACK) from the guest.
-fn guest_syn(frame: &[u8]) -> Option<(FlowKey, Ipv4Addr, u16)> {
+/// A guest frame the policy looks at before the stack processes it.
+enum Inspected {
+    /// A TCP SYN (without ACK): its flow, destination and port.
+    Syn(FlowKey, Ipv4Addr, u16),
+    /// A UDP datagram: its destination and port.
+    Udp(Ipv4Addr, u16),
+}
+
+/// Classifies a frame from the guest (frames not from the guest's address are left to the
+/// stack, which drops them).
+fn inspect(frame: &[u8]) -> Option<Inspected> {
     let eth = EthernetFrame::new_checked(frame).ok()?;
     if eth.ethertype() != EthernetProtocol::Ipv4 {
         return None;
     }
     let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
-    if ip.next_header() != IpProtocol::Tcp || ip.src_addr() != guest() {
-        return None;
-    }
-    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
-    if !tcp.syn() || tcp.ack() {
+    if ip.src_addr() != guest() {
         return None;
     }
     let dst = ip.dst_addr();
-    Some(((tcp.src_port(), dst, tcp.dst_port()), dst, tcp.dst_port()))
+    match ip.next_header() {
+        IpProtocol::Tcp => {
+            let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+            (tcp.syn() && !tcp.ack())
+                .then(|| Inspected::Syn((tcp.src_port(), dst, tcp.dst_port()), dst, tcp.dst_port()))
+        }
+        IpProtocol::Udp => {
+            let udp = UdpPacket::new_checked(ip.payload()).ok()?;
+            Some(Inspected::Udp(dst, udp.dst_port()))
+        }
+        _ => None,
+    }
 }
 
 fn tcp_socket() -> tcp::Socket<'static> {

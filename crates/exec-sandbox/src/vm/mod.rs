@@ -311,6 +311,14 @@ impl Vm {
         self.gateway = Some(gateway);
     }
 
+    /// What the gateway of a networked VM refused since the last call.
+    pub fn take_network_refusals(&self) -> Vec<String> {
+        self.gateway
+            .as_ref()
+            .map(|g| g.take_refusals())
+            .unwrap_or_default()
+    }
+
     /// The forwarded ports of a networked VM.
     pub fn exposed_ports(&self) -> &[crate::network::ExposedPort] {
         self.gateway

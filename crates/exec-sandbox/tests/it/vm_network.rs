@@ -205,6 +205,25 @@ probe("dns-elsewhere", lambda: udp("198.18.200.200", 53))
             result.stderr
         );
     }
+    // Each refusal is reported in the result, with its reason.
+    let refusals = result.network_refusals.join("\n");
+    for expected in [
+        "DNS other.test: not in the allowlist".to_string(),
+        "DNS www.other.test: not in the allowlist".to_string(),
+        format!(
+            "TCP fixture.test:{}: the client named \"other.test\"",
+            fixture.port
+        ),
+        "TCP 10.0.2.2:".to_string(),
+        "TCP 198.18.200.200:".to_string(),
+        "UDP 198.18.200.200:53: only DNS to the gateway".to_string(),
+        ":5353: only DNS to the gateway".to_string(),
+    ] {
+        assert!(
+            refusals.contains(&expected),
+            "missing `{expected}` in:\n{refusals}"
+        );
+    }
     // Only the matching request ever reached the fixture, with the Host the guest sent.
     assert_eq!(fixture.connections(), 1, "{out}");
     assert_eq!(
@@ -380,6 +399,12 @@ print("served")
     assert!(result.stdout.contains("dns refused"), "{result:?}");
     assert!(result.stdout.contains("served"), "{result:?}");
     assert_eq!(result.exposed_ports, ports);
+    let refusals = result.network_refusals.join("\n");
+    assert!(
+        refusals.contains("TCP 10.0.2.2:80: the VM has no network access")
+            && refusals.contains("DNS fixture.test: the VM has no network access"),
+        "{refusals}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
