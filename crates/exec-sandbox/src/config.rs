@@ -76,6 +76,10 @@ pub struct SchedulerConfig {
     /// Static names the gateway resolves itself before asking the host's resolver, like
     /// `/etc/hosts` for the guests' DNS (default none). A guest still needs the name allowed.
     pub network_hosts: Vec<(String, std::net::Ipv4Addr)>,
+    /// A PEM file of CA certificates that guests with network access trust in addition to the
+    /// image's (default none): for hosts behind a TLS-intercepting proxy or with an internal
+    /// CA. Read and checked when the scheduler is created.
+    pub guest_ca_bundle: Option<PathBuf>,
 }
 
 impl Default for SchedulerConfig {
@@ -106,6 +110,7 @@ impl Default for SchedulerConfig {
             max_memory_pressure: limits::DEFAULT_MAX_MEMORY_PRESSURE,
             network_allow_internal: false,
             network_hosts: Vec::new(),
+            guest_ca_bundle: None,
         }
     }
 }
@@ -198,6 +203,9 @@ impl SchedulerConfig {
         self.apply_admission_env(&get)?;
         if let Some(v) = get(EnvVars::NETWORK_ALLOW_INTERNAL).filter(|v| !v.trim().is_empty()) {
             self.network_allow_internal = env::is_truthy(&v);
+        }
+        if let Some(v) = get(EnvVars::GUEST_CA_BUNDLE).filter(|v| !v.trim().is_empty()) {
+            self.guest_ca_bundle = Some(PathBuf::from(v));
         }
         if let Some(v) = get(EnvVars::NETWORK_HOSTS).filter(|v| !v.trim().is_empty()) {
             self.network_hosts = parse_network_hosts(&v)?;

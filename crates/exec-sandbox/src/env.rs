@@ -52,6 +52,9 @@ impl EnvVars {
     /// `name=ipv4,...` answered by the gateway's DNS; see
     /// [`SchedulerConfig::network_hosts`](crate::SchedulerConfig::network_hosts).
     pub const NETWORK_HOSTS: &'static str = "EXEC_SANDBOX_NETWORK_HOSTS";
+    /// Path of a PEM bundle networked guests trust too; see
+    /// [`SchedulerConfig::guest_ca_bundle`](crate::SchedulerConfig::guest_ca_bundle).
+    pub const GUEST_CA_BUNDLE: &'static str = "EXEC_SANDBOX_GUEST_CA_BUNDLE";
 }
 
 /// True for the values that switch a flag variable on (`1`, `true`, `yes`, `on`).

@@ -103,3 +103,5 @@ pub const MAX_EXPOSED_PORTS: usize = 10;
 pub const MIN_EXTERNAL_PORT: u16 = 1024;
 /// Most domains in one allowlist.
 pub const MAX_ALLOWED_DOMAINS: usize = sbx_net::policy::MAX_ALLOWED_DOMAINS;
+/// Longest the guest may take to install the operator's CA bundle.
+pub const CA_BUNDLE_DEADLINE: Duration = Duration::from_secs(10);

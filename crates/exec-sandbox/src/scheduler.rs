@@ -17,7 +17,7 @@ use crate::network::NetworkOptions;
 use crate::pool::{self, PooledVm, WarmPool};
 use crate::result::{ExecutionResult, Timing};
 use crate::run::RunOptions;
-use crate::validate;
+use crate::validate::{self, ValidationError};
 use crate::vm::accel::{self, AcceleratorChoice, HostVerdict, Precheck};
 use crate::vm::qemu::VmSpec;
 use crate::vm::snapshot::{self, Templates};
@@ -43,6 +43,8 @@ struct Inner {
     pool_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// L1 memory snapshots.
     templates: Templates,
+    /// The operator's extra CA certificates for networked guests, read once.
+    ca_bundle: Option<Arc<Vec<u8>>>,
 }
 
 impl Drop for Inner {
@@ -61,6 +63,12 @@ impl Scheduler {
     /// A scheduler for `config` (validated here). Nothing is built or booted until needed.
     pub fn new(config: SchedulerConfig) -> Result<Self, Error> {
         config.validate()?;
+        let ca_bundle = config
+            .guest_ca_bundle
+            .as_deref()
+            .map(read_ca_bundle)
+            .transpose()?
+            .map(Arc::new);
         let policy = admission::Policy::new(&config, &admission::ProcHost);
         tracing::debug!(budget = %policy.budget, "admission budget");
         let scheduler = Self {
@@ -77,6 +85,7 @@ impl Scheduler {
                         config.snapshot_cache_max_mb.saturating_mul(1024 * 1024),
                     )
                 })),
+                ca_bundle,
                 config,
             }),
         };
@@ -405,11 +414,13 @@ impl Scheduler {
         spec.nic = true;
         let template_key = (self.inner.templates.enabled() && on_boot_log.is_none())
             .then(|| self.template_key(language, &spec, assets));
+        let outbound = gateway.outbound();
         if let Some(key) = &template_key {
             let qemu = &self.inner.config.qemu_binary;
             let nic = gateway.qemu_end_copy();
             if let Some(mut vm) = self.inner.templates.restore(qemu, &spec, key, nic).await {
                 vm.attach_gateway(gateway);
+                self.trust_certificates(&vm, outbound).await?;
                 return Ok((vm, VmOrigin::Snapshot, permit));
             }
         }
@@ -427,7 +438,20 @@ impl Scheduler {
             template_spec.nic = true;
             self.save_template_in_background(template_spec, language, key, host);
         }
+        self.trust_certificates(&vm, outbound).await?;
         Ok((vm, VmOrigin::Cold, permit))
+    }
+
+    /// Installs the operator's CA bundle in a VM that may open connections (a failure fails
+    /// the run before the code is dispatched; dropping the VM destroys it).
+    async fn trust_certificates(&self, vm: &Vm, outbound: bool) -> Result<(), Error> {
+        match &self.inner.ca_bundle {
+            Some(pem) if outbound => vm
+                .trust_certificates(pem.to_vec(), limits::CA_BUNDLE_DEADLINE)
+                .await
+                .map_err(Error::Boot),
+            _ => Ok(()),
+        }
     }
 
     /// Saves a memory snapshot with a template VM of its own, in the background, when the
@@ -566,6 +590,27 @@ impl Scheduler {
             &assets.version,
         )
     }
+}
+
+/// Reads and checks the operator's CA bundle (PEM, at most
+/// [`sbx_protocol::MAX_CA_BUNDLE_BYTES`], at least one certificate).
+fn read_ca_bundle(path: &std::path::Path) -> Result<Vec<u8>, ValidationError> {
+    let bad = |reason: String| ValidationError::Config {
+        field: "guest_ca_bundle",
+        reason: format!("{}: {reason}", path.display()),
+    };
+    let limit = sbx_protocol::MAX_CA_BUNDLE_BYTES;
+    let size = std::fs::metadata(path)
+        .map_err(|e| bad(e.to_string()))?
+        .len();
+    if size > limit as u64 {
+        return Err(bad(format!("{size} bytes; the limit is {limit}")));
+    }
+    let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+        return Err(bad("no PEM certificate in it".into()));
+    }
+    Ok(pem)
 }
 
 fn boot_deadline(host: &HostVerdict) -> Duration {

@@ -210,6 +210,13 @@ mod tests {
         roundtrip(7, Request::FileAbort);
         roundtrip(8, Request::ReadFile { path: "x".into() });
         roundtrip(9, Request::ListFiles { path: ".".into() });
+        roundtrip(
+            10,
+            Request::TrustCertificates {
+                pem: b"-----BEGIN CERTIFICATE-----".to_vec(),
+            },
+        );
+        roundtrip(10, Event::CertificatesTrusted { certificates: 2 });
         roundtrip(7, Event::FileWritten { size: 3 });
         roundtrip(8, Event::FileData(vec![1; 10]));
         roundtrip(8, Event::FileEnd { size: 10 });
@@ -258,6 +265,7 @@ mod tests {
             }),
             10
         );
+        assert_eq!(first(&Request::TrustCertificates { pem: Vec::new() }), 11);
         let first = |m: &Event| encode_frame(1, m).unwrap()[HEADER_LEN];
         assert_eq!(first(&Event::Reseeded { interpreters: 0 }), 7);
         assert_eq!(first(&Event::FileWritten { size: 0 }), 8);
@@ -268,11 +276,16 @@ mod tests {
             }),
             11
         );
+        assert_eq!(first(&Event::CertificatesTrusted { certificates: 0 }), 12);
     }
 
     #[test]
     fn full_file_chunk_and_full_listing_fit_in_a_frame() {
         assert!(encode_frame(u32::MAX, &Request::FileData(vec![0xff; crate::FILE_CHUNK])).is_ok());
+        let bundle = Request::TrustCertificates {
+            pem: vec![b'A'; crate::MAX_CA_BUNDLE_BYTES],
+        };
+        assert!(encode_frame(u32::MAX, &bundle).is_ok());
         assert!(encode_frame(u32::MAX, &Event::FileData(vec![0xff; crate::FILE_CHUNK])).is_ok());
         let entry = crate::FileEntry {
             name: "\u{10ffff}".repeat(crate::MAX_NAME_BYTES / 4),

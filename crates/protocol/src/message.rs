@@ -127,7 +127,18 @@ pub enum Request {
         /// Path relative to the home directory.
         path: String,
     },
+    /// Trust these PEM certificates (at most [`MAX_CA_BUNDLE_BYTES`]) in addition to the
+    /// image's: the system bundle (`/etc/ssl/certs/ca-certificates.crt`) is replaced by the
+    /// image's bundle followed by these, for every program started from now on. Answered by
+    /// [`Event::CertificatesTrusted`] or [`Event::Error`].
+    TrustCertificates {
+        /// PEM text: one or more `CERTIFICATE` blocks.
+        pem: Vec<u8>,
+    },
 }
+
+/// Largest certificate bundle [`Request::TrustCertificates`] accepts.
+pub const MAX_CA_BUNDLE_BYTES: usize = 1024 * 1024;
 
 /// Largest file written or read through [`Request::WriteFile`] and [`Request::ReadFile`]
 /// (500 MiB).
@@ -252,5 +263,10 @@ pub enum Event {
         /// The directory holds more entries than were sent (which ones were sent is
         /// unspecified).
         truncated: bool,
+    },
+    /// Answer to [`Request::TrustCertificates`]: the system bundle now includes them.
+    CertificatesTrusted {
+        /// Certificates added.
+        certificates: u32,
     },
 }

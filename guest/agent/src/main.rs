@@ -14,6 +14,7 @@
 //! with interpreters taken from `SBX_AGENT_PYTHON`, `SBX_AGENT_BUN`, `SBX_AGENT_BASH`, driver
 //! files written to `SBX_AGENT_RUN_DIR` and code run in `SBX_AGENT_HOME` (see `config.rs`).
 
+mod certificates;
 mod config;
 mod context;
 mod driver;

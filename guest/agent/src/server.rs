@@ -10,6 +10,7 @@ use sbx_protocol::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::certificates;
 use crate::context::Context;
 use crate::files::{self, Uploads};
 use crate::log;
@@ -100,6 +101,22 @@ pub async fn serve(ctx: Arc<Context>, mut inbound: mpsc::Receiver<Inbound>, out:
                 }
                 Request::ListFiles { path } => {
                     tokio::spawn(files::list(ctx.clone(), out.clone(), id, path));
+                }
+                Request::TrustCertificates { pem } => {
+                    let _ = match certificates::trust(ctx.config.mode, &pem) {
+                        Ok(certificates) => {
+                            out.send(id, &Event::CertificatesTrusted { certificates })
+                                .await
+                        }
+                        Err(e) => {
+                            let kind = if e.is_invalid_request() {
+                                GuestErrorKind::InvalidRequest
+                            } else {
+                                GuestErrorKind::Internal
+                            };
+                            out.error(id, kind, crate::init::chain(&e)).await
+                        }
+                    };
                 }
             },
             Inbound::Desync(e) => return Stop::Desync(e),

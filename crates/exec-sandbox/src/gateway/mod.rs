@@ -153,6 +153,7 @@ enum HostSocket {
 /// connection, the forwarded ports' listeners.
 pub struct Gateway {
     exposed: Vec<ExposedPort>,
+    outbound: bool,
     refusals: Refusals,
     qemu_end: Option<OwnedFd>,
     task: tokio::task::JoinHandle<()>,
@@ -205,9 +206,11 @@ impl Gateway {
             .map_err(GatewayError::SocketPair)?;
         let ours = tokio::net::UnixStream::from_std(ours).map_err(GatewayError::SocketPair)?;
         let refusals = Refusals::default();
+        let outbound = config.outbound;
         let task = tokio::spawn(stack::run(config, ours, host_sockets, refusals.clone()));
         Ok(Gateway {
             exposed,
+            outbound,
             refusals,
             qemu_end: Some(qemu_end.into()),
             task,
@@ -217,6 +220,11 @@ impl Gateway {
     /// The forwarded ports as bound.
     pub fn exposed_ports(&self) -> &[ExposedPort] {
         &self.exposed
+    }
+
+    /// Whether the guest may open connections (not only accept forwarded ones).
+    pub fn outbound(&self) -> bool {
+        self.outbound
     }
 
     /// What the gateway refused since the last call.

@@ -99,6 +99,14 @@ pub enum VmError {
         #[source]
         source: QmpError,
     },
+    /// The guest could not add the operator's CA certificates.
+    #[error("VM {name}: {reason}")]
+    Certificates {
+        /// VM name.
+        name: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// Saving or restoring a memory snapshot failed.
     #[error("memory snapshot of VM {name}: {reason}")]
     Snapshot {
@@ -560,10 +568,6 @@ impl Vm {
     /// fresh seeds for running interpreters. Also the first request after `cont`, so it pays
     /// the empty translation cache rather than the user's code.
     async fn reseed(&self, deadline: Duration) -> Result<(), VmError> {
-        let channel_error = |source| VmError::Channel {
-            name: self.name.clone(),
-            source,
-        };
         let mut entropy = vec![0u8; 64];
         std::io::Read::read_exact(
             &mut std::fs::File::open("/dev/urandom").map_err(|source| VmError::Prepare {
@@ -579,29 +583,69 @@ impl Vm {
         let unix_time_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-        let mut answers = self
-            .channel
-            .request(&Request::Reseed {
+        let name = self.name.clone();
+        self.acknowledged(
+            &Request::Reseed {
                 entropy,
                 unix_time_ns,
-            })
-            .await
-            .map_err(channel_error)?;
+            },
+            "reseed",
+            deadline,
+            |event| matches!(event, Event::Reseeded { .. }),
+            |reason| VmError::Snapshot {
+                name: name.clone(),
+                reason,
+            },
+        )
+        .await
+    }
+
+    /// Makes the guest trust `pem` (CA certificates, in addition to the image's) for TLS.
+    pub async fn trust_certificates(
+        &self,
+        pem: Vec<u8>,
+        deadline: Duration,
+    ) -> Result<(), VmError> {
+        let name = self.name.clone();
+        self.acknowledged(
+            &Request::TrustCertificates { pem },
+            "trust the CA bundle",
+            deadline,
+            |event| matches!(event, Event::CertificatesTrusted { .. }),
+            |reason| VmError::Certificates {
+                name: name.clone(),
+                reason,
+            },
+        )
+        .await
+    }
+
+    /// Sends `request` and waits up to `deadline` for the answer `expected` accepts; a guest
+    /// error, another answer or no answer becomes `fail(reason)`.
+    async fn acknowledged(
+        &self,
+        request: &Request,
+        what: &str,
+        deadline: Duration,
+        expected: impl Fn(&Event) -> bool,
+        fail: impl Fn(String) -> VmError,
+    ) -> Result<(), VmError> {
+        let channel_error = |source| VmError::Channel {
+            name: self.name.clone(),
+            source,
+        };
+        let mut answers = self.channel.request(request).await.map_err(channel_error)?;
         match tokio::time::timeout(deadline, answers.recv()).await {
-            Ok(Some(Event::Reseeded { .. })) => Ok(()),
-            Ok(Some(Event::Error(e))) => Err(VmError::Snapshot {
-                name: self.name.clone(),
-                reason: format!("the guest could not reseed: {}", e.message),
-            }),
-            Ok(Some(other)) => Err(VmError::Snapshot {
-                name: self.name.clone(),
-                reason: format!("unexpected answer to reseed: {other:?}"),
-            }),
+            Ok(Some(event)) if expected(&event) => Ok(()),
+            Ok(Some(Event::Error(e))) => {
+                Err(fail(format!("the guest could not {what}: {}", e.message)))
+            }
+            Ok(Some(other)) => Err(fail(format!("unexpected answer to {what}: {other:?}"))),
             Ok(None) => Err(channel_error(ChannelError::Closed)),
-            Err(_) => Err(VmError::Snapshot {
-                name: self.name.clone(),
-                reason: format!("no answer to reseed within {} ms", deadline.as_millis()),
-            }),
+            Err(_) => Err(fail(format!(
+                "no answer to {what} within {} ms",
+                deadline.as_millis()
+            ))),
         }
     }
 

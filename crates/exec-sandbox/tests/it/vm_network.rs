@@ -510,3 +510,80 @@ async fn a_networked_clone_of_a_memory_snapshot_gets_its_own_gateway() {
     assert_eq!(second.stdout, "clone says hi", "{second:?}");
     assert_eq!(fixture.connections(), 2);
 }
+
+/// The host's own trust store (which holds the proxy's CA on these machines).
+fn host_ca_bundle() -> std::path::PathBuf {
+    std::env::var_os("SSL_CERT_FILE")
+        .map(Into::into)
+        .unwrap_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_operators_ca_bundle_tls_verifies_without_k() {
+    let registry = registry_host().expect("`npm config get registry` names a registry");
+    let mut config = SchedulerConfig::from_env().expect("test environment config");
+    config.guest_ca_bundle = Some(host_ca_bundle());
+    let with_bundle = Scheduler::new(config).expect("scheduler");
+    let curl = format!(
+        "curl -sS -o /dev/null -w 'status %{{http_code}}\\n' https://{registry}/ 2>&1 | tail -1"
+    );
+    let result = run_on(
+        &with_bundle,
+        RunOptions::new(Language::Raw, curl.clone())
+            .allow_network()
+            .allowed_domains([registry.as_str()])
+            .timeout_seconds(60),
+    )
+    .await;
+    let status = result
+        .stdout
+        .trim()
+        .strip_prefix("status ")
+        .unwrap_or("000");
+    assert!(
+        status.len() == 3 && status != "000" && !status.starts_with('5'),
+        "verified TLS to {registry}: {result:?}"
+    );
+    let python = format!(
+        "import urllib.request\nprint(urllib.request.urlopen('https://{registry}/', timeout=30).status)"
+    );
+    let result = run_on(
+        &with_bundle,
+        RunOptions::new(Language::Python, python)
+            .allow_network()
+            .allowed_domains([registry.as_str()])
+            .timeout_seconds(60),
+    )
+    .await;
+    assert!(
+        result.exit_code == 0 && result.stdout.trim().len() == 3,
+        "Python's default context verifies: {result:?}"
+    );
+    // Without the bundle the same curl cannot verify the intercepting proxy's certificate.
+    let result = run_on(
+        &scheduler(false),
+        RunOptions::new(Language::Raw, curl)
+            .allow_network()
+            .allowed_domains([registry.as_str()])
+            .timeout_seconds(60),
+    )
+    .await;
+    assert!(
+        result.stdout.contains("status 000") || !result.stdout.contains("status"),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn a_bad_ca_bundle_is_a_configuration_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "hello").unwrap();
+    for path in [not_pem, dir.path().join("missing.pem")] {
+        let mut config = SchedulerConfig::from_env().expect("test environment config");
+        config.guest_ca_bundle = Some(path.clone());
+        let err = Scheduler::new(config).err().expect("refused");
+        assert_eq!(err.kind(), ErrorKind::InvalidInput);
+        assert!(chain(&err).contains("guest_ca_bundle"), "{}", chain(&err));
+    }
+}
