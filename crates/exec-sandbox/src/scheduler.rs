@@ -318,8 +318,11 @@ impl Scheduler {
 
     /// A VM ready to run `options`: from the warm pool when one fits, else restored from a
     /// memory snapshot, else booted cold. The permit is the VM's share of the admission
-    /// budget: hold it until the VM is destroyed. A VM with a gateway (a NIC) always boots
-    /// cold: pooled VMs and templates have no NIC.
+    /// budget: hold it until the VM is destroyed.
+    ///
+    /// With a `gateway` the VM gets a NIC whose backend it is: never from the warm pool (pooled
+    /// VMs have no NIC), but from the L1 template of the networked shape when there is one (its
+    /// guest configured the NIC when the template booted; the clone gets this gateway's socket).
     #[allow(clippy::too_many_arguments)]
     async fn acquire_vm(
         &self,
@@ -331,21 +334,9 @@ impl Scheduler {
         admission_deadline: tokio::time::Instant,
         gateway: Option<Gateway>,
     ) -> Result<(Vm, VmOrigin, Permit), Error> {
-        if let Some(gateway) = gateway {
-            return self
-                .acquire_networked_vm(
-                    language,
-                    on_boot_log,
-                    memory_mb,
-                    assets,
-                    host,
-                    admission_deadline,
-                    gateway,
-                )
-                .await;
-        }
-        // Warm pool: built at the default memory, without boot-log streaming.
-        if memory_mb == self.inner.config.default_memory_mb
+        // Warm pool: built at the default memory, without boot-log streaming or NIC.
+        if gateway.is_none()
+            && memory_mb == self.inner.config.default_memory_mb
             && on_boot_log.is_none()
             && let Some(PooledVm { vm, permit }) = self.inner.pool.take(language).await
         {
@@ -357,7 +348,8 @@ impl Scheduler {
                 admission_deadline,
             )
             .await?;
-        let spec = self.vm_spec(language, memory_mb, assets, host, on_boot_log.is_some());
+        let mut spec = self.vm_spec(language, memory_mb, assets, host, on_boot_log.is_some());
+        spec.nic = gateway.is_some();
         let boot_deadline = boot_deadline(host);
         // L1: a clone of this shape's template. Not with boot-log streaming: a clone prints no
         // boot log.
@@ -365,88 +357,39 @@ impl Scheduler {
             .then(|| self.template_key(language, &spec, assets));
         if let Some(key) = &template_key {
             let qemu = &self.inner.config.qemu_binary;
-            if let Some(vm) = self.inner.templates.restore(qemu, &spec, key, None).await {
+            // A copy: the gateway keeps its end of the socket for a cold boot if this fails.
+            let nic = gateway.as_ref().and_then(Gateway::qemu_end_copy);
+            if let Some(mut vm) = self.inner.templates.restore(qemu, &spec, key, nic).await {
+                if let Some(gateway) = gateway {
+                    vm.attach_gateway(gateway);
+                }
+                self.trust_certificates(&vm).await?;
                 return Ok((vm, VmOrigin::Snapshot, permit));
             }
         }
-        let vm = Vm::boot(
-            &self.inner.config.qemu_binary,
-            &spec,
-            boot_deadline,
-            on_boot_log.cloned(),
-        )
-        .await
+        let qemu = &self.inner.config.qemu_binary;
+        let vm = match gateway {
+            Some(gateway) => {
+                Vm::boot_networked(qemu, &spec, boot_deadline, on_boot_log.cloned(), gateway).await
+            }
+            None => Vm::boot(qemu, &spec, boot_deadline, on_boot_log.cloned()).await,
+        }
         .map_err(Error::Boot)?;
         if let Some(key) = template_key {
             // Saved by a separate template VM: this run does not wait for it.
-            self.save_template_in_background(
-                self.vm_spec(language, memory_mb, assets, host, false),
-                language,
-                key,
-                host,
-            );
-        }
-        Ok((vm, VmOrigin::Cold, permit))
-    }
-
-    /// A VM with a NIC whose backend is `gateway`: a clone of the networked template of its
-    /// shape when there is one (the guest's NIC was configured when the template booted; the
-    /// clone gets this gateway's socket), else booted cold, after which the template is saved in
-    /// the background. Never from the warm pool: pooled VMs have no NIC.
-    #[allow(clippy::too_many_arguments)]
-    async fn acquire_networked_vm(
-        &self,
-        language: Language,
-        on_boot_log: Option<&OutputCallback>,
-        memory_mb: u32,
-        assets: &GuestAssets,
-        host: &HostVerdict,
-        admission_deadline: tokio::time::Instant,
-        gateway: Gateway,
-    ) -> Result<(Vm, VmOrigin, Permit), Error> {
-        let permit = self
-            .admit(
-                Cost::vm(memory_mb, VM_VCPUS, host.choice.accelerator),
-                admission_deadline,
-            )
-            .await?;
-        let mut spec = self.vm_spec(language, memory_mb, assets, host, on_boot_log.is_some());
-        spec.nic = true;
-        let template_key = (self.inner.templates.enabled() && on_boot_log.is_none())
-            .then(|| self.template_key(language, &spec, assets));
-        let outbound = gateway.outbound();
-        if let Some(key) = &template_key {
-            let qemu = &self.inner.config.qemu_binary;
-            let nic = gateway.qemu_end_copy();
-            if let Some(mut vm) = self.inner.templates.restore(qemu, &spec, key, nic).await {
-                vm.attach_gateway(gateway);
-                self.trust_certificates(&vm, outbound).await?;
-                return Ok((vm, VmOrigin::Snapshot, permit));
-            }
-        }
-        let vm = Vm::boot_networked(
-            &self.inner.config.qemu_binary,
-            &spec,
-            boot_deadline(host),
-            on_boot_log.cloned(),
-            gateway,
-        )
-        .await
-        .map_err(Error::Boot)?;
-        if let Some(key) = template_key {
             let mut template_spec = self.vm_spec(language, memory_mb, assets, host, false);
-            template_spec.nic = true;
+            template_spec.nic = spec.nic;
             self.save_template_in_background(template_spec, language, key, host);
         }
-        self.trust_certificates(&vm, outbound).await?;
+        self.trust_certificates(&vm).await?;
         Ok((vm, VmOrigin::Cold, permit))
     }
 
     /// Installs the operator's CA bundle in a VM that may open connections (a failure fails
     /// the run before the code is dispatched; dropping the VM destroys it).
-    async fn trust_certificates(&self, vm: &Vm, outbound: bool) -> Result<(), Error> {
+    async fn trust_certificates(&self, vm: &Vm) -> Result<(), Error> {
         match &self.inner.ca_bundle {
-            Some(pem) if outbound => vm
+            Some(pem) if vm.has_outbound_network() => vm
                 .trust_certificates(pem.to_vec(), limits::CA_BUNDLE_DEADLINE)
                 .await
                 .map_err(Error::Boot),

@@ -327,6 +327,11 @@ impl Vm {
             .unwrap_or_default()
     }
 
+    /// Whether the VM's gateway lets it open connections.
+    pub fn has_outbound_network(&self) -> bool {
+        self.gateway.as_ref().is_some_and(|g| g.outbound())
+    }
+
     /// The forwarded ports of a networked VM.
     pub fn exposed_ports(&self) -> &[crate::network::ExposedPort] {
         self.gateway
