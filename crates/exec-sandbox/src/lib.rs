@@ -19,6 +19,8 @@
 //! # }
 //! ```
 
+#[macro_use]
+mod builders;
 pub mod admission;
 pub mod assets;
 mod config;

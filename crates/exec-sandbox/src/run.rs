@@ -2,7 +2,7 @@
 
 use sbx_protocol::Language;
 
-use crate::network::{ExposePort, NetworkOptions, PortsCallback};
+use crate::network::{NetworkOptions, PortsCallback};
 use crate::vm::OutputCallback;
 
 /// One execution request for [`Scheduler::run`](crate::Scheduler::run).
@@ -70,62 +70,11 @@ impl RunOptions {
         }
     }
 
-    /// Sets the execution timeout.
-    pub fn timeout_seconds(mut self, seconds: u64) -> Self {
-        self.timeout_seconds = Some(seconds);
-        self
-    }
-
-    /// Sets the guest memory.
-    pub fn memory_mb(mut self, mb: u32) -> Self {
-        self.memory_mb = Some(mb);
-        self
-    }
-
-    /// Adds one environment variable.
-    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.env_vars.push((name.into(), value.into()));
-        self
-    }
-
-    /// Streams stdout chunks to `f`.
-    pub fn on_stdout(mut self, f: impl Fn(&[u8]) + Send + Sync + 'static) -> Self {
-        self.on_stdout = Some(std::sync::Arc::new(f));
-        self
-    }
-
-    /// Streams stderr chunks to `f`.
-    pub fn on_stderr(mut self, f: impl Fn(&[u8]) + Send + Sync + 'static) -> Self {
-        self.on_stderr = Some(std::sync::Arc::new(f));
-        self
-    }
+    builders!(timeout, memory, env, output, network);
 
     /// Streams the VM console to `f`.
     pub fn on_boot_log(mut self, f: impl Fn(&[u8]) + Send + Sync + 'static) -> Self {
         self.on_boot_log = Some(std::sync::Arc::new(f));
-        self
-    }
-
-    /// Lets the guest open connections, to every public destination unless
-    /// [`allowed_domains`](Self::allowed_domains) narrows it.
-    pub fn allow_network(mut self) -> Self {
-        self.network.allow_network = true;
-        self
-    }
-
-    /// Allows only these domains and their subdomains (an empty list allows nothing). Needs
-    /// [`allow_network`](Self::allow_network).
-    pub fn allowed_domains<S: Into<String>>(
-        mut self,
-        domains: impl IntoIterator<Item = S>,
-    ) -> Self {
-        self.network.allowed_domains = Some(domains.into_iter().map(Into::into).collect());
-        self
-    }
-
-    /// Forwards a port from `127.0.0.1` on the host into the guest.
-    pub fn expose(mut self, port: ExposePort) -> Self {
-        self.network.expose_ports.push(port);
         self
     }
 

@@ -550,7 +550,7 @@ fn read_ca_bundle(path: &std::path::Path) -> Result<Vec<u8>, ValidationError> {
         return Err(bad(format!("{size} bytes; the limit is {limit}")));
     }
     let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-    if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+    if sbx_protocol::pem_certificate_count(&pem) == 0 {
         return Err(bad("no PEM certificate in it".into()));
     }
     Ok(pem)

@@ -16,7 +16,7 @@ use tokio::sync::{Mutex, OwnedSemaphorePermit, RwLock};
 use crate::admission::Permit;
 use crate::error::Error;
 use crate::limits;
-use crate::network::{ExposePort, ExposedPort, NetworkOptions};
+use crate::network::{ExposedPort, NetworkOptions};
 use crate::result::{ExecutionResult, Timing};
 use crate::scheduler::{Scheduler, StartedVm, VmOrigin, execute_code};
 use crate::validate;
@@ -67,39 +67,7 @@ impl SessionOptions {
         }
     }
 
-    /// Lets the guest open connections, to every public destination unless
-    /// [`allowed_domains`](Self::allowed_domains) narrows it.
-    pub fn allow_network(mut self) -> Self {
-        self.network.allow_network = true;
-        self
-    }
-
-    /// Allows only these domains and their subdomains (an empty list allows nothing).
-    pub fn allowed_domains<S: Into<String>>(
-        mut self,
-        domains: impl IntoIterator<Item = S>,
-    ) -> Self {
-        self.network.allowed_domains = Some(domains.into_iter().map(Into::into).collect());
-        self
-    }
-
-    /// Forwards a port from `127.0.0.1` on the host into the guest.
-    pub fn expose(mut self, port: ExposePort) -> Self {
-        self.network.expose_ports.push(port);
-        self
-    }
-
-    /// Sets the guest memory.
-    pub fn memory_mb(mut self, mb: u32) -> Self {
-        self.memory_mb = Some(mb);
-        self
-    }
-
-    /// Adds one environment variable for every execution.
-    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.env_vars.push((name.into(), value.into()));
-        self
-    }
+    builders!(memory, env, network);
 
     /// Sets the idle timeout.
     pub fn idle_timeout_seconds(mut self, seconds: u64) -> Self {
@@ -159,29 +127,7 @@ impl ExecOptions {
         }
     }
 
-    /// Sets the execution timeout.
-    pub fn timeout_seconds(mut self, seconds: u64) -> Self {
-        self.timeout_seconds = Some(seconds);
-        self
-    }
-
-    /// Adds one environment variable.
-    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.env_vars.push((name.into(), value.into()));
-        self
-    }
-
-    /// Streams stdout chunks to `f`.
-    pub fn on_stdout(mut self, f: impl Fn(&[u8]) + Send + Sync + 'static) -> Self {
-        self.on_stdout = Some(Arc::new(f));
-        self
-    }
-
-    /// Streams stderr chunks to `f`.
-    pub fn on_stderr(mut self, f: impl Fn(&[u8]) + Send + Sync + 'static) -> Self {
-        self.on_stderr = Some(Arc::new(f));
-        self
-    }
+    builders!(timeout, env, output);
 }
 
 /// Why a session closed.

@@ -140,6 +140,13 @@ pub enum Request {
 /// Largest certificate bundle [`Request::TrustCertificates`] accepts.
 pub const MAX_CA_BUNDLE_BYTES: usize = 1024 * 1024;
 
+/// How many PEM certificates (`-----BEGIN CERTIFICATE-----` blocks) `pem` holds: the host
+/// checks a bundle with it before sending, the agent again before trusting it.
+pub fn pem_certificate_count(pem: &[u8]) -> usize {
+    const BEGIN: &[u8] = b"-----BEGIN CERTIFICATE-----";
+    pem.windows(BEGIN.len()).filter(|w| *w == BEGIN).count()
+}
+
 /// Largest file written or read through [`Request::WriteFile`] and [`Request::ReadFile`]
 /// (500 MiB).
 pub const MAX_FILE_SIZE: u64 = 500 * 1024 * 1024;

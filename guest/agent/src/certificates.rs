@@ -12,7 +12,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use sbx_protocol::MAX_CA_BUNDLE_BYTES;
+use sbx_protocol::{MAX_CA_BUNDLE_BYTES, pem_certificate_count};
 
 use crate::config::Mode;
 use crate::sys;
@@ -21,8 +21,6 @@ use crate::sys;
 const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// Where the merged bundle is written.
 const MERGED_BUNDLE: &str = "/run/sbx-ca-certificates.crt";
-/// What starts every PEM certificate.
-const PEM_BEGIN: &[u8] = b"-----BEGIN CERTIFICATE-----";
 
 /// Why the certificates could not be trusted.
 #[derive(Debug, thiserror::Error)]
@@ -56,13 +54,6 @@ impl TrustError {
     }
 }
 
-/// How many PEM certificates `pem` holds.
-pub fn count(pem: &[u8]) -> usize {
-    pem.windows(PEM_BEGIN.len())
-        .filter(|w| *w == PEM_BEGIN)
-        .count()
-}
-
 /// The image's bundle followed by the extra certificates, each ending with a newline.
 pub fn merged(system: &[u8], extra: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(system.len() + extra.len() + 2);
@@ -81,7 +72,7 @@ pub fn trust(mode: Mode, pem: &[u8]) -> Result<u32, TrustError> {
     if pem.len() > MAX_CA_BUNDLE_BYTES {
         return Err(TrustError::TooLarge(pem.len()));
     }
-    let certificates = count(pem);
+    let certificates = pem_certificate_count(pem);
     if certificates == 0 {
         return Err(TrustError::NoCertificate);
     }
@@ -138,9 +129,9 @@ mod tests {
 
     #[test]
     fn counts_and_merges() {
-        assert_eq!(count(b""), 0);
-        assert_eq!(count(CERT), 1);
-        assert_eq!(count(&[CERT, b"\n", CERT].concat()), 2);
+        assert_eq!(pem_certificate_count(b""), 0);
+        assert_eq!(pem_certificate_count(CERT), 1);
+        assert_eq!(pem_certificate_count(&[CERT, b"\n", CERT].concat()), 2);
         assert_eq!(merged(b"a", CERT), [b"a\n", CERT, b"\n"].concat());
         assert_eq!(merged(b"", b"b\n"), b"b\n");
     }

@@ -1,0 +1,66 @@
+//! Builder methods shared by the option types ([`RunOptions`](crate::RunOptions),
+//! [`SessionOptions`](crate::SessionOptions), [`ExecOptions`](crate::ExecOptions)): one
+//! definition each, expanded into every type whose fields they set.
+
+/// Expands the named groups of builder methods inside an option type's `impl` block.
+macro_rules! builders {
+    ($($group:ident),* $(,)?) => { $(builders!(@ $group);)* };
+    (@ timeout) => {
+        /// Sets the execution timeout.
+        pub fn timeout_seconds(mut self, seconds: u64) -> Self {
+            self.timeout_seconds = Some(seconds);
+            self
+        }
+    };
+    (@ memory) => {
+        /// Sets the guest memory.
+        pub fn memory_mb(mut self, mb: u32) -> Self {
+            self.memory_mb = Some(mb);
+            self
+        }
+    };
+    (@ env) => {
+        /// Adds one environment variable (an execution's own variable overrides a session's).
+        pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+            self.env_vars.push((name.into(), value.into()));
+            self
+        }
+    };
+    (@ output) => {
+        /// Streams stdout chunks to `f`.
+        pub fn on_stdout(mut self, f: impl Fn(&[u8]) + Send + Sync + 'static) -> Self {
+            self.on_stdout = Some(std::sync::Arc::new(f));
+            self
+        }
+
+        /// Streams stderr chunks to `f`.
+        pub fn on_stderr(mut self, f: impl Fn(&[u8]) + Send + Sync + 'static) -> Self {
+            self.on_stderr = Some(std::sync::Arc::new(f));
+            self
+        }
+    };
+    (@ network) => {
+        /// Lets the guest open connections, to every public destination unless
+        /// [`allowed_domains`](Self::allowed_domains) narrows it.
+        pub fn allow_network(mut self) -> Self {
+            self.network.allow_network = true;
+            self
+        }
+
+        /// Allows only these domains and their subdomains (an empty list allows nothing).
+        /// Needs [`allow_network`](Self::allow_network).
+        pub fn allowed_domains<S: Into<String>>(
+            mut self,
+            domains: impl IntoIterator<Item = S>,
+        ) -> Self {
+            self.network.allowed_domains = Some(domains.into_iter().map(Into::into).collect());
+            self
+        }
+
+        /// Forwards a port from `127.0.0.1` on the host into the guest.
+        pub fn expose(mut self, port: $crate::network::ExposePort) -> Self {
+            self.network.expose_ports.push(port);
+            self
+        }
+    };
+}
