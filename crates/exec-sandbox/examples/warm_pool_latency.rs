@@ -11,18 +11,18 @@
 
 use std::time::{Duration, Instant};
 
-use exec_sandbox::{Language, RunOptions, Scheduler, SchedulerConfig};
+use exec_sandbox::{Language, RunOptions, Scheduler, SchedulerConfig, WarmVm};
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let index = ((sorted.len() - 1) as f64 * p).round() as usize;
     sorted[index]
 }
 
-async fn wait_for_warm_vm(scheduler: &Scheduler) -> String {
+async fn wait_for_warm_vm(scheduler: &Scheduler) -> WarmVm {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        if let Some(name) = scheduler.warm_pool_vm_names(Language::Python).pop() {
-            return name;
+        if let Some(vm) = scheduler.warm_pool_vms().pop() {
+            return vm;
         }
         assert!(Instant::now() < deadline, "the pool did not refill");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -45,8 +45,8 @@ async fn main() {
     let mut other = Vec::with_capacity(runs);
     let mut pss = Vec::new();
     for i in 0..=runs {
-        let name = wait_for_warm_vm(&scheduler).await;
-        pss.extend(exec_sandbox::vm::host::vm_pss_mb(&name));
+        let idle = wait_for_warm_vm(&scheduler).await;
+        pss.extend(idle.pss_mb);
         let started = Instant::now();
         let r = scheduler
             .run(RunOptions::new(Language::Python, "print(1)"))

@@ -13,7 +13,6 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::SchedulerConfig;
 use crate::limits;
 use crate::vm::accel::Accelerator;
 
@@ -121,6 +120,24 @@ impl fmt::Display for Cost {
     }
 }
 
+/// What the operator configured for admission (the scheduler derives it from its own
+/// configuration, whose fields these mirror).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdmissionConfig {
+    /// Memory all VMs together may be charged (MB); derived from the host when `None`.
+    pub memory_budget_mb: Option<u64>,
+    /// Host memory kept out of a derived budget (MB).
+    pub host_memory_reserve_mb: u64,
+    /// Derived memory budget over the host's memory less its reserve.
+    pub memory_overcommit_ratio: f64,
+    /// vCPUs admitted per host core.
+    pub cpu_overcommit_ratio: f64,
+    /// No admission while `MemAvailable` is below this (MB).
+    pub min_available_memory_mb: u64,
+    /// No admission while memory pressure is above this (percent).
+    pub max_memory_pressure: f64,
+}
+
 /// The limits decided from the configuration and the host.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Policy {
@@ -134,7 +151,7 @@ pub struct Policy {
 
 impl Policy {
     /// The budget for `config` on the host described by `facts`.
-    pub fn new(config: &SchedulerConfig, facts: &dyn HostFacts) -> Policy {
+    pub fn new(config: &AdmissionConfig, facts: &dyn HostFacts) -> Policy {
         let memory_mb = config.memory_budget_mb.unwrap_or_else(|| {
             // Without /proc/meminfo nothing limits memory but the floor checks (also absent).
             let total = facts.memory_mb().map_or(u64::MAX / 4, |(total, _)| total);
@@ -156,6 +173,7 @@ impl Policy {
 
 /// Why a VM is not admitted right now.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Blocker {
     /// The VM alone is larger than the whole budget: waiting cannot help.
     LargerThanBudget,
@@ -212,6 +230,7 @@ impl fmt::Display for Blocker {
 
 /// A run could not be admitted before its deadline.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub struct CapacityError {
     /// How long the run waited.
     pub waited: Duration,
@@ -267,11 +286,6 @@ impl Admission {
             state: Mutex::new(State::default()),
             changed: Notify::new(),
         })
-    }
-
-    /// The policy in force.
-    pub fn policy(&self) -> Policy {
-        self.policy
     }
 
     /// Most VMs that held permits at once so far.
@@ -466,6 +480,7 @@ pub struct Permit {
 
 impl Permit {
     /// What this permit holds.
+    #[cfg(test)]
     pub fn cost(&self) -> Cost {
         self.cost
     }
@@ -549,11 +564,13 @@ mod tests {
 
     #[test]
     fn budget_is_memory_less_reserve_times_ratio_and_cores_times_ratio() {
-        let config = SchedulerConfig {
+        let config = AdmissionConfig {
+            memory_budget_mb: None,
             host_memory_reserve_mb: 1024,
             memory_overcommit_ratio: 1.5,
             cpu_overcommit_ratio: 2.5,
-            ..SchedulerConfig::default()
+            min_available_memory_mb: 512,
+            max_memory_pressure: 20.0,
         };
         let policy = Policy::new(&config, &FakeHost::new(9216, 2));
         assert_eq!(
@@ -564,9 +581,9 @@ mod tests {
             }
         );
         // An explicit budget wins; a reserve larger than the host leaves nothing.
-        let explicit = SchedulerConfig {
+        let explicit = AdmissionConfig {
             memory_budget_mb: Some(800),
-            ..config.clone()
+            ..config
         };
         assert_eq!(
             Policy::new(&explicit, &FakeHost::new(9216, 2))
@@ -574,7 +591,7 @@ mod tests {
                 .memory_mb,
             800
         );
-        let tiny = SchedulerConfig {
+        let tiny = AdmissionConfig {
             host_memory_reserve_mb: 10_000,
             ..config
         };

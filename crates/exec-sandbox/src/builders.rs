@@ -43,7 +43,7 @@ macro_rules! builders {
         /// Lets the guest open connections, to every public destination unless
         /// [`allowed_domains`](Self::allowed_domains) narrows it.
         pub fn allow_network(mut self) -> Self {
-            self.network.allow_network = true;
+            self.network = self.network.allow_network();
             self
         }
 
@@ -53,13 +53,13 @@ macro_rules! builders {
             mut self,
             domains: impl IntoIterator<Item = S>,
         ) -> Self {
-            self.network.allowed_domains = Some(domains.into_iter().map(Into::into).collect());
+            self.network = self.network.allowed_domains(domains);
             self
         }
 
         /// Forwards a port from `127.0.0.1` on the host into the guest.
         pub fn expose(mut self, port: $crate::network::ExposePort) -> Self {
-            self.network.expose_ports.push(port);
+            self.network = self.network.expose(port);
             self
         }
     };

@@ -294,6 +294,34 @@ impl SchedulerConfig {
         Ok(())
     }
 
+    /// The asset layer's share of this configuration.
+    pub fn asset_config(&self) -> crate::assets::AssetConfig {
+        use crate::assets::AssetSource;
+        crate::assets::AssetConfig {
+            images_dir: self.images_dir.clone(),
+            source: if self.offline || !self.auto_download_assets {
+                AssetSource::Forbidden
+            } else if let Some(base) = &self.asset_base_url {
+                AssetSource::Download(base.clone())
+            } else {
+                AssetSource::Build
+            },
+            version: self.asset_version.clone(),
+        }
+    }
+
+    /// The admission layer's share of this configuration.
+    pub(crate) fn admission_config(&self) -> crate::admission::AdmissionConfig {
+        crate::admission::AdmissionConfig {
+            memory_budget_mb: self.memory_budget_mb,
+            host_memory_reserve_mb: self.host_memory_reserve_mb,
+            memory_overcommit_ratio: self.memory_overcommit_ratio,
+            cpu_overcommit_ratio: self.cpu_overcommit_ratio,
+            min_available_memory_mb: self.min_available_memory_mb,
+            max_memory_pressure: self.max_memory_pressure,
+        }
+    }
+
     /// Checks every field against its limit.
     pub fn validate(&self) -> Result<(), ValidationError> {
         self.validate_admission()?;
@@ -439,6 +467,26 @@ mod tests {
             e.to_string().contains(EnvVars::SNAPSHOT_CACHE_MAX_MB),
             "{e}"
         );
+    }
+
+    #[test]
+    fn asset_source_follows_offline_auto_download_and_base_url() {
+        use crate::assets::AssetSource;
+        let mut c = SchedulerConfig::default();
+        assert_eq!(c.asset_config().source, AssetSource::Build);
+        c.asset_base_url = Some("http://127.0.0.1:1/assets".into());
+        assert_eq!(
+            c.asset_config().source,
+            AssetSource::Download("http://127.0.0.1:1/assets".into())
+        );
+        c.auto_download_assets = false;
+        assert_eq!(c.asset_config().source, AssetSource::Forbidden);
+        c.auto_download_assets = true;
+        c.offline = true;
+        assert_eq!(c.asset_config().source, AssetSource::Forbidden);
+        c.asset_version = Some("v1".into());
+        assert_eq!(c.asset_config().version.as_deref(), Some("v1"));
+        assert_eq!(c.asset_config().images_dir, c.images_dir);
     }
 
     #[test]

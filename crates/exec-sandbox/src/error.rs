@@ -2,26 +2,14 @@
 
 use crate::admission::CapacityError;
 use crate::assets::AssetError;
+pub use crate::error_kind::ErrorKind;
 use crate::session::SessionCloseReason;
 use crate::validate::ValidationError;
 use crate::vm::VmError;
 
-/// What a caller can do about an error: the stable classification to branch on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorKind {
-    /// The caller's input was invalid; nothing ran. Fix the input.
-    InvalidInput,
-    /// Infrastructure failed before the code was dispatched; safe to retry.
-    Transient,
-    /// The code was dispatched and then contact was lost: it may or may not have run.
-    OutcomeUnknown,
-    /// Retrying will not help without operator action (missing assets, bad checksum, no QEMU).
-    Permanent,
-}
-
 /// Everything [`Scheduler`](crate::Scheduler) operations can fail with.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The request was rejected before any VM booted.
     #[error("invalid input")]
@@ -39,7 +27,7 @@ pub enum Error {
     #[error("sandbox host at capacity")]
     Capacity(#[from] CapacityError),
     /// The guest agent refused or failed the request.
-    #[error("guest agent error ({kind:?}): {message}")]
+    #[error("guest agent error ({kind}): {message}")]
     Guest {
         /// The agent's classification.
         kind: sbx_protocol::GuestErrorKind,

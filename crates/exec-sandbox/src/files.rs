@@ -8,45 +8,23 @@
 //! mode 0644 or 0755. Each operation is its own request on the multiplexed channel, so it runs
 //! alongside an execution on the same VM.
 //!
-//! A deadline ([`limits::FILE_IO_DEADLINE`]) bounds every wait on the guest. A write that
-//! times out while sending may leave a partial frame on the channel: the VM should be discarded
-//! after a [`FileError::Timeout`] or [`FileError::Channel`].
+//! A deadline ([`limits::FILE_IO_DEADLINE`]) bounds every wait for an answer, and the channel's
+//! own write deadline every frame sent; a frame that misses it closes the channel, so the VM is
+//! discarded after a [`FileError::Timeout`] or [`FileError::Channel`].
 
 use sbx_protocol::{Event, FILE_CHUNK, FileEntry, GuestErrorKind, MAX_LIST_ENTRIES, Request};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::error::{Error, ErrorKind};
+use crate::error::Error;
+use crate::error_kind::ErrorKind;
 use crate::limits;
 use crate::validate::{self, ValidationError};
 use crate::vm::channel::Subscription;
-use crate::vm::{Channel, ChannelError, Vm};
-
-/// The channel of a VM, and its name for errors (a seam: tests drive a dev-mode agent).
-#[derive(Clone, Copy)]
-struct Link<'a> {
-    channel: &'a Channel,
-    name: &'a str,
-}
-
-impl<'a> Link<'a> {
-    fn of(vm: &'a Vm) -> Self {
-        Link {
-            channel: vm.channel(),
-            name: vm.name(),
-        }
-    }
-
-    fn channel(self) -> &'a Channel {
-        self.channel
-    }
-
-    fn name(self) -> &'a str {
-        self.name
-    }
-}
+use crate::vm::{ChannelError, Link};
 
 /// Why a file operation failed after validation.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum FileError {
     /// The guest refused the request (missing file, not a regular file, a path through a
     /// symbolic link or out of the home directory, no space left, ...).
@@ -88,8 +66,14 @@ pub enum FileError {
     #[error("guest did not respond within {} s", limits::FILE_IO_DEADLINE.as_secs())]
     Timeout,
     /// The guest answered something that does not belong to this operation.
-    #[error("unexpected answer from the guest: {0}")]
-    Protocol(String),
+    #[error("unexpected answer from the guest: {event}")]
+    Protocol {
+        /// The answer's name.
+        event: &'static str,
+    },
+    /// The guest sent more than a file may hold.
+    #[error("guest sent more than {} bytes", limits::MAX_FILE_BYTES)]
+    Oversized,
 }
 
 impl FileError {
@@ -102,7 +86,8 @@ impl FileError {
             FileError::Guest { .. }
             | FileError::Channel { .. }
             | FileError::Timeout
-            | FileError::Protocol(_) => ErrorKind::OutcomeUnknown,
+            | FileError::Protocol { .. }
+            | FileError::Oversized => ErrorKind::OutcomeUnknown,
         }
     }
 }
@@ -115,18 +100,11 @@ fn file_error<'a>(op: &'static str, path: &'a str) -> impl Fn(FileError) -> Erro
     }
 }
 
-/// An answer that does not belong here, described briefly (it may carry a whole chunk).
+/// An answer that does not belong here, named (never its payload, which the guest controls).
 fn unexpected(event: &Event) -> FileError {
-    let mut text = format!("{event:?}");
-    if text.len() > 120 {
-        let mut end = 120;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-        text.push_str("...");
+    FileError::Protocol {
+        event: event.name(),
     }
-    FileError::Protocol(text)
 }
 
 fn guest_error(e: sbx_protocol::GuestError) -> FileError {
@@ -137,9 +115,12 @@ fn guest_error(e: sbx_protocol::GuestError) -> FileError {
 }
 
 fn channel_error(vm: Link<'_>) -> impl Fn(ChannelError) -> FileError + '_ {
-    move |source| FileError::Channel {
-        vm: vm.name().to_string(),
-        source,
+    move |source| match source {
+        ChannelError::WriteTimeout { .. } => FileError::Timeout,
+        source => FileError::Channel {
+            vm: vm.name.to_string(),
+            source,
+        },
     }
 }
 
@@ -151,11 +132,12 @@ async fn next_event(vm: Link<'_>, events: &mut Subscription) -> Result<Event, Fi
     }
 }
 
+/// Sends one more frame of the request `id`; the channel's write deadline bounds the wait.
 async fn send(vm: Link<'_>, id: u32, request: &Request) -> Result<(), FileError> {
-    match tokio::time::timeout(limits::FILE_IO_DEADLINE, vm.channel().send(id, request)).await {
-        Ok(result) => result.map_err(channel_error(vm)),
-        Err(_) => Err(FileError::Timeout),
-    }
+    vm.channel
+        .send(id, request)
+        .await
+        .map_err(channel_error(vm))
 }
 
 /// Reads from `source` until `buf` is full or the source ends; returns the bytes read.
@@ -178,17 +160,7 @@ async fn fill(source: &mut (impl AsyncRead + Unpin), buf: &mut [u8]) -> std::io:
 /// sent, and the source must produce exactly that many bytes; without it the limit is enforced
 /// while streaming. On any failure the guest keeps no partial file (an existing file at `path`
 /// is left as it was).
-pub async fn write_file(
-    vm: &Vm,
-    path: &str,
-    source: impl AsyncRead + Unpin,
-    size: Option<u64>,
-    executable: bool,
-) -> Result<u64, Error> {
-    write_via(Link::of(vm), path, source, size, executable).await
-}
-
-async fn write_via(
+pub(crate) async fn write_file(
     vm: Link<'_>,
     path: &str,
     mut source: impl AsyncRead + Unpin,
@@ -200,7 +172,7 @@ async fn write_via(
         validate::file_size(size)?;
     }
     let mut events = vm
-        .channel()
+        .channel
         .request(&Request::WriteFile {
             path: path.to_string(),
             size,
@@ -214,11 +186,7 @@ async fn write_via(
     if result.is_err() {
         // Best effort: the guest removes its temporary file on abort (or after its idle
         // timeout if this does not arrive).
-        let _ = tokio::time::timeout(
-            limits::FILE_IO_DEADLINE,
-            vm.channel().send(id, &Request::FileAbort),
-        )
-        .await;
+        let _ = vm.channel.send(id, &Request::FileAbort).await;
     }
     result.map_err(|e| match e {
         Streamed::TooLarge(size) => Error::Validation(ValidationError::FileTooLarge { size }),
@@ -289,11 +257,7 @@ async fn stream_to_guest(
 /// Copies the regular file at `path` (relative to `/home/user`) in the VM to `dest`, chunk by
 /// chunk; returns the bytes copied. Symbolic links are followed only while they stay beneath
 /// the home directory. On failure `dest` may have received part of the file.
-pub async fn read_file(vm: &Vm, path: &str, dest: impl AsyncWrite + Unpin) -> Result<u64, Error> {
-    read_via(Link::of(vm), path, dest).await
-}
-
-async fn read_via(
+pub(crate) async fn read_file(
     vm: Link<'_>,
     path: &str,
     mut dest: impl AsyncWrite + Unpin,
@@ -301,7 +265,7 @@ async fn read_via(
     validate::guest_path(path, false)?;
     let result = async {
         let mut events = vm
-            .channel()
+            .channel
             .request(&Request::ReadFile {
                 path: path.to_string(),
             })
@@ -313,10 +277,7 @@ async fn read_via(
                 Event::FileData(bytes) => {
                     received += bytes.len() as u64;
                     if received > limits::MAX_FILE_BYTES {
-                        return Err(FileError::Protocol(format!(
-                            "guest sent more than {} bytes",
-                            limits::MAX_FILE_BYTES
-                        )));
+                        return Err(FileError::Oversized);
                     }
                     dest.write_all(&bytes).await.map_err(FileError::Local)?;
                 }
@@ -337,15 +298,11 @@ async fn read_via(
 /// itself), sorted by name. Sizes are allocated sizes (a sparse file reports what it occupies).
 /// A directory with more than [`MAX_LIST_ENTRIES`] entries is an error
 /// ([`FileError::TooManyEntries`]): list it by running code instead.
-pub async fn list_files(vm: &Vm, path: &str) -> Result<Vec<FileEntry>, Error> {
-    list_via(Link::of(vm), path).await
-}
-
-async fn list_via(vm: Link<'_>, path: &str) -> Result<Vec<FileEntry>, Error> {
+pub(crate) async fn list_files(vm: Link<'_>, path: &str) -> Result<Vec<FileEntry>, Error> {
     validate::guest_path(path, true)?;
     let result = async {
         let mut events = vm
-            .channel()
+            .channel
             .request(&Request::ListFiles {
                 path: path.to_string(),
             })
@@ -374,6 +331,7 @@ mod tests {
     use sbx_protocol::{ExecRequest, Language};
 
     use super::*;
+    use crate::vm::Channel;
 
     /// A directory removed on drop.
     struct TempDir(PathBuf);
@@ -502,7 +460,7 @@ mod tests {
     async fn round_trip_through_a_dev_agent() {
         let agent = Agent::start().await;
         let data = pseudo_random(3 * FILE_CHUNK + 12_345);
-        let written = write_via(
+        let written = write_file(
             agent.link(),
             "dir/sub/data.bin",
             &data[..],
@@ -518,36 +476,36 @@ mod tests {
         assert_eq!(mode & 0o7777, 0o755);
 
         let mut back = Vec::new();
-        let read = read_via(agent.link(), "dir/sub/data.bin", &mut back)
+        let read = read_file(agent.link(), "dir/sub/data.bin", &mut back)
             .await
             .unwrap();
         assert_eq!((read, back == data), (data.len() as u64, true));
 
         // Unknown size, empty file.
         assert_eq!(
-            write_via(agent.link(), "empty", &b""[..], None, false)
+            write_file(agent.link(), "empty", &b""[..], None, false)
                 .await
                 .unwrap(),
             0
         );
         let mut back = Vec::new();
-        read_via(agent.link(), "empty", &mut back).await.unwrap();
+        read_file(agent.link(), "empty", &mut back).await.unwrap();
         assert!(back.is_empty());
 
-        let entries = list_via(agent.link(), "").await.unwrap();
+        let entries = list_files(agent.link(), "").await.unwrap();
         let names: Vec<_> = entries
             .iter()
             .map(|e| (e.name.as_str(), e.is_dir))
             .collect();
         assert_eq!(names, [("dir", true), ("empty", false)]);
-        let entries = list_via(agent.link(), "dir/sub").await.unwrap();
+        let entries = list_files(agent.link(), "dir/sub").await.unwrap();
         assert!(entries[0].size >= data.len() as u64, "{entries:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bad_input_is_rejected_before_transfer() {
         let agent = Agent::start().await;
-        let e = write_via(
+        let e = write_file(
             agent.link(),
             "huge",
             &b""[..],
@@ -562,15 +520,15 @@ mod tests {
         );
         assert_eq!(e.kind(), ErrorKind::InvalidInput);
         for path in ["/etc/passwd", "../x", "a/../../b", "a\0b", ""] {
-            let e = write_via(agent.link(), path, &b"x"[..], None, false)
+            let e = write_file(agent.link(), path, &b"x"[..], None, false)
                 .await
                 .unwrap_err();
             assert!(matches!(e, Error::Validation(_)), "{path:?}: {e:?}");
-            let e = read_via(agent.link(), path, Vec::new()).await.unwrap_err();
+            let e = read_file(agent.link(), path, Vec::new()).await.unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidInput, "{path:?}");
         }
         assert!(matches!(
-            list_via(agent.link(), "/").await,
+            list_files(agent.link(), "/").await,
             Err(Error::Validation(_))
         ));
         assert_eq!(std::fs::read_dir(&agent.home.0).unwrap().count(), 0);
@@ -580,7 +538,7 @@ mod tests {
     async fn short_or_long_source_leaves_no_file() {
         let agent = Agent::start().await;
         let data = vec![1u8; FILE_CHUNK + 10];
-        let e = write_via(
+        let e = write_file(
             agent.link(),
             "long",
             &data[..],
@@ -600,7 +558,7 @@ mod tests {
             "{e:?}"
         );
         assert_eq!(e.kind(), ErrorKind::InvalidInput);
-        let e = write_via(
+        let e = write_file(
             agent.link(),
             "short",
             &data[..],
@@ -627,7 +585,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(std::fs::read_dir(&agent.home.0).unwrap().count(), 0);
-        write_via(agent.link(), "after", &b"ok"[..], Some(2), false)
+        write_file(agent.link(), "after", &b"ok"[..], Some(2), false)
             .await
             .unwrap();
     }
@@ -636,7 +594,7 @@ mod tests {
     async fn guest_refusals_are_invalid_input() {
         let agent = Agent::start().await;
         std::os::unix::fs::symlink("/etc/passwd", agent.home.0.join("passwd")).unwrap();
-        let e = read_via(agent.link(), "passwd", Vec::new())
+        let e = read_file(agent.link(), "passwd", Vec::new())
             .await
             .unwrap_err();
         assert!(
@@ -650,12 +608,12 @@ mod tests {
             "{e:?}"
         );
         assert_eq!(e.kind(), ErrorKind::InvalidInput);
-        let e = read_via(agent.link(), "missing", Vec::new())
+        let e = read_file(agent.link(), "missing", Vec::new())
             .await
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidInput);
         std::os::unix::fs::symlink("/tmp", agent.home.0.join("tmp")).unwrap();
-        let e = write_via(agent.link(), "tmp/x", &b"x"[..], Some(1), false)
+        let e = write_file(agent.link(), "tmp/x", &b"x"[..], Some(1), false)
             .await
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e:?}");
@@ -676,10 +634,10 @@ mod tests {
             }))
             .await
             .unwrap();
-        write_via(agent.link(), "during", &b"x"[..], Some(1), false)
+        write_file(agent.link(), "during", &b"x"[..], Some(1), false)
             .await
             .unwrap();
-        assert_eq!(list_via(agent.link(), ".").await.unwrap().len(), 1);
+        assert_eq!(list_files(agent.link(), ".").await.unwrap().len(), 1);
         assert!(exec.try_recv().is_none(), "exec finished too early");
         let mut stdout = Vec::new();
         loop {

@@ -21,33 +21,44 @@
 
 #[macro_use]
 mod builders;
-pub mod admission;
+mod acquire;
+mod admission;
 pub mod assets;
 mod config;
 mod env;
 mod error;
-pub mod files;
-pub mod gateway;
+mod error_kind;
+mod execute;
+mod files;
+mod gateway;
 pub mod limits;
-pub mod network;
+mod network;
 mod pool;
 mod result;
 mod run;
 mod scheduler;
 mod session;
+mod snapshot;
 mod sys;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod validate;
-pub mod vm;
+mod vm;
 
+pub use admission::{Blocker, CapacityError, Cost};
 pub use config::SchedulerConfig;
 pub use env::EnvVars;
-pub use error::{Error, ErrorKind};
-pub use network::{ExposePort, ExposedPort, NetworkOptions, PortProtocol};
-pub use result::{ExecutionResult, Timing};
+pub use error::Error;
+pub use error_kind::ErrorKind;
+pub use files::FileError;
+pub use gateway::GatewayError;
+pub use network::{ExposeParseError, ExposePort, ExposedPort, NetworkOptions, PortProtocol};
+pub use result::{ExecutionResult, Timing, WarmVm};
 pub use run::RunOptions;
-pub use sbx_protocol::{FileEntry, Language};
+pub use sbx_protocol::{FileEntry, GuestErrorKind, Language};
 pub use scheduler::Scheduler;
 pub use session::{ExecOptions, Session, SessionCloseReason, SessionOptions};
 pub use validate::ValidationError;
-pub use vm::OutputCallback;
 pub use vm::accel::{Accelerator, AcceleratorChoice};
+pub use vm::qmp::QmpError;
+pub use vm::{AckError, ChannelError, OutputCallback, VmError};

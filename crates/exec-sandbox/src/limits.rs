@@ -97,6 +97,9 @@ pub const MAX_GUEST_NAME_BYTES: usize = sbx_protocol::MAX_NAME_BYTES;
 /// must accept. A guest slower than this is treated as broken.
 pub const FILE_IO_DEADLINE: Duration = Duration::from_secs(30);
 
+/// Longest a write to a VM's control channel may take, waiting for the writer lock included.
+/// A guest that stops reading for this long is treated as broken: the channel is closed.
+pub const CHANNEL_WRITE_DEADLINE: Duration = Duration::from_secs(30);
 /// Most ports one VM may forward.
 pub const MAX_EXPOSED_PORTS: usize = 10;
 /// Lowest host port a caller may ask for (0 still means "any free port").

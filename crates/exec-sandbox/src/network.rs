@@ -113,6 +113,7 @@ impl FromStr for ExposePort {
 
 /// A forwarded port as bound, known before the code runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct ExposedPort {
     /// Port in the guest.
     pub internal: u16,
@@ -148,6 +149,7 @@ pub type PortsCallback = Arc<dyn Fn(&[ExposedPort]) + Send + Sync>;
 
 /// The network part of a run or session.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct NetworkOptions {
     /// Let the guest open connections (through the gateway's policy).
     pub allow_network: bool,
@@ -159,6 +161,29 @@ pub struct NetworkOptions {
 }
 
 impl NetworkOptions {
+    /// Lets the guest open connections, to every public destination unless
+    /// [`allowed_domains`](Self::allowed_domains) narrows it.
+    pub fn allow_network(mut self) -> Self {
+        self.allow_network = true;
+        self
+    }
+
+    /// Allows only these domains and their subdomains (an empty list allows nothing).
+    /// Needs [`allow_network`](Self::allow_network).
+    pub fn allowed_domains<S: Into<String>>(
+        mut self,
+        domains: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.allowed_domains = Some(domains.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Forwards a port from `127.0.0.1` on the host into the guest.
+    pub fn expose(mut self, port: ExposePort) -> Self {
+        self.expose_ports.push(port);
+        self
+    }
+
     /// Whether the VM needs a NIC (and a gateway).
     pub fn needs_nic(&self) -> bool {
         self.allow_network || !self.expose_ports.is_empty()

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use crate::admission::Permit;
 use crate::error::Error;
 use crate::limits;
-use crate::vm::{ChannelError, Vm, VmError};
+use crate::vm::{Vm, VmHandle};
 
 /// What the pool needs of a VM: a seam, so the pool's logic unit-tests with fakes.
 pub(crate) trait PoolVm: Send + Sync + 'static {
@@ -32,30 +32,28 @@ pub(crate) trait PoolVm: Send + Sync + 'static {
     fn destroy(self) -> impl Future<Output = ()> + Send;
 }
 
-impl PoolVm for Vm {
+impl<V: VmHandle> PoolVm for V {
     fn name(&self) -> &str {
-        Vm::name(self)
+        VmHandle::name(self)
     }
 
     fn is_gone(&self) -> bool {
-        self.channel().is_closed()
+        self.link().channel.is_closed()
     }
 
     async fn ping(&self) -> bool {
-        if self.channel().is_closed() {
-            return false;
-        }
-        let Ok(mut pong) = self.channel().request(&Request::Ping).await else {
-            return false;
-        };
-        matches!(
-            tokio::time::timeout(limits::WARM_POOL_PING_DEADLINE, pong.recv()).await,
-            Ok(Some(Event::Pong))
-        )
+        !self.is_gone()
+            && self
+                .link()
+                .acknowledged(&Request::Ping, limits::WARM_POOL_PING_DEADLINE, |e| {
+                    matches!(e, Event::Pong)
+                })
+                .await
+                .is_ok()
     }
 
     async fn destroy(self) {
-        Vm::destroy(self).await;
+        VmHandle::destroy(self).await;
     }
 }
 
@@ -66,9 +64,6 @@ pub(crate) struct Pooled<V = Vm> {
     /// Held for as long as the VM lives.
     pub permit: Permit,
 }
-
-/// A pooled real VM.
-pub(crate) type PooledVm = Pooled<Vm>;
 
 impl<V: PoolVm> Pooled<V> {
     /// Kills and reaps the VM, then gives its budget back.
@@ -176,13 +171,32 @@ impl<V: PoolVm> WarmPool<V> {
         drained
     }
 
-    /// Names of the idle VMs for `language` (for tests).
+    /// Names of the idle VMs for `language`.
+    #[cfg(test)]
     pub fn idle_names(&self, language: Language) -> Vec<String> {
         self.lock()
             .idle
             .get(&language)
             .map(|q| q.iter().map(|p| p.vm.name().to_string()).collect())
             .unwrap_or_default()
+    }
+
+    /// `f` of every idle VM, with its language.
+    pub fn inspect_idle<T>(&self, f: impl Fn(Language, &V) -> T) -> Vec<T> {
+        let state = self.lock();
+        let mut out = Vec::new();
+        for language in Language::ALL {
+            if let Some(queue) = state.idle.get(&language) {
+                out.extend(queue.iter().map(|p| f(language, &p.vm)));
+            }
+        }
+        out
+    }
+
+    /// Adds an idle VM, as a refill would.
+    #[cfg(test)]
+    pub fn put_for_test(&self, language: Language, vm: Pooled<V>) {
+        assert!(self.put(language, vm).is_none(), "the pool is open");
     }
 
     /// Adds a VM; returns it when the pool is closed (the caller destroys it).
@@ -234,34 +248,6 @@ impl<V: PoolVm> WarmPool<V> {
                 vm.destroy().await;
             }
         }
-    }
-}
-
-/// Starts `language`'s interpreter in a freshly booted VM and waits until it is warm.
-pub(crate) async fn warm_up(vm: &Vm, language: Language, deadline: Duration) -> Result<u64, Error> {
-    let channel_error = |source| {
-        Error::Boot(VmError::Channel {
-            name: vm.name().to_string(),
-            source,
-        })
-    };
-    let mut events = vm
-        .channel()
-        .request(&Request::Warm(language))
-        .await
-        .map_err(channel_error)?;
-    match tokio::time::timeout(deadline, events.recv()).await {
-        Ok(Some(Event::Warmed { elapsed_ms })) => Ok(elapsed_ms),
-        Ok(Some(Event::Error(e))) => Err(Error::Guest {
-            kind: e.kind,
-            message: e.message,
-        }),
-        Ok(_) => Err(channel_error(ChannelError::Closed)),
-        Err(_) => Err(Error::Boot(VmError::BootTimeout {
-            name: vm.name().to_string(),
-            after: deadline,
-            log_tail: vm.log_tail(),
-        })),
     }
 }
 

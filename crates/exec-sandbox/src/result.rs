@@ -6,6 +6,7 @@ use crate::vm::accel::AcceleratorChoice;
 
 /// Where the time of one run went, in milliseconds of host wall time.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct Timing {
     /// Validation, admission, asset checks and VM preparation, before QEMU starts.
     pub setup_ms: u64,
@@ -19,6 +20,7 @@ pub struct Timing {
 
 /// The outcome of one execution.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct ExecutionResult {
     /// Standard output (at most [`MAX_STDOUT_BYTES`](crate::limits::MAX_STDOUT_BYTES), invalid
     /// UTF-8 replaced).
@@ -53,4 +55,17 @@ pub struct ExecutionResult {
     /// allowlist, a connection presenting another name, a raw IP, UDP, ...): distinct entries,
     /// at most 50 and a count of the rest. Empty without network.
     pub network_refusals: Vec<String>,
+}
+
+/// An idle VM of the warm pool, as the host sees it ([`Scheduler::warm_pool_vms`](crate::Scheduler::warm_pool_vms)).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct WarmVm {
+    /// The interpreter it runs.
+    pub language: sbx_protocol::Language,
+    /// Its name (QEMU's `-name`).
+    pub name: String,
+    /// Its QEMU's proportional set size in MB (pages shared with other processes, such as a
+    /// memory snapshot's, count in proportion), when readable.
+    pub pss_mb: Option<f64>,
 }

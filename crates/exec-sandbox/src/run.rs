@@ -17,6 +17,7 @@ use crate::vm::OutputCallback;
 /// assert_eq!(options.timeout_seconds, Some(10));
 /// ```
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct RunOptions {
     /// Interpreter.
     pub language: Language,

@@ -1,27 +1,31 @@
-//! The entry point: admits runs, readies assets and the accelerator, and drives one VM per run.
+//! The entry point: admits runs, readies assets and the accelerator, acquires one VM per run
+//! ([`crate::acquire`]), executes the code in it ([`crate::execute`]) and destroys it.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use sbx_protocol::{Event, ExecOutcome, ExecRequest, Language, Request};
+use sbx_protocol::Language;
 use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
 
 use crate::SchedulerConfig;
+use crate::acquire::{self, Acquired, VmFactory, Want};
 use crate::admission::{self, Admission, CapacityError, Cost, Permit};
 use crate::assets::{AssetStore, GuestAssets};
 use crate::error::Error;
+use crate::execute::{Execution, VmOrigin, execute};
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::limits;
 use crate::network::NetworkOptions;
-use crate::pool::{self, PooledVm, WarmPool};
-use crate::result::{ExecutionResult, Timing};
+use crate::pool::{self, Pooled, WarmPool};
+use crate::result::{ExecutionResult, Timing, WarmVm};
 use crate::run::RunOptions;
+use crate::snapshot::{self, Templates};
 use crate::validate::{self, ValidationError};
-use crate::vm::accel::{self, AcceleratorChoice, HostVerdict, Precheck};
+use crate::vm::accel::{self, AccelConfig, AcceleratorChoice, HostVerdict};
 use crate::vm::qemu::VmSpec;
-use crate::vm::snapshot::{self, Templates};
-use crate::vm::{OutputCallback, Vm, VmError, VmStats, host};
+use crate::vm::{OutputCallback, Vm, VmError};
 use sbx_net::policy::Allowlist;
 
 /// Runs code in disposable microVMs.
@@ -69,12 +73,12 @@ impl Scheduler {
             .map(read_ca_bundle)
             .transpose()?
             .map(Arc::new);
-        let policy = admission::Policy::new(&config, &admission::ProcHost);
+        let policy = admission::Policy::new(&config.admission_config(), &admission::ProcHost);
         tracing::debug!(budget = %policy.budget, "admission budget");
         let scheduler = Self {
             inner: Arc::new(Inner {
                 slots: Arc::new(Semaphore::new(config.max_concurrent_vms)),
-                assets: AssetStore::new(&config),
+                assets: AssetStore::new(&config.asset_config()),
                 host: OnceCell::new(),
                 admission: Admission::new(policy, Box::new(admission::ProcHost)),
                 pool: Arc::new(WarmPool::new(config.warm_pool_size)),
@@ -103,7 +107,7 @@ impl Scheduler {
             let _ = task.await;
         }
         for vm in self.inner.pool.close() {
-            let PooledVm { vm, permit } = vm;
+            let Pooled { vm, permit } = vm;
             vm.destroy().await;
             drop(permit);
         }
@@ -137,15 +141,19 @@ impl Scheduler {
         );
     }
 
-    /// Names of the idle warm VMs for `language` (QEMU's `-name`), for tests.
-    #[doc(hidden)]
-    pub fn warm_pool_vm_names(&self, language: Language) -> Vec<String> {
-        self.inner.pool.idle_names(language)
+    /// The idle VMs of the warm pool, with the memory each takes on the host (its QEMU's
+    /// proportional set size, which counts pages shared with other VMs, like a memory
+    /// snapshot's, in proportion).
+    pub fn warm_pool_vms(&self) -> Vec<WarmVm> {
+        self.inner.pool.inspect_idle(|language, vm| WarmVm {
+            language,
+            name: vm.name().to_string(),
+            pss_mb: vm.pid().and_then(crate::vm::procfs::pss_mb),
+        })
     }
 
     /// Most VMs this scheduler had alive at once (each holds an admission permit from before
-    /// QEMU starts until after it is reaped), for tests.
-    #[doc(hidden)]
+    /// QEMU starts until after it is reaped).
     pub fn peak_vms(&self) -> usize {
         self.inner.admission.peak_vms()
     }
@@ -202,14 +210,16 @@ impl Scheduler {
         let exposed_ports = vm.exposed_ports().to_vec();
 
         let execute_started = Instant::now();
-        let collected = execute_code(
-            &vm,
-            options.language,
-            options.code,
-            timeout_seconds,
-            options.env_vars,
-            options.on_stdout,
-            options.on_stderr,
+        let collected = execute(
+            vm.link(),
+            Execution {
+                language: options.language,
+                code: options.code,
+                timeout_seconds,
+                env: options.env_vars,
+                on_stdout: options.on_stdout,
+                on_stderr: options.on_stderr,
+            },
         )
         .await;
         let execute_ms = elapsed_ms(execute_started);
@@ -293,170 +303,37 @@ impl Scheduler {
         // Asset preparation does not count against the admission deadline.
         let admission_deadline =
             tokio::time::Instant::now() + admission_timeout.saturating_sub(slot_wait);
-        let (vm, origin, permit) = self
-            .acquire_vm(
+        let Acquired { vm, origin, permit } = acquire::acquire(
+            &self.factory(&assets, host),
+            &self.inner.pool,
+            &self.inner.admission,
+            Want {
                 language,
-                on_boot_log,
                 memory_mb,
-                &assets,
-                host,
-                admission_deadline,
+                pooled_memory_mb: config.default_memory_mb,
+                on_boot_log,
                 gateway,
-            )
-            .await?;
-        let boot_ms = elapsed_ms(boot_started);
+                admission_deadline,
+            },
+        )
+        .await?;
         Ok(StartedVm {
             vm,
             origin,
             accelerator: host.choice.clone(),
             setup_ms,
-            boot_ms,
+            boot_ms: elapsed_ms(boot_started),
             permit,
             slot,
         })
     }
 
-    /// A VM ready to run `options`: from the warm pool when one fits, else restored from a
-    /// memory snapshot, else booted cold. The permit is the VM's share of the admission
-    /// budget: hold it until the VM is destroyed.
-    ///
-    /// With a `gateway` the VM gets a NIC whose backend it is: never from the warm pool (pooled
-    /// VMs have no NIC), but from the L1 template of the networked shape when there is one (its
-    /// guest configured the NIC when the template booted; the clone gets this gateway's socket).
-    #[allow(clippy::too_many_arguments)]
-    async fn acquire_vm(
-        &self,
-        language: Language,
-        on_boot_log: Option<&OutputCallback>,
-        memory_mb: u32,
-        assets: &GuestAssets,
-        host: &HostVerdict,
-        admission_deadline: tokio::time::Instant,
-        gateway: Option<Gateway>,
-    ) -> Result<(Vm, VmOrigin, Permit), Error> {
-        // Warm pool: built at the default memory, without boot-log streaming or NIC.
-        if gateway.is_none()
-            && memory_mb == self.inner.config.default_memory_mb
-            && on_boot_log.is_none()
-            && let Some(PooledVm { vm, permit }) = self.inner.pool.take(language).await
-        {
-            return Ok((vm, VmOrigin::WarmPool, permit));
-        }
-        let permit = self
-            .admit(
-                Cost::vm(memory_mb, VM_VCPUS, host.choice.accelerator),
-                admission_deadline,
-            )
-            .await?;
-        let mut spec = self.vm_spec(language, memory_mb, assets, host, on_boot_log.is_some());
-        spec.nic = gateway.is_some();
-        let boot_deadline = boot_deadline(host);
-        // L1: a clone of this shape's template. Not with boot-log streaming: a clone prints no
-        // boot log.
-        let template_key = (self.inner.templates.enabled() && on_boot_log.is_none())
-            .then(|| self.template_key(language, &spec, assets));
-        if let Some(key) = &template_key {
-            let qemu = &self.inner.config.qemu_binary;
-            // A copy: the gateway keeps its end of the socket for a cold boot if this fails.
-            let nic = gateway.as_ref().and_then(Gateway::qemu_end_copy);
-            if let Some(mut vm) = self.inner.templates.restore(qemu, &spec, key, nic).await {
-                if let Some(gateway) = gateway {
-                    vm.attach_gateway(gateway);
-                }
-                self.trust_certificates(&vm).await?;
-                return Ok((vm, VmOrigin::Snapshot, permit));
-            }
-        }
-        let qemu = &self.inner.config.qemu_binary;
-        let vm = match gateway {
-            Some(gateway) => {
-                Vm::boot_networked(qemu, &spec, boot_deadline, on_boot_log.cloned(), gateway).await
-            }
-            None => Vm::boot(qemu, &spec, boot_deadline, on_boot_log.cloned()).await,
-        }
-        .map_err(Error::Boot)?;
-        if let Some(key) = template_key {
-            // Saved by a separate template VM: this run does not wait for it.
-            let mut template_spec = self.vm_spec(language, memory_mb, assets, host, false);
-            template_spec.nic = spec.nic;
-            self.save_template_in_background(template_spec, language, key, host);
-        }
-        self.trust_certificates(&vm).await?;
-        Ok((vm, VmOrigin::Cold, permit))
-    }
-
-    /// Installs the operator's CA bundle in a VM that may open connections (a failure fails
-    /// the run before the code is dispatched; dropping the VM destroys it).
-    async fn trust_certificates(&self, vm: &Vm) -> Result<(), Error> {
-        match &self.inner.ca_bundle {
-            Some(pem) if vm.has_outbound_network() => vm
-                .trust_certificates(pem.to_vec(), limits::CA_BUNDLE_DEADLINE)
-                .await
-                .map_err(Error::Boot),
-            _ => Ok(()),
-        }
-    }
-
-    /// Saves a memory snapshot with a template VM of its own, in the background, when the
-    /// admission budget has room for that VM now; otherwise a later cold boot tries again.
-    fn save_template_in_background(
-        &self,
-        spec: VmSpec,
-        language: Language,
-        key: String,
-        host: &HostVerdict,
-    ) {
-        let cost = Cost::vm(spec.memory_mb, spec.vcpus, host.choice.accelerator);
-        let Some(permit) = self.inner.admission.try_admit(cost) else {
-            tracing::debug!(%language, "no budget for a template VM now; the snapshot waits");
-            return;
-        };
-        self.inner.templates.build_in_background(
-            self.inner.config.qemu_binary.clone(),
-            spec,
-            language,
-            key,
-            boot_deadline(host),
-            permit,
-        );
-    }
-
-    /// Waits for room in the budget. Idle warm VMs give way to a run that would otherwise queue
-    /// on the budget: the pool refills later, when nobody waits.
-    async fn admit(&self, cost: Cost, deadline: tokio::time::Instant) -> Result<Permit, Error> {
-        let admission = &self.inner.admission;
-        let _announced = admission.announce();
-        while admission.budget_is_short(cost) && self.inner.pool.evict_one().await {}
-        Ok(admission.admit(cost, deadline).await?)
-    }
-
-    /// The VM shape for a language and memory size on this host.
-    fn vm_spec(
-        &self,
-        language: Language,
-        memory_mb: u32,
-        assets: &GuestAssets,
-        host: &HostVerdict,
-        verbose_console: bool,
-    ) -> VmSpec {
-        VmSpec {
-            // Unique in the process (not per scheduler), so tests can find a VM by name.
-            name: format!(
-                "sbx-{}-{}",
-                std::process::id(),
-                VM_COUNTER.fetch_add(1, Ordering::Relaxed)
-            ),
-            kernel: assets.kernel.clone(),
-            initramfs: assets.initramfs.clone(),
-            rootfs: assets.rootfs(language).map(Into::into),
-            memory_mb,
-            vcpus: VM_VCPUS,
-            accelerator: host.choice.accelerator,
-            tsc_khz: host.tsc_khz,
-            verbose_console,
-            tmpfs_mb: memory_mb * limits::GUEST_TMPFS_PERCENT / 100,
-            qemu_sandbox: true,
-            nic: false,
+    /// The factory of this scheduler's VMs, for `assets` on `host`.
+    fn factory<'a>(&'a self, assets: &'a GuestAssets, host: &'a HostVerdict) -> QemuFactory<'a> {
+        QemuFactory {
+            inner: &self.inner,
+            assets,
+            host,
         }
     }
 
@@ -464,7 +341,15 @@ impl Scheduler {
     async fn host(&self, assets: &GuestAssets) -> &HostVerdict {
         self.inner
             .host
-            .get_or_init(|| decide_host(&self.inner.config, assets))
+            .get_or_init(|| {
+                let config = &self.inner.config;
+                let accel = AccelConfig {
+                    force_emulation: config.force_emulation,
+                    qemu: config.qemu_binary.clone(),
+                    cache_dir: config.cache_dir.clone(),
+                };
+                async move { accel::decide(&accel, &assets.kernel, &assets.initramfs).await }
+            })
             .await
     }
 }
@@ -477,21 +362,23 @@ impl Scheduler {
     pub async fn prefetch_snapshots(&self) -> Result<Vec<Language>, Error> {
         let assets = self.inner.assets.ensure(&Language::ALL).await?;
         let host = self.host(&assets).await;
+        let factory = self.factory(&assets, host);
         let mut ready = Vec::new();
         for language in Language::ALL {
-            let spec = self.vm_spec(
-                language,
-                self.inner.config.default_memory_mb,
-                &assets,
-                host,
-                false,
-            );
-            let key = self.template_key(language, &spec, &assets);
+            let spec = factory.spec(language, self.inner.config.default_memory_mb, false, false);
+            let Some(key) = factory.template_key(language, &spec) else {
+                break;
+            };
             // The template VM takes its share of the budget like any other VM.
-            let cost = Cost::vm(spec.memory_mb, spec.vcpus, host.choice.accelerator);
             let deadline = tokio::time::Instant::now()
                 + Duration::from_secs(self.inner.config.admission_timeout_seconds);
-            let _permit = self.admit(cost, deadline).await?;
+            let _permit = acquire::admit(
+                &self.inner.pool,
+                &self.inner.admission,
+                factory.cost(&spec),
+                deadline,
+            )
+            .await?;
             let built = self
                 .inner
                 .templates
@@ -524,20 +411,132 @@ impl Scheduler {
     pub fn snapshots_pending(&self) -> bool {
         self.inner.templates.pending()
     }
+}
 
-    fn template_key(&self, language: Language, spec: &VmSpec, assets: &GuestAssets) -> String {
-        self.inner.templates.key(
-            &self.inner.config.qemu_binary,
-            language,
+/// The scheduler's VMs: QEMU processes shaped by its configuration, assets and host verdict.
+struct QemuFactory<'a> {
+    inner: &'a Inner,
+    assets: &'a GuestAssets,
+    host: &'a HostVerdict,
+}
+
+impl QemuFactory<'_> {
+    fn qemu(&self) -> &Path {
+        &self.inner.config.qemu_binary
+    }
+}
+
+impl VmFactory for QemuFactory<'_> {
+    type Vm = Vm;
+
+    fn spec(&self, language: Language, memory_mb: u32, verbose_console: bool, nic: bool) -> VmSpec {
+        VmSpec {
+            // Unique in the process (not per scheduler), so tests can find a VM by name.
+            name: format!(
+                "sbx-{}-{}",
+                std::process::id(),
+                VM_COUNTER.fetch_add(1, Ordering::Relaxed)
+            ),
+            kernel: self.assets.kernel.clone(),
+            initramfs: self.assets.initramfs.clone(),
+            rootfs: self.assets.rootfs(language).map(Into::into),
+            memory_mb,
+            vcpus: VM_VCPUS,
+            accelerator: self.host.choice.accelerator,
+            tsc_khz: self.host.tsc_khz,
+            verbose_console,
+            tmpfs_mb: memory_mb * limits::GUEST_TMPFS_PERCENT / 100,
+            qemu_sandbox: true,
+            nic,
+        }
+    }
+
+    fn template_key(&self, language: Language, spec: &VmSpec) -> Option<String> {
+        let templates = &self.inner.templates;
+        templates
+            .enabled()
+            .then(|| templates.key(self.qemu(), language, spec, &self.assets.version))
+    }
+
+    fn cost(&self, spec: &VmSpec) -> Cost {
+        Cost::vm(spec.memory_mb, spec.vcpus, spec.accelerator)
+    }
+
+    async fn restore(
+        &self,
+        spec: &VmSpec,
+        key: &str,
+        gateway: Option<Gateway>,
+    ) -> Result<Vm, Option<Gateway>> {
+        // A copy: the gateway keeps its end of the socket for a cold boot if this fails.
+        let nic = gateway.as_ref().and_then(Gateway::qemu_end_copy);
+        match self
+            .inner
+            .templates
+            .restore(self.qemu(), spec, key, nic)
+            .await
+        {
+            Some(mut vm) => {
+                if let Some(gateway) = gateway {
+                    vm.attach_gateway(gateway);
+                }
+                Ok(vm)
+            }
+            None => Err(gateway),
+        }
+    }
+
+    async fn boot(
+        &self,
+        spec: &VmSpec,
+        on_console: Option<OutputCallback>,
+        gateway: Option<Gateway>,
+    ) -> Result<Vm, VmError> {
+        Vm::boot(
+            self.qemu(),
             spec,
-            &assets.version,
+            boot_deadline(self.host),
+            on_console,
+            gateway,
         )
+        .await
+    }
+
+    async fn warm(&self, vm: &Vm, language: Language) -> Result<(), VmError> {
+        let elapsed_ms = vm.warm(language, boot_deadline(self.host)).await?;
+        tracing::debug!(vm = %vm.name(), %language, elapsed_ms, "interpreter warm");
+        Ok(())
+    }
+
+    fn save_template(&self, spec: VmSpec, language: Language, key: String) {
+        let Some(permit) = self.inner.admission.try_admit(self.cost(&spec)) else {
+            tracing::debug!(%language, "no budget for a template VM now; the snapshot waits");
+            return;
+        };
+        self.inner.templates.build_in_background(
+            self.qemu().to_path_buf(),
+            spec,
+            language,
+            key,
+            boot_deadline(self.host),
+            permit,
+        );
+    }
+
+    async fn prepare(&self, vm: &Vm) -> Result<(), VmError> {
+        match &self.inner.ca_bundle {
+            Some(pem) if vm.has_outbound_network() => {
+                vm.trust_certificates(pem.to_vec(), limits::CA_BUNDLE_DEADLINE)
+                    .await
+            }
+            _ => Ok(()),
+        }
     }
 }
 
 /// Reads and checks the operator's CA bundle (PEM, at most
 /// [`sbx_protocol::MAX_CA_BUNDLE_BYTES`], at least one certificate).
-fn read_ca_bundle(path: &std::path::Path) -> Result<Vec<u8>, ValidationError> {
+fn read_ca_bundle(path: &Path) -> Result<Vec<u8>, ValidationError> {
     let bad = |reason: String| ValidationError::Config {
         field: "guest_ca_bundle",
         reason: format!("{}: {reason}", path.display()),
@@ -563,74 +562,6 @@ fn boot_deadline(host: &HostVerdict) -> Duration {
     }
 }
 
-async fn decide_host(config: &SchedulerConfig, assets: &GuestAssets) -> HostVerdict {
-    let precheck = accel::precheck(config.force_emulation, &accel::RealHost);
-    let fingerprint = host::fingerprint(&config.qemu_binary);
-    let path = accel::verdict_path(&config.cache_dir, &fingerprint);
-    let choice = match precheck {
-        Precheck::Decided(choice) => choice,
-        Precheck::NeedsProbe => match accel::load_verdict(&path) {
-            Some(remembered) => {
-                tracing::debug!(accelerator = %remembered.choice.accelerator, reason = %remembered.choice.reason, "accelerator (remembered for this host)");
-                return remembered;
-            }
-            None => {
-                tracing::info!("probing KVM with a test boot");
-                accel::verdict(probe_kvm(config, assets).await)
-            }
-        },
-    };
-    let verdict = HostVerdict {
-        choice,
-        tsc_khz: tokio::task::spawn_blocking(host::measure_tsc_khz)
-            .await
-            .ok()
-            .flatten(),
-    };
-    if let Err(e) = accel::store_verdict(&path, &verdict) {
-        tracing::warn!(path = %path.display(), error = %e, "cannot remember the accelerator verdict");
-    }
-    tracing::info!(accelerator = %verdict.choice.accelerator, reason = %verdict.choice.reason, "accelerator");
-    verdict
-}
-
-/// Boots the kernel and agent (no disk) under KVM and waits for the agent's hello.
-async fn probe_kvm(config: &SchedulerConfig, assets: &GuestAssets) -> Result<Duration, String> {
-    let spec = VmSpec {
-        name: format!("sbx-kvm-probe-{}", std::process::id()),
-        kernel: assets.kernel.clone(),
-        initramfs: assets.initramfs.clone(),
-        rootfs: None,
-        memory_mb: limits::MIN_MEMORY_MB,
-        vcpus: 1,
-        accelerator: accel::Accelerator::Kvm,
-        tsc_khz: None,
-        verbose_console: false,
-        tmpfs_mb: 16,
-        qemu_sandbox: true,
-        nic: false,
-    };
-    let started = Instant::now();
-    match Vm::boot(&config.qemu_binary, &spec, limits::KVM_PROBE_DEADLINE, None).await {
-        Ok(vm) => {
-            let elapsed = started.elapsed();
-            vm.destroy().await;
-            Ok(elapsed)
-        }
-        Err(VmError::BootTimeout { after, .. }) => Err(format!(
-            "the guest did not reach its agent within {} s",
-            after.as_secs()
-        )),
-        Err(VmError::ExitedDuringBoot {
-            status, log_tail, ..
-        }) => Err(format!(
-            "QEMU exited during the probe boot ({status}): {}",
-            log_tail.lines().last().unwrap_or("")
-        )),
-        Err(other) => Err(other.to_string()),
-    }
-}
-
 /// vCPUs of every run's VM.
 const VM_VCPUS: u32 = 1;
 
@@ -638,83 +569,21 @@ const VM_VCPUS: u32 = 1;
 static VM_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl pool::WarmBooter<Vm> for Scheduler {
-    async fn boot_warm(&self, language: Language) -> Result<Option<PooledVm>, Error> {
+    async fn boot_warm(&self, language: Language) -> Result<Option<Pooled<Vm>>, Error> {
         let assets = self.inner.assets.ensure(&[language]).await?;
         let host = self.host(&assets).await;
-        let memory_mb = self.inner.config.default_memory_mb;
-        let Some(permit) =
-            self.inner
-                .admission
-                .try_admit(Cost::vm(memory_mb, VM_VCPUS, host.choice.accelerator))
-        else {
-            return Ok(None);
-        };
-        let spec = self.vm_spec(language, memory_mb, &assets, host, false);
-        let deadline = boot_deadline(host);
         let started = Instant::now();
-        let qemu = &self.inner.config.qemu_binary;
-        // An L1 clone where a template exists: its interpreter is warm already, it is ready in
-        // tens of milliseconds, and idle it shares the template's pages.
-        let template_key = self
-            .inner
-            .templates
-            .enabled()
-            .then(|| self.template_key(language, &spec, &assets));
-        if let Some(key) = &template_key
-            && let Some(vm) = self.inner.templates.restore(qemu, &spec, key, None).await
-        {
-            tracing::debug!(vm = %vm.name(), %language, total_ms = elapsed_ms(started), "warm VM restored");
-            return Ok(Some(PooledVm { vm, permit }));
+        let warm = acquire::warm_vm(
+            &self.factory(&assets, host),
+            &self.inner.admission,
+            language,
+            self.inner.config.default_memory_mb,
+        )
+        .await?;
+        if let Some(warm) = &warm {
+            tracing::debug!(vm = %warm.vm.name(), %language, total_ms = elapsed_ms(started), "warm VM ready");
         }
-        let vm = Vm::boot(qemu, &spec, deadline, None)
-            .await
-            .map_err(Error::Boot)?;
-        let warm_ms = pool::warm_up(&vm, language, deadline).await?;
-        tracing::debug!(vm = %vm.name(), %language, warm_ms, total_ms = elapsed_ms(started), "warm VM ready");
-        if let Some(key) = template_key {
-            // Later refills restore instead of booting.
-            let template_spec = self.vm_spec(language, memory_mb, &assets, host, false);
-            self.save_template_in_background(template_spec, language, key, host);
-        }
-        Ok(Some(PooledVm { vm, permit }))
-    }
-}
-
-/// Where the VM of a run came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum VmOrigin {
-    /// Booted for this run.
-    Cold,
-    /// Taken from the warm pool.
-    WarmPool,
-    /// Restored from an L1 memory snapshot.
-    Snapshot,
-}
-
-#[derive(Default)]
-struct Capped {
-    bytes: Vec<u8>,
-    truncated: bool,
-}
-
-impl Capped {
-    /// Keeps what fits under `limit` (the host re-checks the guest's enforcement) and forwards
-    /// the kept part to the callback.
-    fn accept(&mut self, chunk: &[u8], limit: u64, callback: Option<&OutputCallback>) {
-        let room = usize::try_from(limit)
-            .unwrap_or(usize::MAX)
-            .saturating_sub(self.bytes.len());
-        let kept = &chunk[..chunk.len().min(room)];
-        if kept.len() < chunk.len() {
-            self.truncated = true;
-        }
-        if kept.is_empty() {
-            return;
-        }
-        self.bytes.extend_from_slice(kept);
-        if let Some(cb) = callback {
-            cb(kept);
-        }
+        Ok(warm)
     }
 }
 
@@ -731,166 +600,6 @@ pub(crate) struct StartedVm {
     pub(crate) slot: OwnedSemaphorePermit,
 }
 
-/// What one execution produced, before it becomes an [`ExecutionResult`].
-pub(crate) struct Collected {
-    stdout: Capped,
-    stderr: Capped,
-    outcome: ExecOutcome,
-    guest_reported: bool,
-}
-
-impl Collected {
-    /// The exit code the program ended with (-1 on a timeout).
-    pub(crate) fn exit_code(&self) -> i32 {
-        self.outcome.exit_code
-    }
-
-    /// False when the host's own deadline fired: the guest stopped answering.
-    pub(crate) fn guest_reported(&self) -> bool {
-        self.guest_reported
-    }
-
-    pub(crate) fn into_result(
-        self,
-        stats: VmStats,
-        timing: Timing,
-        accelerator: AcceleratorChoice,
-        origin: VmOrigin,
-    ) -> ExecutionResult {
-        ExecutionResult {
-            stdout: String::from_utf8_lossy(&self.stdout.bytes).into_owned(),
-            stderr: String::from_utf8_lossy(&self.stderr.bytes).into_owned(),
-            exit_code: self.outcome.exit_code,
-            timed_out: self.outcome.timed_out,
-            stdout_truncated: self.outcome.stdout_truncated || self.stdout.truncated,
-            stderr_truncated: self.outcome.stderr_truncated || self.stderr.truncated,
-            execution_time_ms: self
-                .guest_reported
-                .then_some(self.outcome.execution_time_ms),
-            external_cpu_time_ms: stats.cpu_time_ms,
-            external_memory_peak_mb: stats.memory_peak_mb,
-            timing,
-            accelerator,
-            warm_pool_hit: origin == VmOrigin::WarmPool,
-            l1_cache_hit: origin == VmOrigin::Snapshot,
-            exposed_ports: Vec::new(),
-            network_refusals: Vec::new(),
-        }
-    }
-}
-
-/// Runs `code` (already validated) in `vm`'s interpreter for `language`, with the host's own
-/// deadline a grace period past the timeout.
-pub(crate) async fn execute_code(
-    vm: &Vm,
-    language: Language,
-    code: String,
-    timeout_seconds: u64,
-    env: Vec<(String, String)>,
-    on_stdout: Option<OutputCallback>,
-    on_stderr: Option<OutputCallback>,
-) -> Result<Collected, Error> {
-    let request = ExecRequest {
-        language,
-        code,
-        timeout_ms: timeout_seconds * 1000,
-        env,
-        stdout_limit: limits::MAX_STDOUT_BYTES,
-        stderr_limit: limits::MAX_STDERR_BYTES,
-    };
-    execute(
-        vm,
-        request,
-        on_stdout,
-        on_stderr,
-        Duration::from_secs(timeout_seconds) + limits::HOST_TIMEOUT_GRACE,
-    )
-    .await
-}
-
-/// Dispatches the code and gathers output until the guest reports completion or the host's own
-/// deadline passes (then the guest is not trusted any more: the VM is killed by the caller).
-async fn execute(
-    vm: &Vm,
-    request: ExecRequest,
-    on_stdout: Option<OutputCallback>,
-    on_stderr: Option<OutputCallback>,
-    host_deadline: Duration,
-) -> Result<Collected, Error> {
-    let timeout_seconds = request.timeout_ms / 1000;
-    let mut subscription = vm
-        .channel()
-        .request(&Request::Exec(request))
-        .await
-        .map_err(|source| {
-            Error::Boot(VmError::Channel {
-                name: vm.name().to_string(),
-                source,
-            })
-        })?;
-    let mut stdout = Capped::default();
-    let mut stderr = Capped::default();
-    let deadline = tokio::time::Instant::now() + host_deadline;
-    loop {
-        let event = match tokio::time::timeout_at(deadline, subscription.recv()).await {
-            Ok(Some(event)) => event,
-            Ok(None) => {
-                return Err(Error::Communication(VmError::Channel {
-                    name: vm.name().to_string(),
-                    source: crate::vm::ChannelError::Closed,
-                }));
-            }
-            Err(_elapsed) => {
-                let note = format!(
-                    "\nExecution timed out after {timeout_seconds} s (enforced by the host: the guest stopped responding)\n"
-                );
-                stderr.accept(
-                    note.as_bytes(),
-                    limits::MAX_STDERR_BYTES + note.len() as u64,
-                    on_stderr.as_ref(),
-                );
-                return Ok(Collected {
-                    stdout,
-                    stderr,
-                    outcome: ExecOutcome {
-                        exit_code: -1,
-                        timed_out: true,
-                        stdout_truncated: false,
-                        stderr_truncated: false,
-                        execution_time_ms: host_deadline.as_millis() as u64,
-                        interpreter_start_ms: 0,
-                    },
-                    guest_reported: false,
-                });
-            }
-        };
-        match event {
-            Event::Stdout(chunk) => {
-                stdout.accept(&chunk, limits::MAX_STDOUT_BYTES, on_stdout.as_ref())
-            }
-            // Room for the agent's timeout note past the cap.
-            Event::Stderr(chunk) => {
-                stderr.accept(&chunk, limits::MAX_STDERR_BYTES + 256, on_stderr.as_ref())
-            }
-            Event::ExecDone(outcome) => {
-                return Ok(Collected {
-                    stdout,
-                    stderr,
-                    outcome,
-                    guest_reported: true,
-                });
-            }
-            Event::Error(e) => {
-                return Err(Error::Guest {
-                    kind: e.kind,
-                    message: e.message,
-                });
-            }
-            other => tracing::debug!(?other, "unexpected event during exec"),
-        }
-    }
-}
-
 fn elapsed_ms(since: Instant) -> u64 {
     since.elapsed().as_millis() as u64
 }
@@ -899,27 +608,14 @@ fn elapsed_ms(since: Instant) -> u64 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn capped_output_keeps_the_limit_and_reports_truncation() {
-        let mut c = Capped::default();
-        let seen = Arc::new(std::sync::Mutex::new(0usize));
-        let seen2 = seen.clone();
-        let cb: OutputCallback = Arc::new(move |b: &[u8]| *seen2.lock().unwrap() += b.len());
-        c.accept(b"hello", 8, Some(&cb));
-        assert!(!c.truncated);
-        c.accept(b"world", 8, Some(&cb));
-        assert_eq!(c.bytes, b"hellowor");
-        assert!(c.truncated);
-        c.accept(b"more", 8, Some(&cb));
-        assert_eq!(*seen.lock().unwrap(), 8);
-    }
-
     #[tokio::test]
     async fn invalid_input_is_rejected_before_any_vm() {
         let config = SchedulerConfig {
-            // A QEMU that does not exist: reaching the VM stage would fail differently.
+            // A QEMU that does not exist and no assets: reaching the VM stage would fail
+            // with another kind, and would have to create the images directory.
             qemu_binary: "/nonexistent/qemu".into(),
             offline: true,
+            images_dir: "/nonexistent/images".into(),
             ..SchedulerConfig::default()
         };
         let s = Scheduler::new(config).unwrap();
@@ -931,10 +627,10 @@ mod tests {
             RunOptions::new(Language::Python, "print(1)").env("LD_PRELOAD", "/x.so"),
             RunOptions::new(Language::Python, "a\0b"),
         ] {
-            let started = Instant::now();
             let err = s.run(options).await.unwrap_err();
             assert_eq!(err.kind(), crate::ErrorKind::InvalidInput, "{err}");
-            assert!(started.elapsed() < Duration::from_secs(1));
+            assert!(matches!(err, Error::Validation(_)), "{err}");
         }
+        assert_eq!(s.peak_vms(), 0, "no VM was admitted");
     }
 }

@@ -3,8 +3,9 @@
 //! A [`Session`] owns a VM (and its concurrency slot and admission permit) from
 //! [`Scheduler::session`] until it closes: explicitly, on drop, after its idle timeout, or by
 //! rule when the VM can no longer be trusted to hold state (the program was SIGKILLed, the VM
-//! stopped answering). Every operation goes through [`Session::operation`], which suspends the
-//! idle timer while it runs.
+//! stopped answering). Every operation goes through one gate (`Inner::operation`), which
+//! suspends the idle timer while it runs. The rules live in `Inner`, generic over the VM, and
+//! unit-test against a fake VM under paused time.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, Weak};
@@ -15,13 +16,14 @@ use tokio::sync::{Mutex, OwnedSemaphorePermit, RwLock};
 
 use crate::admission::Permit;
 use crate::error::Error;
+use crate::execute::{Execution, VmOrigin, execute};
 use crate::limits;
 use crate::network::{ExposedPort, NetworkOptions};
 use crate::result::{ExecutionResult, Timing};
-use crate::scheduler::{Scheduler, StartedVm, VmOrigin, execute_code};
+use crate::scheduler::{Scheduler, StartedVm};
 use crate::validate;
 use crate::vm::accel::AcceleratorChoice;
-use crate::vm::{OutputCallback, Vm, VmStats};
+use crate::vm::{Link, OutputCallback, Vm, VmHandle, VmStats};
 
 /// Exit code of a program killed by SIGKILL (128 + 9): usually the guest's OOM killer, after
 /// which the VM's state is not worth keeping.
@@ -38,6 +40,7 @@ const EXIT_SIGKILL: i32 = 137;
 /// assert_eq!(options.idle_timeout_seconds, 60);
 /// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct SessionOptions {
     /// Interpreter of every execution in the session.
     pub language: Language,
@@ -47,9 +50,8 @@ pub struct SessionOptions {
     pub env_vars: Vec<(String, String)>,
     /// Seconds without any operation after which the session closes itself (10-3600).
     pub idle_timeout_seconds: u64,
-    /// Replaces `idle_timeout_seconds` without its lower bound, for tests.
-    #[doc(hidden)]
-    pub idle_timeout_unchecked: Option<Duration>,
+    /// Replaces `idle_timeout_seconds` without its lower bound (tests, feature `testing`).
+    pub(crate) idle_timeout_unchecked: Option<Duration>,
     /// Network access and forwarded ports for the session's VM (default: no NIC at all).
     pub network: NetworkOptions,
 }
@@ -76,7 +78,7 @@ impl SessionOptions {
     }
 
     /// Sets an idle timeout below the accepted minimum, for tests.
-    #[doc(hidden)]
+    #[cfg(feature = "testing")]
     pub fn idle_timeout_unchecked(mut self, idle: Duration) -> Self {
         self.idle_timeout_unchecked = Some(idle);
         self
@@ -92,6 +94,7 @@ impl SessionOptions {
 /// assert_eq!(options.timeout_seconds, Some(5));
 /// ```
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct ExecOptions {
     /// Program text (UTF-8, at most 1 MiB, no NUL bytes).
     pub code: String,
@@ -132,6 +135,7 @@ impl ExecOptions {
 
 /// Why a session closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SessionCloseReason {
     /// [`Session::close`] was called or the session was dropped.
     Closed,
@@ -167,11 +171,13 @@ impl std::fmt::Display for SessionCloseReason {
 /// Made by [`Scheduler::session`]. Concurrent [`exec`](Self::exec) calls run one after the
 /// other. Dropping the session destroys its VM.
 pub struct Session {
-    inner: Arc<Inner>,
+    inner: Arc<Inner<Vm>>,
     idle_watch: tokio::task::JoinHandle<()>,
 }
 
-struct Inner {
+/// The session's state and rules, generic over the VM so the close rules unit-test with a
+/// fake VM.
+struct Inner<V: VmHandle> {
     language: Language,
     env_vars: Vec<(String, String)>,
     default_timeout_seconds: u64,
@@ -181,7 +187,7 @@ struct Inner {
     exposed_ports: Vec<ExposedPort>,
     /// `None` once closed. Operations hold a read guard, so they may overlap (a file transfer
     /// during an exec); closing takes the write guard, after the operations in progress.
-    live: RwLock<Option<Live>>,
+    live: RwLock<Option<Live<V>>>,
     /// Serializes executions: one interpreter, outputs never interleaved.
     exec_turn: Mutex<()>,
     activity: std::sync::Mutex<Activity>,
@@ -189,13 +195,13 @@ struct Inner {
 }
 
 /// The VM and what it holds of the scheduler's capacity; released together.
-struct Live {
-    vm: Vm,
+struct Live<V> {
+    vm: V,
     permit: Permit,
     slot: OwnedSemaphorePermit,
 }
 
-impl Live {
+impl<V: VmHandle> Live<V> {
     async fn destroy(self) -> VmStats {
         let Live { vm, permit, slot } = self;
         let stats = vm.destroy().await;
@@ -203,6 +209,15 @@ impl Live {
         drop(slot);
         stats
     }
+}
+
+/// What a session keeps of the options it was opened with.
+struct Settings {
+    language: Language,
+    env_vars: Vec<(String, String)>,
+    default_timeout_seconds: u64,
+    origin: VmOrigin,
+    accelerator: AcceleratorChoice,
 }
 
 /// What the idle timer watches.
@@ -213,9 +228,9 @@ struct Activity {
 }
 
 /// An operation in progress: the idle timer is suspended until it is dropped.
-struct InFlight<'a>(&'a Inner);
+struct InFlight<'a, V: VmHandle>(&'a Inner<V>);
 
-impl Drop for InFlight<'_> {
+impl<V: VmHandle> Drop for InFlight<'_, V> {
     fn drop(&mut self) {
         let mut activity = self.0.activity();
         activity.in_flight -= 1;
@@ -223,13 +238,41 @@ impl Drop for InFlight<'_> {
     }
 }
 
-impl Inner {
+impl<V: VmHandle> Inner<V> {
+    /// A session around `live`, open and idle since now.
+    fn new(live: Live<V>, settings: Settings) -> Self {
+        let Settings {
+            language,
+            env_vars,
+            default_timeout_seconds,
+            origin,
+            accelerator,
+        } = settings;
+        Inner {
+            language,
+            env_vars,
+            default_timeout_seconds,
+            origin,
+            accelerator,
+            vm_name: live.vm.name().to_string(),
+            exposed_ports: live.vm.exposed_ports().to_vec(),
+            live: RwLock::new(Some(live)),
+            exec_turn: Mutex::new(()),
+            activity: std::sync::Mutex::new(Activity {
+                closed: None,
+                last: tokio::time::Instant::now(),
+                in_flight: 0,
+            }),
+            exec_count: AtomicU64::new(0),
+        }
+    }
+
     fn activity(&self) -> std::sync::MutexGuard<'_, Activity> {
         self.activity.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Starts an operation, unless the session is closed.
-    fn begin(&self) -> Result<InFlight<'_>, Error> {
+    fn begin(&self) -> Result<InFlight<'_, V>, Error> {
         let mut activity = self.activity();
         if let Some(reason) = &activity.closed {
             return Err(Error::SessionClosed {
@@ -262,7 +305,7 @@ impl Inner {
     }
 }
 
-impl Drop for Inner {
+impl<V: VmHandle> Drop for Inner<V> {
     /// Destroys the VM in the background when a runtime is there to do it, so the permit is
     /// released after QEMU is reaped; otherwise `kill_on_drop` kills it.
     fn drop(&mut self) {
@@ -277,7 +320,7 @@ impl Drop for Inner {
 }
 
 /// Closes the session once it has been idle for `idle`. Holds only a weak reference.
-async fn watch_idle(inner: Weak<Inner>, idle: Duration) {
+async fn watch_idle<V: VmHandle>(inner: Weak<Inner<V>>, idle: Duration) {
     loop {
         let wake = {
             let Some(inner) = inner.upgrade() else { return };
@@ -310,6 +353,104 @@ async fn watch_idle(inner: Weak<Inner>, idle: Duration) {
                 .await;
             return;
         }
+    }
+}
+
+/// The rules every session operation follows.
+impl<V: VmHandle> Inner<V> {
+    /// One execution, and the verdict on whether the session survives it.
+    async fn exec(&self, options: ExecOptions) -> Result<ExecutionResult, Error> {
+        let started = Instant::now();
+        let timeout_seconds = options
+            .timeout_seconds
+            .unwrap_or(self.default_timeout_seconds);
+        validate::code(&options.code)?;
+        validate::timeout(timeout_seconds)?;
+        let env = merge_env(&self.env_vars, options.env_vars);
+        validate::env_vars(&env)?;
+
+        let execution = Execution {
+            language: self.language,
+            code: options.code,
+            timeout_seconds,
+            env,
+            on_stdout: options.on_stdout,
+            on_stderr: options.on_stderr,
+        };
+        // Waiting for the turn counts as an operation in progress, and the turn is held until
+        // a closing verdict is in: an exec queued behind one that closes the session fails.
+        let _queued = self.begin()?;
+        let _turn = self.exec_turn.lock().await;
+        let queued_ms = elapsed_ms(started);
+        let (outcome, execute_ms) = self
+            .operation(async |vm: &V| {
+                let execute_started = Instant::now();
+                let collected = execute(vm.link(), execution).await;
+                let channel_closed = vm.link().channel.is_closed();
+                let execute_ms = elapsed_ms(execute_started);
+                let refusals = vm.take_network_refusals();
+                ((collected, channel_closed, refusals), execute_ms)
+            })
+            .await?;
+        let (collected, channel_closed, refusals) = outcome;
+        let close_reason = match &collected {
+            Ok(c) if c.exit_code() == EXIT_SIGKILL => Some(SessionCloseReason::Killed),
+            // The host's deadline fired: the guest is not trusted any more.
+            Ok(c) if !c.guest_reported() => Some(SessionCloseReason::VmLost),
+            Err(Error::Communication(_) | Error::Boot(_)) => Some(SessionCloseReason::VmLost),
+            _ if channel_closed => Some(SessionCloseReason::VmLost),
+            _ => None,
+        };
+        let stats = match close_reason {
+            Some(reason) => self.close(reason).await.unwrap_or_default(),
+            None => VmStats::default(),
+        };
+        let collected = collected?;
+        self.exec_count.fetch_add(1, Ordering::Relaxed);
+        let mut result = collected.into_result(
+            stats,
+            Timing {
+                setup_ms: queued_ms,
+                boot_ms: 0,
+                execute_ms,
+                total_ms: elapsed_ms(started),
+            },
+            self.accelerator.clone(),
+            self.origin,
+        );
+        result.exposed_ports = self.exposed_ports.clone();
+        result.network_refusals = refusals;
+        Ok(result)
+    }
+
+    /// Runs `f` with the session's VM as one operation: fails with [`Error::SessionClosed`]
+    /// once the session is closed, and suspends the idle timer while `f` runs. Every session
+    /// operation (executions, file transfers) goes through here; operations may overlap.
+    async fn operation<R>(&self, f: impl AsyncFnOnce(&V) -> R) -> Result<R, Error> {
+        let _in_flight = self.begin()?;
+        let live = self.live.read().await;
+        // Closed while this operation waited: the VM may still be there, winding down.
+        let Some(live) = live.as_ref().filter(|_| self.activity().closed.is_none()) else {
+            return Err(self.closed_error());
+        };
+        Ok(f(&live.vm).await)
+    }
+
+    /// One file operation; a VM found dead afterwards closes the session, as for executions.
+    async fn file_operation<R>(
+        &self,
+        f: impl AsyncFnOnce(Link<'_>) -> Result<R, Error>,
+    ) -> Result<R, Error> {
+        let (result, channel_closed) = self
+            .operation(async |vm: &V| {
+                let result = f(vm.link()).await;
+                (result, vm.link().channel.is_closed())
+            })
+            .await?;
+        if channel_closed {
+            self.close(SessionCloseReason::VmLost).await;
+        }
+        result
     }
 }
 
@@ -346,25 +487,17 @@ impl Scheduler {
         } = self
             .start_vm(options.language, memory_mb, None, started, gateway)
             .await?;
-        let exposed_ports = vm.exposed_ports().to_vec();
         tracing::debug!(vm = %vm.name(), language = %options.language, ?origin, "session opened");
-        let inner = Arc::new(Inner {
-            language: options.language,
-            env_vars: options.env_vars,
-            default_timeout_seconds,
-            origin,
-            accelerator,
-            vm_name: vm.name().to_string(),
-            exposed_ports,
-            live: RwLock::new(Some(Live { vm, permit, slot })),
-            exec_turn: Mutex::new(()),
-            activity: std::sync::Mutex::new(Activity {
-                closed: None,
-                last: tokio::time::Instant::now(),
-                in_flight: 0,
-            }),
-            exec_count: AtomicU64::new(0),
-        });
+        let inner = Arc::new(Inner::new(
+            Live { vm, permit, slot },
+            Settings {
+                language: options.language,
+                env_vars: options.env_vars,
+                default_timeout_seconds,
+                origin,
+                accelerator,
+            },
+        ));
         let idle_watch = tokio::spawn(watch_idle(Arc::downgrade(&inner), idle));
         Ok(Session { inner, idle_watch })
     }
@@ -383,85 +516,7 @@ impl Session {
     /// the host's CPU and memory measurements are only there when this execution closed the
     /// session.
     pub async fn exec(&self, options: ExecOptions) -> Result<ExecutionResult, Error> {
-        let started = Instant::now();
-        let timeout_seconds = options
-            .timeout_seconds
-            .unwrap_or(self.inner.default_timeout_seconds);
-        validate::code(&options.code)?;
-        validate::timeout(timeout_seconds)?;
-        let env = merge_env(&self.inner.env_vars, options.env_vars);
-        validate::env_vars(&env)?;
-
-        let language = self.inner.language;
-        // Waiting for the turn counts as an operation in progress, and the turn is held until
-        // a closing verdict is in: an exec queued behind one that closes the session fails.
-        let _queued = self.inner.begin()?;
-        let _turn = self.inner.exec_turn.lock().await;
-        let queued_ms = elapsed_ms(started);
-        let (outcome, execute_ms) = self
-            .operation(async |vm: &Vm| {
-                let execute_started = Instant::now();
-                let collected = execute_code(
-                    vm,
-                    language,
-                    options.code,
-                    timeout_seconds,
-                    env,
-                    options.on_stdout,
-                    options.on_stderr,
-                )
-                .await;
-                let channel_closed = vm.channel().is_closed();
-                let execute_ms = elapsed_ms(execute_started);
-                let refusals = vm.take_network_refusals();
-                ((collected, channel_closed, refusals), execute_ms)
-            })
-            .await?;
-        let (collected, channel_closed, refusals) = outcome;
-        let close_reason = match &collected {
-            Ok(c) if c.exit_code() == EXIT_SIGKILL => Some(SessionCloseReason::Killed),
-            // The host's deadline fired: the guest is not trusted any more.
-            Ok(c) if !c.guest_reported() => Some(SessionCloseReason::VmLost),
-            Err(Error::Communication(_) | Error::Boot(_)) => Some(SessionCloseReason::VmLost),
-            _ if channel_closed => Some(SessionCloseReason::VmLost),
-            _ => None,
-        };
-        let stats = match close_reason {
-            Some(reason) => self.inner.close(reason).await.unwrap_or_default(),
-            None => VmStats::default(),
-        };
-        let collected = collected?;
-        self.inner.exec_count.fetch_add(1, Ordering::Relaxed);
-        let mut result = collected.into_result(
-            stats,
-            Timing {
-                setup_ms: queued_ms,
-                boot_ms: 0,
-                execute_ms,
-                total_ms: elapsed_ms(started),
-            },
-            self.inner.accelerator.clone(),
-            self.inner.origin,
-        );
-        result.exposed_ports = self.inner.exposed_ports.clone();
-        result.network_refusals = refusals;
-        Ok(result)
-    }
-
-    /// Runs `f` with the session's VM as one operation: fails with [`Error::SessionClosed`]
-    /// once the session is closed, and suspends the idle timer while `f` runs. Every session
-    /// operation (executions, file transfers) goes through here; operations may overlap.
-    pub(crate) async fn operation<R>(&self, f: impl AsyncFnOnce(&Vm) -> R) -> Result<R, Error> {
-        let _in_flight = self.inner.begin()?;
-        let live = self.inner.live.read().await;
-        // Closed while this operation waited: the VM may still be there, winding down.
-        let Some(live) = live
-            .as_ref()
-            .filter(|_| self.inner.activity().closed.is_none())
-        else {
-            return Err(self.inner.closed_error());
-        };
-        Ok(f(&live.vm).await)
+        self.inner.exec(options).await
     }
 
     /// Writes `source` to `path` (relative to `/home/user`) in the sandbox: streamed in chunks,
@@ -476,10 +531,11 @@ impl Session {
         size: Option<u64>,
         executable: bool,
     ) -> Result<u64, Error> {
-        self.file_operation(async |vm: &Vm| {
-            crate::files::write_file(vm, path, source, size, executable).await
-        })
-        .await
+        self.inner
+            .file_operation(async |vm: Link<'_>| {
+                crate::files::write_file(vm, path, source, size, executable).await
+            })
+            .await
     }
 
     /// Streams the sandbox file `path` (relative to `/home/user`) into `dest`. Symbolic links
@@ -489,31 +545,16 @@ impl Session {
         path: &str,
         dest: impl tokio::io::AsyncWrite + Unpin,
     ) -> Result<u64, Error> {
-        self.file_operation(async |vm: &Vm| crate::files::read_file(vm, path, dest).await)
+        self.inner
+            .file_operation(async |vm: Link<'_>| crate::files::read_file(vm, path, dest).await)
             .await
     }
 
     /// Lists the directory `path` (relative to `/home/user`; `""` or `"."` for the home itself).
     pub async fn list_files(&self, path: &str) -> Result<Vec<crate::FileEntry>, Error> {
-        self.file_operation(async |vm: &Vm| crate::files::list_files(vm, path).await)
+        self.inner
+            .file_operation(async |vm: Link<'_>| crate::files::list_files(vm, path).await)
             .await
-    }
-
-    /// One file operation; a VM found dead afterwards closes the session, as for executions.
-    async fn file_operation<R>(
-        &self,
-        f: impl AsyncFnOnce(&Vm) -> Result<R, Error>,
-    ) -> Result<R, Error> {
-        let (result, channel_closed) = self
-            .operation(async |vm: &Vm| {
-                let result = f(vm).await;
-                (result, vm.channel().is_closed())
-            })
-            .await?;
-        if channel_closed {
-            self.inner.close(SessionCloseReason::VmLost).await;
-        }
-        result
     }
 
     /// Executions that returned a result.
@@ -541,8 +582,7 @@ impl Session {
         &self.inner.accelerator
     }
 
-    /// The VM's name (QEMU's `-name`), for tests.
-    #[doc(hidden)]
+    /// The VM's name (QEMU's `-name`, as in `ps` and the logs).
     pub fn vm_name(&self) -> &str {
         &self.inner.vm_name
     }
@@ -596,6 +636,7 @@ mod tests {
             // A QEMU that does not exist: reaching the VM stage would fail differently.
             qemu_binary: "/nonexistent/qemu".into(),
             offline: true,
+            images_dir: "/nonexistent/images".into(),
             ..SchedulerConfig::default()
         })
         .unwrap()
@@ -610,11 +651,11 @@ mod tests {
             SessionOptions::new(Language::Python).memory_mb(64),
             SessionOptions::new(Language::Raw).env("LD_PRELOAD", "/x.so"),
         ] {
-            let started = Instant::now();
             let err = s.session(options).await.unwrap_err();
             assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
-            assert!(started.elapsed() < Duration::from_secs(1));
+            assert!(matches!(err, Error::Validation(_)), "{err}");
         }
+        assert_eq!(s.peak_vms(), 0, "no VM was admitted");
     }
 
     #[test]
@@ -640,5 +681,280 @@ mod tests {
         };
         assert_eq!(e.kind(), ErrorKind::Permanent);
         assert_eq!(e.to_string(), "session is closed: idle for 300 s");
+    }
+
+    mod rules {
+        use std::sync::Arc;
+
+        use sbx_protocol::{Event, Request};
+        use tokio::sync::Semaphore;
+
+        use super::super::*;
+        use crate::admission::{Admission, Cost, HostFacts, Policy};
+        use crate::vm::fake::{Destroyed, FakeVm, Reply, Script, done, healthy};
+
+        struct NoLimits;
+
+        impl HostFacts for NoLimits {
+            fn memory_mb(&self) -> Option<(u64, u64)> {
+                None
+            }
+            fn cores(&self) -> usize {
+                1
+            }
+            fn memory_pressure(&self) -> Option<f64> {
+                None
+            }
+        }
+
+        struct Open {
+            inner: Arc<Inner<FakeVm>>,
+            destroyed: Destroyed,
+            slots: Arc<Semaphore>,
+            _idle_watch: tokio::task::JoinHandle<()>,
+        }
+
+        /// A session on a fake VM following `script`, closing after `idle` without operations.
+        async fn open(script: Script, idle: Duration) -> Open {
+            let destroyed = Destroyed::default();
+            let admission = Admission::new(
+                Policy {
+                    budget: Cost {
+                        memory_mb: 1000,
+                        cpu_milli: 1000,
+                    },
+                    min_available_mb: 0,
+                    max_pressure: 100.0,
+                },
+                Box::new(NoLimits),
+            );
+            let permit = admission
+                .try_admit(Cost {
+                    memory_mb: 1,
+                    cpu_milli: 1,
+                })
+                .unwrap();
+            let slots = Arc::new(Semaphore::new(1));
+            let slot = slots.clone().acquire_owned().await.unwrap();
+            let inner = Arc::new(Inner::new(
+                Live {
+                    vm: FakeVm::new("session-vm", script, &destroyed),
+                    permit,
+                    slot,
+                },
+                Settings {
+                    language: Language::Python,
+                    env_vars: vec![("S".into(), "session".into())],
+                    default_timeout_seconds: 30,
+                    origin: VmOrigin::Snapshot,
+                    accelerator: AcceleratorChoice {
+                        accelerator: crate::Accelerator::Tcg,
+                        reason: "test".into(),
+                    },
+                },
+            ));
+            let idle_watch = tokio::spawn(watch_idle(Arc::downgrade(&inner), idle));
+            Open {
+                inner,
+                destroyed,
+                slots,
+                _idle_watch: idle_watch,
+            }
+        }
+
+        /// Executions whose code is an exit code (`"137"`), or `"hang"` for no answer, or
+        /// `"die"` for a lost VM, or `"sleep:N"` for N seconds then exit 0.
+        fn by_code() -> Script {
+            Box::new(|request| match request {
+                Request::Exec(e) if e.code == "hang" => Reply::Silence,
+                Request::Exec(e) if e.code == "die" => Reply::Hangup,
+                Request::Exec(e) if e.code.starts_with("sleep:") => {
+                    let secs: u64 = e.code["sleep:".len()..].parse().unwrap();
+                    Reply::Events(vec![(Duration::from_secs(secs), done(0))])
+                }
+                Request::Exec(e) => Reply::now([
+                    Event::Stdout(e.code.as_bytes().to_vec()),
+                    done(e.code.parse().unwrap_or(0)),
+                ]),
+                Request::ListFiles { .. } => Reply::Hangup,
+                _ => Reply::Silence,
+            })
+        }
+
+        fn closed_because(err: Error) -> SessionCloseReason {
+            match err {
+                Error::SessionClosed { reason } => reason,
+                other => panic!("not closed: {other}"),
+            }
+        }
+
+        const IDLE: Duration = Duration::from_secs(60);
+
+        #[tokio::test(start_paused = true)]
+        async fn program_errors_keep_the_session_and_env_merges() {
+            let s = open(by_code(), IDLE).await;
+            s.inner
+                .live
+                .read()
+                .await
+                .as_ref()
+                .unwrap()
+                .vm
+                .refuse(&["DNS x.test: not in the allowlist"]);
+            let r = s
+                .inner
+                .exec(ExecOptions::new("1").env("E", "exec"))
+                .await
+                .unwrap();
+            assert_eq!((r.exit_code, r.stdout.as_str()), (1, "1"));
+            assert_eq!(r.network_refusals, ["DNS x.test: not in the allowlist"]);
+            let r = s.inner.exec(ExecOptions::new("0")).await.unwrap();
+            assert_eq!(r.exit_code, 0);
+            assert!(r.network_refusals.is_empty(), "reported once");
+            assert_eq!(s.inner.exec_count.load(Ordering::Relaxed), 2);
+            assert!(s.inner.activity().closed.is_none());
+            assert_eq!(
+                r.external_cpu_time_ms, None,
+                "measured only when the VM goes"
+            );
+            assert!(r.l1_cache_hit);
+            let live = s.inner.live.read().await;
+            let Request::Exec(first) = &live.as_ref().unwrap().vm.requests()[0] else {
+                panic!()
+            };
+            assert_eq!(
+                first.env,
+                vec![("S".into(), "session".into()), ("E".into(), "exec".into())]
+            );
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn exit_137_closes_the_session_after_returning_its_result() {
+            let s = open(by_code(), IDLE).await;
+            let r = s.inner.exec(ExecOptions::new("137")).await.unwrap();
+            assert_eq!(r.exit_code, 137);
+            assert_eq!(
+                r.external_cpu_time_ms,
+                Some(7),
+                "the closing exec has the VM's figures"
+            );
+            assert_eq!(s.destroyed.count(), 1);
+            assert_eq!(s.slots.available_permits(), 1, "the slot is given back");
+            let err = s.inner.exec(ExecOptions::new("0")).await.unwrap_err();
+            assert_eq!(closed_because(err), SessionCloseReason::Killed);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn the_host_deadline_closes_the_session() {
+            let s = open(by_code(), IDLE).await;
+            let started = tokio::time::Instant::now();
+            let r = s
+                .inner
+                .exec(ExecOptions::new("hang").timeout_seconds(3))
+                .await
+                .unwrap();
+            assert_eq!(
+                started.elapsed(),
+                Duration::from_secs(3) + limits::HOST_TIMEOUT_GRACE
+            );
+            assert!(r.timed_out && r.exit_code == -1);
+            let err = s.inner.exec(ExecOptions::new("0")).await.unwrap_err();
+            assert_eq!(closed_because(err), SessionCloseReason::VmLost);
+            assert_eq!(s.destroyed.count(), 1);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_lost_channel_closes_the_session_with_outcome_unknown() {
+            let s = open(by_code(), IDLE).await;
+            let err = s.inner.exec(ExecOptions::new("die")).await.unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::OutcomeUnknown, "{err}");
+            let err = s.inner.exec(ExecOptions::new("0")).await.unwrap_err();
+            assert_eq!(closed_because(err), SessionCloseReason::VmLost);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_file_operation_on_a_dead_vm_closes_the_session() {
+            let s = open(by_code(), IDLE).await;
+            let err = s
+                .inner
+                .file_operation(async |vm: Link<'_>| crate::files::list_files(vm, ".").await)
+                .await
+                .unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::OutcomeUnknown, "{err}");
+            let err = s.inner.exec(ExecOptions::new("0")).await.unwrap_err();
+            assert_eq!(closed_because(err), SessionCloseReason::VmLost);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn an_exec_queued_behind_a_closing_one_fails() {
+            let s = open(by_code(), IDLE).await;
+            let inner = s.inner.clone();
+            let first = tokio::spawn(async move {
+                inner
+                    .exec(ExecOptions::new("hang").timeout_seconds(1))
+                    .await
+            });
+            tokio::task::yield_now().await;
+            let second = s.inner.exec(ExecOptions::new("0")).await.unwrap_err();
+            assert_eq!(closed_because(second), SessionCloseReason::VmLost);
+            assert!(first.await.unwrap().unwrap().timed_out);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn idle_sessions_close_and_operations_suspend_the_timer() {
+            let s = open(by_code(), IDLE).await;
+            // An execution three times longer than the idle timeout is not cut short.
+            let r = s
+                .inner
+                .exec(ExecOptions::new("sleep:180").timeout_seconds(300))
+                .await
+                .unwrap();
+            assert_eq!(r.exit_code, 0);
+            assert!(s.inner.activity().closed.is_none());
+            // Activity restarts the clock: just under the timeout later, still open.
+            tokio::time::sleep(IDLE - Duration::from_secs(1)).await;
+            assert!(s.inner.activity().closed.is_none());
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            assert_eq!(
+                s.inner.activity().closed,
+                Some(SessionCloseReason::IdleTimeout { after: IDLE })
+            );
+            // The idle close destroys the VM and gives the slot back.
+            for _ in 0..100 {
+                if s.destroyed.count() == 1 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            assert_eq!(s.destroyed.count(), 1);
+            assert_eq!(s.slots.available_permits(), 1);
+            let err = s.inner.exec(ExecOptions::new("0")).await.unwrap_err();
+            assert!(matches!(
+                closed_because(err),
+                SessionCloseReason::IdleTimeout { .. }
+            ));
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn close_waits_for_operations_in_progress() {
+            let s = open(healthy(), IDLE).await;
+            let inner = s.inner.clone();
+            let running = tokio::spawn(async move {
+                inner
+                    .operation(async |_vm: &FakeVm| {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        "done"
+                    })
+                    .await
+            });
+            tokio::task::yield_now().await;
+            let started = tokio::time::Instant::now();
+            s.inner.close(SessionCloseReason::Closed).await;
+            assert_eq!(started.elapsed(), Duration::from_secs(5));
+            assert_eq!(running.await.unwrap().unwrap(), "done");
+            assert_eq!(s.destroyed.count(), 1);
+            let err = s.inner.exec(ExecOptions::new("0")).await.unwrap_err();
+            assert_eq!(closed_because(err), SessionCloseReason::Closed);
+        }
     }
 }

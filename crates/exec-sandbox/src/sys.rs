@@ -6,7 +6,7 @@ use std::os::fd::RawFd;
 /// Asks the kernel to SIGKILL the calling process when its parent thread exits.
 ///
 /// Meant for `pre_exec`: it only calls async-signal-safe functions.
-pub(crate) fn set_parent_death_signal() -> io::Result<()> {
+fn set_parent_death_signal() -> io::Result<()> {
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and touches no memory.
     let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
     if rc != 0 {
@@ -16,7 +16,7 @@ pub(crate) fn set_parent_death_signal() -> io::Result<()> {
 }
 
 /// The parent process id of the caller.
-pub(crate) fn parent_pid() -> i32 {
+fn parent_pid() -> i32 {
     // SAFETY: getppid has no preconditions and cannot fail.
     unsafe { libc::getppid() }
 }
@@ -24,7 +24,7 @@ pub(crate) fn parent_pid() -> i32 {
 /// Moves `fd` to `target` in the calling process, leaving `target` open across exec.
 ///
 /// Meant for `pre_exec`: it only calls async-signal-safe functions.
-pub(crate) fn move_fd_for_exec(fd: RawFd, target: RawFd) -> io::Result<()> {
+fn move_fd_for_exec(fd: RawFd, target: RawFd) -> io::Result<()> {
     if fd == target {
         // SAFETY: F_GETFD/F_SETFD on an fd we own; no memory is passed.
         let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
@@ -49,7 +49,7 @@ pub(crate) fn move_fd_for_exec(fd: RawFd, target: RawFd) -> io::Result<()> {
 /// clobber another that is still to be moved.
 ///
 /// Meant for `pre_exec`: it only calls async-signal-safe functions and allocates nothing.
-pub(crate) fn move_fds_for_exec(moves: &[(RawFd, RawFd)]) -> io::Result<()> {
+fn move_fds_for_exec(moves: &[(RawFd, RawFd)]) -> io::Result<()> {
     const MAX: usize = 8;
     if moves.len() > MAX {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
@@ -142,6 +142,30 @@ pub(crate) fn flock_exclusive(file: &std::fs::File, wait: bool) -> io::Result<bo
             Some(libc::EWOULDBLOCK) if !wait => return Ok(false),
             _ => return Err(error),
         }
+    }
+}
+
+/// Makes `command`'s child receive SIGKILL when the spawning thread exits (and refuse to start
+/// if `parent` died before it could ask), and places the first `count` descriptors of `moves`
+/// at their target numbers, open across exec.
+pub(crate) fn die_with_parent_and_inherit(
+    command: &mut std::process::Command,
+    parent: i32,
+    moves: [(RawFd, RawFd); 8],
+    count: usize,
+) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
+    // functions (prctl, getppid, fcntl, dup2); it allocates nothing (`moves` is copied in).
+    unsafe {
+        command.pre_exec(move || {
+            set_parent_death_signal()?;
+            // The parent may have died between fork and prctl: then nobody will signal us.
+            if parent_pid() != parent {
+                return Err(io::Error::other("parent exited during spawn"));
+            }
+            move_fds_for_exec(&moves[..count.min(moves.len())])
+        });
     }
 }
 

@@ -5,6 +5,7 @@ use crate::network::NetworkOptions;
 
 /// A caller's input broke a rule. Always the caller's bug: nothing ran.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ValidationError {
     /// The code is empty or only whitespace.
     #[error("code is empty")]

@@ -216,6 +216,16 @@ pub enum GuestErrorKind {
     Internal,
 }
 
+impl std::fmt::Display for GuestErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GuestErrorKind::InvalidRequest => "invalid request",
+            GuestErrorKind::InterpreterStart => "interpreter start",
+            GuestErrorKind::Internal => "internal",
+        })
+    }
+}
+
 /// A failed request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestError {
@@ -276,4 +286,26 @@ pub enum Event {
         /// Certificates added.
         certificates: u32,
     },
+}
+
+impl Event {
+    /// The variant's name, for messages about an event that arrived where it does not belong
+    /// (never its payload, which the guest controls).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::Hello(_) => "Hello",
+            Event::Pong => "Pong",
+            Event::Warmed { .. } => "Warmed",
+            Event::Stdout(_) => "Stdout",
+            Event::Stderr(_) => "Stderr",
+            Event::ExecDone(_) => "ExecDone",
+            Event::Error(_) => "Error",
+            Event::Reseeded { .. } => "Reseeded",
+            Event::FileWritten { .. } => "FileWritten",
+            Event::FileData(_) => "FileData",
+            Event::FileEnd { .. } => "FileEnd",
+            Event::FileList { .. } => "FileList",
+            Event::CertificatesTrusted { .. } => "CertificatesTrusted",
+        }
+    }
 }

@@ -236,23 +236,27 @@ async fn warm_runs(
     let mut pss = Vec::new();
     for _ in 0..runs {
         let deadline = Instant::now() + POOL_REFILL_DEADLINE;
-        let name = loop {
-            if let Some(name) = scheduler.warm_pool_vm_names(language).pop() {
-                break Some(name);
+        let idle = loop {
+            if let Some(vm) = scheduler
+                .warm_pool_vms()
+                .into_iter()
+                .find(|vm| vm.language == language)
+            {
+                break Some(vm);
             }
             if Instant::now() > deadline {
                 break None;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        let Some(name) = name else {
+        let Some(idle) = idle else {
             tracing::warn!(
                 "the warm pool did not refill within {} s",
                 POOL_REFILL_DEADLINE.as_secs()
             );
             break;
         };
-        pss.extend(exec_sandbox::vm::host::vm_pss_mb(&name));
+        pss.extend(idle.pss_mb);
         let started = Instant::now();
         let result = scheduler
             .run(RunOptions::new(language, trivial(language)))

@@ -281,21 +281,24 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 impl RunArgs {
     /// The network part of every run: `--allow-domain` implies `--network`.
     pub fn network_options(&self) -> NetworkOptions {
-        NetworkOptions {
-            allow_network: self.network || !self.allow_domains.is_empty(),
-            allowed_domains: (!self.allow_domains.is_empty()).then(|| self.allow_domains.clone()),
-            expose_ports: self.expose.clone(),
+        let mut options = NetworkOptions::default();
+        if self.network || !self.allow_domains.is_empty() {
+            options = options.allow_network();
         }
+        if !self.allow_domains.is_empty() {
+            options = options.allowed_domains(self.allow_domains.iter().cloned());
+        }
+        self.expose
+            .iter()
+            .fold(options, |options, port| options.expose(*port))
     }
 }
 
 /// One `--allow-domain`, checked by the library's rules so the error names the flag.
 fn parse_domain(s: &str) -> Result<String, String> {
-    let one = NetworkOptions {
-        allow_network: true,
-        allowed_domains: Some(vec![s.to_string()]),
-        expose_ports: Vec::new(),
-    };
+    let one = NetworkOptions::default()
+        .allow_network()
+        .allowed_domains([s]);
     validate::network(&one).map_err(network_reason)?;
     Ok(s.to_string())
 }
@@ -304,11 +307,8 @@ fn parse_domain(s: &str) -> Result<String, String> {
 fn parse_expose(s: &str) -> Result<ExposePort, String> {
     let port: ExposePort = s
         .parse()
-        .map_err(|e: exec_sandbox::network::ExposeParseError| e.to_string())?;
-    let one = NetworkOptions {
-        expose_ports: vec![port],
-        ..NetworkOptions::default()
-    };
+        .map_err(|e: exec_sandbox::ExposeParseError| e.to_string())?;
+    let one = NetworkOptions::default().expose(port);
     validate::network(&one).map_err(network_reason)?;
     Ok(port)
 }

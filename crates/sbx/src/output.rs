@@ -207,34 +207,11 @@ pub fn result_warnings(label: Option<&str>, result: &ExecutionResult) -> Vec<Str
 #[cfg(test)]
 mod tests {
     use super::*;
-    use exec_sandbox::{Accelerator, AcceleratorChoice, PortProtocol, Timing};
+
+    use exec_sandbox::PortProtocol;
 
     fn result() -> ExecutionResult {
-        ExecutionResult {
-            stdout: "42\n".into(),
-            stderr: String::new(),
-            exit_code: 0,
-            timed_out: false,
-            stdout_truncated: false,
-            stderr_truncated: false,
-            execution_time_ms: Some(12),
-            external_cpu_time_ms: Some(900),
-            external_memory_peak_mb: Some(140),
-            timing: Timing {
-                setup_ms: 3,
-                boot_ms: 700,
-                execute_ms: 40,
-                total_ms: 745,
-            },
-            accelerator: AcceleratorChoice {
-                accelerator: Accelerator::Tcg,
-                reason: "KVM opens but the probe boot hung".into(),
-            },
-            warm_pool_hit: false,
-            l1_cache_hit: false,
-            exposed_ports: vec![ExposedPort::new(8000, 41234, PortProtocol::Tcp)],
-            network_refusals: Vec::new(),
-        }
+        exec_sandbox::testing::sample_result()
     }
 
     #[test]

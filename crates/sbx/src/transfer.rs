@@ -183,7 +183,7 @@ fn local_error(op: &'static str, path: &Path, source: std::io::Error) -> Error {
     Error::File {
         op,
         path: format!("local {}", path.display()),
-        source: exec_sandbox::files::FileError::Local(source),
+        source: exec_sandbox::FileError::Local(source),
     }
 }
 

@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitStatus;
 
 use crate::env::EnvVars;
-use crate::error::ErrorKind;
+use crate::error_kind::ErrorKind;
 
 /// Failure to ready guest assets.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AssetError {
     /// Assets are missing and the configuration forbids building or downloading them.
     #[error("guest assets {} are missing from {dir} and fetching them is disabled", missing.join(", "))]

@@ -1,6 +1,6 @@
 //! Guest assets: the kernel, the agent initramfs and one root filesystem per language.
 //!
-//! [`AssetStore::ensure`] finds them in the cache (`SchedulerConfig::images_dir`), verifies them
+//! [`AssetStore::ensure`] finds them in the cache ([`AssetConfig::images_dir`]), verifies them
 //! against their manifest, and builds or downloads what is missing, once across processes. The
 //! layout and versioning scheme are described in `store.rs` and `inputs.rs`; how verification
 //! stays cheap, in `stamp.rs`.
@@ -33,7 +33,7 @@ pub use error::AssetError;
 
 use build::{Builder, ScriptBuilder};
 use inputs::{AssetKind, Inputs};
-use store::{Source, Store};
+use store::Store;
 
 /// Paths of verified assets, ready to boot.
 #[derive(Debug, Clone)]
@@ -53,6 +53,29 @@ impl GuestAssets {
     pub fn rootfs(&self, language: Language) -> Option<&Path> {
         self.rootfs.get(&language).map(PathBuf::as_path)
     }
+}
+
+/// Where assets live and how missing ones may be obtained: the asset layer's own configuration
+/// (the scheduler derives it from its own configuration).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssetConfig {
+    /// Where versioned guest images live; builds cache their inputs in `build/` beside it.
+    pub images_dir: PathBuf,
+    /// How missing assets may be obtained.
+    pub source: AssetSource,
+    /// Asset version to use instead of the one derived from the build inputs.
+    pub version: Option<String>,
+}
+
+/// How missing assets may be obtained.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AssetSource {
+    /// Never: a missing asset is an error (offline, or automatic download switched off).
+    Forbidden,
+    /// Built here from Debian packages by the image scripts.
+    Build,
+    /// Downloaded from `<url>/<version>/manifest.json` and the files it lists.
+    Download(String),
 }
 
 /// Finds, verifies, builds or downloads assets under the cache directory.
@@ -75,7 +98,7 @@ struct Inner {
 
 impl AssetStore {
     /// A store for `config`'s directories and policies.
-    pub fn new(config: &crate::SchedulerConfig) -> Self {
+    pub fn new(config: &AssetConfig) -> Self {
         let inputs = Inputs::embedded();
         let build_cache = config
             .images_dir
@@ -87,27 +110,17 @@ impl AssetStore {
     }
 
     pub(crate) fn with_parts(
-        config: &crate::SchedulerConfig,
+        config: &AssetConfig,
         inputs: Inputs,
         builder: Arc<dyn Builder>,
     ) -> Self {
-        let source = if config.offline || !config.auto_download_assets {
-            Source::Forbidden
-        } else if let Some(base) = &config.asset_base_url {
-            Source::Download(base.clone())
-        } else {
-            Source::Build
-        };
         let store = Store {
             images_dir: config.images_dir.clone(),
-            version: config
-                .asset_version
-                .clone()
-                .unwrap_or_else(|| inputs.version()),
-            pinned: config.asset_version.is_some(),
+            version: config.version.clone().unwrap_or_else(|| inputs.version()),
+            pinned: config.version.is_some(),
             inputs,
             builder,
-            source,
+            source: config.source.clone(),
             on_lock_wait: None,
         };
         Self::from_store(store)
@@ -123,7 +136,7 @@ impl AssetStore {
         }
     }
 
-    /// The asset version in use: `SchedulerConfig::asset_version`, or the one derived from
+    /// The asset version in use: [`AssetConfig::version`], or the one derived from
     /// the build inputs compiled into this library.
     pub fn version(&self) -> &str {
         &self.inner.store.version

@@ -22,7 +22,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::AssetError;
 use super::build::Builder;
 use super::download::Remote;
 use super::files::{self, TempFile};
@@ -31,17 +30,7 @@ use super::inputs::{AssetKind, Inputs};
 use super::lock::DirLock;
 use super::manifest::{self, Entry, Manifest};
 use super::stamp::{Check, Stamps};
-
-/// Where missing assets come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Source {
-    /// Built locally with the image scripts.
-    Build,
-    /// Downloaded from `<base>/<version>/`.
-    Download(String),
-    /// Nowhere: offline, or automatic fetching is off.
-    Forbidden,
-}
+use super::{AssetError, AssetSource};
 
 /// The synchronous core of the asset store (it runs on a blocking thread).
 #[derive(Debug)]
@@ -53,7 +42,7 @@ pub(crate) struct Store {
     pub(crate) pinned: bool,
     pub(crate) inputs: Inputs,
     pub(crate) builder: Arc<dyn Builder>,
-    pub(crate) source: Source,
+    pub(crate) source: AssetSource,
     /// Called when the lock is held by someone else (tests use it to order events).
     pub(crate) on_lock_wait: Option<Hook>,
 }
@@ -94,7 +83,7 @@ impl Store {
         if missing.is_empty() {
             return Ok(found);
         }
-        if self.source == Source::Forbidden {
+        if self.source == AssetSource::Forbidden {
             return Err(AssetError::NotFound {
                 missing: missing.iter().map(|k| k.file()).collect(),
                 dir,
@@ -165,7 +154,7 @@ impl Store {
             return self.write_initramfs(dir);
         }
         match &self.source {
-            Source::Download(base) => {
+            AssetSource::Download(base) => {
                 if remote.is_none() {
                     let server = Remote::new(base, &self.version);
                     let listing = server.manifest()?;
@@ -190,14 +179,14 @@ impl Store {
                 let temp = server.fetch(wanted, dir)?;
                 self.install(temp, wanted.clone(), dir)
             }
-            Source::Build => {
+            AssetSource::Build => {
                 let key = self.inputs.key(kind);
                 if let Some(entry) = self.reuse(kind, dir, |e| e.inputs == key)? {
                     return Ok(entry);
                 }
                 self.build(kind, dir)
             }
-            Source::Forbidden => unreachable!("checked before taking the lock"),
+            AssetSource::Forbidden => unreachable!("checked before taking the lock"),
         }
     }
 

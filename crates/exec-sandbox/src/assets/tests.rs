@@ -60,7 +60,7 @@ impl Builder for FakeBuilder {
 
 struct Fixture {
     _home: tempfile::TempDir,
-    config: crate::SchedulerConfig,
+    config: AssetConfig,
     builder: Arc<FakeBuilder>,
 }
 
@@ -71,10 +71,10 @@ impl Fixture {
 
     fn with_builder(builder: FakeBuilder) -> Self {
         let home = tempfile::tempdir().unwrap();
-        let config = crate::SchedulerConfig {
-            cache_dir: home.path().into(),
+        let config = AssetConfig {
             images_dir: home.path().join("images"),
-            ..crate::SchedulerConfig::default()
+            source: AssetSource::Build,
+            version: None,
         };
         Self {
             _home: home,
@@ -232,7 +232,7 @@ async fn a_corrupted_asset_is_a_checksum_error_not_a_rebuild() {
 #[tokio::test]
 async fn offline_reports_what_is_missing_at_once() {
     let mut fx = Fixture::new();
-    fx.config.offline = true;
+    fx.config.source = AssetSource::Forbidden;
     let started = Instant::now();
     let err = fx.store().ensure(&[Language::Python]).await.unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(1));
@@ -252,9 +252,9 @@ async fn offline_reports_what_is_missing_at_once() {
     );
 
     // Offline with everything present works without touching the builder.
-    fx.config.offline = false;
+    fx.config.source = AssetSource::Build;
     fx.store().ensure(&[Language::Python]).await.unwrap();
-    fx.config.offline = true;
+    fx.config.source = AssetSource::Forbidden;
     fx.store().ensure(&[Language::Python]).await.unwrap();
     let err = fx
         .store()
@@ -264,15 +264,6 @@ async fn offline_reports_what_is_missing_at_once() {
     assert!(
         matches!(&err, AssetError::NotFound { missing, .. } if missing == &["rootfs-javascript.erofs"])
     );
-}
-
-#[tokio::test]
-async fn auto_download_off_fails_like_offline() {
-    let mut fx = Fixture::new();
-    fx.config.auto_download_assets = false;
-    let err = fx.store().ensure(&[Language::Raw]).await.unwrap_err();
-    assert!(matches!(err, AssetError::NotFound { .. }), "{err}");
-    assert!(fx.builder.builds().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -404,7 +395,7 @@ async fn a_build_without_its_output_is_an_error() {
 #[tokio::test]
 async fn a_pinned_version_uses_its_own_directory() {
     let mut fx = Fixture::new();
-    fx.config.asset_version = Some("release-1".into());
+    fx.config.version = Some("release-1".into());
     let store = fx.store();
     assert_eq!(store.version(), "release-1");
     let assets = store.ensure(&[Language::Raw]).await.unwrap();
@@ -414,7 +405,7 @@ async fn a_pinned_version_uses_its_own_directory() {
             .starts_with(fx.config.images_dir.join("release-1"))
     );
 
-    fx.config.asset_version = Some("../escape".into());
+    fx.config.version = Some("../escape".into());
     let err = fx.store().ensure(&[Language::Raw]).await.unwrap_err();
     assert!(matches!(err, AssetError::InvalidVersion { .. }), "{err}");
 }

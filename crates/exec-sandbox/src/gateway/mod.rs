@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 
 use sbx_net::policy::Allowlist;
 
-use crate::error::ErrorKind;
+use crate::error_kind::ErrorKind;
 use crate::network::{EXPOSE_HOST, ExposePort, ExposedPort, PortProtocol};
 
 /// What one VM's gateway enforces.

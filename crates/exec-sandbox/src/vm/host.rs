@@ -1,4 +1,5 @@
-//! Facts about the host that shape the VM command line: TSC frequency, fingerprint.
+//! Facts about the host that shape the VM command line and the accelerator verdict: the TSC
+//! frequency and the host fingerprint.
 
 use std::time::{Duration, Instant};
 
@@ -6,7 +7,7 @@ use std::time::{Duration, Instant};
 ///
 /// Under TCG the guest reads the host's counter, so telling the guest kernel the frequency
 /// (`tsc_early_khz=`, `lpj=`) skips about half a second of calibration.
-pub fn measure_tsc_khz() -> Option<u64> {
+pub(crate) fn measure_tsc_khz() -> Option<u64> {
     #[cfg(target_arch = "x86_64")]
     {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -42,7 +43,7 @@ pub fn measure_tsc_khz() -> Option<u64> {
 
 /// A string that changes when anything deciding the accelerator verdict changes: the kernel,
 /// the CPU, the loaded hypervisor modules and the QEMU binary.
-pub fn fingerprint(qemu: &std::path::Path) -> String {
+pub(crate) fn fingerprint(qemu: &std::path::Path) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
@@ -72,7 +73,7 @@ pub fn fingerprint(qemu: &std::path::Path) -> String {
 }
 
 /// Resolves a program name against `PATH` (absolute or relative paths are returned as they are).
-pub fn which(program: &std::path::Path) -> Option<std::path::PathBuf> {
+pub(crate) fn which(program: &std::path::Path) -> Option<std::path::PathBuf> {
     if program.components().count() > 1 {
         return program.exists().then(|| program.to_path_buf());
     }
@@ -80,46 +81,6 @@ pub fn which(program: &std::path::Path) -> Option<std::path::PathBuf> {
     std::env::split_paths(&path)
         .map(|dir| dir.join(program))
         .find(|candidate| candidate.is_file())
-}
-
-/// The pid of the QEMU process started with `-name <name>` (every VM's name is unique per host
-/// process), found through `/proc`.
-pub fn qemu_pid(name: &str) -> Option<u32> {
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            let mut args = cmdline.split(|b| *b == 0);
-            args.any(|a| a == b"-name")
-                .then(|| args.next())
-                .flatten()
-                .filter(|n| *n == name.as_bytes())
-                .map(|_| pid)
-        })
-}
-
-/// Proportional set size of process `pid` in MB: its private memory plus its share of pages
-/// mapped by several processes (e.g. a memory snapshot's page cache shared by its clones).
-pub fn pss_mb(pid: u32) -> Option<f64> {
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    parse_pss_kb(&rollup).map(|kb| kb as f64 / 1024.0)
-}
-
-/// PSS of the QEMU process of the VM called `name`, in MB.
-pub fn vm_pss_mb(name: &str) -> Option<f64> {
-    qemu_pid(name).and_then(pss_mb)
-}
-
-fn parse_pss_kb(smaps_rollup: &str) -> Option<u64> {
-    smaps_rollup
-        .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 #[cfg(test)]
@@ -132,15 +93,6 @@ mod tests {
             assert!((100_000..20_000_000).contains(&khz), "{khz} kHz");
             assert_eq!(khz % 1000, 0);
         }
-    }
-
-    #[test]
-    fn pss_of_this_process() {
-        assert_eq!(parse_pss_kb("Rss: 10 kB\nPss:    2048 kB\n"), Some(2048));
-        assert_eq!(parse_pss_kb("Rss: 10 kB\n"), None);
-        let mb = pss_mb(std::process::id()).expect("smaps_rollup of ourselves");
-        assert!(mb > 0.0);
-        assert_eq!(qemu_pid("no-such-vm-name"), None);
     }
 
     #[test]

@@ -1,15 +1,22 @@
-//! One microVM: start QEMU, connect the control channel, wait for the agent, tear down.
+//! One microVM's lifecycle: start QEMU, connect the control channel, wait for the agent, tear
+//! down.
 //!
-//! A [`Vm`] owns its QEMU process (killed on drop and on our death) and its private directory
-//! (removed on drop), so no path out of a run, error or panic, leaks either.
+//! A [`Vm`] owns its QEMU process (killed on drop and on our death), its private directory
+//! (removed on drop) and, for a networked VM, its gateway (stopped on drop), so no path out of
+//! a run, error or panic, leaks any of them. Memory snapshots (templates and their clones) are
+//! in [`migration`]; what the host reads of a running QEMU from `/proc`, in [`procfs`].
 
 pub mod accel;
-pub mod channel;
-pub mod host;
-pub mod process;
-pub mod qemu;
-pub mod qmp;
-pub mod snapshot;
+pub(crate) mod channel;
+#[cfg(test)]
+pub(crate) mod fake;
+pub(crate) mod handle;
+pub(crate) mod host;
+pub(crate) mod migration;
+pub(crate) mod process;
+pub(crate) mod procfs;
+pub(crate) mod qemu;
+pub(crate) mod qmp;
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
@@ -18,21 +25,25 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sbx_protocol::{AgentHello, Event, Request};
-use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Child;
 
-pub use self::channel::{Channel, ChannelError};
-use self::qemu::{INCOMING_FD, Launch, QMP_SOCKET_FD, RAM_FD, RamFile, VmSpec};
+pub use self::channel::{AckError, ChannelError};
+pub(crate) use self::channel::{Channel, Link};
+pub(crate) use self::handle::VmHandle;
+use self::qemu::{Launch, QMP_SOCKET_FD, VmSpec};
 use self::qmp::{Qmp, QmpError};
-use crate::error::ErrorKind;
+use crate::error_kind::ErrorKind;
+use crate::gateway::{Gateway, GatewayError};
 use crate::limits;
+use crate::network::ExposedPort;
 
 /// A callback receiving raw bytes as they are produced.
 pub type OutputCallback = Arc<dyn Fn(&[u8]) + Send + Sync>;
 
 /// Failure to start or talk to a VM.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum VmError {
     /// The VM's private directory or control socket could not be created.
     #[error("cannot prepare VM directory {path}")]
@@ -90,6 +101,21 @@ pub enum VmError {
         #[source]
         source: ChannelError,
     },
+    /// The gateway behind a networked VM's NIC could not start.
+    #[error("network gateway of VM {name} failed")]
+    Gateway {
+        /// VM name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: GatewayError,
+    },
+    /// A networked VM was asked for, with a gateway whose NIC end was already handed out.
+    #[error("VM {name}: its gateway's NIC socket was already used")]
+    NicUnavailable {
+        /// VM name.
+        name: String,
+    },
     /// Talking to QEMU's monitor failed (saving or restoring a memory snapshot).
     #[error("QEMU monitor of VM {name} failed")]
     Qmp {
@@ -100,20 +126,51 @@ pub enum VmError {
         source: QmpError,
     },
     /// The guest could not add the operator's CA certificates.
-    #[error("VM {name}: {reason}")]
+    #[error("VM {name} could not trust the CA bundle")]
     Certificates {
         /// VM name.
         name: String,
-        /// What went wrong.
-        reason: String,
+        /// Cause.
+        #[source]
+        source: AckError,
     },
-    /// Saving or restoring a memory snapshot failed.
-    #[error("memory snapshot of VM {name}: {reason}")]
-    Snapshot {
+    /// A VM restored from a memory snapshot could not be told it is a clone.
+    #[error("restored VM {name} could not be reseeded")]
+    Reseed {
         /// VM name.
         name: String,
-        /// What went wrong.
-        reason: String,
+        /// Cause.
+        #[source]
+        source: AckError,
+    },
+    /// A template's interpreter could not be warmed before its snapshot.
+    #[error("template VM {name} could not warm its interpreter")]
+    Warm {
+        /// VM name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: AckError,
+    },
+    /// QEMU could not load a snapshot's device state.
+    #[error("VM {name}: QEMU could not load the saved device state")]
+    LoadState {
+        /// VM name.
+        name: String,
+    },
+    /// QEMU could not save a template's device state.
+    #[error("VM {name}: QEMU could not save the device state ({qemu_error})")]
+    SaveState {
+        /// VM name.
+        name: String,
+        /// QEMU's own description.
+        qemu_error: String,
+    },
+    /// A snapshot was asked of a VM not booted as a template.
+    #[error("VM {name} was not booted as a template")]
+    NotATemplate {
+        /// VM name.
+        name: String,
     },
 }
 
@@ -125,6 +182,7 @@ impl VmError {
                 ErrorKind::Permanent
             }
             VmError::ProtocolVersion { .. } => ErrorKind::Permanent,
+            VmError::Gateway { source, .. } => source.kind(),
             _ => ErrorKind::Transient,
         }
     }
@@ -144,8 +202,8 @@ impl VmError {
 }
 
 /// Host-side measurements of a finished VM.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct VmStats {
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct VmStats {
     /// QEMU's user + system CPU time.
     pub cpu_time_ms: Option<u64>,
     /// QEMU's peak resident set.
@@ -176,21 +234,17 @@ impl LogTail {
 }
 
 /// A running microVM whose agent has said hello.
-pub struct Vm {
+pub(crate) struct Vm {
     name: String,
     child: Child,
     channel: Channel,
-    log: LogTail,
     hello: AgentHello,
     /// QEMU's monitor, for templates and clones.
     qmp: Option<Qmp>,
     /// The gateway behind the NIC, for networked VMs; dropped (stopped) with the VM.
-    gateway: Option<crate::gateway::Gateway>,
+    gateway: Option<Gateway>,
     _dir: tempfile::TempDir,
 }
-
-/// Deadline of each monitor exchange of a template save.
-const QMP_DEADLINE: Duration = Duration::from_secs(10);
 
 /// A QEMU process just started, before its guest is known to be ready.
 struct Started {
@@ -244,7 +298,7 @@ async fn start(
         qmp = Some(stream);
     }
     fds.extend(extra_fds);
-    let mut child = process::spawn_qemu_with_fds(qemu.to_path_buf(), spec.args_for(launch), fds)
+    let mut child = process::spawn_qemu(qemu.to_path_buf(), spec.args_for(launch), fds)
         .await
         .map_err(|source| VmError::Spawn {
             qemu: qemu.to_path_buf(),
@@ -266,123 +320,45 @@ async fn start(
     })
 }
 
+/// QEMU's exit status as text, for errors.
+fn exit_text(status: std::io::Result<std::process::ExitStatus>) -> String {
+    status.map_or_else(|e| e.to_string(), |s| s.to_string())
+}
+
 impl Vm {
     /// Starts QEMU for `spec` and waits until the guest agent says hello or `deadline` passes.
-    /// Console output goes to `on_console` as it arrives.
-    pub async fn boot(
+    /// Console output goes to `on_console` as it arrives. With a `gateway` the VM gets a NIC
+    /// whose backend it is (`spec.nic` must be set); the VM then owns the gateway.
+    pub(crate) async fn boot(
         qemu: &Path,
         spec: &VmSpec,
         deadline: Duration,
         on_console: Option<OutputCallback>,
+        gateway: Option<Gateway>,
     ) -> Result<Vm, VmError> {
-        let (vm, _) = Self::boot_with(
-            qemu,
-            spec,
-            &Launch::default(),
-            Vec::new(),
-            deadline,
-            on_console,
-        )
-        .await?;
-        Ok(vm)
-    }
-
-    /// Like [`Vm::boot`], with a NIC whose backend is `gateway` (which the VM then owns: it
-    /// stops when the VM is destroyed). `spec.nic` must be set.
-    pub async fn boot_networked(
-        qemu: &Path,
-        spec: &VmSpec,
-        deadline: Duration,
-        on_console: Option<OutputCallback>,
-        mut gateway: crate::gateway::Gateway,
-    ) -> Result<Vm, VmError> {
-        let nic = gateway.take_qemu_end().ok_or_else(|| VmError::Prepare {
-            path: PathBuf::from("nic"),
-            source: std::io::Error::other("the gateway's NIC socket was already used"),
-        })?;
-        let (mut vm, _) = Self::boot_with(
-            qemu,
-            spec,
-            &Launch::default(),
-            vec![(nic, qemu::NIC_FD)],
-            deadline,
-            on_console,
-        )
-        .await?;
-        vm.gateway = Some(gateway);
-        Ok(vm)
-    }
-
-    /// Hands the VM the gateway behind its NIC (a clone restored with the gateway's socket):
-    /// it stops when the VM is destroyed.
-    pub fn attach_gateway(&mut self, gateway: crate::gateway::Gateway) {
-        self.gateway = Some(gateway);
-    }
-
-    /// What the gateway of a networked VM refused since the last call.
-    pub fn take_network_refusals(&self) -> Vec<String> {
-        self.gateway
-            .as_ref()
-            .map(|g| g.take_refusals())
-            .unwrap_or_default()
-    }
-
-    /// Whether the VM's gateway lets it open connections.
-    pub fn has_outbound_network(&self) -> bool {
-        self.gateway.as_ref().is_some_and(|g| g.outbound())
-    }
-
-    /// The forwarded ports of a networked VM.
-    pub fn exposed_ports(&self) -> &[crate::network::ExposedPort] {
-        self.gateway
-            .as_ref()
-            .map(|g| g.exposed_ports())
-            .unwrap_or_default()
-    }
-
-    /// Boots a template: guest RAM in `ram` (shared, so it holds the guest's memory when saved)
-    /// and a QMP monitor, for [`Vm::save_template`]. A template with a NIC (`spec.nic`) gets a
-    /// gateway that allows nothing: the guest configures its NIC at boot, and its clones are
-    /// given their own gateways when restored.
-    pub async fn boot_template(
-        qemu: &Path,
-        spec: &VmSpec,
-        ram: &Path,
-        deadline: Duration,
-    ) -> Result<Vm, VmError> {
-        let launch = Launch {
-            ram_file: Some(RamFile {
-                path: ram.to_path_buf(),
-                shared: true,
-            }),
-            qmp: true,
-            incoming: false,
-        };
+        let mut gateway = gateway;
         let mut fds = Vec::new();
-        let mut gateway = None;
-        if spec.nic {
-            let mut closed =
-                crate::gateway::Gateway::start(crate::gateway::GatewayConfig::closed()).map_err(
-                    |e| VmError::Prepare {
-                        path: PathBuf::from("nic"),
-                        source: std::io::Error::other(e.to_string()),
-                    },
-                )?;
-            if let Some(fd) = closed.take_qemu_end() {
-                fds.push((fd, qemu::NIC_FD));
-            }
-            gateway = Some(closed);
+        if let Some(gateway) = &mut gateway {
+            // Moved, not copied: only QEMU holds its end, so the gateway sees QEMU go.
+            let nic = gateway
+                .take_qemu_end()
+                .ok_or_else(|| VmError::NicUnavailable {
+                    name: spec.name.clone(),
+                })?;
+            fds.push((nic, qemu::NIC_FD));
         }
-        let (mut vm, qmp) = Self::boot_with(qemu, spec, &launch, fds, deadline, None).await?;
+        let (mut vm, _) =
+            Self::boot_with(qemu, spec, &Launch::default(), fds, deadline, on_console).await?;
         vm.gateway = gateway;
-        let name = vm.name.clone();
-        if let Some(stream) = qmp {
-            let qmp = Qmp::handshake(stream, tokio::time::Instant::now() + QMP_DEADLINE)
-                .await
-                .map_err(|source| VmError::Qmp { name, source })?;
-            vm.qmp = Some(qmp);
-        }
         Ok(vm)
+    }
+
+    /// Hands the VM the gateway behind its NIC (a clone restored with a copy of the gateway's
+    /// socket): it stops when the VM is destroyed. The gateway's own copy of QEMU's end is
+    /// closed, so only QEMU holds it.
+    pub(crate) fn attach_gateway(&mut self, mut gateway: Gateway) {
+        drop(gateway.take_qemu_end());
+        self.gateway = Some(gateway);
     }
 
     /// Boots and waits for the hello; also returns the QMP socket when `launch` asks for one.
@@ -403,12 +379,10 @@ impl Vm {
             dir,
         } = start(qemu, spec, launch, extra_fds, on_console).await?;
         let started = Instant::now();
-        let exited = |status: std::io::Result<std::process::ExitStatus>, log: &LogTail| {
-            VmError::ExitedDuringBoot {
-                name: name.clone(),
-                status: status.map_or_else(|e| e.to_string(), |s| s.to_string()),
-                log_tail: log.text(),
-            }
+        let exited = |status, log: &LogTail| VmError::ExitedDuringBoot {
+            name: name.clone(),
+            status: exit_text(status),
+            log_tail: log.text(),
         };
         let hello = tokio::select! {
             hello = channel.hello() => match hello {
@@ -442,7 +416,6 @@ impl Vm {
             name,
             child,
             channel,
-            log,
             hello,
             qmp: None,
             gateway: None,
@@ -451,298 +424,71 @@ impl Vm {
         Ok((vm, qmp))
     }
 
-    /// Starts a clone of a template: its RAM file mapped copy-on-write (`share=off`, the file
-    /// is never modified), its device state read from `vmstate`, then the guest resumed and
-    /// told it is a clone (fresh entropy, clock, interpreter generators) before it is handed
-    /// out. `ram` is the template's RAM file and `vmstate` its device state, both open (the
-    /// caller checked them). `hello` is what the template's agent said.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn restore(
-        qemu: &Path,
-        spec: &VmSpec,
-        ram: std::fs::File,
-        vmstate: std::fs::File,
-        hello: AgentHello,
-        nic: Option<OwnedFd>,
-        deadline: Duration,
-    ) -> Result<Vm, VmError> {
-        let name = spec.name.clone();
-        let launch = Launch {
-            ram_file: Some(RamFile {
-                // The open file, not a path: nothing can swap it between check and use.
-                path: format!("/proc/self/fd/{RAM_FD}").into(),
-                shared: false,
-            }),
-            qmp: true,
-            incoming: true,
-        };
-        let started_at = Instant::now();
-        let Started {
-            mut child,
-            channel,
-            log,
-            qmp,
-            dir,
-        } = start(
-            qemu,
-            spec,
-            &launch,
-            [
-                (OwnedFd::from(vmstate), INCOMING_FD),
-                (OwnedFd::from(ram), RAM_FD),
-            ]
-            .into_iter()
-            .chain(nic.map(|fd| (fd, qemu::NIC_FD)))
-            .collect(),
-            None,
-        )
-        .await?;
-        let Some(qmp) = qmp else {
-            unreachable!("a clone is always started with a QMP socket");
-        };
-        let until = tokio::time::Instant::now() + deadline;
-        tracing::debug!(vm = %name, elapsed_ms = started_at.elapsed().as_millis() as u64, "QEMU started");
-        let resume = async {
-            let qmp_error = |source| VmError::Qmp {
-                name: name.clone(),
-                source,
-            };
-            let mut qmp = Qmp::handshake(qmp, until).await.map_err(qmp_error)?;
-            // The template's RAM is the file itself: only device state is in the stream.
-            let capabilities = json!({"capabilities": [
-                {"capability": "x-ignore-shared", "state": true},
-                {"capability": "events", "state": true},
-            ]});
-            qmp.execute("migrate-set-capabilities", Some(capabilities), until)
-                .await
-                .map_err(qmp_error)?;
-            qmp.execute(
-                "migrate-incoming",
-                Some(json!({"uri": format!("fd:{INCOMING_FD}")})),
-                until,
-            )
-            .await
-            .map_err(qmp_error)?;
-            let done = qmp
-                .wait_event(
-                    "MIGRATION",
-                    |data| matches!(data["status"].as_str(), Some("completed" | "failed")),
-                    until,
-                )
-                .await
-                .map_err(qmp_error)?;
-            if done["status"] != "completed" {
-                return Err(VmError::Snapshot {
-                    name: name.clone(),
-                    reason: "QEMU could not load the saved device state".into(),
-                });
-            }
-            tracing::debug!(vm = %name, elapsed_ms = started_at.elapsed().as_millis() as u64, "device state loaded");
-            // The template was saved paused, so the clone stays paused until told.
-            qmp.execute("cont", None, until).await.map_err(qmp_error)?;
-            Ok(qmp)
-        };
-        let qmp = tokio::select! {
-            qmp = resume => qmp,
-            status = child.wait() => {
-                settle_logs().await;
-                Err(VmError::ExitedDuringBoot {
-                    name: name.clone(),
-                    status: status.map_or_else(|e| e.to_string(), |s| s.to_string()),
-                    log_tail: log.text(),
-                })
-            }
-        }?;
-        let vm = Vm {
-            name,
-            child,
-            channel,
-            log,
-            hello,
-            qmp: Some(qmp),
-            gateway: None,
-            _dir: dir,
-        };
-        let remaining = deadline.saturating_sub(started_at.elapsed());
-        vm.reseed(remaining).await?;
-        tracing::debug!(vm = %vm.name, elapsed_ms = started_at.elapsed().as_millis() as u64, "restored from a memory snapshot");
-        Ok(vm)
-    }
-
-    /// Tells a restored guest it is a clone: host entropy for its CRNG, the current time, and
-    /// fresh seeds for running interpreters. Also the first request after `cont`, so it pays
-    /// the empty translation cache rather than the user's code.
-    async fn reseed(&self, deadline: Duration) -> Result<(), VmError> {
-        let mut entropy = vec![0u8; 64];
-        std::io::Read::read_exact(
-            &mut std::fs::File::open("/dev/urandom").map_err(|source| VmError::Prepare {
-                path: "/dev/urandom".into(),
-                source,
-            })?,
-            &mut entropy,
-        )
-        .map_err(|source| VmError::Prepare {
-            path: "/dev/urandom".into(),
-            source,
-        })?;
-        let unix_time_ns = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-        let name = self.name.clone();
-        self.acknowledged(
-            &Request::Reseed {
-                entropy,
-                unix_time_ns,
-            },
-            "reseed",
-            deadline,
-            |event| matches!(event, Event::Reseeded { .. }),
-            |reason| VmError::Snapshot {
-                name: name.clone(),
-                reason,
-            },
-        )
-        .await
-    }
-
     /// Makes the guest trust `pem` (CA certificates, in addition to the image's) for TLS.
-    pub async fn trust_certificates(
+    pub(crate) async fn trust_certificates(
         &self,
         pem: Vec<u8>,
         deadline: Duration,
     ) -> Result<(), VmError> {
-        let name = self.name.clone();
-        self.acknowledged(
-            &Request::TrustCertificates { pem },
-            "trust the CA bundle",
-            deadline,
-            |event| matches!(event, Event::CertificatesTrusted { .. }),
-            |reason| VmError::Certificates {
-                name: name.clone(),
-                reason,
-            },
-        )
-        .await
-    }
-
-    /// Sends `request` and waits up to `deadline` for the answer `expected` accepts; a guest
-    /// error, another answer or no answer becomes `fail(reason)`.
-    async fn acknowledged(
-        &self,
-        request: &Request,
-        what: &str,
-        deadline: Duration,
-        expected: impl Fn(&Event) -> bool,
-        fail: impl Fn(String) -> VmError,
-    ) -> Result<(), VmError> {
-        let channel_error = |source| VmError::Channel {
-            name: self.name.clone(),
-            source,
-        };
-        let mut answers = self.channel.request(request).await.map_err(channel_error)?;
-        match tokio::time::timeout(deadline, answers.recv()).await {
-            Ok(Some(event)) if expected(&event) => Ok(()),
-            Ok(Some(Event::Error(e))) => {
-                Err(fail(format!("the guest could not {what}: {}", e.message)))
-            }
-            Ok(Some(other)) => Err(fail(format!("unexpected answer to {what}: {other:?}"))),
-            Ok(None) => Err(channel_error(ChannelError::Closed)),
-            Err(_) => Err(fail(format!(
-                "no answer to {what} within {} ms",
-                deadline.as_millis()
-            ))),
-        }
-    }
-
-    /// Saves a template booted with [`Vm::boot_template`]: pauses the guest for good, writes
-    /// its device state to `vmstate` (the RAM is already in the template's RAM file) and ends
-    /// QEMU. The VM is consumed: a saved template is never resumed.
-    pub async fn save_template(mut self, vmstate: &std::fs::File) -> Result<(), VmError> {
-        use std::os::fd::AsFd;
-        let name = self.name.clone();
-        let qmp_error = |source| VmError::Qmp {
-            name: name.clone(),
-            source,
-        };
-        let Some(mut qmp) = self.qmp.take() else {
-            return Err(VmError::Snapshot {
-                name,
-                reason: "not booted as a template".into(),
-            });
-        };
-        let until = tokio::time::Instant::now() + QMP_DEADLINE;
-        let capabilities =
-            json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]});
-        qmp.execute("migrate-set-capabilities", Some(capabilities), until)
+        self.link()
+            .acknowledged(&Request::TrustCertificates { pem }, deadline, |event| {
+                matches!(event, Event::CertificatesTrusted { .. })
+            })
             .await
-            .map_err(qmp_error)?;
-        qmp.execute("stop", None, until).await.map_err(qmp_error)?;
-        // QEMU's own sandbox forbids `exec:` URIs (spawn=deny) and 7.2 has no `file:`: the
-        // open file travels over the monitor socket and `fd:` names it.
-        qmp.execute_with_fd(
-            "getfd",
-            Some(json!({"fdname": "vmstate"})),
-            vmstate.as_fd(),
-            until,
-        )
-        .await
-        .map_err(qmp_error)?;
-        qmp.execute("migrate", Some(json!({"uri": "fd:vmstate"})), until)
-            .await
-            .map_err(qmp_error)?;
-        loop {
-            let info = qmp
-                .execute("query-migrate", None, until)
-                .await
-                .map_err(qmp_error)?;
-            match info["status"].as_str() {
-                Some("completed") => break,
-                Some("failed" | "cancelled") => {
-                    return Err(VmError::Snapshot {
-                        name,
-                        reason: format!(
-                            "QEMU could not save the device state: {}",
-                            info["error-desc"].as_str().unwrap_or("no reason given")
-                        ),
-                    });
-                }
-                _ => tokio::time::sleep(Duration::from_millis(5)).await,
-            }
-        }
-        // `quit` may close the socket before answering.
-        let _ = qmp.execute("quit", None, until).await;
-        if tokio::time::timeout(QMP_DEADLINE, self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.start_kill();
-        }
-        Ok(())
+            .map(drop)
+            .map_err(|source| VmError::Certificates {
+                name: self.name.clone(),
+                source,
+            })
     }
 
     /// The VM's name.
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
     /// What the agent said when it started.
-    pub fn hello(&self) -> &AgentHello {
+    pub(crate) fn hello(&self) -> &AgentHello {
         &self.hello
     }
 
-    /// The control channel.
-    pub fn channel(&self) -> &Channel {
-        &self.channel
+    /// The control channel with the VM's name, for the layers that talk to the agent.
+    pub(crate) fn link(&self) -> Link<'_> {
+        Link {
+            channel: &self.channel,
+            name: &self.name,
+        }
     }
 
-    /// The end of the console log and QEMU's stderr.
-    pub fn log_tail(&self) -> String {
-        self.log.text()
+    /// QEMU's process id, while it runs.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// What the gateway of a networked VM refused since the last call.
+    pub(crate) fn take_network_refusals(&self) -> Vec<String> {
+        self.gateway
+            .as_ref()
+            .map(Gateway::take_refusals)
+            .unwrap_or_default()
+    }
+
+    /// Whether the VM's gateway lets it open connections.
+    pub(crate) fn has_outbound_network(&self) -> bool {
+        self.gateway.as_ref().is_some_and(Gateway::outbound)
+    }
+
+    /// The forwarded ports of a networked VM.
+    pub(crate) fn exposed_ports(&self) -> &[ExposedPort] {
+        self.gateway
+            .as_ref()
+            .map(Gateway::exposed_ports)
+            .unwrap_or_default()
     }
 
     /// Kills QEMU and waits for it, returning what the host measured.
-    pub async fn destroy(mut self) -> VmStats {
-        let stats = self.child.id().map(read_stats).unwrap_or_default();
+    pub(crate) async fn destroy(mut self) -> VmStats {
+        let stats = self.child.id().map(procfs::stats).unwrap_or_default();
         let _ = self.child.start_kill();
         if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
             .await
@@ -788,65 +534,9 @@ async fn forward<R: AsyncRead + Unpin>(
     }
 }
 
-/// Reads QEMU's CPU time and peak RSS from `/proc` (before it is killed).
-fn read_stats(pid: u32) -> VmStats {
-    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-    let cpu_time_ms = std::fs::read_to_string(proc_dir.join("stat"))
-        .ok()
-        .and_then(|stat| parse_cpu_ticks(&stat))
-        .map(|ticks| ticks * 1000 / clock_ticks_per_second());
-    let memory_peak_mb = std::fs::read_to_string(proc_dir.join("status"))
-        .ok()
-        .and_then(|status| parse_vm_hwm_kb(&status))
-        .map(|kb| kb.div_ceil(1024));
-    VmStats {
-        cpu_time_ms,
-        memory_peak_mb,
-    }
-}
-
-fn clock_ticks_per_second() -> u64 {
-    // Linux has reported USER_HZ = 100 to userspace on every architecture for decades.
-    100
-}
-
-/// utime + stime (fields 14 and 15) of `/proc/<pid>/stat`.
-fn parse_cpu_ticks(stat: &str) -> Option<u64> {
-    let after_comm = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    // after_comm starts at field 3 (state), so field N is at index N - 3.
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
-}
-
-fn parse_vm_hwm_kb(status: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-
-    #[test]
-    fn parses_proc_stat_with_hostile_comm() {
-        let stat = "42 (qemu) x) y) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 1";
-        assert_eq!(parse_cpu_ticks(stat), Some(300));
-        assert_eq!(parse_cpu_ticks("garbage"), None);
-    }
-
-    #[test]
-    fn parses_vm_hwm() {
-        assert_eq!(
-            parse_vm_hwm_kb("Name:\tq\nVmHWM:\t  204800 kB\n"),
-            Some(204_800)
-        );
-        assert_eq!(parse_vm_hwm_kb("Name:\tq\n"), None);
-    }
 
     #[test]
     fn log_tail_is_bounded() {
@@ -861,7 +551,7 @@ mod tests {
     }
 
     /// A spec whose paths don't exist: for tests where QEMU never gets that far.
-    fn unbootable_spec() -> VmSpec {
+    pub(crate) fn unbootable_spec() -> VmSpec {
         VmSpec {
             name: "t".into(),
             kernel: "/nonexistent/vmlinux".into(),
@@ -886,6 +576,7 @@ mod tests {
             &spec,
             Duration::from_secs(1),
             None,
+            None,
         )
         .await
         .err()
@@ -904,11 +595,31 @@ mod tests {
             &spec_args_ignored,
             Duration::from_secs(10),
             None,
+            None,
         )
         .await
         .err()
         .expect("boot must fail");
         assert!(matches!(err, VmError::ExitedDuringBoot { .. }), "{err}");
         assert_eq!(err.kind(), ErrorKind::Transient);
+    }
+
+    #[tokio::test]
+    async fn a_gateway_whose_nic_was_used_is_refused_before_qemu_starts() {
+        let mut gateway = Gateway::start(crate::gateway::GatewayConfig::closed()).unwrap();
+        drop(gateway.take_qemu_end());
+        let mut spec = unbootable_spec();
+        spec.nic = true;
+        let err = Vm::boot(
+            Path::new("/nonexistent/qemu"),
+            &spec,
+            Duration::from_secs(1),
+            None,
+            Some(gateway),
+        )
+        .await
+        .err()
+        .expect("boot must fail");
+        assert!(matches!(err, VmError::NicUnavailable { .. }), "{err}");
     }
 }

@@ -11,8 +11,6 @@ use std::sync::mpsc;
 
 use tokio::process::{Child, Command};
 
-use super::qemu::CONTROL_SOCKET_FD;
-
 type Job = Box<dyn FnOnce() + Send>;
 
 fn spawner() -> &'static mpsc::Sender<Job> {
@@ -31,18 +29,10 @@ fn spawner() -> &'static mpsc::Sender<Job> {
     })
 }
 
-/// Spawns `program args` with the control socket at fd 3, stdin from /dev/null and piped
-/// stdout/stderr, killed when this process dies or when the returned child is dropped.
-pub async fn spawn_qemu(
-    program: std::path::PathBuf,
-    args: Vec<std::ffi::OsString>,
-    control_listener: OwnedFd,
-) -> std::io::Result<Child> {
-    spawn_qemu_with_fds(program, args, vec![(control_listener, CONTROL_SOCKET_FD)]).await
-}
-
-/// Like [`spawn_qemu`], with each `(fd, number)` of `fds` inherited at that number (at most 8).
-pub async fn spawn_qemu_with_fds(
+/// Spawns `program args` with each `(fd, number)` of `fds` inherited at that number (at most
+/// 8), stdin from /dev/null and piped stdout/stderr, killed when this process dies or when the
+/// returned child is dropped.
+pub(crate) async fn spawn_qemu(
     program: std::path::PathBuf,
     args: Vec<std::ffi::OsString>,
     fds: Vec<(OwnedFd, i32)>,
@@ -68,18 +58,7 @@ pub async fn spawn_qemu_with_fds(
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
-        // functions (prctl, getppid, fcntl, dup2); it allocates nothing (`moves` is copied in).
-        unsafe {
-            cmd.pre_exec(move || {
-                crate::sys::set_parent_death_signal()?;
-                // The parent may have died between fork and prctl: then nobody will signal us.
-                if crate::sys::parent_pid() != parent {
-                    return Err(std::io::Error::other("parent exited during spawn"));
-                }
-                crate::sys::move_fds_for_exec(&moves[..count])
-            });
-        }
+        crate::sys::die_with_parent_and_inherit(cmd.as_std_mut(), parent, moves, count);
         let result = cmd.spawn();
         drop(fds);
         let _ = tx.send(result);

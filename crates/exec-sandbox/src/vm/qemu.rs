@@ -102,6 +102,7 @@ impl VmSpec {
     }
 
     /// QEMU's arguments (without the program name) for a cold boot.
+    #[cfg(test)]
     pub fn args(&self) -> Vec<OsString> {
         self.args_for(&Launch::default())
     }

@@ -19,6 +19,7 @@ const MAX_QUEUED_EVENTS: usize = 64;
 
 /// A QMP exchange failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum QmpError {
     /// Reading or writing the socket failed.
     #[error("QMP socket I/O failed")]

@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
-use exec_sandbox::assets::{AssetError, AssetStore};
+use exec_sandbox::assets::{AssetConfig, AssetError, AssetStore};
 use exec_sandbox::{ErrorKind, Language, SchedulerConfig};
 use sha2::{Digest, Sha256};
 
@@ -90,7 +90,7 @@ const ALL_FILES: &[(&str, &str, &[u8])] = &[
     ("rootfs-raw", "rootfs-raw.erofs", b"prebuilt raw root"),
 ];
 
-fn config(images: &Path, base_url: &str, version: &str) -> SchedulerConfig {
+fn config(images: &Path, base_url: &str, version: &str) -> AssetConfig {
     SchedulerConfig {
         cache_dir: images.into(),
         images_dir: images.join("images"),
@@ -100,6 +100,7 @@ fn config(images: &Path, base_url: &str, version: &str) -> SchedulerConfig {
         auto_download_assets: true,
         ..SchedulerConfig::default()
     }
+    .asset_config()
 }
 
 #[tokio::test]

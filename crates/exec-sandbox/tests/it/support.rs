@@ -77,5 +77,5 @@ pub async fn wait_until(
 
 /// The pid of the live QEMU process started with `-name <name>`, found through /proc.
 pub fn qemu_pid(name: &str) -> Option<u32> {
-    exec_sandbox::vm::host::qemu_pid(name)
+    exec_sandbox::testing::qemu_pid(name)
 }

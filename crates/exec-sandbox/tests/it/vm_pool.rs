@@ -28,14 +28,12 @@ async fn run(s: &Scheduler, options: RunOptions) -> exec_sandbox::ExecutionResul
 
 async fn refilled(s: &Scheduler, not: &[String]) -> String {
     let mut name = String::new();
-    wait_until("a warm VM", REFILL, || {
-        match s.warm_pool_vm_names(Language::Python).pop() {
-            Some(n) if !not.contains(&n) => {
-                name = n;
-                true
-            }
-            _ => false,
+    wait_until("a warm VM", REFILL, || match s.warm_pool_vms().pop() {
+        Some(vm) if vm.language == Language::Python && !not.contains(&vm.name) => {
+            name = vm.name;
+            true
         }
+        _ => false,
     })
     .await;
     name
@@ -97,13 +95,13 @@ async fn pool_hits_are_fast_and_runs_never_share_a_vm() {
     }
     let last = refilled(&s, &seen).await;
     let pid = qemu_pid(&last).expect("the idle warm VM's QEMU");
-    let pss = exec_sandbox::vm::host::pss_mb(pid);
+    let pss = exec_sandbox::testing::pss_mb(pid);
     eprintln!(
         "warm-pool run ms: {warm:?}; non-pool run ms: {other:?}; idle warm VM PSS: {:?} MB",
         pss.map(|mb| mb.round())
     );
     s.shutdown().await;
-    assert!(s.warm_pool_vm_names(Language::Python).is_empty());
+    assert!(s.warm_pool_vms().is_empty());
     assert!(
         !std::path::Path::new(&format!("/proc/{pid}")).exists(),
         "QEMU {pid} still exists after shutdown"

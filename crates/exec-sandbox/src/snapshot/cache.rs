@@ -1,0 +1,530 @@
+//! The on-disk cache of memory snapshots: verified entries, atomic publication, LRU eviction.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use sbx_protocol::{AgentHello, Language};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{FORMAT, META, RAM, VMSTATE};
+use crate::vm::VmError;
+use crate::vm::migration::Saved;
+
+/// Longest accepted `meta.json`.
+const MAX_META_BYTES: u64 = 16 * 1024;
+/// Age after which a build directory is a leftover of a process that died while building.
+const STALE_BUILD: Duration = Duration::from_secs(3600);
+
+/// A snapshot cache operation failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SnapshotError {
+    /// A file operation failed.
+    #[error("snapshot cache: cannot {action} {}", path.display())]
+    Io {
+        /// What we were doing.
+        action: &'static str,
+        /// Path involved.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The template VM failed.
+    #[error("template VM failed")]
+    Vm(#[source] VmError),
+}
+
+fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SnapshotError {
+    let path = path.to_path_buf();
+    move |source| SnapshotError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// Why a cache entry is not loaded (it is then discarded).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum VerifyError {
+    /// A file of the entry could not be opened or read.
+    #[error("cannot read {file}")]
+    Read {
+        /// The file, relative to the entry.
+        file: &'static str,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// `meta.json` is not valid.
+    #[error("bad {META}")]
+    Meta(#[source] serde_json::Error),
+    /// `meta.json` is for another format or key.
+    #[error("{META} is for format {format} key {key}")]
+    Mismatch {
+        /// The format it names.
+        format: u32,
+        /// The key it names.
+        key: String,
+    },
+    /// The RAM file has another size than recorded.
+    #[error("{RAM} is {found} bytes, expected {expected}")]
+    RamSize {
+        /// Its size.
+        found: u64,
+        /// The recorded size.
+        expected: u64,
+    },
+    /// The device state does not match its recorded size and checksum.
+    #[error("{VMSTATE} does not match its checksum ({bytes} bytes)")]
+    Vmstate {
+        /// Its size.
+        bytes: u64,
+    },
+}
+
+/// What the saved files must be, written last when a template is saved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Meta {
+    /// [`FORMAT`] at save time.
+    pub(crate) format: u32,
+    /// The cache key (also the directory name).
+    pub(crate) key: String,
+    /// The template's language.
+    pub(crate) language: Language,
+    /// sha256 of `vmstate`, checked before every restore.
+    pub(crate) vmstate_sha256: String,
+    /// Size of `vmstate`.
+    pub(crate) vmstate_bytes: u64,
+    /// Size of `ram` (the guest memory size).
+    pub(crate) ram_bytes: u64,
+    /// When it was saved (ms since the Unix epoch).
+    pub(crate) created_unix_ms: u64,
+    /// The template agent's version and protocol, given to clones as their hello.
+    pub(crate) agent_version: String,
+    /// The template agent's protocol version.
+    pub(crate) protocol_version: u8,
+}
+
+/// A verified entry, ready to restore. Its files are open: a concurrent replacement of the
+/// entry cannot pair this device state with another template's RAM.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    /// The entry's directory.
+    pub(crate) dir: PathBuf,
+    /// Its metadata.
+    pub(crate) meta: Meta,
+    /// The device state, open and rewound: the very file whose hash was checked.
+    pub(crate) vmstate: File,
+    /// The guest RAM file, open (QEMU reopens it through `/proc/self/fd`).
+    pub(crate) ram: File,
+}
+
+impl Entry {
+    /// What the template's agent said, given to clones.
+    pub(crate) fn hello(&self) -> AgentHello {
+        AgentHello {
+            protocol_version: self.meta.protocol_version,
+            agent_version: self.meta.agent_version.clone(),
+            uptime_ms: 0,
+            root_mounted: true,
+        }
+    }
+
+    /// The files a clone is restored from; the directory, for discarding the entry.
+    pub(crate) fn into_saved(self) -> (Saved, PathBuf) {
+        let hello = self.hello();
+        (
+            Saved {
+                ram: self.ram,
+                vmstate: self.vmstate,
+                hello,
+            },
+            self.dir,
+        )
+    }
+}
+
+/// A template being built: its temporary directory and the key's build lock.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    key: String,
+    dir: PathBuf,
+    published: bool,
+    _lock: File,
+}
+
+impl Pending {
+    /// Where QEMU creates the template's RAM.
+    pub(crate) fn ram(&self) -> PathBuf {
+        self.dir.join(RAM)
+    }
+
+    /// Where the device state goes.
+    pub(crate) fn vmstate(&self) -> PathBuf {
+        self.dir.join(VMSTATE)
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.published {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The on-disk cache of templates, bounded in size.
+#[derive(Debug, Clone)]
+pub(crate) struct Cache {
+    dir: PathBuf,
+    max_bytes: u64,
+}
+
+impl Cache {
+    /// A cache in `dir` holding at most `max_bytes` (allocated bytes on disk).
+    pub(crate) fn new(dir: PathBuf, max_bytes: u64) -> Self {
+        Self { dir, max_bytes }
+    }
+
+    pub(crate) fn entry_dir(&self, key: &str) -> PathBuf {
+        self.dir.join(key)
+    }
+
+    /// The entry for `key` if there is one and it checks out; a bad one is discarded. Marks the
+    /// entry as used now.
+    pub(crate) fn open(&self, key: &str) -> Option<Entry> {
+        let dir = self.entry_dir(key);
+        if !dir.exists() {
+            return None;
+        }
+        match verify(&dir, key) {
+            Ok(entry) => {
+                // LRU clock: the metadata's mtime. Failing to touch it only skews eviction.
+                let _ = File::options()
+                    .write(true)
+                    .open(dir.join(META))
+                    .and_then(|f| f.set_modified(SystemTime::now()));
+                Some(entry)
+            }
+            Err(reason) => {
+                tracing::warn!(dir = %dir.display(), reason = %crate::vm::error_chain(&reason), "discarding a bad memory snapshot");
+                self.discard(&dir);
+                None
+            }
+        }
+    }
+
+    /// Removes an entry: renamed away first (atomic for readers), then deleted. Clones mapping
+    /// its RAM keep their (unlinked) file.
+    pub(crate) fn discard(&self, dir: &Path) {
+        let trash = self.dir.join(format!(
+            ".trash-{}-{}-{}",
+            dir.file_name().and_then(|n| n.to_str()).unwrap_or("entry"),
+            std::process::id(),
+            unique()
+        ));
+        if fs::rename(dir, &trash).is_ok() {
+            let _ = fs::remove_dir_all(&trash);
+        }
+    }
+
+    /// Starts building `key`, or `None` when another process is building it right now.
+    pub(crate) fn begin(&self, key: &str) -> Result<Option<Pending>, SnapshotError> {
+        fs::create_dir_all(&self.dir).map_err(io_error("create", &self.dir))?;
+        let lock_path = self.dir.join(format!("{key}.lock"));
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_error("open", &lock_path))?;
+        if !crate::sys::flock_exclusive(&lock, false).map_err(io_error("lock", &lock_path))? {
+            return Ok(None);
+        }
+        let dir = self
+            .dir
+            .join(format!(".tmp-{key}-{}-{}", std::process::id(), unique()));
+        fs::create_dir(&dir).map_err(io_error("create", &dir))?;
+        Ok(Some(Pending {
+            key: key.to_string(),
+            dir,
+            published: false,
+            _lock: lock,
+        }))
+    }
+
+    /// Seals a saved template: hashes the device state, writes `meta.json` last and publishes
+    /// the directory under its key, replacing a bad entry if one is there.
+    pub(crate) fn commit(
+        &self,
+        mut pending: Pending,
+        language: Language,
+        hello: &AgentHello,
+    ) -> Result<PathBuf, SnapshotError> {
+        let vmstate_path = pending.vmstate();
+        let (vmstate_sha256, vmstate_bytes) =
+            hash_file(&mut File::open(&vmstate_path).map_err(io_error("open", &vmstate_path))?)
+                .map_err(io_error("read", &vmstate_path))?;
+        let ram_path = pending.ram();
+        let ram = File::open(&ram_path).map_err(io_error("open", &ram_path))?;
+        ram.sync_all().map_err(io_error("sync", &ram_path))?;
+        let ram_bytes = ram.metadata().map_err(io_error("stat", &ram_path))?.len();
+        let meta = Meta {
+            format: FORMAT,
+            key: pending.key.clone(),
+            language,
+            vmstate_sha256,
+            vmstate_bytes,
+            ram_bytes,
+            created_unix_ms: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            agent_version: hello.agent_version.clone(),
+            protocol_version: hello.protocol_version,
+        };
+        let meta_path = pending.dir.join(META);
+        let text = serde_json::to_vec_pretty(&meta).expect("metadata serializes");
+        fs::write(&meta_path, text).map_err(io_error("write", &meta_path))?;
+        File::open(&meta_path)
+            .and_then(|f| f.sync_all())
+            .map_err(io_error("sync", &meta_path))?;
+        let target = self.entry_dir(&pending.key);
+        if target.exists() {
+            // We hold the key's lock: whatever is there failed verification or is older.
+            self.discard(&target);
+        }
+        fs::rename(&pending.dir, &target).map_err(io_error("publish", &target))?;
+        pending.published = true;
+        Ok(target)
+    }
+
+    /// Evicts least recently used entries (never `keep`) until the cache fits its bound, and
+    /// clears leftovers of interrupted builds. Returns the evicted directories.
+    pub(crate) fn evict(&self, keep: &str) -> Vec<PathBuf> {
+        let Ok(read) = fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut entries: Vec<(SystemTime, u64, PathBuf)> = Vec::new();
+        let mut total = 0u64;
+        for item in read.filter_map(Result::ok) {
+            let path = item.path();
+            let name = item.file_name().to_string_lossy().into_owned();
+            if !path.is_dir() {
+                continue;
+            }
+            let stale_build = name.starts_with(".tmp-")
+                && fs::metadata(&path)
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().unwrap_or_default() > STALE_BUILD);
+            if name.starts_with(".trash-") || stale_build {
+                let _ = fs::remove_dir_all(&path);
+                continue;
+            }
+            let size = allocated_bytes(&path);
+            total += size;
+            if name.starts_with('.') || name == keep {
+                continue;
+            }
+            let used = fs::metadata(path.join(META))
+                .and_then(|m| m.modified())
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            entries.push((used, size, path));
+        }
+        entries.sort();
+        let mut evicted = Vec::new();
+        for (_, size, path) in entries {
+            if total <= self.max_bytes {
+                break;
+            }
+            self.discard(&path);
+            total = total.saturating_sub(size);
+            evicted.push(path);
+        }
+        evicted
+    }
+}
+
+/// Checks an entry against its metadata: format, key, RAM size, and the vmstate's size and
+/// sha256 (it is small; the RAM file is too big to hash per run and is checked by size).
+pub(crate) fn verify(dir: &Path, key: &str) -> Result<Entry, VerifyError> {
+    let read = |file: &'static str| move |source| VerifyError::Read { file, source };
+    // Every file is opened through one descriptor of the directory, so all of them come from
+    // the same entry even if it is replaced meanwhile.
+    let handle = File::open(dir).map_err(read("."))?;
+    let base = PathBuf::from(format!("/proc/self/fd/{}", handle.as_raw_fd()));
+    let mut text = Vec::new();
+    File::open(base.join(META))
+        .and_then(|f| f.take(MAX_META_BYTES).read_to_end(&mut text))
+        .map_err(read(META))?;
+    let meta: Meta = serde_json::from_slice(&text).map_err(VerifyError::Meta)?;
+    if meta.format != FORMAT || meta.key != key {
+        return Err(VerifyError::Mismatch {
+            format: meta.format,
+            key: meta.key,
+        });
+    }
+    let ram = File::open(base.join(RAM)).map_err(read(RAM))?;
+    let ram_bytes = ram.metadata().map_err(read(RAM))?.len();
+    if ram_bytes != meta.ram_bytes {
+        return Err(VerifyError::RamSize {
+            found: ram_bytes,
+            expected: meta.ram_bytes,
+        });
+    }
+    let mut vmstate = File::open(base.join(VMSTATE)).map_err(read(VMSTATE))?;
+    let (sha256, bytes) = hash_file(&mut vmstate).map_err(read(VMSTATE))?;
+    if bytes != meta.vmstate_bytes || sha256 != meta.vmstate_sha256 {
+        return Err(VerifyError::Vmstate { bytes });
+    }
+    std::io::Seek::rewind(&mut vmstate).map_err(read(VMSTATE))?;
+    Ok(Entry {
+        dir: dir.to_path_buf(),
+        meta,
+        vmstate,
+        ram,
+    })
+}
+
+fn hash_file(file: &mut File) -> io::Result<(String, u64)> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok((hex::encode(h.finalize()), total));
+        }
+        h.update(&buf[..n]);
+        total += n as u64;
+    }
+}
+
+/// Bytes a directory's files occupy on disk (sparse RAM files count what is allocated).
+fn allocated_bytes(dir: &Path) -> u64 {
+    fs::read_dir(dir)
+        .map(|read| {
+            read.filter_map(Result::ok)
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.blocks() * 512)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn unique() -> u128 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A published entry with a fake RAM file and vmstate.
+    pub(crate) fn publish(cache: &Cache, key: &str, vmstate: &[u8]) -> PathBuf {
+        let pending = cache.begin(key).unwrap().expect("lock is free");
+        fs::write(pending.ram(), vec![0u8; 4096]).unwrap();
+        fs::write(pending.vmstate(), vmstate).unwrap();
+        let hello = AgentHello {
+            protocol_version: sbx_protocol::PROTOCOL_VERSION,
+            agent_version: "t".into(),
+            uptime_ms: 1,
+            root_mounted: true,
+        };
+        cache.commit(pending, Language::Python, &hello).unwrap()
+    }
+
+    #[test]
+    fn metadata_roundtrip_and_integrity_checks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::new(tmp.path().to_path_buf(), u64::MAX);
+        let dir = publish(&cache, "k1", b"device state");
+        let mut entry = cache.open("k1").expect("valid entry");
+        assert_eq!(entry.meta.vmstate_bytes, 12);
+        assert_eq!(entry.meta.ram_bytes, 4096);
+        assert_eq!(entry.hello().agent_version, "t");
+        let mut read_back = String::new();
+        entry.vmstate.read_to_string(&mut read_back).unwrap();
+        assert_eq!(read_back, "device state", "handed out rewound");
+        // A wrong key in the metadata is not this entry.
+        assert!(verify(&dir, "k2").is_err());
+
+        // Truncated vmstate: rejected and removed, never handed out.
+        fs::write(dir.join(VMSTATE), b"device").unwrap();
+        assert!(cache.open("k1").is_none());
+        assert!(!dir.exists(), "a bad entry is discarded");
+
+        // Same size, different bytes; truncated RAM; garbage metadata.
+        for damage in [
+            |d: &Path| fs::write(d.join(VMSTATE), b"DEVICE STATE").unwrap(),
+            |d: &Path| {
+                File::options()
+                    .write(true)
+                    .open(d.join(RAM))
+                    .unwrap()
+                    .set_len(100)
+                    .unwrap()
+            },
+            |d: &Path| fs::write(d.join(META), b"{not json").unwrap(),
+            |d: &Path| fs::remove_file(d.join(RAM)).unwrap(),
+        ] {
+            let dir = publish(&cache, "k1", b"device state");
+            assert!(cache.open("k1").is_some());
+            damage(&dir);
+            assert!(cache.open("k1").is_none());
+            assert!(!dir.exists());
+        }
+    }
+
+    #[test]
+    fn one_builder_per_key_and_unfinished_builds_leave_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::new(tmp.path().to_path_buf(), u64::MAX);
+        let first = cache.begin("k").unwrap().expect("free");
+        assert!(cache.begin("k").unwrap().is_none(), "locked while building");
+        assert!(cache.begin("other").unwrap().is_some());
+        let tmp_dir = first.dir.clone();
+        assert!(tmp_dir.exists());
+        drop(first);
+        assert!(!tmp_dir.exists(), "an abandoned build is removed");
+        assert!(cache.open("k").is_none(), "nothing was published");
+        assert!(cache.begin("k").unwrap().is_some(), "lock released");
+    }
+
+    #[test]
+    fn eviction_drops_least_recently_used_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let unbounded = Cache::new(tmp.path().to_path_buf(), u64::MAX);
+        let a = publish(&unbounded, "a", &[1; 8192]);
+        let b = publish(&unbounded, "b", &[2; 8192]);
+        let c = publish(&unbounded, "c", &[3; 8192]);
+        let old = SystemTime::now() - Duration::from_secs(3600);
+        for (dir, age) in [(&a, 3), (&b, 1), (&c, 2)] {
+            File::options()
+                .write(true)
+                .open(dir.join(META))
+                .unwrap()
+                .set_modified(old - Duration::from_secs(age))
+                .unwrap();
+        }
+        // Using `a` makes it the most recently used.
+        assert!(unbounded.open("a").is_some());
+        let one_entry = allocated_bytes(&a);
+        assert!(one_entry > 0);
+        let bounded = Cache::new(tmp.path().to_path_buf(), one_entry * 2);
+        assert!(unbounded.evict("none").is_empty(), "within bound");
+        let evicted = bounded.evict("none");
+        assert_eq!(evicted, vec![c.clone()], "c was used longest ago");
+        assert!(a.exists() && b.exists() && !c.exists());
+        // The entry being kept is never evicted, even when it is the oldest.
+        let tiny = Cache::new(tmp.path().to_path_buf(), 1);
+        tiny.evict("b");
+        assert!(b.exists() && !a.exists());
+    }
+}

@@ -1,0 +1,36 @@
+//! L1 memory snapshots: warm templates saved once per cache key and restored instead of booted.
+//!
+//! A template is a VM booted with its RAM in a file (`share=on`) and its language's interpreter
+//! warm; saving writes only the device state (`x-ignore-shared`), ~60 KB. A clone maps the RAM
+//! file copy-on-write (`share=off`), so it loads in milliseconds and clones share pages. The
+//! QEMU side of saving and restoring is [`crate::vm::migration`]; here are the cache key
+//! ([`key`]), the on-disk cache ([`cache`]) and the scheduler's template manager
+//! ([`templates`]).
+//!
+//! Layout under the cache directory, one directory per key:
+//!
+//! ```text
+//! <key>/ram        guest RAM (sparse; never modified once published: clones map it)
+//! <key>/vmstate    QEMU's device state stream
+//! <key>/meta.json  sizes and the vmstate's sha256; its mtime is the last use (LRU)
+//! <key>.lock       held while one process builds the template
+//! ```
+//!
+//! An entry is built in `.tmp-<key>-…`, `meta.json` written last, and published by renaming
+//! the directory: readers see a whole entry or none. A corrupt, truncated or unloadable entry
+//! is renamed away and deleted, never loaded, and rebuilt later under the same key but as new
+//! files (clones still running keep the old inodes). The cache is kept under a size bound by
+//! evicting least recently used entries.
+
+pub(crate) mod cache;
+pub(crate) mod key;
+pub(crate) mod templates;
+
+pub(crate) use cache::Cache;
+pub(crate) use templates::Templates;
+
+/// Version of the on-disk layout and of what goes into a key.
+pub(crate) const FORMAT: u32 = 1;
+const META: &str = "meta.json";
+const RAM: &str = "ram";
+const VMSTATE: &str = "vmstate";

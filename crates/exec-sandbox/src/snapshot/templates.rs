@@ -1,0 +1,379 @@
+//! The scheduler's side of L1: building templates (now or in the background), restoring clones,
+//! and what happens when a restore fails.
+//!
+//! A failed restore discards its entry (it may be corrupt) and the run boots cold; the next cold
+//! boot of that shape rebuilds the template in the background. If a restore of the same key
+//! fails [`MAX_RESTORE_FAILURES`] times in one process, restoring is broken on this host for
+//! that shape: the key is neither restored nor rebuilt again by this process, so a broken host
+//! costs at most that many failed restores and one extra template build, not one of each per
+//! run.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use sbx_protocol::Language;
+
+use super::cache::{Cache, SnapshotError};
+use super::key::{KeyInputs, cache_key, qemu_identity};
+use crate::vm::qemu::VmSpec;
+use crate::vm::{Vm, VmError};
+
+/// Deadline of a restore, from QEMU's start to the reseeded guest.
+pub(crate) const RESTORE_DEADLINE: Duration = Duration::from_secs(10);
+/// Deadline of the interpreter warm-up in a template.
+const WARM_DEADLINE: Duration = Duration::from_secs(60);
+/// Failed restores of one key after which this process stops restoring and rebuilding it.
+pub(crate) const MAX_RESTORE_FAILURES: u32 = 2;
+
+/// Boots a template for `language` with `spec`, warms the interpreter, saves it and publishes
+/// it under `key`. `Ok(None)` when another process is building the same key.
+pub(crate) async fn build(
+    cache: &Cache,
+    qemu: &Path,
+    spec: &VmSpec,
+    language: Language,
+    key: &str,
+    boot_deadline: Duration,
+) -> Result<Option<PathBuf>, SnapshotError> {
+    let Some(pending) = cache.begin(key)? else {
+        return Ok(None);
+    };
+    static TEMPLATES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut spec = spec.clone();
+    // Told apart from run VMs in `ps` (and by tests that look for a run's leftovers).
+    spec.name = format!(
+        "sbx-template-{}-{}",
+        std::process::id(),
+        TEMPLATES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let vm = Vm::boot_template(qemu, &spec, &pending.ram(), boot_deadline)
+        .await
+        .map_err(SnapshotError::Vm)?;
+    vm.warm(language, WARM_DEADLINE)
+        .await
+        .map_err(SnapshotError::Vm)?;
+    let hello = vm.hello().clone();
+    let vmstate_path = pending.vmstate();
+    let vmstate = File::create(&vmstate_path).map_err(|source| SnapshotError::Io {
+        action: "create",
+        path: vmstate_path.clone(),
+        source,
+    })?;
+    vm.save_template(&vmstate)
+        .await
+        .map_err(SnapshotError::Vm)?;
+    vmstate.sync_all().map_err(|source| SnapshotError::Io {
+        action: "sync",
+        path: vmstate_path,
+        source,
+    })?;
+    drop(vmstate);
+    let published = cache.commit(pending, language, &hello)?;
+    for evicted in cache.evict(key) {
+        tracing::info!(dir = %evicted.display(), "evicted a memory snapshot (cache full)");
+    }
+    Ok(Some(published))
+}
+
+/// The cache, the QEMU identity, the background builds and the restore failures of one
+/// scheduler.
+#[derive(Debug, Default)]
+pub(crate) struct Templates {
+    cache: Option<Cache>,
+    qemu_identity: OnceLock<String>,
+    building: Arc<Mutex<HashSet<String>>>,
+    /// Failed restores per key in this process.
+    failed: Mutex<HashMap<String, u32>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Templates {
+    /// Templates in `cache`, or none at all (L1 switched off).
+    pub(crate) fn new(cache: Option<Cache>) -> Self {
+        Self {
+            cache,
+            qemu_identity: OnceLock::new(),
+            building: Arc::default(),
+            failed: Mutex::default(),
+            tasks: Mutex::default(),
+        }
+    }
+
+    /// Whether L1 is on.
+    pub(crate) fn enabled(&self) -> bool {
+        self.cache.is_some()
+    }
+
+    /// The cache key of a template for `language` shaped like `spec`.
+    pub(crate) fn key(
+        &self,
+        qemu: &Path,
+        language: Language,
+        spec: &VmSpec,
+        asset_version: &str,
+    ) -> String {
+        let identity = self.qemu_identity.get_or_init(|| qemu_identity(qemu));
+        cache_key(&KeyInputs {
+            language,
+            spec,
+            asset_version,
+            qemu: identity,
+        })
+    }
+
+    /// A clone of `key`'s template, or `None` (no template, L1 off, restoring given up for this
+    /// key, or the restore failed: then the entry is discarded and the caller boots cold).
+    /// `nic` is the NIC backend socket of a networked clone.
+    pub(crate) async fn restore(
+        &self,
+        qemu: &Path,
+        spec: &VmSpec,
+        key: &str,
+        nic: Option<OwnedFd>,
+    ) -> Option<Vm> {
+        let cache = self.cache.as_ref()?;
+        if self.given_up(key) {
+            return None;
+        }
+        let (saved, dir) = cache.open(key)?.into_saved();
+        match Vm::restore(qemu, spec, saved, nic, RESTORE_DEADLINE).await {
+            Ok(vm) => Some(vm),
+            Err(e) => {
+                tracing::warn!(key, error = %crate::vm::error_chain(&e), "restoring a memory snapshot failed; booting cold");
+                self.restore_failed(cache, key, &dir, &e);
+                None
+            }
+        }
+    }
+
+    /// Records a failed restore: the entry is discarded unless QEMU never started (then the
+    /// entry is not to blame), and the key counts one more failure.
+    fn restore_failed(&self, cache: &Cache, key: &str, dir: &Path, error: &VmError) {
+        if !matches!(error, VmError::Spawn { .. } | VmError::Prepare { .. }) {
+            cache.discard(dir);
+        }
+        if let Ok(mut failed) = self.failed.lock() {
+            *failed.entry(key.to_string()).or_default() += 1;
+        }
+    }
+
+    /// Whether this process gave up restoring (and rebuilding) `key`.
+    fn given_up(&self, key: &str) -> bool {
+        self.failed
+            .lock()
+            .map(|f| f.get(key).is_some_and(|n| *n >= MAX_RESTORE_FAILURES))
+            .unwrap_or(true)
+    }
+
+    /// Builds `key`'s template in the background unless it exists, is being built, or this
+    /// process gave up on it.
+    pub(crate) fn build_in_background(
+        &self,
+        qemu: PathBuf,
+        spec: VmSpec,
+        language: Language,
+        key: String,
+        boot_deadline: Duration,
+        budget: impl Send + 'static,
+    ) {
+        let Some(cache) = self.cache.clone() else {
+            return;
+        };
+        if self.given_up(&key) || cache.entry_dir(&key).join(super::META).exists() {
+            return;
+        }
+        if !self
+            .building
+            .lock()
+            .map(|mut b| b.insert(key.clone()))
+            .unwrap_or(false)
+        {
+            return;
+        }
+        let building = self.building.clone();
+        let task = tokio::spawn(async move {
+            // The template VM's share of the host budget, held until it is gone.
+            let _budget = budget;
+            let started = std::time::Instant::now();
+            match build(&cache, &qemu, &spec, language, &key, boot_deadline).await {
+                Ok(Some(dir)) => {
+                    tracing::debug!(%language, dir = %dir.display(), elapsed_ms = started.elapsed().as_millis() as u64, "saved a memory snapshot")
+                }
+                Ok(None) => tracing::debug!(%language, "another process is saving this snapshot"),
+                Err(e) => {
+                    tracing::warn!(%language, error = %crate::vm::error_chain(&e), "cannot save a memory snapshot")
+                }
+            }
+            if let Ok(mut b) = building.lock() {
+                b.remove(&key);
+            }
+        });
+        if let Ok(mut tasks) = self.tasks.lock() {
+            tasks.retain(|t| !t.is_finished());
+            tasks.push(task);
+        }
+    }
+
+    /// Builds `key`'s template now unless a valid one exists. True when one is ready after.
+    pub(crate) async fn ensure(
+        &self,
+        qemu: &Path,
+        spec: &VmSpec,
+        language: Language,
+        key: &str,
+        boot_deadline: Duration,
+    ) -> Result<bool, SnapshotError> {
+        let Some(cache) = &self.cache else {
+            return Ok(false);
+        };
+        if cache.open(key).is_some() {
+            return Ok(true);
+        }
+        Ok(build(cache, qemu, spec, language, key, boot_deadline)
+            .await?
+            .is_some())
+    }
+
+    /// Whether background builds are running.
+    pub(crate) fn pending(&self) -> bool {
+        self.tasks
+            .lock()
+            .map(|t| t.iter().any(|task| !task.is_finished()))
+            .unwrap_or(false)
+    }
+
+    /// Abandons the background builds and waits until their template VMs are gone.
+    pub(crate) async fn abort(&self) {
+        for task in self.drain_tasks() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    /// Waits for the background builds started so far (a one-shot process calls this before
+    /// exiting, or its template would die with it).
+    pub(crate) async fn wait(&self) {
+        for task in self.drain_tasks() {
+            let _ = task.await;
+        }
+    }
+
+    fn drain_tasks(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        self.tasks
+            .lock()
+            .map(|mut t| t.drain(..).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Templates {
+    /// Background builds end with the scheduler; their template VMs are killed on drop.
+    fn drop(&mut self) {
+        if let Ok(mut tasks) = self.tasks.lock() {
+            for task in tasks.drain(..) {
+                task.abort();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::cache::tests::publish;
+    use crate::vm::tests::unbootable_spec;
+
+    /// `false` stands in for a QEMU that dies while loading the snapshot.
+    const DYING_QEMU: &str = "/bin/false";
+
+    #[tokio::test]
+    async fn a_failed_restore_discards_the_entry_and_allows_one_rebuild() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::new(tmp.path().to_path_buf(), u64::MAX);
+        let templates = Templates::new(Some(cache.clone()));
+        let qemu = Path::new(DYING_QEMU);
+        let spec = unbootable_spec();
+
+        let dir = publish(&cache, "k", b"device state");
+        assert!(templates.restore(qemu, &spec, "k", None).await.is_none());
+        assert!(
+            !dir.exists(),
+            "an entry that failed to restore is discarded"
+        );
+        assert!(
+            !templates.given_up("k"),
+            "the next cold boot may rebuild it"
+        );
+
+        // The rebuilt entry is tried, fails again: restoring this key is given up.
+        let dir = publish(&cache, "k", b"device state");
+        assert!(templates.restore(qemu, &spec, "k", None).await.is_none());
+        assert!(!dir.exists());
+        assert!(templates.given_up("k"));
+
+        // Neither restored nor rebuilt any more in this process; other keys are unaffected.
+        publish(&cache, "k", b"device state");
+        assert!(templates.restore(qemu, &spec, "k", None).await.is_none());
+        assert!(
+            cache.open("k").is_some(),
+            "a given-up key's entry is left alone"
+        );
+        assert!(!templates.given_up("other"));
+    }
+
+    #[tokio::test]
+    async fn a_qemu_that_cannot_start_does_not_discard_the_entry() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::new(tmp.path().to_path_buf(), u64::MAX);
+        let templates = Templates::new(Some(cache.clone()));
+        let dir = publish(&cache, "k", b"device state");
+        let missing = Path::new("/nonexistent/qemu");
+        assert!(
+            templates
+                .restore(missing, &unbootable_spec(), "k", None)
+                .await
+                .is_none()
+        );
+        assert!(dir.exists(), "the entry is not to blame");
+    }
+
+    #[tokio::test]
+    async fn given_up_keys_are_not_rebuilt() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::new(tmp.path().to_path_buf(), u64::MAX);
+        let templates = Templates::new(Some(cache.clone()));
+        templates
+            .failed
+            .lock()
+            .unwrap()
+            .insert("k".into(), MAX_RESTORE_FAILURES);
+        templates.build_in_background(
+            DYING_QEMU.into(),
+            unbootable_spec(),
+            Language::Python,
+            "k".into(),
+            Duration::from_secs(1),
+            (),
+        );
+        assert_eq!(
+            templates.tasks.lock().unwrap().len(),
+            0,
+            "no build was started"
+        );
+        // A key not given up does start a build (which fails: `false` is no QEMU).
+        templates.build_in_background(
+            DYING_QEMU.into(),
+            unbootable_spec(),
+            Language::Python,
+            "fresh".into(),
+            Duration::from_secs(1),
+            (),
+        );
+        assert_eq!(templates.tasks.lock().unwrap().len(), 1);
+        templates.wait().await;
+    }
+}

@@ -1,0 +1,43 @@
+//! Helpers for the crate's own integration tests (feature `testing`): what a test needs to see
+//! of the host that the public API does not show. Not a stable interface.
+
+/// The pid of the QEMU process started with `-name <name>`, found through `/proc`.
+pub fn qemu_pid(name: &str) -> Option<u32> {
+    crate::vm::procfs::qemu_pid(name)
+}
+
+/// Proportional set size of process `pid` in MB.
+pub fn pss_mb(pid: u32) -> Option<f64> {
+    crate::vm::procfs::pss_mb(pid)
+}
+
+/// A result with every field set, as a cold Python run printing `42` with one forwarded port
+/// would return it (for tests of what front ends print).
+pub fn sample_result() -> crate::ExecutionResult {
+    use crate::{Accelerator, AcceleratorChoice, ExposedPort, PortProtocol, Timing};
+    crate::ExecutionResult {
+        stdout: "42\n".into(),
+        stderr: String::new(),
+        exit_code: 0,
+        timed_out: false,
+        stdout_truncated: false,
+        stderr_truncated: false,
+        execution_time_ms: Some(12),
+        external_cpu_time_ms: Some(900),
+        external_memory_peak_mb: Some(140),
+        timing: Timing {
+            setup_ms: 3,
+            boot_ms: 700,
+            execute_ms: 40,
+            total_ms: 745,
+        },
+        accelerator: AcceleratorChoice {
+            accelerator: Accelerator::Tcg,
+            reason: "KVM opens but the probe boot hung".into(),
+        },
+        warm_pool_hit: false,
+        l1_cache_hit: false,
+        exposed_ports: vec![ExposedPort::new(8000, 41234, PortProtocol::Tcp)],
+        network_refusals: Vec::new(),
+    }
+}
