@@ -21,7 +21,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 async fn wait_for_warm_vm(scheduler: &Scheduler) -> WarmVm {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        if let Some(vm) = scheduler.warm_pool_vms().pop() {
+        if let Some(vm) = scheduler
+            .warm_pool_vms()
+            .into_iter()
+            .find(|vm| vm.language == Language::Python)
+        {
             return vm;
         }
         assert!(Instant::now() < deadline, "the pool did not refill");

@@ -74,7 +74,7 @@ pub const DEFAULT_HOST_MEMORY_RESERVE_MB: u64 = 1024;
 /// guest RAM is only resident once the guest touches it (a cold VM's PSS is about half its size).
 pub const DEFAULT_MEMORY_OVERCOMMIT_RATIO: f64 = 1.5;
 /// Default ratio of admitted vCPUs to host cores. Idle and waiting VMs cost little CPU; busy ones
-/// slow each other down (LAB.md: 4 busy VMs on 2 cores take 2.5x longer each) but do not fail.
+/// slow each other down (`docs/measurements.md`: 4 busy VMs on 2 cores take 2.5x longer each) but do not fail.
 pub const DEFAULT_CPU_OVERCOMMIT_RATIO: f64 = 4.0;
 /// Default floor of the host's `MemAvailable` below which no VM is admitted.
 pub const DEFAULT_MIN_AVAILABLE_MEMORY_MB: u64 = 512;

@@ -3,7 +3,7 @@
 //! Two plain threads do the blocking I/O: a reader that decodes request frames and a writer
 //! that writes encoded events in order.
 //!
-//! virtio-serial semantics (LAB.md): while the host is not connected, `read` returns 0 at once
+//! virtio-serial semantics (`docs/measurements.md`): while the host is not connected, `read` returns 0 at once
 //! and `poll` reports POLLHUP without waiting, and `write` blocks until a host connects. So the
 //! reader waits for a connection by polling after each SIGIO (which the port raises when the
 //! host connects) or every [`RECONNECT_POLL`], never drops bytes that arrive while POLLHUP is

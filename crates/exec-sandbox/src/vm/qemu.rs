@@ -19,7 +19,7 @@ pub const NIC_FD: i32 = 7;
 /// Id of the file memory backend; a clone's must match its template's.
 const MEMORY_BACKEND_ID: &str = "mem0";
 
-/// Guest RAM kept in a file, for memory snapshots (LAB.md, "Channel and snapshots").
+/// Guest RAM kept in a file, for memory snapshots (`docs/measurements.md`, "L1 memory snapshots").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RamFile {
     /// The file (created by QEMU for a template, its saved RAM for a clone).
@@ -88,7 +88,7 @@ impl VmSpec {
         ];
         if self.accelerator == Accelerator::Tcg {
             // Under TCG the guest sees the host's TSC and QEMU's 1 GHz APIC: telling the kernel
-            // skips ~0.8 s of calibration (LAB.md).
+            // skips ~0.8 s of calibration (`docs/measurements.md`).
             if let Some(khz) = self.tsc_khz {
                 parts.push("tsc=reliable".into());
                 parts.push(format!("tsc_early_khz={khz}"));
@@ -124,7 +124,7 @@ impl VmSpec {
         match self.accelerator {
             Accelerator::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
             // A 64 MB translation cache halves QEMU's resident memory with no measurable
-            // slowdown (LAB.md); admission control charges the same figure per VM.
+            // slowdown (`docs/measurements.md`); admission control charges the same figure per VM.
             Accelerator::Tcg => push(&[
                 "-accel",
                 &format!("tcg,tb-size={}", crate::limits::TCG_TRANSLATION_CACHE_MB),

@@ -36,9 +36,12 @@ pub enum QmpError {
     /// A line was longer than we accept.
     #[error("QMP line longer than {MAX_LINE} bytes")]
     LineTooLong,
-    /// A line was not a QMP message.
+    /// A line was not JSON.
+    #[error("QMP line is not JSON")]
+    NotJson(#[source] serde_json::Error),
+    /// A line was JSON but not a QMP message.
     #[error("invalid QMP message: {0}")]
-    Invalid(String),
+    Invalid(&'static str),
     /// QEMU refused a command.
     #[error("QMP command {command} failed: {class}: {desc}")]
     Command {
@@ -83,10 +86,9 @@ pub enum Message {
 
 /// Parses one line from QEMU.
 pub fn parse_message(line: &[u8]) -> Result<Message, QmpError> {
-    let value: Value =
-        serde_json::from_slice(line).map_err(|e| QmpError::Invalid(format!("not JSON ({e})")))?;
+    let value: Value = serde_json::from_slice(line).map_err(QmpError::NotJson)?;
     let Value::Object(object) = value else {
-        return Err(QmpError::Invalid("not a JSON object".into()));
+        return Err(QmpError::Invalid("not a JSON object"));
     };
     let id = object.get("id").and_then(Value::as_u64);
     if object.contains_key("QMP") {
@@ -115,7 +117,7 @@ pub fn parse_message(line: &[u8]) -> Result<Message, QmpError> {
             data: object.get("data").cloned().unwrap_or(Value::Null),
         })
     } else {
-        Err(QmpError::Invalid("neither return, error nor event".into()))
+        Err(QmpError::Invalid("neither return, error nor event"))
     }
 }
 
@@ -169,11 +171,7 @@ impl Qmp {
         };
         match qmp.read_message(deadline, "the QMP greeting").await? {
             Message::Greeting => {}
-            other => {
-                return Err(QmpError::Invalid(format!(
-                    "expected the greeting, got {other:?}"
-                )));
-            }
+            _ => return Err(QmpError::Invalid("the first message is not the greeting")),
         }
         qmp.execute("qmp_capabilities", None, deadline).await?;
         Ok(qmp)

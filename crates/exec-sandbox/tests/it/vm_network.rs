@@ -279,7 +279,7 @@ fn registry_host() -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_to_an_allowed_registry_works_and_sni_must_match() {
-    // node and npm are part of every machine this runs on (LAB.md).
+    // node and npm are among the README's requirements.
     let registry = registry_host().expect("`npm config get registry` names a registry");
     // curl -k: the registry sits behind a TLS-intercepting proxy whose CA only the host trusts.
     let code = format!(

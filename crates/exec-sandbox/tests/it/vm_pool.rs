@@ -28,12 +28,18 @@ async fn run(s: &Scheduler, options: RunOptions) -> exec_sandbox::ExecutionResul
 
 async fn refilled(s: &Scheduler, not: &[String]) -> String {
     let mut name = String::new();
-    wait_until("a warm VM", REFILL, || match s.warm_pool_vms().pop() {
-        Some(vm) if vm.language == Language::Python && !not.contains(&vm.name) => {
-            name = vm.name;
-            true
+    wait_until("a warm VM", REFILL, || {
+        let python = s
+            .warm_pool_vms()
+            .into_iter()
+            .find(|vm| vm.language == Language::Python);
+        match python {
+            Some(vm) if !not.contains(&vm.name) => {
+                name = vm.name;
+                true
+            }
+            _ => false,
         }
-        _ => false,
     })
     .await;
     name
