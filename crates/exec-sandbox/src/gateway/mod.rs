@@ -25,6 +25,8 @@
 //! verdicts applied), `relay` pumps one host connection, `resolve` asks the host's resolver.
 
 mod device;
+#[cfg(test)]
+mod frame_tests;
 mod relay;
 mod resolve;
 mod stack;
