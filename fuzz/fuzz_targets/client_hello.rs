@@ -1,10 +1,14 @@
-//! Parses arbitrary bytes as the start of a TLS connection, whole and split into records.
+//! Parses arbitrary bytes as the start of a TLS connection, whole and split into records, and
+//! lets the gateway's verdict decide the connection.
 #![no_main]
 
+use std::time::Duration;
+
 use libfuzzer_sys::fuzz_target;
-use sbx_net::policy::validate_domain;
+use sbx_net::policy::{Allowlist, Binding, validate_domain};
 use sbx_net::sni::{ClientHello, parse_client_hello};
 use sbx_net::sniff::{Presented, sniff};
+use sbx_net::verdict::{Policy, SniffProgress, SniffVerdict, sniffed};
 
 fuzz_target!(|data: &[u8]| {
     let whole = parse_client_hello(data);
@@ -34,5 +38,22 @@ fuzz_target!(|data: &[u8]| {
     let presented = sniff(data);
     if data.first() == Some(&0x16) {
         assert!(!matches!(presented, Presented::Http(_)));
+    }
+    let policy = Policy {
+        outbound: true,
+        allowlist: Allowlist::Only(vec!["example.com".into()]),
+        allow_internal: false,
+    };
+    let binding = Binding {
+        name: "example.com".into(),
+        addrs: Vec::new(),
+    };
+    let progress = SniffProgress {
+        bytes: data,
+        elapsed: Duration::ZERO,
+        client_open: true,
+    };
+    if sniffed(&policy, &binding, 443, progress) == SniffVerdict::Connect {
+        assert!(matches!(presented, Presented::Tls(n) | Presented::Http(n) if n == "example.com"));
     }
 });

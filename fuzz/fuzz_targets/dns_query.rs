@@ -1,4 +1,5 @@
-//! Parses arbitrary bytes as a DNS query, and builds every answer from any query it accepts.
+//! Parses arbitrary bytes as a DNS query, builds every answer from any query it accepts, and
+//! lets the gateway's verdict decide it under each kind of policy.
 #![no_main]
 
 use std::net::Ipv4Addr;
@@ -7,8 +8,28 @@ use libfuzzer_sys::fuzz_target;
 use sbx_net::dns::{
     MAX_QUERY_BYTES, Rcode, answer_a, answer_error, answer_formerr, parse_query, query_id,
 };
+use sbx_net::policy::Allowlist;
+use sbx_net::verdict::{DnsVerdict, Policy, dns_query};
 
 fuzz_target!(|data: &[u8]| {
+    for (outbound, allowlist) in [
+        (true, Allowlist::Any),
+        (true, Allowlist::Only(vec!["example.com".into()])),
+        (false, Allowlist::Any),
+    ] {
+        let policy = Policy {
+            outbound,
+            allowlist,
+            allow_internal: false,
+        };
+        let verdict = dns_query(&policy, data, 0);
+        if let Some(reply) = verdict.reply() {
+            assert!(reply.len() <= 512);
+        }
+        if let DnsVerdict::Lookup(query) = verdict {
+            assert!(policy.outbound && policy.allowlist.permits(&query.name));
+        }
+    }
     let id = query_id(data);
     assert_eq!(id.is_some(), data.len() >= 12);
     match parse_query(data) {
@@ -30,7 +51,10 @@ fuzz_target!(|data: &[u8]| {
             ] {
                 assert!(answer.len() <= 512);
                 assert_eq!(answer.get(..2), Some(&query.id.to_be_bytes()[..]));
-                assert_eq!(answer.get(12..12 + query.question.len()), Some(&query.question[..]));
+                assert_eq!(
+                    answer.get(12..12 + query.question.len()),
+                    Some(&query.question[..])
+                );
             }
             // With QR cleared, an error answer is the query again.
             let mut echoed = answer_error(&query, Rcode::Refused);

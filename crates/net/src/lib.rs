@@ -11,9 +11,15 @@
 //! - [`sniff`]: which name the first bytes of a TCP connection present (TLS or HTTP).
 //! - [`policy`]: domain validation, the allowlist, destination address classes, and the table
 //!   binding the addresses handed to a guest to the names they were resolved for.
+//! - [`verdict`]: the gateway's decisions (TCP SYNs, DNS queries and lookups, datagrams, the name
+//!   a connection presents) as pure functions returning typed verdicts, and the refusals users
+//!   see.
 
 pub mod dns;
 pub mod http;
 pub mod policy;
 pub mod sni;
 pub mod sniff;
+#[cfg(test)]
+mod testing;
+pub mod verdict;

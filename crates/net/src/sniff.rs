@@ -13,10 +13,36 @@ pub enum Presented {
     Tls(String),
     /// Plain HTTP with this `Host`.
     Http(String),
-    /// Not decided yet: read more bytes (the caller enforces [`MAX_SNIFF_BYTES`] and a deadline).
+    /// Not decided yet: read more bytes (the gateway enforces a deadline:
+    /// [`crate::verdict::SNIFF_DEADLINE`]).
     NeedMore,
-    /// No name can be found; the reason is for logs and errors.
-    Unnamed(&'static str),
+    /// No name can be found, and why.
+    Unnamed(Unnamed),
+}
+
+/// Why the first bytes of a connection present no name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unnamed {
+    /// A ClientHello without the server_name extension.
+    #[error("TLS ClientHello without a server name")]
+    NoServerName,
+    /// A handshake record whose version is not TLS 1.0-1.3.
+    #[error("TLS handshake record of an unknown version")]
+    TlsVersion,
+    /// A ClientHello that does not parse, or whose server name is not a valid host name (an IP
+    /// address literal, for example).
+    #[error("malformed TLS ClientHello or invalid server name")]
+    MalformedHello,
+    /// An HTTP/1 request head without `Host`.
+    #[error("HTTP request without a Host header")]
+    NoHost,
+    /// Neither TLS nor an HTTP/1 request head with a valid `Host` (an IP address literal, for
+    /// example).
+    #[error("neither TLS nor an HTTP/1 request with a valid Host")]
+    NotHttp,
+    /// [`MAX_SNIFF_BYTES`] bytes without a decision.
+    #[error("no name in the first 16 KiB of the connection")]
+    TooLong,
 }
 
 /// Decides what `start` presents (TLS first, then HTTP/1.x).
@@ -31,26 +57,20 @@ pub fn sniff(start: &[u8]) -> Presented {
         match parse_client_hello(start) {
             ClientHello::ServerName(name) => Presented::Tls(name),
             ClientHello::Incomplete => Presented::NeedMore,
-            ClientHello::NoServerName => {
-                Presented::Unnamed("TLS ClientHello without a server name")
-            }
-            ClientHello::NotTls => Presented::Unnamed("TLS handshake record of an unknown version"),
-            ClientHello::Malformed => {
-                Presented::Unnamed("malformed TLS ClientHello or invalid server name")
-            }
+            ClientHello::NoServerName => Presented::Unnamed(Unnamed::NoServerName),
+            ClientHello::NotTls => Presented::Unnamed(Unnamed::TlsVersion),
+            ClientHello::Malformed => Presented::Unnamed(Unnamed::MalformedHello),
         }
     } else {
         match parse_request_host(start) {
             RequestHost::Host { name, .. } => Presented::Http(name),
             RequestHost::Incomplete => Presented::NeedMore,
-            RequestHost::Missing => Presented::Unnamed("HTTP request without a Host header"),
-            RequestHost::Invalid => {
-                Presented::Unnamed("neither TLS nor an HTTP/1 request with a valid Host")
-            }
+            RequestHost::Missing => Presented::Unnamed(Unnamed::NoHost),
+            RequestHost::Invalid => Presented::Unnamed(Unnamed::NotHttp),
         }
     };
     if decided == Presented::NeedMore && start.len() >= MAX_SNIFF_BYTES {
-        return Presented::Unnamed("no name in the first 16 KiB of the connection");
+        return Presented::Unnamed(Unnamed::TooLong);
     }
     decided
 }
@@ -58,31 +78,8 @@ pub fn sniff(start: &[u8]) -> Presented {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::client_hello;
     use proptest::prelude::*;
-
-    /// A minimal TLS ClientHello record naming `name`.
-    fn client_hello(name: &str) -> Vec<u8> {
-        let mut sni = vec![0];
-        sni.extend_from_slice(&(name.len() as u16).to_be_bytes());
-        sni.extend_from_slice(name.as_bytes());
-        let mut ext = (sni.len() as u16).to_be_bytes().to_vec();
-        ext.extend_from_slice(&sni);
-        let mut extensions = vec![0, 0];
-        extensions.extend_from_slice(&(ext.len() as u16).to_be_bytes());
-        extensions.extend_from_slice(&ext);
-        let mut body = vec![3, 3];
-        body.extend_from_slice(&[7; 32]);
-        body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
-        body.extend_from_slice(&(extensions.len() as u16).to_be_bytes());
-        body.extend_from_slice(&extensions);
-        let mut message = vec![1, 0];
-        message.extend_from_slice(&(body.len() as u16).to_be_bytes());
-        message.extend_from_slice(&body);
-        let mut record = vec![22, 3, 1];
-        record.extend_from_slice(&(message.len() as u16).to_be_bytes());
-        record.extend_from_slice(&message);
-        record
-    }
 
     #[test]
     fn tls() {
@@ -109,10 +106,7 @@ mod tests {
         let at = hello.len() - (2 + 2 + 2 + 1 + 2 + "example.com".len());
         assert_eq!(&hello[at..at + 2], [0, 0]);
         hello[at + 1] = 0x99;
-        assert_eq!(
-            sniff(&hello),
-            Presented::Unnamed("TLS ClientHello without a server name")
-        );
+        assert_eq!(sniff(&hello), Presented::Unnamed(Unnamed::NoServerName));
     }
 
     #[test]
@@ -124,7 +118,7 @@ mod tests {
         }
         assert_eq!(
             sniff(b"GET / HTTP/1.0\r\n\r\n"),
-            Presented::Unnamed("HTTP request without a Host header")
+            Presented::Unnamed(Unnamed::NoHost)
         );
         assert!(matches!(
             sniff(b"SSH-2.0-OpenSSH_9.6\r\n"),

@@ -19,11 +19,14 @@
 //! - Other UDP: port unreachable. Forwarded ports: the gateway listens on `127.0.0.1` and
 //!   opens connections (or relays datagrams) into the guest.
 //!
-//! Module layout: [`device`] moves frames between QEMU and the stack, [`stack`] is the event loop
-//! and the policy enforcement, [`relay`] pumps one host connection, [`resolve`] asks the host's
-//! resolver.
+//! Every decision above is a pure function in [`sbx_net::verdict`], table-tested there; this
+//! module only carries bytes and applies the verdicts. Module layout: `device` moves frames
+//! between QEMU and the stack, `stack` is the event loop (smoltcp, sockets, DNS replies, the
+//! verdicts applied), `relay` pumps one host connection, `resolve` asks the host's resolver.
 
 mod device;
+#[cfg(test)]
+mod frame_tests;
 mod relay;
 mod resolve;
 mod stack;
@@ -103,7 +106,7 @@ const MAX_REFUSALS: usize = 50;
 
 /// What the gateway refused (DNS names, connections, datagrams), kept for the caller so a
 /// program that failed to reach something says why. Distinct entries only, at most
-/// [`MAX_REFUSALS`], then a count of the rest. Every refusal is also logged (`info`,
+/// 50, then a count of the rest. Every refusal is also logged (`info`,
 /// target `sbx::network`).
 #[derive(Debug, Clone, Default)]
 pub struct Refusals(Arc<Mutex<RefusalLog>>);
@@ -116,7 +119,8 @@ struct RefusalLog {
 
 impl Refusals {
     /// Records one refusal.
-    pub(crate) fn record(&self, text: String) {
+    pub(crate) fn record(&self, refusal: impl std::fmt::Display) {
+        let text = refusal.to_string();
         tracing::info!(target: "sbx::network", "refused: {text}");
         let Ok(mut log) = self.0.lock() else { return };
         if log.entries.contains(&text) {
@@ -141,6 +145,18 @@ impl Refusals {
         }
         entries
     }
+}
+
+/// `error` and its sources on one line (`a: b: c`), for refusal texts and logs.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Host sockets of the forwarded ports, bound before the VM boots.
@@ -257,8 +273,8 @@ mod tests {
     #[test]
     fn refusals_are_distinct_bounded_and_taken_once() {
         let refusals = Refusals::default();
-        refusals.record("DNS a.test: not in the allowlist".into());
-        refusals.record("DNS a.test: not in the allowlist".into());
+        refusals.record("DNS a.test: not in the allowlist");
+        refusals.record("DNS a.test: not in the allowlist");
         for i in 0..MAX_REFUSALS + 3 {
             refusals.record(format!("TCP 198.18.0.{i}:80: refused"));
         }

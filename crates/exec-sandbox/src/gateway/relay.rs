@@ -7,7 +7,7 @@
 //! guest's socket takes the data, so a slow guest slows the host connection instead of growing
 //! a buffer.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,29 @@ pub const CREDIT: usize = 256 * 1024;
 /// Guest chunks queued toward one host connection.
 pub const TO_HOST_CHUNKS: usize = 16;
 
+/// Why a relayed host connection failed (the guest's side is reset).
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// No address to connect to.
+    #[error("no address")]
+    NoAddress,
+    /// Connecting to the last address tried failed.
+    #[error("{addr}")]
+    Connect {
+        /// The address tried.
+        addr: SocketAddrV4,
+        /// What the kernel said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No address answered within [`CONNECT_DEADLINE`].
+    #[error("no connection within {} s", CONNECT_DEADLINE.as_secs())]
+    ConnectTimeout,
+    /// Reading or writing the host connection failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
 /// The channels of one relay.
 pub struct RelayIo {
     /// Which connection.
@@ -43,25 +66,20 @@ pub struct RelayIo {
 pub async fn connect_and_relay(addrs: Vec<Ipv4Addr>, port: u16, initial: Vec<u8>, io: RelayIo) {
     let started = Instant::now();
     let attempt = async {
-        let mut last = None;
+        let mut last = RelayError::NoAddress;
         for addr in &addrs {
-            match TcpStream::connect(SocketAddr::from((*addr, port))).await {
+            let addr = SocketAddrV4::new(*addr, port);
+            match TcpStream::connect(addr).await {
                 Ok(stream) => return Ok(stream),
-                Err(e) => last = Some(format!("{addr}:{port}: {e}")),
+                Err(source) => last = RelayError::Connect { addr, source },
             }
         }
-        Err(last.unwrap_or_else(|| "no address".into()))
+        Err(last)
     };
     let stream = match tokio::time::timeout(CONNECT_DEADLINE, attempt).await {
         Ok(Ok(stream)) => stream,
-        Ok(Err(reason)) => return fail(&io, reason).await,
-        Err(_) => {
-            return fail(
-                &io,
-                format!("no connection within {} s", CONNECT_DEADLINE.as_secs()),
-            )
-            .await;
-        }
+        Ok(Err(error)) => return fail(&io, error).await,
+        Err(_) => return fail(&io, RelayError::ConnectTimeout).await,
     };
     let _ = stream.set_nodelay(true);
     let _ = io
@@ -74,8 +92,8 @@ pub async fn connect_and_relay(addrs: Vec<Ipv4Addr>, port: u16, initial: Vec<u8>
     relay(stream, initial, io).await;
 }
 
-async fn fail(io: &RelayIo, reason: String) {
-    let _ = io.events.send(Event::Failed { id: io.id, reason }).await;
+async fn fail(io: &RelayIo, error: RelayError) {
+    let _ = io.events.send(Event::Failed { id: io.id, error }).await;
 }
 
 /// Relays between `stream` and the stack until both directions are done or one fails.
@@ -124,7 +142,7 @@ pub async fn relay(stream: TcpStream, initial: Vec<u8>, io: RelayIo) {
         let _ = events
             .send(Event::Failed {
                 id,
-                reason: e.to_string(),
+                error: RelayError::Io(e),
             })
             .await;
     }

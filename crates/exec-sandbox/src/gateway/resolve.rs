@@ -1,65 +1,45 @@
 //! Resolving allowed names on the host.
 //!
 //! The operator's static entries come first; otherwise the host's own resolver (getaddrinfo, on a
-//! blocking thread, with a deadline). Only IPv4 addresses the policy lets the gateway connect to
-//! are kept.
+//! blocking thread, with a deadline). Every IPv4 address found is returned: which of them the
+//! gateway may use is decided by [`sbx_net::verdict::usable_addrs`].
 
 use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
-use sbx_net::policy::host_may_connect;
-
 /// Longest a host lookup may take.
 pub const RESOLVE_DEADLINE: Duration = Duration::from_secs(5);
-/// Most addresses kept per name.
-const MAX_ADDRS: usize = 8;
 
-/// What a lookup found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Resolution {
-    /// Addresses the gateway may connect to.
-    Found(Vec<Ipv4Addr>),
-    /// The name has no address, or only addresses the policy forbids (how many).
-    Nothing {
-        /// Addresses dropped by policy.
-        forbidden: usize,
-    },
-    /// The resolver failed or did not answer in time.
-    Failed(String),
+/// Why the host's resolver gave no answer (a name without addresses is an empty answer, not an
+/// error).
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// No answer within [`RESOLVE_DEADLINE`].
+    #[error("no answer within {} s", RESOLVE_DEADLINE.as_secs())]
+    Timeout,
+    /// The blocking lookup task died.
+    #[error("the lookup task failed")]
+    Task(#[source] tokio::task::JoinError),
+    /// getaddrinfo failed.
+    #[error("the host's resolver failed")]
+    Resolver(#[source] std::io::Error),
 }
 
-/// Keeps the addresses the policy allows.
-pub fn filter(addrs: impl IntoIterator<Item = Ipv4Addr>, allow_internal: bool) -> Resolution {
-    let mut kept = Vec::new();
-    let mut forbidden = 0;
-    for addr in addrs {
-        if !host_may_connect(addr, allow_internal) {
-            forbidden += 1;
-        } else if !kept.contains(&addr) && kept.len() < MAX_ADDRS {
-            kept.push(addr);
-        }
-    }
-    if kept.is_empty() {
-        Resolution::Nothing { forbidden }
-    } else {
-        Resolution::Found(kept)
-    }
-}
-
-/// Resolves `name` (already allowed and normalized).
+/// The IPv4 addresses of `name` (already allowed and normalized): the operator's `hosts`
+/// entries for it if there are any, else the host resolver's answer.
 pub async fn resolve(
-    name: String,
+    name: &str,
     hosts: &[(String, Ipv4Addr)],
-    allow_internal: bool,
-) -> Resolution {
+) -> Result<Vec<Ipv4Addr>, ResolveError> {
     let fixed: Vec<Ipv4Addr> = hosts
         .iter()
-        .filter(|(host, _)| *host == name)
+        .filter(|(host, _)| host == name)
         .map(|(_, addr)| *addr)
         .collect();
     if !fixed.is_empty() {
-        return filter(fixed, allow_internal);
+        return Ok(fixed);
     }
+    let name = name.to_owned();
     let lookup = tokio::task::spawn_blocking(move || {
         (name.as_str(), 0u16).to_socket_addrs().map(|addrs| {
             addrs
@@ -71,12 +51,12 @@ pub async fn resolve(
         })
     });
     match tokio::time::timeout(RESOLVE_DEADLINE, lookup).await {
-        Err(_) => Resolution::Failed(format!("no answer within {} s", RESOLVE_DEADLINE.as_secs())),
-        Ok(Err(join)) => Resolution::Failed(join.to_string()),
+        Err(_) => Err(ResolveError::Timeout),
+        Ok(Err(join)) => Err(ResolveError::Task(join)),
         // getaddrinfo reports "no such name" as an error too: that is an empty answer.
-        Ok(Ok(Err(e))) if is_no_such_name(&e) => Resolution::Nothing { forbidden: 0 },
-        Ok(Ok(Err(e))) => Resolution::Failed(e.to_string()),
-        Ok(Ok(Ok(addrs))) => filter(addrs, allow_internal),
+        Ok(Ok(Err(e))) if is_no_such_name(&e) => Ok(Vec::new()),
+        Ok(Ok(Err(e))) => Err(ResolveError::Resolver(e)),
+        Ok(Ok(Ok(addrs))) => Ok(addrs),
     }
 }
 
@@ -91,37 +71,27 @@ fn is_no_such_name(e: &std::io::Error) -> bool {
 mod tests {
     use super::*;
 
-    #[test]
-    fn internal_addresses_are_dropped_unless_allowed() {
-        let lo = Ipv4Addr::LOCALHOST;
-        let public = Ipv4Addr::new(203, 0, 113, 80);
-        let metadata = Ipv4Addr::new(169, 254, 169, 254);
-        assert_eq!(
-            filter([lo, public, metadata, public], false),
-            Resolution::Found(vec![public])
-        );
-        assert_eq!(
-            filter([lo, metadata], false),
-            Resolution::Nothing { forbidden: 2 }
-        );
-        assert_eq!(filter([lo], true), Resolution::Found(vec![lo]));
-    }
-
     #[tokio::test]
-    async fn static_entries_answer_first_and_are_filtered() {
-        let hosts = vec![("fixture.test".to_string(), Ipv4Addr::LOCALHOST)];
+    async fn static_entries_answer_first() {
+        let public = Ipv4Addr::new(203, 0, 113, 80);
+        let hosts = vec![
+            ("fixture.test".to_string(), Ipv4Addr::LOCALHOST),
+            ("fixture.test".to_string(), public),
+            ("localhost".to_string(), public),
+        ];
         assert_eq!(
-            resolve("fixture.test".into(), &hosts, true).await,
-            Resolution::Found(vec![Ipv4Addr::LOCALHOST])
+            resolve("fixture.test", &hosts).await.unwrap(),
+            vec![Ipv4Addr::LOCALHOST, public]
         );
-        assert_eq!(
-            resolve("fixture.test".into(), &hosts, false).await,
-            Resolution::Nothing { forbidden: 1 }
-        );
-        // The host's resolver answers `localhost` from /etc/hosts, without any traffic.
-        assert_eq!(
-            resolve("localhost".into(), &[], false).await,
-            Resolution::Nothing { forbidden: 1 }
+        // A static entry hides the host's own answer.
+        assert_eq!(resolve("localhost", &hosts).await.unwrap(), vec![public]);
+        // The host's resolver answers `localhost` from /etc/hosts, without any traffic; the
+        // address is returned (the policy filters it, not the resolver).
+        assert!(
+            resolve("localhost", &[])
+                .await
+                .unwrap()
+                .contains(&Ipv4Addr::LOCALHOST)
         );
     }
 }

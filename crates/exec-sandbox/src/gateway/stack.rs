@@ -1,19 +1,27 @@
-//! The gateway's event loop: a smoltcp interface on the guest's link, the policy applied to
-//! every DNS query and every connection the guest opens, and the forwarded ports.
+//! The gateway's event loop: a smoltcp interface on the guest's link, carrying the bytes of
+//! every DNS query, connection and datagram to and from the guest, and the forwarded ports.
+//!
+//! Every decision (which SYN gets a socket, how a DNS query is answered, which datagram is
+//! served, whether a connection's presented name opens it) is taken by the pure functions of
+//! [`sbx_net::verdict`]; this module feeds them what the guest sent and applies the verdict.
 //!
 //! One task owns all state (no locks). It wakes on a frame from QEMU, an event from a relay,
 //! resolver or listener task, or smoltcp's next timer, and then polls the interface, serves DNS
 //! and the forwarded UDP ports, and pumps every connection.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sbx_net::dns::{self, Rcode};
-use sbx_net::policy::{Allowlist, Binding, NameTable, host_may_connect, same_name};
-use sbx_net::sniff::{MAX_SNIFF_BYTES, Presented, sniff};
-use sbx_protocol::net::{GATEWAY_IPV4, GATEWAY_MAC, GUEST_IPV4, PREFIX_LEN};
+use sbx_net::dns::Query;
+use sbx_net::policy::{Binding, NameTable};
+use sbx_net::sniff::MAX_SNIFF_BYTES;
+use sbx_net::verdict::{
+    self, Answered, DNS_PORT, Destination, DnsVerdict, Lookup, Policy, SniffProgress, SniffVerdict,
+    TcpVerdict,
+};
+use sbx_protocol::net::{GATEWAY_MAC, GUEST_IPV4, PREFIX_LEN};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::{tcp, udp};
 use smoltcp::time::Instant as NetInstant;
@@ -26,8 +34,8 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::{AbortHandle, JoinSet};
 
 use super::device::{Queues, read_frame, write_frame};
-use super::relay::{self, CHUNK, CREDIT, RelayIo, TO_HOST_CHUNKS};
-use super::resolve::{self, Resolution};
+use super::relay::{self, CHUNK, CREDIT, RelayError, RelayIo, TO_HOST_CHUNKS};
+use super::resolve::{self, ResolveError};
 use super::{GatewayConfig, HostSocket, Refusals};
 
 /// Identifies one relayed connection.
@@ -60,7 +68,7 @@ pub enum Event {
         /// Which connection.
         id: ConnId,
         /// Why.
-        reason: String,
+        error: RelayError,
     },
     /// A connection arrived on a forwarded TCP port.
     Accepted {
@@ -81,24 +89,16 @@ pub enum Event {
     /// A host lookup for a guest's DNS query finished.
     Resolved {
         /// The query.
-        query: dns::Query,
+        query: Query,
         /// Where the answer goes.
         peer: IpEndpoint,
-        /// What the host found.
-        resolution: Resolution,
+        /// What the host found (unfiltered).
+        found: Result<Vec<Ipv4Addr>, ResolveError>,
     },
 }
 
 /// TCP buffer size per direction per connection.
 const SOCKET_BUFFER: usize = 128 * 1024;
-/// Connections one VM may have open through the gateway at once.
-const MAX_CONNECTIONS: usize = 128;
-/// Host lookups one VM may have in flight.
-const MAX_LOOKUPS: usize = 16;
-/// Longest a connection may take to present its name.
-const SNIFF_DEADLINE: Duration = Duration::from_secs(10);
-/// TTL of DNS answers (the virtual address of a name never changes during a VM's life).
-const DNS_TTL: u32 = 300;
 /// Longest the loop sleeps (bounds how late deadlines are noticed).
 const MAX_SLEEP: Duration = Duration::from_millis(500);
 /// Sleep while a connection waits for room toward its host.
@@ -113,20 +113,11 @@ const UDP_FORWARD_BASE: u16 = 30000;
 /// A guest-initiated flow: (guest port, destination, destination port).
 type FlowKey = (u16, Ipv4Addr, u16);
 
-/// Where an accepted guest connection may go.
-#[derive(Debug, Clone)]
-enum Target {
-    /// To the name bound to a virtual address.
-    Named(Binding, u16),
-    /// To a public address (network on without an allowlist).
-    Raw(Ipv4Addr, u16),
-}
-
 enum Phase {
     /// Waiting for the client to present a name.
     Sniffing {
         buf: Vec<u8>,
-        deadline: std::time::Instant,
+        accepted: std::time::Instant,
         binding: Binding,
         port: u16,
     },
@@ -159,6 +150,7 @@ struct UdpForward {
 
 struct Stack {
     config: Arc<GatewayConfig>,
+    policy: Policy,
     iface: Interface,
     device: Queues,
     sockets: SocketSet<'static>,
@@ -183,7 +175,7 @@ fn guest() -> Ipv4Addr {
 }
 
 fn gateway() -> Ipv4Addr {
-    Ipv4Addr::from(GATEWAY_IPV4)
+    verdict::GATEWAY
 }
 
 /// Runs the gateway until QEMU closes the NIC socket (or the task is aborted).
@@ -274,10 +266,15 @@ impl Stack {
         let mut dns_socket = udp_socket(32, 32 * 1024);
         let _ = dns_socket.bind(IpListenEndpoint {
             addr: Some(IpAddress::Ipv4(gateway())),
-            port: 53,
+            port: DNS_PORT,
         });
         let dns = sockets.add(dns_socket);
         Stack {
+            policy: Policy {
+                outbound: config.outbound,
+                allowlist: config.allowlist.clone(),
+                allow_internal: config.allow_internal,
+            },
             config: Arc::new(config),
             iface,
             device,
@@ -398,29 +395,39 @@ impl Stack {
         sleep
     }
 
-    /// A guest SYN for a flow not seen yet: a listening socket for it if the policy allows the
-    /// destination; otherwise nothing, and smoltcp answers with a reset.
+    /// A guest SYN for a flow not seen yet: a listening socket for it if the policy accepts
+    /// the destination; otherwise nothing, and smoltcp answers with a reset.
     fn on_syn(&mut self, key: FlowKey, dst: Ipv4Addr, port: u16) {
         if self.flows.contains_key(&key) {
             return;
         }
-        let target = match self.decide(dst, port) {
-            Ok(target) => target,
-            Err(reason) => {
-                self.refusals.record(format!("TCP {dst}:{port}: {reason}"));
-                return;
-            }
-        };
-        if self.conns.len() >= MAX_CONNECTIONS {
-            self.refusals.record(format!(
-                "TCP {dst}:{port}: {MAX_CONNECTIONS} connections are open"
-            ));
-            return;
-        }
+        let dst = SocketAddrV4::new(dst, port);
+        let (label, phase, connect) =
+            match verdict::tcp_syn(&self.policy, &self.names, dst, self.conns.len()) {
+                TcpVerdict::Refuse(refusal) => {
+                    self.refusals.record(refusal);
+                    return;
+                }
+                TcpVerdict::Sniff { binding, port } => (
+                    Destination::Name {
+                        name: binding.name.clone(),
+                        port,
+                    }
+                    .to_string(),
+                    Phase::Sniffing {
+                        buf: Vec::new(),
+                        accepted: std::time::Instant::now(),
+                        binding,
+                        port,
+                    },
+                    None,
+                ),
+                TcpVerdict::Connect { dest, addrs } => (dest.to_string(), Phase::Open, Some(addrs)),
+            };
         let mut socket = tcp_socket();
         if socket
             .listen(IpListenEndpoint {
-                addr: Some(IpAddress::Ipv4(dst)),
+                addr: Some(IpAddress::Ipv4(*dst.ip())),
                 port,
             })
             .is_err()
@@ -428,68 +435,25 @@ impl Stack {
             return;
         }
         let handle = self.sockets.add(socket);
-        let (label, phase) = match &target {
-            Target::Named(binding, port) => (
-                format!("{}:{port}", binding.name),
-                match &self.config.allowlist {
-                    Allowlist::Only(_) => Phase::Sniffing {
-                        buf: Vec::new(),
-                        deadline: std::time::Instant::now() + SNIFF_DEADLINE,
-                        binding: binding.clone(),
-                        port: *port,
-                    },
-                    Allowlist::Any => Phase::Open,
-                },
-            ),
-            Target::Raw(addr, port) => (format!("{addr}:{port}"), Phase::Open),
-        };
         let id = self.add_conn(handle, Some(key), phase, label);
-        if matches!(self.conns[&id].phase, Phase::Open) {
-            let (addrs, port) = match target {
-                Target::Named(binding, port) => (binding.addrs, port),
-                Target::Raw(addr, port) => (vec![addr], port),
-            };
+        if let Some(addrs) = connect {
             self.spawn_connect(id, addrs, port, Vec::new());
         }
+    }
+
+    /// The gateway ports of the forwarded UDP ports.
+    fn udp_forward_ports(&self) -> std::ops::Range<u16> {
+        UDP_FORWARD_BASE..UDP_FORWARD_BASE + self.udp_forwards.len() as u16
     }
 
     /// Records a guest datagram smoltcp will answer with "port unreachable": anything but DNS
     /// to the gateway and replies on forwarded UDP ports.
     fn on_udp(&mut self, dst: Ipv4Addr, port: u16) {
-        let served = dst == gateway()
-            && (port == 53
-                || (UDP_FORWARD_BASE..UDP_FORWARD_BASE + self.udp_forwards.len() as u16)
-                    .contains(&port));
-        if !served {
-            self.refusals.record(format!(
-                "UDP {dst}:{port}: only DNS to the gateway ({}:53)",
-                gateway()
-            ));
-        }
-    }
-
-    /// The policy for a guest SYN to `dst:port`.
-    fn decide(&self, dst: Ipv4Addr, port: u16) -> Result<Target, String> {
-        if !self.config.outbound {
-            return Err("the VM has no network access (forwarded ports only)".into());
-        }
-        if dst == gateway() {
-            return Err("no TCP service on the gateway".into());
-        }
-        if NameTable::is_virtual(dst) {
-            return match self.names.lookup(dst) {
-                Some(binding) => Ok(Target::Named(binding.clone(), port)),
-                None => Err("the address was never given in a DNS answer".into()),
-            };
-        }
-        match &self.config.allowlist {
-            Allowlist::Any if host_may_connect(dst, self.config.allow_internal) => {
-                Ok(Target::Raw(dst, port))
-            }
-            Allowlist::Any => Err("a host-internal address".into()),
-            Allowlist::Only(_) => {
-                Err("connections to IP addresses are refused; connect by an allowed name".into())
-            }
+        let dst = SocketAddrV4::new(dst, port);
+        if let verdict::UdpVerdict::Refuse(refusal) =
+            verdict::udp_datagram(dst, self.udp_forward_ports())
+        {
+            self.refusals.record(refusal);
         }
     }
 
@@ -560,11 +524,18 @@ impl Stack {
         }
     }
 
-    /// Resets the guest's side of `id`; the connection is removed after the reset went out.
-    fn refuse(&mut self, id: ConnId, reason: &str) {
-        if let Some(conn) = self.conns.get_mut(&id) {
+    /// Resets the guest's side of `id` after its host connection failed.
+    fn fail(&mut self, id: ConnId, error: &RelayError) {
+        if let Some(conn) = self.conns.get(&id) {
             self.refusals
-                .record(format!("TCP {}: {reason}", conn.label));
+                .record(format!("TCP {}: {}", conn.label, super::chain(error)));
+        }
+        self.reset(id);
+    }
+
+    /// Resets the guest's side of `id`; the connection is removed after the reset went out.
+    fn reset(&mut self, id: ConnId) {
+        if let Some(conn) = self.conns.get_mut(&id) {
             if let Some(task) = conn.task.take() {
                 task.abort();
             }
@@ -593,7 +564,7 @@ impl Stack {
                     conn.host_eof = true;
                 }
             }
-            Event::Failed { id, reason } => self.refuse(id, &reason),
+            Event::Failed { id, error } => self.fail(id, &error),
             Event::Accepted { port, stream } => self.accept_forwarded(port, stream),
             Event::Datagram { port, peer, bytes } => {
                 if let Some(forward) = self.udp_forwards.get_mut(port) {
@@ -606,32 +577,23 @@ impl Stack {
                         .send_slice(&bytes, to);
                 }
             }
-            Event::Resolved {
-                query,
-                peer,
-                resolution,
-            } => {
+            Event::Resolved { query, peer, found } => {
                 self.lookups = self.lookups.saturating_sub(1);
-                let answer = match resolution {
-                    Resolution::Found(addrs) => match self.names.bind(&query.name, addrs) {
-                        Some(virtual_addr) => dns::answer_a(&query, &[virtual_addr], DNS_TTL),
-                        None => dns::answer_error(&query, Rcode::ServFail),
-                    },
-                    Resolution::Nothing { forbidden } => {
-                        if forbidden > 0 {
-                            self.refusals.record(format!(
-                                "DNS {}: resolves only to host-internal addresses",
-                                query.name
-                            ));
-                        }
-                        dns::answer_error(&query, Rcode::NxDomain)
-                    }
-                    Resolution::Failed(reason) => {
-                        tracing::info!(target: "sbx::network", "DNS {}: {reason}", query.name);
-                        dns::answer_error(&query, Rcode::ServFail)
+                let lookup = match found {
+                    Ok(addrs) => verdict::usable_addrs(addrs, self.policy.allow_internal),
+                    Err(e) => {
+                        tracing::info!(
+                            target: "sbx::network",
+                            "DNS {}: {}", query.name, super::chain(&e)
+                        );
+                        Lookup::Failed
                     }
                 };
-                self.reply_dns(&answer, peer);
+                let answered = verdict::dns_resolved(query, &lookup, &mut self.names);
+                if let Some(refusal) = &answered.refusal {
+                    self.refusals.record(refusal);
+                }
+                self.reply_dns(&answered.to_bytes(), peer);
             }
         }
     }
@@ -641,7 +603,7 @@ impl Stack {
         let Some(&internal) = self.tcp_forwards.get(port) else {
             return;
         };
-        if self.conns.len() >= MAX_CONNECTIONS {
+        if !verdict::forwarded_connection(self.conns.len()) {
             return;
         }
         let local_port = self.next_inbound_port;
@@ -678,71 +640,45 @@ impl Stack {
 
     /// Answers every queued DNS query: refusals at once, allowed A queries after a host lookup.
     fn serve_dns(&mut self) {
-        let mut queries = Vec::new();
+        let mut verdicts = Vec::new();
         {
             let socket = self.sockets.get_mut::<udp::Socket>(self.dns);
+            let mut lookups = self.lookups;
             while let Ok((packet, meta)) = socket.recv() {
-                queries.push((
-                    dns::parse_query(packet),
-                    dns::query_id(packet),
-                    meta.endpoint,
-                ));
-            }
-        }
-        for (parsed, id, peer) in queries {
-            let query = match parsed {
-                Ok(query) => query,
-                Err(e) => {
-                    tracing::debug!(target: "sbx::network", "DNS: malformed query: {e}");
-                    if let Some(id) = id {
-                        self.reply_dns(&dns::answer_formerr(id), peer);
-                    }
-                    continue;
+                let verdict = verdict::dns_query(&self.policy, packet, lookups);
+                if let DnsVerdict::Lookup(_) = verdict {
+                    lookups += 1;
                 }
-            };
-            let immediate = if !self.config.outbound {
-                self.refusals.record(format!(
-                    "DNS {}: the VM has no network access (forwarded ports only)",
-                    query.name
-                ));
-                Some(Rcode::Refused)
-            } else if query.qclass != dns::CLASS_IN {
-                Some(Rcode::NotImp)
-            } else if !self.config.allowlist.permits(&query.name) {
-                self.refusals
-                    .record(format!("DNS {}: not in the allowlist", query.name));
-                Some(Rcode::NxDomain)
-            } else if self.lookups >= MAX_LOOKUPS {
-                Some(Rcode::ServFail)
-            } else {
-                None
-            };
-            if let Some(rcode) = immediate {
-                self.reply_dns(&dns::answer_error(&query, rcode), peer);
-                continue;
+                verdicts.push((verdict, meta.endpoint));
             }
-            if query.qtype != dns::TYPE_A {
-                // An allowed name, but IPv4 is all the guest has: "no data" (not an error, so
-                // resolvers go on to the A answer).
-                self.reply_dns(&dns::answer_a(&query, &[], DNS_TTL), peer);
-                continue;
-            }
-            self.lookups += 1;
-            let config = self.config.clone();
-            let events = self.events.clone();
-            self.tasks.spawn(async move {
-                let resolution =
-                    resolve::resolve(query.name.clone(), &config.hosts, config.allow_internal)
-                        .await;
-                let _ = events
-                    .send(Event::Resolved {
-                        query,
-                        peer,
-                        resolution,
-                    })
-                    .await;
-            });
         }
+        for (verdict, peer) in verdicts {
+            if let Some(reply) = verdict.reply() {
+                self.reply_dns(&reply, peer);
+            }
+            match verdict {
+                DnsVerdict::Malformed { error, .. } => {
+                    tracing::debug!(target: "sbx::network", "DNS: malformed query: {error}");
+                }
+                DnsVerdict::Answer(Answered {
+                    refusal: Some(refusal),
+                    ..
+                }) => self.refusals.record(refusal),
+                DnsVerdict::Answer(_) => {}
+                DnsVerdict::Lookup(query) => self.lookup(query, peer),
+            }
+        }
+    }
+
+    /// Looks `query`'s name up on the host; the answer goes out when [`Event::Resolved`] comes.
+    fn lookup(&mut self, query: Query, peer: IpEndpoint) {
+        self.lookups += 1;
+        let config = self.config.clone();
+        let events = self.events.clone();
+        self.tasks.spawn(async move {
+            let found = resolve::resolve(&query.name, &config.hosts).await;
+            let _ = events.send(Event::Resolved { query, peer, found }).await;
+        });
     }
 
     /// Datagrams the guest sent back on forwarded UDP ports go to the port's last host peer.
@@ -782,7 +718,7 @@ impl Stack {
         }
         if let Phase::Sniffing {
             buf,
-            deadline,
+            accepted,
             binding,
             port,
         } = &mut conn.phase
@@ -795,37 +731,23 @@ impl Stack {
                     (n, ())
                 });
             }
-            let verdict = match sniff(buf) {
-                Presented::NeedMore
-                    if buf.len() < MAX_SNIFF_BYTES
-                        && std::time::Instant::now() < *deadline
-                        && (socket.may_recv() || !conn.established) =>
-                {
-                    return;
-                }
-                Presented::NeedMore => Err(format!(
-                    "no TLS server name or HTTP Host within {} s or {} bytes",
-                    SNIFF_DEADLINE.as_secs(),
-                    MAX_SNIFF_BYTES
-                )),
-                Presented::Unnamed(reason) => Err(format!("no name presented ({reason})")),
-                Presented::Tls(name) | Presented::Http(name) => {
-                    if same_name(&name, &binding.name) && self.config.allowlist.permits(&name) {
-                        Ok((std::mem::take(buf), binding.addrs.clone(), *port))
-                    } else {
-                        Err(format!(
-                            "the client named {name:?} on an address resolved for {:?}",
-                            binding.name
-                        ))
-                    }
-                }
+            let progress = SniffProgress {
+                bytes: buf,
+                elapsed: accepted.elapsed(),
+                client_open: socket.may_recv() || !conn.established,
             };
-            match verdict {
-                Ok((initial, addrs, port)) => {
+            match verdict::sniffed(&self.policy, binding, *port, progress) {
+                SniffVerdict::Wait => {}
+                SniffVerdict::Connect => {
+                    let (initial, addrs, port) =
+                        (std::mem::take(buf), binding.addrs.clone(), *port);
                     conn.phase = Phase::Open;
                     self.spawn_connect(id, addrs, port, initial);
                 }
-                Err(reason) => self.refuse(id, &reason),
+                SniffVerdict::Refuse(refusal) => {
+                    self.refusals.record(refusal);
+                    self.reset(id);
+                }
             }
             return;
         }
