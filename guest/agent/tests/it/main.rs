@@ -151,6 +151,33 @@ fn bash_xtrace_shows_only_user_commands() {
 }
 
 #[test]
+fn interpreters_run_sandboxed_as_the_sandbox_user() {
+    // The driver shell ($$) leads its own session: field 6 of its stat is its session id.
+    let probe = "id -u; id -g; id -G; ulimit -u; grep -E '^(Uid|NoNewPrivs)' /proc/self/status; \
+        read -r -a stat < /proc/$$/stat; [ \"${stat[5]}\" = $$ ] && echo session-leader";
+    let has_setpriv = std::process::Command::new("setpriv")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !rustix::process::geteuid().is_root() || !has_setpriv {
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipping interpreters_run_sandboxed_as_the_sandbox_user: needs root (and setpriv)"
+        );
+        return;
+    }
+    let mut agent = Agent::start_dropping_privileges();
+    agent.hello();
+    let r = agent.exec(SH, probe);
+    assert_eq!(r.outcome.exit_code, 0, "stderr: {}", r.stderr());
+    assert_eq!(
+        r.stdout(),
+        "1000\n1000\n1000\n1024\nUid:\t1000\t1000\t1000\t1000\nNoNewPrivs:\t1\nsession-leader\n",
+        "uid, gid, no other groups, RLIMIT_NPROC, no-new-privs, own session"
+    );
+}
+
+#[test]
 fn timeout_kills_and_next_exec_works() {
     let mut agent = started();
     agent.exec(PY, "warm = True");
