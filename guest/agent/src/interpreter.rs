@@ -132,6 +132,7 @@ impl Interpreter {
             .args(&args)
             .env_clear()
             .envs(config.base_env())
+            .envs(driver::interpreter_env(language).iter().copied())
             .current_dir(&config.home)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -273,11 +274,18 @@ impl Interpreter {
         }
     }
 
-    /// Runs `request`, streaming its output as request `id`. The timeout counts from now.
-    pub async fn run(&mut self, id: u32, request: &ExecRequest, out: &Outbox) -> io::Result<Ran> {
+    /// Runs `code` with `request`'s environment and limits, streaming its output as request
+    /// `id`. The timeout counts from now.
+    pub async fn run(
+        &mut self,
+        id: u32,
+        request: &ExecRequest,
+        code: &str,
+        out: &Outbox,
+    ) -> io::Result<Ran> {
         let started = Instant::now();
         let nonce = Nonce::generate()?;
-        let command = driver::command(&nonce, &request.env, &request.code);
+        let command = driver::command(&nonce, &request.env, code);
         // Far-future deadlines (absurd timeouts) are capped rather than overflowing.
         let deadline = started
             .checked_add(Duration::from_millis(request.timeout_ms))

@@ -28,6 +28,7 @@ mod port;
 mod procscan;
 mod reaper;
 mod reseed;
+mod script;
 mod server;
 mod streams;
 mod sys;
