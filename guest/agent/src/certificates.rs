@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 use sbx_protocol::{MAX_CA_BUNDLE_BYTES, pem_certificate_count};
 
 use crate::config::Mode;
-use crate::sys;
 
 /// The system bundle every OpenSSL-based client reads (`/usr/lib/ssl/cert.pem` links here).
 const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -89,7 +88,7 @@ pub fn trust(mode: Mode, pem: &[u8]) -> Result<u32, TrustError> {
         }
     };
     // A second request replaces the first: uncover the image's bundle again.
-    let _ = sys::umount(system, libc::MNT_DETACH);
+    let _ = rustix::mount::unmount(system, rustix::mount::UnmountFlags::DETACH);
     let image_bundle = match fs::read(system) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
@@ -108,16 +107,14 @@ pub fn trust(mode: Mode, pem: &[u8]) -> Result<u32, TrustError> {
     file.set_permissions(fs::Permissions::from_mode(0o644))
         .map_err(io_error("set the mode of", target))?;
     drop(file);
-    sys::mount(MERGED_BUNDLE, system, None, libc::MS_BIND, None)
-        .map_err(io_error("bind-mount over", system))?;
-    sys::mount(
-        "none",
+    rustix::mount::mount_bind(MERGED_BUNDLE, system)
+        .map_err(|e| io_error("bind-mount over", system)(e.into()))?;
+    rustix::mount::mount_remount(
         system,
-        None,
-        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-        None,
+        rustix::mount::MountFlags::BIND | rustix::mount::MountFlags::RDONLY,
+        "",
     )
-    .map_err(io_error("make read-only", system))?;
+    .map_err(|e| io_error("make read-only", system)(e.into()))?;
     Ok(u32::try_from(certificates).unwrap_or(u32::MAX))
 }
 

@@ -37,6 +37,8 @@ pub mod paths {
     pub const NEW_ROOT: &str = "/newroot";
     /// Home of the sandbox user.
     pub const HOME: &str = "/home/user";
+    /// Temporary files of the sandbox user (`TMPDIR`), and the agent's script files.
+    pub const TMP: &str = "/tmp";
     /// Driver files live here (root-owned tmpfs).
     pub const RUN_DIR: &str = "/run/sbx";
     /// sysfs directory listing virtio-serial ports.
@@ -143,7 +145,7 @@ impl Config {
             ("SHELL", "/bin/bash".into()),
             ("PATH", "/usr/local/bin:/usr/bin:/bin".into()),
             ("LANG", "C.UTF-8".into()),
-            ("TMPDIR", "/tmp".into()),
+            ("TMPDIR", paths::TMP.into()),
             ("PYTHONUNBUFFERED", "1".into()),
             // Python would otherwise try to write .pyc files next to read-only sources.
             ("PYTHONDONTWRITEBYTECODE", "1".into()),

@@ -56,6 +56,26 @@ pub enum InvalidRequest {
     ZeroTimeout,
 }
 
+/// The code as a driver gets it: one leading byte-order mark (U+FEFF, which editors on Windows
+/// put at the start of UTF-8 files) removed, as the reference does for every language. Python
+/// would refuse it as a non-printable character and bash would run `\u{feff}echo` as a command.
+pub fn strip_bom(code: &str) -> &str {
+    code.strip_prefix('\u{feff}').unwrap_or(code)
+}
+
+/// Environment variables `language`'s interpreter starts with, beyond the base environment.
+///
+/// Python: no limit on converting huge integers to and from strings (3.11 refuses more than
+/// 4300 digits by default); the execution timeout bounds the cost, as in the reference. The
+/// interpreter reads the variable once, at start: a value passed with one execution is applied
+/// by the Python driver (`sys.set_int_max_str_digits`) for that execution only.
+pub fn interpreter_env(language: Language) -> &'static [(&'static str, &'static str)] {
+    match language {
+        Language::Python => &[("PYTHONINTMAXSTRDIGITS", "0")],
+        Language::Javascript | Language::Raw => &[],
+    }
+}
+
 /// Checks what the drivers cannot represent.
 pub fn validate(
     code: &str,
@@ -126,10 +146,12 @@ pub fn command(nonce: &Nonce, env: &[(String, String)], code: &str) -> Vec<u8> {
     out
 }
 
-/// The exit code in `line` if it is the status line for `nonce`.
+/// The exit code in `line` if it is the status line for `nonce`. Bytes before the nonce are
+/// skipped: user code that can reach the status pipe (through `/proc`) and leaves an unfinished
+/// line there must not make the real status unrecognisable. Without the nonce nothing matches.
 pub fn parse_status(line: &str, nonce: &Nonce) -> Option<i32> {
-    let (got, code) = line.split_once(' ')?;
-    if got != nonce.as_str() {
+    let (got, code) = line.rsplit_once(' ')?;
+    if !got.ends_with(nonce.as_str()) {
         return None;
     }
     code.trim_end().parse().ok()
@@ -202,6 +224,21 @@ mod tests {
         assert_eq!(parse_status("deadbeef 0", &n), None);
         assert_eq!(parse_status(&format!("{} x", n.as_str()), &n), None);
         assert_eq!(parse_status(READY, &n), None);
+        assert_eq!(
+            parse_status(&format!("junk{} 5", n.as_str()), &n),
+            Some(5),
+            "an unfinished line before the status"
+        );
+        assert_eq!(parse_status(&format!("{} 5 6", n.as_str()), &n), None);
+        assert_eq!(parse_status(&n.as_str()[1..], &n), None);
+    }
+
+    #[test]
+    fn one_leading_bom_is_stripped() {
+        assert_eq!(strip_bom("\u{feff}print(1)"), "print(1)");
+        assert_eq!(strip_bom("\u{feff}\u{feff}x"), "\u{feff}x", "only one");
+        assert_eq!(strip_bom("x\u{feff}"), "x\u{feff}", "only at the start");
+        assert_eq!(strip_bom(""), "");
     }
 
     #[test]

@@ -19,10 +19,12 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
+use rustix::io::Errno;
 use sbx_protocol::{
     Event, FILE_CHUNK, FileEntry, GuestErrorKind, MAX_FILE_SIZE, MAX_LIST_ENTRIES, MAX_NAME_BYTES,
     MAX_PATH_BYTES,
@@ -41,9 +43,9 @@ use crate::sys;
 const UPLOAD_QUEUE: usize = 4;
 
 /// Resolution for reads and listings: links are followed, but only beneath the home directory.
-const BENEATH: u64 = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+const BENEATH: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_MAGICLINKS);
 /// Resolution on the way to a write target: no link at all.
-const NO_LINKS: u64 = BENEATH | libc::RESOLVE_NO_SYMLINKS;
+const NO_LINKS: ResolveFlags = BENEATH.union(ResolveFlags::NO_SYMLINKS);
 
 /// Why a file request failed.
 #[derive(Debug, thiserror::Error)]
@@ -71,19 +73,19 @@ impl FileError {
     fn kind(&self) -> GuestErrorKind {
         match self {
             FileError::Invalid(_) | FileError::Aborted => GuestErrorKind::InvalidRequest,
-            FileError::Io { source, .. } => match source.raw_os_error() {
+            FileError::Io { source, .. } => match errno(source) {
                 Some(
-                    libc::ENOENT
-                    | libc::EXDEV
-                    | libc::ELOOP
-                    | libc::ENOTDIR
-                    | libc::EISDIR
-                    | libc::EEXIST
-                    | libc::ENOTEMPTY
-                    | libc::ENAMETOOLONG
-                    | libc::EFBIG
-                    | libc::ENOSPC
-                    | libc::EDQUOT,
+                    Errno::NOENT
+                    | Errno::XDEV
+                    | Errno::LOOP
+                    | Errno::NOTDIR
+                    | Errno::ISDIR
+                    | Errno::EXIST
+                    | Errno::NOTEMPTY
+                    | Errno::NAMETOOLONG
+                    | Errno::FBIG
+                    | Errno::NOSPC
+                    | Errno::DQUOT,
                 ) => GuestErrorKind::InvalidRequest,
                 _ => GuestErrorKind::Internal,
             },
@@ -91,15 +93,20 @@ impl FileError {
     }
 }
 
+/// The system error number behind `error`, if it has one.
+fn errno(error: &io::Error) -> Option<Errno> {
+    error.raw_os_error().map(Errno::from_raw_os_error)
+}
+
 /// Plain words for the errors a caller can cause.
 fn describe(error: &io::Error) -> String {
-    match error.raw_os_error() {
-        Some(libc::EXDEV) => "the path leads out of the home directory".into(),
-        Some(libc::ELOOP) => "the path goes through a symbolic link".into(),
-        Some(libc::ENOENT) => "no such file or directory".into(),
-        Some(libc::ENOTDIR) => "a path component is not a directory".into(),
-        Some(libc::EISDIR) => "it is a directory".into(),
-        Some(libc::ENOSPC) => "no space left in the home directory".into(),
+    match errno(error) {
+        Some(Errno::XDEV) => "the path leads out of the home directory".into(),
+        Some(Errno::LOOP) => "the path goes through a symbolic link".into(),
+        Some(Errno::NOENT) => "no such file or directory".into(),
+        Some(Errno::NOTDIR) => "a path component is not a directory".into(),
+        Some(Errno::ISDIR) => "it is a directory".into(),
+        Some(Errno::NOSPC) => "no space left in the home directory".into(),
         _ => error.to_string(),
     }
 }
@@ -149,12 +156,9 @@ pub fn components(path: &str) -> Result<Vec<&str>, FileError> {
 }
 
 fn open_home(ctx: &Context) -> Result<OwnedFd, FileError> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
-        .open(&ctx.config.home)
-        .map(OwnedFd::from)
-        .map_err(io_error("", "open the home directory"))
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    rustix::fs::open(&ctx.config.home, flags, Mode::empty())
+        .map_err(|e| io_error("", "open the home directory")(e.into()))
 }
 
 async fn answer(out: &Outbox, id: u32, result: Result<Event, FileError>) {
@@ -194,7 +198,7 @@ async fn read_inner(ctx: &Context, out: &Outbox, id: u32, path: &str) -> Result<
     let fd = sys::openat2(
         home.as_fd(),
         parts.join("/").as_bytes(),
-        libc::O_RDONLY | libc::O_NOCTTY | libc::O_NONBLOCK,
+        OFlags::RDONLY | OFlags::NOCTTY | OFlags::NONBLOCK,
         0,
         BENEATH,
     )
@@ -255,7 +259,7 @@ fn list_blocking(ctx: &Context, path: &str) -> Result<Event, FileError> {
         sys::openat2(
             home.as_fd(),
             parts.join("/").as_bytes(),
-            libc::O_RDONLY | libc::O_DIRECTORY,
+            OFlags::RDONLY | OFlags::DIRECTORY,
             0,
             BENEATH,
         )
@@ -382,7 +386,7 @@ struct TempFile {
 impl Drop for TempFile {
     fn drop(&mut self) {
         if !self.committed {
-            let _ = sys::unlinkat(self.dir.as_fd(), self.name.as_bytes());
+            let _ = rustix::fs::unlinkat(&self.dir, &self.name, AtFlags::empty());
         }
     }
 }
@@ -447,8 +451,8 @@ impl Write {
         file.flush().await.map_err(io_error(path, "write"))?;
         drop(file);
         let mut temp = temp;
-        sys::renameat(temp.dir.as_fd(), temp.name.as_bytes(), name.as_bytes())
-            .map_err(io_error(path, "rename into place"))?;
+        rustix::fs::renameat(&temp.dir, &temp.name, &temp.dir, *name)
+            .map_err(|e| io_error(path, "rename into place")(e.into()))?;
         temp.committed = true;
         Ok(Event::FileWritten { size: written })
     }
@@ -463,19 +467,20 @@ impl Write {
                 sys::openat2(
                     dir.as_fd(),
                     part.as_bytes(),
-                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW,
                     0,
                     NO_LINKS,
                 )
             };
             let next = match open(&dir) {
                 Ok(next) => next,
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                    let created = match sys::mkdirat(dir.as_fd(), part.as_bytes(), 0o755) {
+                Err(e) if errno(&e) == Some(Errno::NOENT) => {
+                    let mode = Mode::from_raw_mode(0o755);
+                    let created = match rustix::fs::mkdirat(&dir, *part, mode) {
                         Ok(()) => true,
                         // Made by someone else meanwhile: use it (if it is a real directory).
-                        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => false,
-                        Err(e) => return Err(io_error(path, "create a directory")(e)),
+                        Err(Errno::EXIST) => false,
+                        Err(e) => return Err(io_error(path, "create a directory")(e.into())),
                     };
                     let next = open(&dir).map_err(io_error(path, "open a directory"))?;
                     if created {
@@ -501,13 +506,13 @@ impl Write {
         let path = self.path.as_str();
         let name = format!(
             ".sbx-write-{}-{}.tmp",
-            sys::getpid(),
+            rustix::process::getpid().as_raw_pid(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
         let fd = sys::openat2(
             dir.as_fd(),
             name.as_bytes(),
-            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW,
             0o600,
             NO_LINKS,
         )
@@ -530,7 +535,10 @@ impl Write {
         if !self.ctx.config.drop_privileges {
             return Ok(());
         }
-        sys::fchown(fd, SANDBOX_UID, SANDBOX_GID).map_err(io_error(&self.path, "change the owner"))
+        let owner = rustix::fs::Uid::from_raw(SANDBOX_UID);
+        let group = rustix::fs::Gid::from_raw(SANDBOX_GID);
+        rustix::fs::fchown(fd, Some(owner), Some(group))
+            .map_err(|e| io_error(&self.path, "change the owner")(e.into()))
     }
 }
 

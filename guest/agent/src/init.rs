@@ -6,10 +6,14 @@
 //! `hidepid=2`, and switches root. Without one (the host's accelerator probe) it serves from the
 //! initramfs and says so in its hello.
 
+use std::ffi::CString;
 use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use rustix::io::Errno;
+use rustix::mount::{MountFlags, UnmountFlags};
 
 use crate::config::{BootParams, RUN_TMPFS_MB, SANDBOX_GID, SANDBOX_UID, paths};
 use crate::log;
@@ -42,8 +46,8 @@ pub struct Booted {
     pub run_dir: PathBuf,
 }
 
-const NOSUID_NODEV: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
-const NOSUID_NODEV_NOEXEC: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+const NOSUID_NODEV: MountFlags = MountFlags::NOSUID.union(MountFlags::NODEV);
+const NOSUID_NODEV_NOEXEC: MountFlags = NOSUID_NODEV.union(MountFlags::NOEXEC);
 
 fn mkdir(path: &Path, mode: u32) -> io::Result<()> {
     match fs::DirBuilder::new().mode(mode).create(path) {
@@ -52,16 +56,37 @@ fn mkdir(path: &Path, mode: u32) -> io::Result<()> {
     }
 }
 
+/// mount(2) of a filesystem of type `fstype`; `data` is its option string.
+fn mount(
+    source: &str,
+    target: &Path,
+    fstype: &str,
+    flags: MountFlags,
+    data: Option<&str>,
+) -> io::Result<()> {
+    let data = data
+        .map(CString::new)
+        .transpose()
+        .map_err(|_| io::ErrorKind::InvalidInput)?;
+    Ok(rustix::mount::mount(
+        source,
+        target,
+        fstype,
+        flags,
+        data.as_deref(),
+    )?)
+}
+
 /// Mounts, ignoring "already mounted" (a kernel may mount devtmpfs itself).
 fn mount_fresh(
     source: &str,
     target: &Path,
     fstype: &str,
-    flags: libc::c_ulong,
+    flags: MountFlags,
     data: Option<&str>,
 ) -> Result<(), InitError> {
-    match sys::mount(source, target, Some(fstype), flags, data) {
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+    match mount(source, target, fstype, flags, data) {
+        Err(e) if e.raw_os_error() == Some(Errno::BUSY.raw_os_error()) => Ok(()),
         other => step("mount", target, other),
     }
 }
@@ -79,7 +104,7 @@ pub fn boot() -> Result<Booted, InitError> {
         "devtmpfs",
         dev,
         "devtmpfs",
-        libc::MS_NOSUID,
+        MountFlags::NOSUID,
         Some("mode=0755"),
     )?;
     mount_fresh("proc", proc, "proc", NOSUID_NODEV_NOEXEC, None)?;
@@ -124,11 +149,11 @@ fn switch_root(params: BootParams) -> Result<(), InitError> {
     step(
         "mount the root disk on",
         new_root,
-        sys::mount(
+        mount(
             paths::ROOT_DISK,
             new_root,
-            Some("erofs"),
-            libc::MS_RDONLY,
+            "erofs",
+            MountFlags::RDONLY,
             None,
         ),
     )?;
@@ -159,7 +184,7 @@ fn switch_root(params: BootParams) -> Result<(), InitError> {
         step(
             "move",
             &from,
-            sys::mount(&from.to_string_lossy(), &to, None, libc::MS_MOVE, None),
+            rustix::mount::mount_move(&from, &to).map_err(io::Error::from),
         )?;
     }
     let new_proc = new_root.join("proc");
@@ -170,7 +195,7 @@ fn switch_root(params: BootParams) -> Result<(), InitError> {
         NOSUID_NODEV_NOEXEC,
         Some("hidepid=2"),
     )?;
-    if let Err(e) = sys::umount(Path::new("/proc"), libc::MNT_DETACH) {
+    if let Err(e) = rustix::mount::unmount("/proc", UnmountFlags::DETACH) {
         log::warn(format_args!("cannot unmount the initramfs /proc: {e}"));
     }
     // The initramfs copy of this binary is not needed any more; free its memory.
@@ -180,9 +205,13 @@ fn switch_root(params: BootParams) -> Result<(), InitError> {
     step(
         "move",
         new_root,
-        sys::mount(".", Path::new("/"), None, libc::MS_MOVE, None),
+        rustix::mount::mount_move(".", "/").map_err(io::Error::from),
     )?;
-    step("chroot into", new_root, sys::chroot(Path::new(".")))?;
+    step(
+        "chroot into",
+        new_root,
+        rustix::process::chroot(".").map_err(io::Error::from),
+    )?;
     step("enter", Path::new("/"), std::env::set_current_dir("/"))?;
 
     // The root disk is mounted; the sandbox has no business with its device node.
@@ -198,23 +227,17 @@ fn dev_extras(params: BootParams) {
     let shm_opts = format!("mode=1777,size={}m", params.tmp_mb);
     let results = [
         mkdir(pts, 0o755).map_err(|e| format!("mkdir /dev/pts: {e}")),
-        sys::mount(
+        mount(
             "devpts",
             pts,
-            Some("devpts"),
-            libc::MS_NOSUID | libc::MS_NOEXEC,
+            "devpts",
+            MountFlags::NOSUID | MountFlags::NOEXEC,
             Some("newinstance,ptmxmode=0666,mode=0620"),
         )
         .map_err(|e| format!("mount /dev/pts: {e}")),
         mkdir(shm, 0o1777).map_err(|e| format!("mkdir /dev/shm: {e}")),
-        sys::mount(
-            "tmpfs",
-            shm,
-            Some("tmpfs"),
-            NOSUID_NODEV_NOEXEC,
-            Some(&shm_opts),
-        )
-        .map_err(|e| format!("mount /dev/shm: {e}")),
+        mount("tmpfs", shm, "tmpfs", NOSUID_NODEV_NOEXEC, Some(&shm_opts))
+            .map_err(|e| format!("mount /dev/shm: {e}")),
     ];
     for result in results {
         if let Err(e) = result {

@@ -8,6 +8,8 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustix::pipe::PipeFlags;
+use rustix::process::Signal;
 use sbx_protocol::{ExecOutcome, ExecRequest, Language};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
@@ -116,10 +118,12 @@ impl Interpreter {
         let pipes_error = |source| StartError::Pipes { language, source };
         let (program, args) = driver::argv(&ctx.config, language);
         // The child's ends are moved above fd 4 so that dup2 onto 3 and 4 cannot clobber them.
-        let (cmd_read, cmd_write) = sys::pipe().map_err(pipes_error)?;
-        let (status_read, status_write) = sys::pipe().map_err(pipes_error)?;
-        let child_cmd = sys::dup_above(&cmd_read, 10).map_err(pipes_error)?;
-        let child_status = sys::dup_above(&status_write, 10).map_err(pipes_error)?;
+        let pipe = || rustix::pipe::pipe_with(PipeFlags::CLOEXEC);
+        let above_4 = |fd: &OwnedFd| rustix::io::fcntl_dupfd_cloexec(fd, 10);
+        let (cmd_read, cmd_write) = pipe().map_err(|e| pipes_error(e.into()))?;
+        let (status_read, status_write) = pipe().map_err(|e| pipes_error(e.into()))?;
+        let child_cmd = above_4(&cmd_read).map_err(|e| pipes_error(e.into()))?;
+        let child_status = above_4(&status_write).map_err(|e| pipes_error(e.into()))?;
         drop((cmd_read, status_write));
 
         let config = &ctx.config;
@@ -128,6 +132,7 @@ impl Interpreter {
             .args(&args)
             .env_clear()
             .envs(config.base_env())
+            .envs(driver::interpreter_env(language).iter().copied())
             .current_dir(&config.home)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -171,7 +176,7 @@ impl Interpreter {
         let (pipes, status, commands) = match wrap() {
             Ok(parts) => parts,
             Err(source) => {
-                let _ = sys::kill(-pid, libc::SIGKILL);
+                let _ = sys::kill_group(pid, Signal::KILL);
                 ctx.remove_session(pid);
                 return Err(StartError::Pipes { language, source });
             }
@@ -208,7 +213,7 @@ impl Interpreter {
                         // The driver closed its status pipe: it is exiting; get the status.
                         let status = match timeout(KILL_WAIT, &mut self.exit).await {
                             Ok(Ok(status)) => status,
-                            _ => WaitStatus::Signaled(libc::SIGKILL),
+                            _ => WaitStatus::Signaled(sys::SIGKILL),
                         };
                         self.exited = Some(status);
                         self.collect_stderr(&mut stderr_tail, &mut buf);
@@ -220,7 +225,7 @@ impl Interpreter {
                     }
                 },
                 status = &mut self.exit, if self.exited.is_none() => {
-                    let status = status.unwrap_or(WaitStatus::Signaled(libc::SIGKILL));
+                    let status = status.unwrap_or(WaitStatus::Signaled(sys::SIGKILL));
                     self.exited = Some(status);
                     self.collect_stderr(&mut stderr_tail, &mut buf);
                     return Err(StartError::Exited {
@@ -243,7 +248,7 @@ impl Interpreter {
 
     fn collect_stderr(&mut self, tail: &mut Vec<u8>, buf: &mut [u8]) {
         let fd = self.pipes.stderr_fd();
-        while let Ok(n @ 1..) = sys::read(fd, buf) {
+        while let Ok(n @ 1..) = rustix::io::read(fd, &mut *buf) {
             tail.extend_from_slice(&buf[..n]);
             if tail.len() > START_STDERR_TAIL {
                 tail.drain(..tail.len() - START_STDERR_TAIL);
@@ -263,17 +268,24 @@ impl Interpreter {
                 false
             }
             Err(oneshot::error::TryRecvError::Closed) => {
-                self.exited = Some(WaitStatus::Signaled(libc::SIGKILL));
+                self.exited = Some(WaitStatus::Signaled(sys::SIGKILL));
                 false
             }
         }
     }
 
-    /// Runs `request`, streaming its output as request `id`. The timeout counts from now.
-    pub async fn run(&mut self, id: u32, request: &ExecRequest, out: &Outbox) -> io::Result<Ran> {
+    /// Runs `code` with `request`'s environment and limits, streaming its output as request
+    /// `id`. The timeout counts from now.
+    pub async fn run(
+        &mut self,
+        id: u32,
+        request: &ExecRequest,
+        code: &str,
+        out: &Outbox,
+    ) -> io::Result<Ran> {
         let started = Instant::now();
         let nonce = Nonce::generate()?;
-        let command = driver::command(&nonce, &request.env, &request.code);
+        let command = driver::command(&nonce, &request.env, code);
         // Far-future deadlines (absurd timeouts) are capped rather than overflowing.
         let deadline = started
             .checked_add(Duration::from_millis(request.timeout_ms))
@@ -291,7 +303,7 @@ impl Interpreter {
             .pump_until(&mut sink, async {
                 tokio::select! {
                     biased;
-                    st = &mut *exit => return Ended::Died(st.unwrap_or(WaitStatus::Signaled(libc::SIGKILL))),
+                    st = &mut *exit => return Ended::Died(st.unwrap_or(WaitStatus::Signaled(sys::SIGKILL))),
                     _ = sleep_until(deadline) => return Ended::TimedOut,
                     // A failed write means the driver is gone: the exit status tells how.
                     _ = commands.write_all(&command) => {}
@@ -304,7 +316,7 @@ impl Interpreter {
                                 return Ended::Completed(code);
                             }
                         }
-                        st = &mut *exit => return Ended::Died(st.unwrap_or(WaitStatus::Signaled(libc::SIGKILL))),
+                        st = &mut *exit => return Ended::Died(st.unwrap_or(WaitStatus::Signaled(sys::SIGKILL))),
                         _ = sleep_until(deadline) => return Ended::TimedOut,
                     }
                 }
@@ -343,20 +355,20 @@ impl Interpreter {
     /// SIGTERM to the process group, a grace period (output still flows), then SIGKILL to the
     /// group and every straggler.
     async fn terminate(&mut self, sink: &mut ExecSink<'_>) {
-        let _ = sys::kill(-self.pid, libc::SIGTERM);
+        let _ = sys::kill_group(self.pid, Signal::TERM);
         if self.exited.is_none() {
             let exit = &mut self.exit;
             if let Ok(status) = self.pipes.pump_until(sink, timeout(TERM_GRACE, exit)).await {
-                self.exited = Some(status.unwrap_or(WaitStatus::Signaled(libc::SIGKILL)));
+                self.exited = Some(status.unwrap_or(WaitStatus::Signaled(sys::SIGKILL)));
             }
         }
-        let _ = sys::kill(-self.pid, libc::SIGKILL);
+        let _ = sys::kill_group(self.pid, Signal::KILL);
         self.sweep(true);
         if self.exited.is_none() {
             let exit = &mut self.exit;
             match self.pipes.pump_until(sink, timeout(KILL_WAIT, exit)).await {
                 Ok(status) => {
-                    self.exited = Some(status.unwrap_or(WaitStatus::Signaled(libc::SIGKILL)));
+                    self.exited = Some(status.unwrap_or(WaitStatus::Signaled(sys::SIGKILL)));
                 }
                 Err(_) => log::warn(format_args!(
                     "{} interpreter (pid {}) survived SIGKILL for {} s",
@@ -389,7 +401,7 @@ impl Interpreter {
                 break;
             }
             for pid in pids {
-                let _ = sys::kill(pid, libc::SIGKILL);
+                let _ = sys::kill_process(pid, Signal::KILL);
             }
         }
     }
@@ -398,7 +410,7 @@ impl Interpreter {
 impl Drop for Interpreter {
     fn drop(&mut self) {
         // Nothing of a discarded interpreter may keep running: not it, not what it started.
-        let _ = sys::kill(-self.pid, libc::SIGKILL);
+        let _ = sys::kill_group(self.pid, Signal::KILL);
         self.sweep(false);
         self.ctx.remove_session(self.pid);
     }

@@ -28,6 +28,7 @@ mod port;
 mod procscan;
 mod reaper;
 mod reseed;
+mod script;
 mod server;
 mod streams;
 mod sys;
@@ -56,7 +57,7 @@ fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
         log::error(format_args!("panic: {info}"));
     }));
-    if sys::getpid() == 1 {
+    if rustix::process::getpid().is_init() {
         run_init();
     }
     let mut stdio = false;
@@ -161,19 +162,23 @@ fn run_init() -> ! {
 }
 
 fn power_off() -> ! {
-    sys::sync();
-    // Nothing else may outlive us (-1: every process but init).
-    let _ = sys::kill(-1, libc::SIGKILL);
-    sys::sync();
-    let error = sys::reboot_now();
-    log::error(format_args!("reboot failed: {error}"));
+    rustix::fs::sync();
+    // Nothing else may outlive us.
+    let _ = sys::kill_everyone(rustix::process::Signal::KILL);
+    rustix::fs::sync();
+    // With `reboot=t` on the kernel command line and QEMU's `-no-reboot`, a restart ends the
+    // VM (a power-off would only halt a microvm without ACPI). Returns only on failure.
+    if let Err(error) = rustix::system::reboot(rustix::system::RebootCommand::Restart) {
+        log::error(format_args!("reboot failed: {error}"));
+    }
     loop {
         std::thread::sleep(std::time::Duration::from_secs(3600));
     }
 }
 
 fn run_stdio(no_setuid: bool) -> Result<ExitCode, String> {
-    if let Err(e) = sys::become_subreaper() {
+    // rustix takes the flag as an `Option<Pid>`: any `Some` turns it on.
+    if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
         log::warn(format_args!("cannot become a subreaper: {e}"));
     }
     let home = match std::env::var_os(env_vars::HOME) {
@@ -192,7 +197,7 @@ fn run_stdio(no_setuid: bool) -> Result<ExitCode, String> {
     let (python, bun, bash) = interpreter_paths();
     let config = Config {
         mode: Mode::Stdio,
-        drop_privileges: sys::geteuid() == 0 && !no_setuid,
+        drop_privileges: rustix::process::geteuid().is_root() && !no_setuid,
         home,
         run_dir: run_dir.clone(),
         python,

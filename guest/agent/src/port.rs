@@ -12,12 +12,13 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use rustix::event::PollFlags;
 use sbx_protocol::{CONTROL_PORT_NAME, FrameDecoder, Request};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
@@ -112,7 +113,7 @@ pub fn start_virtio(port: File) -> Result<(mpsc::Receiver<Inbound>, Outbox), Por
             let _ = wake_tx.try_send(());
         }
     });
-    if let Err(e) = sys::enable_sigio(port.as_raw_fd()) {
+    if let Err(e) = sys::enable_sigio(port.as_fd()) {
         log::warn(format_args!(
             "no SIGIO on the control port, polling instead: {e}"
         ));
@@ -190,12 +191,11 @@ fn decode(decoder: &mut FrameDecoder, bytes: &[u8], tx: &mpsc::Sender<Inbound>) 
 }
 
 fn virtio_reader(mut port: File, tx: &mpsc::Sender<Inbound>, wake: &std_mpsc::Receiver<()>) {
-    let fd = port.as_raw_fd();
     let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; OUTPUT_CHUNK];
     let mut announced = false;
     loop {
-        let revents = match sys::poll_one(fd, libc::POLLIN, 0) {
+        let revents = match sys::poll_now(port.as_fd(), PollFlags::IN) {
             Ok(revents) => revents,
             Err(e) => {
                 log::error(format_args!("poll on the control port: {e}"));
@@ -203,8 +203,8 @@ fn virtio_reader(mut port: File, tx: &mpsc::Sender<Inbound>, wake: &std_mpsc::Re
                 continue;
             }
         };
-        let connected = revents & libc::POLLHUP == 0;
-        let readable = revents & libc::POLLIN != 0;
+        let connected = !revents.contains(PollFlags::HUP);
+        let readable = revents.contains(PollFlags::IN);
         if connected && !announced {
             announced = true;
             if tx.blocking_send(Inbound::Connected).is_err() {

@@ -36,9 +36,24 @@ pub fn kernel(mode: Mode, entropy: &[u8], unix_time_ns: u64) -> Result<(), Resee
     urandom.write_all(entropy).map_err(ReseedError::Crng)?;
     if mode == Mode::Init {
         sys::reseed_crng(&urandom).map_err(ReseedError::Crng)?;
-        sys::set_realtime(unix_time_ns).map_err(ReseedError::Clock)?;
+        set_realtime(unix_time_ns).map_err(ReseedError::Clock)?;
     }
     Ok(())
+}
+
+/// Sets `CLOCK_REALTIME` to `unix_time_ns` (needs `CAP_SYS_TIME`).
+fn set_realtime(unix_time_ns: u64) -> io::Result<()> {
+    const NANOS_PER_SEC: u64 = 1_000_000_000;
+    let ts = rustix::time::Timespec {
+        tv_sec: i64::try_from(unix_time_ns / NANOS_PER_SEC)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+        // Below 10^9: always fits.
+        tv_nsec: (unix_time_ns % NANOS_PER_SEC) as i64,
+    };
+    Ok(rustix::time::clock_settime(
+        rustix::time::ClockId::Realtime,
+        ts,
+    )?)
 }
 
 /// Code run in `language`'s interpreter to reseed its generator from the (fresh) kernel CRNG,

@@ -2,15 +2,15 @@
 
 use std::future::Future;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 
+use rustix::io::Errno;
 use sbx_protocol::Event;
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 
 use crate::config::{DRAIN_CAP, OUTPUT_CHUNK};
 use crate::outbox::Outbox;
-use crate::sys;
 
 /// Which output stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,14 +124,14 @@ impl OutputPipe {
     async fn drain(&mut self, sink: &mut ExecSink<'_>) {
         let mut total = 0;
         while !self.eof && total < DRAIN_CAP {
-            match sys::read(self.rx.as_raw_fd(), &mut self.buf) {
+            match rustix::io::read(&self.rx, &mut self.buf) {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
                     total += n;
                     sink.forward(self.stream, &self.buf[..n]).await;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(Errno::INTR) => {}
+                Err(Errno::AGAIN) => return,
                 Err(_) => self.eof = true,
             }
         }
@@ -141,10 +141,10 @@ impl OutputPipe {
     fn discard(&mut self) -> usize {
         let mut total = 0;
         while !self.eof && total < DRAIN_CAP {
-            match sys::read(self.rx.as_raw_fd(), &mut self.buf) {
+            match rustix::io::read(&self.rx, &mut self.buf) {
                 Ok(0) => self.eof = true,
                 Ok(n) => total += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(Errno::INTR) => {}
                 Err(_) => break,
             }
         }
@@ -190,8 +190,8 @@ impl Pipes {
     }
 
     /// The stderr read end, for non-blocking reads outside an execution.
-    pub fn stderr_fd(&self) -> std::os::fd::RawFd {
-        self.stderr.rx.as_raw_fd()
+    pub fn stderr_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.stderr.rx.as_fd()
     }
 
     /// Throws away what is in both pipes (output of a start-up, not of any execution).
@@ -282,7 +282,7 @@ mod tests {
 
     #[tokio::test]
     async fn status_reader_splits_and_skips_long_lines() {
-        let (r, w) = crate::sys::pipe().expect("pipe");
+        let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).expect("pipe");
         let mut reader = StatusReader::new(r).expect("reader");
         let long = "x".repeat(MAX_STATUS_LINE * 3);
         let mut w = std::fs::File::from(w);

@@ -1,22 +1,18 @@
-//! Thin, safe wrappers over the system calls the agent needs. Every `unsafe` block of the agent
-//! lives here.
+//! The agent's seam to the kernel: small helpers that give [`rustix`] calls the agent's
+//! conventions, and the few calls rustix does not cover (an `ioctl` it has no wrapper for,
+//! `fcntl(F_SETOWN)`, `dup2` onto a descriptor number the child does not own yet), made through
+//! `libc`. Everything else calls rustix, whose wrappers are safe, directly. Every `unsafe` block
+//! of the agent lives here.
 
 use std::ffi::CString;
+use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
 use std::process::Command;
 
-fn cstring(path: &Path) -> io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes()).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("path {} contains a NUL byte", path.display()),
-        )
-    })
-}
+use rustix::io::Errno;
+use rustix::process::{Pid, Signal};
 
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret == -1 {
@@ -27,106 +23,52 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
 }
 
 /// `RNDRESEEDCRNG` from `<linux/random.h>`: `_IO('R', 0x07)`.
-const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+const RNDRESEEDCRNG: rustix::ioctl::Opcode = rustix::ioctl::opcode::none(b'R', 0x07);
 
 /// Forces the kernel to reseed its CRNG from the input pool now (needs `CAP_SYS_ADMIN`).
-pub fn reseed_crng(urandom: &std::fs::File) -> io::Result<()> {
-    // SAFETY: RNDRESEEDCRNG takes no argument and touches no user memory; the descriptor is
-    // kept open by `urandom` for the duration of the call.
-    check(unsafe { libc::ioctl(urandom.as_raw_fd(), RNDRESEEDCRNG as _) }).map(drop)
+pub fn reseed_crng(urandom: &File) -> io::Result<()> {
+    // SAFETY: RNDRESEEDCRNG is a valid opcode that takes no argument and touches no user
+    // memory; the descriptor is kept open by `urandom` for the duration of the call.
+    unsafe { rustix::ioctl::ioctl(urandom, rustix::ioctl::NoArg::<RNDRESEEDCRNG>::new()) }?;
+    Ok(())
 }
 
-/// Sets `CLOCK_REALTIME` to `unix_time_ns` (needs `CAP_SYS_TIME`).
-pub fn set_realtime(unix_time_ns: u64) -> io::Result<()> {
-    let ts = libc::timespec {
-        tv_sec: libc::time_t::try_from(unix_time_ns / 1_000_000_000)
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
-        tv_nsec: (unix_time_ns % 1_000_000_000) as libc::c_long,
-    };
-    // SAFETY: clock_settime reads the timespec we pass by reference and keeps no pointer.
-    check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) }).map(drop)
-}
-
-/// This process's id.
+/// This process's id, as the kernel's signed pid type.
 pub fn getpid() -> i32 {
-    // SAFETY: getpid has no preconditions and cannot fail.
-    unsafe { libc::getpid() }
+    rustix::process::getpid().as_raw_pid()
 }
 
-/// This process's effective uid.
-pub fn geteuid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
+/// `kill(pid, signal)` for a positive `pid`; a process that is already gone is fine.
+pub fn kill_process(pid: i32, signal: Signal) -> io::Result<()> {
+    let Some(pid) = Pid::from_raw(pid.max(0)) else {
+        return Err(io::ErrorKind::InvalidInput.into());
+    };
+    ignore_gone(rustix::process::kill_process(pid, signal))
 }
 
-/// mount(2). `data` is the filesystem-specific option string.
-pub fn mount(
-    source: &str,
-    target: &Path,
-    fstype: Option<&str>,
-    flags: libc::c_ulong,
-    data: Option<&str>,
-) -> io::Result<()> {
-    let source = CString::new(source).map_err(|_| io::ErrorKind::InvalidInput)?;
-    let target = cstring(target)?;
-    let fstype = fstype
-        .map(CString::new)
-        .transpose()
-        .map_err(|_| io::ErrorKind::InvalidInput)?;
-    let data = data
-        .map(CString::new)
-        .transpose()
-        .map_err(|_| io::ErrorKind::InvalidInput)?;
-    // SAFETY: every pointer is either null or a NUL-terminated string that outlives the call.
-    check(unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
-            flags,
-            data.as_ref()
-                .map_or(std::ptr::null(), |s| s.as_ptr().cast::<libc::c_void>()),
-        )
-    })
-    .map(drop)
+/// `kill(-pgid, signal)`: the whole process group `pgid` (a positive id); a group that is
+/// already gone is fine.
+pub fn kill_group(pgid: i32, signal: Signal) -> io::Result<()> {
+    let Some(pgid) = Pid::from_raw(pgid.max(0)) else {
+        return Err(io::ErrorKind::InvalidInput.into());
+    };
+    ignore_gone(rustix::process::kill_process_group(pgid, signal))
 }
 
-/// umount2(2).
-pub fn umount(target: &Path, flags: libc::c_int) -> io::Result<()> {
-    let target = cstring(target)?;
-    // SAFETY: `target` is a NUL-terminated string that outlives the call.
-    check(unsafe { libc::umount2(target.as_ptr(), flags) }).map(drop)
+/// `kill(-1, signal)`: every process this one may signal, except init and itself.
+pub fn kill_everyone(signal: Signal) -> io::Result<()> {
+    ignore_gone(rustix::process::kill_process_group(Pid::INIT, signal))
 }
 
-/// chroot(2).
-pub fn chroot(path: &Path) -> io::Result<()> {
-    let path = cstring(path)?;
-    // SAFETY: `path` is a NUL-terminated string that outlives the call.
-    check(unsafe { libc::chroot(path.as_ptr()) }).map(drop)
-}
-
-/// Flushes every filesystem.
-pub fn sync() {
-    // SAFETY: sync has no preconditions.
-    unsafe { libc::sync() }
-}
-
-/// reboot(2) with `RB_AUTOBOOT`: with `reboot=t` on the kernel command line and QEMU's
-/// `-no-reboot`, this ends the VM. Only returns on failure.
-pub fn reboot_now() -> io::Error {
-    // SAFETY: reboot only takes a command constant; on success it does not return.
-    unsafe { libc::reboot(libc::RB_AUTOBOOT) };
-    io::Error::last_os_error()
-}
-
-/// Sends `signal` to `pid` (or a process group when `pid` is negative); a missing target is fine.
-pub fn kill(pid: i32, signal: i32) -> io::Result<()> {
-    // SAFETY: kill only takes integers.
-    match check(unsafe { libc::kill(pid, signal) }) {
-        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
-        other => other.map(drop),
+fn ignore_gone(result: rustix::io::Result<()>) -> io::Result<()> {
+    match result {
+        Err(Errno::SRCH) => Ok(()),
+        other => Ok(other?),
     }
 }
+
+/// `SIGKILL`'s number, as [`WaitStatus::Signaled`] carries it.
+pub const SIGKILL: i32 = Signal::KILL.as_raw();
 
 /// How a child ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,104 +93,81 @@ impl WaitStatus {
 /// are no children at all).
 pub fn reap_any() -> io::Result<Option<(i32, WaitStatus)>> {
     loop {
-        let mut status: libc::c_int = 0;
-        // SAFETY: `status` is a valid out-pointer for the duration of the call.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-        if pid == 0 {
-            return Ok(None);
-        }
-        if pid == -1 {
-            let err = io::Error::last_os_error();
-            match err.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::ECHILD) => return Ok(None),
-                _ => return Err(err),
-            }
-        }
-        let status = if libc::WIFEXITED(status) {
-            WaitStatus::Exited(libc::WEXITSTATUS(status))
-        } else if libc::WIFSIGNALED(status) {
-            WaitStatus::Signaled(libc::WTERMSIG(status))
+        let (pid, status) = match rustix::process::wait(rustix::process::WaitOptions::NOHANG) {
+            Ok(Some(reaped)) => reaped,
+            Ok(None) | Err(Errno::CHILD) => return Ok(None),
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let status = if let Some(code) = status.exit_status() {
+            WaitStatus::Exited(code)
+        } else if let Some(signal) = status.terminating_signal() {
+            WaitStatus::Signaled(signal)
         } else {
             // Stopped/continued children are not reported without WUNTRACED/WCONTINUED.
             continue;
         };
-        return Ok(Some((pid, status)));
+        return Ok(Some((pid.as_raw_pid(), status)));
     }
 }
 
-/// A pipe whose both ends are close-on-exec: `(read end, write end)`.
-pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
-    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
-    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-/// Duplicates `fd` to a close-on-exec descriptor numbered at least `min`.
-pub fn dup_above(fd: &OwnedFd, min: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: F_DUPFD_CLOEXEC only reads the integer arguments.
-    let new = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) })?;
-    // SAFETY: fcntl returned a fresh descriptor that nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(new) })
-}
-
-/// One non-blocking `read(2)` on a descriptor opened with `O_NONBLOCK`.
-pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call.
-    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n.unsigned_abs())
-    }
-}
-
-/// poll(2) on one descriptor; returns the `revents` bits.
-pub fn poll_one(fd: RawFd, events: libc::c_short, timeout_ms: libc::c_int) -> io::Result<i16> {
-    let mut pfd = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
+/// poll(2) on one descriptor without waiting; returns the `revents` bits.
+pub fn poll_now(
+    fd: BorrowedFd<'_>,
+    events: rustix::event::PollFlags,
+) -> io::Result<rustix::event::PollFlags> {
+    let mut fds = [rustix::event::PollFd::from_borrowed_fd(fd, events)];
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
     };
     loop {
-        // SAFETY: `pfd` is a valid array of one pollfd for the duration of the call.
-        match check(unsafe { libc::poll(&mut pfd, 1, timeout_ms) }) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-            Ok(_) => return Ok(pfd.revents),
+        match rustix::event::poll(&mut fds, Some(&zero)) {
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+            Ok(_) => return Ok(fds[0].revents()),
         }
     }
 }
 
 /// Makes this process receive SIGIO when `fd` changes state (virtio-serial: host connects).
-pub fn enable_sigio(fd: RawFd) -> io::Result<()> {
-    // SAFETY: fcntl with integer arguments on a descriptor we own.
-    check(unsafe { libc::fcntl(fd, libc::F_SETOWN, libc::getpid()) })?;
-    // SAFETY: as above.
-    let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
-    // SAFETY: as above.
-    check(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_ASYNC) }).map(drop)
-}
-
-/// Orphans of our descendants are reparented to us (dev mode, where we are not PID 1).
-pub fn become_subreaper() -> io::Result<()> {
-    // SAFETY: PR_SET_CHILD_SUBREAPER takes integer arguments only.
-    check(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }).map(drop)
+pub fn enable_sigio(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // rustix has no F_SETOWN.
+    // SAFETY: fcntl(F_SETOWN) takes integer arguments; `fd` is open for the duration of the call.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETOWN, getpid()) })?;
+    let flags = rustix::fs::fcntl_getfl(fd)?;
+    rustix::fs::fcntl_setfl(fd, flags | rustix::fs::OFlags::ASYNC)?;
+    Ok(())
 }
 
 /// Milliseconds since the kernel started (`CLOCK_BOOTTIME`).
 pub fn uptime_ms() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid out-pointer; CLOCK_BOOTTIME always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
     let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
     let nanos = u64::try_from(ts.tv_nsec).unwrap_or(0);
     secs.saturating_mul(1000).saturating_add(nanos / 1_000_000)
+}
+
+/// `openat2(2)`: opens `path` relative to `dir` (close-on-exec) with the `RESOLVE_*` flags in
+/// `resolve` (`RESOLVE_BENEATH` confines resolution, symbolic links included, to `dir`'s
+/// subtree). Retries the `EAGAIN` the kernel returns when a concurrent rename made it unsure.
+pub fn openat2(
+    dir: BorrowedFd<'_>,
+    path: &[u8],
+    flags: rustix::fs::OFlags,
+    mode: u32,
+    resolve: rustix::fs::ResolveFlags,
+) -> io::Result<OwnedFd> {
+    let flags = flags | rustix::fs::OFlags::CLOEXEC;
+    let mode = rustix::fs::Mode::from_raw_mode(mode);
+    let mut attempts = 0;
+    loop {
+        match rustix::fs::openat2(dir, path, flags, mode, resolve) {
+            Ok(fd) => return Ok(fd),
+            Err(Errno::AGAIN | Errno::INTR) if attempts < 15 => attempts += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Brings the loopback interface up, so programs in the sandbox can talk to themselves.
@@ -271,7 +190,7 @@ fn sockaddr_ipv4(addr: [u8; 4]) -> libc::sockaddr {
 }
 
 /// A network interface configured through ioctls on an `AF_INET` datagram socket (needs
-/// `CAP_NET_ADMIN` for every change).
+/// `CAP_NET_ADMIN` for every change). rustix has no wrappers for these ioctls.
 pub struct Interface {
     sock: OwnedFd,
     name: CString,
@@ -290,12 +209,12 @@ impl Interface {
                     format!("bad interface name {name:?}"),
                 )
             })?;
-        // SAFETY: socket takes integer arguments; the result is checked.
-        let sock = check(unsafe {
-            libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
-        })?;
-        // SAFETY: socket returned a fresh descriptor that nobody else owns.
-        let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+        let sock = rustix::net::socket_with(
+            rustix::net::AddressFamily::INET,
+            rustix::net::SocketType::DGRAM,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )?;
         Ok(Self { sock, name })
     }
 
@@ -378,130 +297,70 @@ pub struct ChildSetup {
     pub drop_to: Option<(u32, u32, u64)>,
 }
 
+/// `dup2(from, to)` on raw numbers, between fork and exec: `to` need not be open, which is why
+/// rustix's `dup2` (whose target is an `OwnedFd`) does not fit.
+fn dup2_in_child(from: RawFd, to: RawFd) -> io::Result<()> {
+    // SAFETY: dup2 only takes integers; `from` is open in the child (inherited from the
+    // parent, which keeps it open until the child is spawned) and whatever `to` was is closed
+    // by the kernel, which is the point: nothing in the child owns that number.
+    check(unsafe { libc::dup2(from, to) }).map(drop)
+}
+
 /// Arranges for `command`'s child to apply `setup` just before exec. `setup`'s descriptors must
 /// be numbered above 4 and stay open until the child is spawned.
 pub fn sandbox_child(command: &mut Command, setup: ChildSetup) {
+    use rustix::process::{DumpableBehavior, Resource, Rlimit};
+    use rustix::thread::{Gid, Uid};
+
     let pre_exec = move || -> io::Result<()> {
-        // Only async-signal-safe calls from here on: no allocation, no locks.
-        // SAFETY: dup2 on descriptors that are open in the child (inherited from the parent);
-        // the targets 3 and 4 lose their close-on-exec flag, which is the point.
-        check(unsafe { libc::dup2(setup.command_fd, 3) })?;
-        // SAFETY: as above.
-        check(unsafe { libc::dup2(setup.status_fd, 4) })?;
-        // SAFETY: setsid takes no arguments; the child is not a process-group leader.
-        check(unsafe { libc::setsid() })?;
-        // SAFETY: prctl with integer arguments.
-        check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
+        // Only async-signal-safe calls from here on: no allocation, no locks. rustix makes raw
+        // system calls; its errors convert to `io::Error` without allocating.
+        // The targets 3 and 4 lose their close-on-exec flag, which is the point.
+        dup2_in_child(setup.command_fd, 3)?;
+        dup2_in_child(setup.status_fd, 4)?;
+        // The child is not a process-group leader, so this cannot fail with EPERM.
+        rustix::process::setsid()?;
+        rustix::thread::set_no_new_privs(true)?;
         if let Some((uid, gid, nproc)) = setup.drop_to {
-            let limit = libc::rlimit {
-                rlim_cur: nproc,
-                rlim_max: nproc,
+            let limit = Rlimit {
+                current: Some(nproc),
+                maximum: Some(nproc),
             };
-            // SAFETY: `limit` is a valid rlimit for the duration of the call.
-            check(unsafe { libc::setrlimit(libc::RLIMIT_NPROC, &limit) })?;
-            // SAFETY: a zero-length group list needs no pointer.
-            check(unsafe { libc::setgroups(0, std::ptr::null()) })?;
-            // SAFETY: integer argument.
-            check(unsafe { libc::setgid(gid) })?;
-            // SAFETY: integer argument.
-            check(unsafe { libc::setuid(uid) })?;
+            rustix::process::setrlimit(Resource::Nproc, limit)?;
+            // The `_thread` calls are the raw system calls, which change only the calling
+            // thread's credentials: the forked child has one thread, so that is the process.
+            rustix::thread::set_thread_groups(&[])?;
+            rustix::thread::set_thread_gid(Gid::from_raw(gid))?;
+            rustix::thread::set_thread_uid(Uid::from_raw(uid))?;
         }
         // Note: execve resets this for a readable binary; it protects the window until exec
         // and documents intent. The interpreters run user code in-process anyway.
-        // SAFETY: prctl with integer arguments.
-        check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) })?;
+        rustix::process::set_dumpable_behavior(DumpableBehavior::NotDumpable)?;
         Ok(())
     };
     // SAFETY: the closure only makes async-signal-safe system calls (dup2, setsid, prctl,
-    // setrlimit, setgroups, setgid, setuid) on plain integers captured by value; it allocates
+    // prlimit, setgroups, setgid, setuid) on plain integers captured by value; it allocates
     // nothing and takes no locks, so it is sound between fork and exec.
     unsafe { command.pre_exec(pre_exec) };
 }
 
-fn name_cstring(name: &[u8]) -> io::Result<CString> {
-    CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in path"))
-}
-
-/// `openat2(2)`: opens `path` relative to `dir` with the `RESOLVE_*` flags in `resolve`
-/// (`RESOLVE_BENEATH` confines resolution, symbolic links included, to `dir`'s subtree).
-/// Retries the `EAGAIN` the kernel returns when a concurrent rename made it unsure.
-pub fn openat2(
-    dir: std::os::fd::BorrowedFd<'_>,
-    path: &[u8],
-    flags: libc::c_int,
-    mode: u32,
-    resolve: u64,
-) -> io::Result<OwnedFd> {
-    let path = name_cstring(path)?;
-    // SAFETY: open_how is plain old data; all-zero is a valid value.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = u64::try_from(flags | libc::O_CLOEXEC).unwrap_or(0);
-    how.mode = u64::from(mode);
-    how.resolve = resolve;
-    let mut attempts = 0;
-    loop {
-        // SAFETY: `path` is a NUL-terminated string and `how` a valid open_how, both outliving
-        // the call, and the size passed is exactly that of `how`; the kernel keeps no pointer.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                dir.as_raw_fd(),
-                path.as_ptr(),
-                &raw const how,
-                std::mem::size_of::<libc::open_how>(),
-            )
-        };
-        if ret >= 0 {
-            let fd = RawFd::try_from(ret).map_err(|_| io::Error::other("bad descriptor"))?;
-            // SAFETY: openat2 returned a fresh descriptor that nobody else owns.
-            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
-        let error = io::Error::last_os_error();
-        let retry = matches!(error.raw_os_error(), Some(libc::EAGAIN | libc::EINTR));
-        attempts += 1;
-        if !retry || attempts >= 16 {
-            return Err(error);
-        }
-    }
-}
-
-/// `mkdirat(2)`.
-pub fn mkdirat(dir: std::os::fd::BorrowedFd<'_>, name: &[u8], mode: u32) -> io::Result<()> {
-    let name = name_cstring(name)?;
-    // SAFETY: `name` is a NUL-terminated string that outlives the call.
-    check(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) }).map(drop)
-}
-
-/// `renameat(2)` within one directory: replaces `to` (never following a link there).
-pub fn renameat(dir: std::os::fd::BorrowedFd<'_>, from: &[u8], to: &[u8]) -> io::Result<()> {
-    let from = name_cstring(from)?;
-    let to = name_cstring(to)?;
-    // SAFETY: both names are NUL-terminated strings that outlive the call.
-    check(unsafe { libc::renameat(dir.as_raw_fd(), from.as_ptr(), dir.as_raw_fd(), to.as_ptr()) })
-        .map(drop)
-}
-
-/// `unlinkat(2)` of a file (not a directory).
-pub fn unlinkat(dir: std::os::fd::BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
-    let name = name_cstring(name)?;
-    // SAFETY: `name` is a NUL-terminated string that outlives the call.
-    check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) }).map(drop)
-}
-
-/// `fchown(2)`.
-pub fn fchown(fd: std::os::fd::BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
-    // SAFETY: fchown takes integers only.
-    check(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) }).map(drop)
-}
-
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests")]
 mod tests {
+    use std::os::fd::AsFd;
+
     use super::*;
 
     #[test]
     fn wait_status_codes() {
         assert_eq!(WaitStatus::Exited(3).code(), 3);
         assert_eq!(WaitStatus::Signaled(9).code(), 137);
+        assert_eq!(SIGKILL, 9);
+    }
+
+    #[test]
+    fn reseed_opcode_matches_linux() {
+        assert_eq!(RNDRESEEDCRNG, 0x5207);
     }
 
     #[test]
@@ -529,14 +388,25 @@ mod tests {
     }
 
     #[test]
-    fn pipe_and_nonblocking_read() {
-        let (r, w) = pipe().expect("pipe");
-        let file = std::fs::File::from(w);
-        std::io::Write::write_all(&mut &file, b"hi").expect("write");
-        let r = dup_above(&r, 10).expect("dup");
-        assert!(r.as_raw_fd() >= 10);
-        let mut buf = [0u8; 8];
-        assert_eq!(read(r.as_raw_fd(), &mut buf).expect("read"), 2);
-        assert_eq!(&buf[..2], b"hi");
+    fn kill_of_a_missing_process_is_fine() {
+        // Reaped children's pids are free; a pid far above pid_max is never in use.
+        assert!(kill_process(i32::MAX, Signal::KILL).is_ok());
+        assert!(kill_group(i32::MAX, Signal::KILL).is_ok());
+        assert!(kill_process(0, Signal::KILL).is_err(), "0 is no process");
+    }
+
+    #[test]
+    fn poll_reports_readable_and_hangup() {
+        let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+        let events = rustix::event::PollFlags::IN;
+        assert!(poll_now(r.as_fd(), events).unwrap().is_empty());
+        rustix::io::write(&w, b"x").unwrap();
+        assert!(poll_now(r.as_fd(), events).unwrap().contains(events));
+        drop(w);
+        assert!(
+            poll_now(r.as_fd(), events)
+                .unwrap()
+                .contains(rustix::event::PollFlags::HUP)
+        );
     }
 }

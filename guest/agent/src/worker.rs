@@ -13,6 +13,7 @@ use crate::interpreter::{Interpreter, StartError};
 use crate::log;
 use crate::outbox::Outbox;
 use crate::reseed;
+use crate::script::{self, Prepared};
 
 /// Time an interpreter gets to reseed its generator.
 const RESEED_TIMEOUT_MS: u64 = 5_000;
@@ -106,7 +107,15 @@ async fn exec(
     let Some(interpreter) = slot.as_mut() else {
         return internal(format!("{language} interpreter vanished"));
     };
-    match interpreter.run(id, request, out).await {
+    let code = driver::strip_bom(&request.code);
+    // Kept until the execution ends: the file is removed when this is dropped.
+    let script = (language == Language::Raw && script::is_script(code))
+        .then(|| script::prepare(&ctx.config, code));
+    let command = script.as_ref().map(Prepared::command);
+    let code = command.as_deref().unwrap_or(code);
+    let ran = interpreter.run(id, request, code, out).await;
+    drop(script);
+    match ran {
         Ok(mut ran) => {
             if !ran.alive {
                 // Dropping it kills whatever it left behind; the next job starts a fresh one.
@@ -141,7 +150,7 @@ async fn reseed(language: Language, slot: &mut Option<Interpreter>, id: u32, out
         stdout_limit: 0,
         stderr_limit: 0,
     };
-    match interpreter.run(id, &request, out).await {
+    match interpreter.run(id, &request, &request.code, out).await {
         Ok(ran) if ran.alive && ran.outcome.exit_code == 0 => true,
         outcome => {
             log::warn(format_args!(

@@ -2,9 +2,11 @@
 //!
 //! `usage` needs no VM: every case must be refused before any asset is built or VM booted.
 //! `vm` boots real VMs (the first one may build the guest images); `kill` checks that no QEMU
-//! outlives a `sbx` killed with SIGKILL.
+//! outlives a `sbx` killed with SIGKILL; `parity` checks behaviours of the reference system in
+//! real VMs (BOM, `#!` scripts, Python's integer digit limit).
 
 mod kill;
+mod parity;
 mod usage;
 mod vm;
 

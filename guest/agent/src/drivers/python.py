@@ -94,15 +94,43 @@ def _sbx_driver():
             return 1
         return 0
 
-    def apply_env(block):
-        saved = []
+    def parse_env(block):
+        pairs = []
         for line in block.split("\n"):
             name, sep, value = line.partition("=")
-            if not sep:
-                continue
+            if sep:
+                pairs.append((name, value))
+        return pairs
+
+    def apply_env(pairs):
+        saved = []
+        for name, value in pairs:
             saved.append((name, os.environ.get(name)))
             os.environ[name] = value
         return saved
+
+    # The interpreter reads PYTHONINTMAXSTRDIGITS only at start (the agent starts it with 0: no
+    # limit); a value passed with one execution applies to that execution, as it would to a
+    # fresh `python3`. None: this Python has no such limit (before 3.11).
+    get_digits = getattr(sys, "get_int_max_str_digits", None)
+    set_digits = getattr(sys, "set_int_max_str_digits", None)
+
+    def apply_digits(pairs):
+        """Returns the limit to restore afterwards, or None; raises ValueError if invalid."""
+        value = dict(pairs).get("PYTHONINTMAXSTRDIGITS")
+        if value is None or set_digits is None:
+            return None
+        previous = get_digits()
+        try:
+            digits = int(value)
+            if digits < 0:
+                raise ValueError
+            set_digits(digits)
+        except ValueError:
+            raise ValueError(
+                "PYTHONINTMAXSTRDIGITS: invalid limit; must be >= 640 or 0 for unlimited."
+            ) from None
+        return previous
 
     def restore_env(saved):
         for name, value in reversed(saved):
@@ -123,15 +151,25 @@ def _sbx_driver():
             os._exit(0)
         status = 1
         saved = []
+        digits = None
         try:
-            saved = apply_env(env_block)
-            status = run(code)
+            pairs = parse_env(env_block)
+            saved = apply_env(pairs)
+            try:
+                digits = apply_digits(pairs)
+            except ValueError as exc:
+                # What python3 says when started with such a value; the code does not run.
+                os.write(2, ("%s\n" % exc).encode("utf-8", "replace"))
+            else:
+                status = run(code)
         except BaseException as exc:
             print_error(exc, None)
         finally:
             flush()
             try:
                 restore_env(saved)
+                if digits is not None:
+                    set_digits(digits)
             except BaseException:
                 pass
         os.write(status_fd, ("%s %d\n" % (nonce, status)).encode("ascii"))

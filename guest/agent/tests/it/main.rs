@@ -138,15 +138,230 @@ fn bash_runs_in_one_persistent_shell() {
 
 #[test]
 fn bash_xtrace_shows_only_user_commands() {
+    // The user's commands run inside eval, one level deeper than a script's top level: with
+    // the default PS4 their trace lines start with `++` (the reference's shell evals too).
     let mut agent = started();
     let r = agent.exec(SH, "set -x; echo hi");
-    assert_eq!(r.stdout(), "hi\n");
+    assert_eq!(
+        (r.stdout().as_str(), r.stderr().as_str()),
+        ("hi\n", "++ echo hi\n")
+    );
     let r = agent.exec(SH, "echo again");
     assert_eq!(r.stdout(), "again\n");
-    assert!(
-        !r.stderr().contains("__sbx"),
-        "driver traced: {}",
+    assert_eq!(
+        r.stderr(),
+        "++ echo again\n",
+        "the user's line and nothing of the driver"
+    );
+    let r = agent.exec(SH, "echo (");
+    assert_eq!(r.outcome.exit_code, 2, "syntax error");
+    let r = agent.exec(SH, "x=1; echo $x");
+    assert_eq!(
+        r.stderr(),
+        "++ x=1\n++ echo 1\n",
+        "still tracing after a syntax error"
+    );
+    let r = agent.exec(SH, "set +x; echo quiet");
+    assert_eq!(r.stderr(), "++ set +x\n");
+    let r = agent.exec(SH, "echo untraced");
+    assert_eq!(
+        (r.stdout().as_str(), r.stderr().as_str()),
+        ("untraced\n", "")
+    );
+}
+
+#[test]
+fn a_leading_bom_is_ignored() {
+    let mut agent = started();
+    let r = agent.exec(PY, "\u{feff}print('py')");
+    assert_eq!(
+        (r.stdout().as_str(), r.outcome.exit_code),
+        ("py\n", 0),
+        "{}",
         r.stderr()
+    );
+    let r = agent.exec(SH, "\u{feff}echo sh");
+    assert_eq!(
+        (r.stdout().as_str(), r.outcome.exit_code),
+        ("sh\n", 0),
+        "{}",
+        r.stderr()
+    );
+    let r = agent.exec(SH, "\u{feff}#!/bin/sh\necho script; exit 4");
+    assert_eq!(
+        (r.stdout().as_str(), r.outcome.exit_code),
+        ("script\n", 4),
+        "{}",
+        r.stderr()
+    );
+    let r = agent.exec(PY, "print(len('\u{feff}x'))");
+    assert_eq!(r.stdout(), "2\n", "only a leading one is stripped");
+}
+
+#[test]
+fn raw_code_with_a_shebang_runs_as_a_script() {
+    let mut agent = started();
+    let r = agent.exec(SH, "#!/usr/bin/awk -f\nBEGIN { print \"hi\"; exit 3 }");
+    assert_eq!(
+        (r.stdout().as_str(), r.outcome.exit_code),
+        ("hi\n", 3),
+        "{}",
+        r.stderr()
+    );
+    let python = support::python();
+    let code = format!(
+        "#!{}\nimport sys\nprint('py', sys.version_info[0])\nsys.exit(5)",
+        python.display()
+    );
+    let r = agent.exec(SH, &code);
+    assert_eq!(
+        (r.stdout().as_str(), r.outcome.exit_code),
+        ("py 3\n", 5),
+        "{}",
+        r.stderr()
+    );
+
+    // The execution's environment, the shell's working directory, stdin at end of file.
+    agent.exec(SH, "cd /; export KEPT=yes");
+    let mut request = Agent::request(
+        SH,
+        "#!/bin/sh\npwd; echo \"$KEPT $ONCE\"; cat; echo \"stdin done\"",
+    );
+    request.env = vec![("ONCE".into(), "v".into())];
+    let r = agent.exec_request(request);
+    assert_eq!(r.stdout(), "/\nyes v\nstdin done\n", "{}", r.stderr());
+
+    // A separate process, even in bash: nothing persists.
+    let r = agent.exec(SH, "#!/bin/bash\ncd /tmp; y=1; pwd");
+    assert_eq!(r.stdout(), "/tmp\n");
+    let r = agent.exec(SH, "pwd; echo \"${y-unset}\"");
+    assert_eq!(r.stdout(), "/\nunset\n");
+
+    // A private file, removed afterwards.
+    let r = agent.exec(SH, "#!/bin/sh\necho \"$0\"; stat -c '%a %u' \"$0\"");
+    let out = r.stdout();
+    let (path, mode) = out.trim_end().split_once('\n').unwrap();
+    assert!(path.starts_with("/tmp/.sbx-script-"), "{path}");
+    let uid = rustix::process::geteuid().as_raw();
+    assert_eq!(mode, format!("700 {uid}"));
+    assert!(!std::path::Path::new(path).exists(), "{path} left behind");
+}
+
+#[test]
+fn shebang_scripts_fail_like_a_shell() {
+    let mut agent = started();
+    let r = agent.exec(SH, "#!/nonexistent/interp -x\necho hi");
+    assert_eq!(r.outcome.exit_code, 127);
+    assert_eq!(r.stdout(), "");
+    assert_eq!(
+        r.stderr(),
+        "/nonexistent/interp: bad interpreter (#! line): No such file or directory\n"
+    );
+    let r = agent.exec(SH, "#!no-such-interpreter\necho hi");
+    assert_eq!(r.outcome.exit_code, 127, "{}", r.stderr());
+    let r = agent.exec(SH, "#!/etc/passwd\necho hi");
+    assert_eq!(r.outcome.exit_code, 126, "{}", r.stderr());
+    assert!(r.stderr().contains("/etc/passwd"), "{}", r.stderr());
+    let r = agent.exec(SH, "echo still here");
+    assert_eq!(r.stdout(), "still here\n");
+}
+
+#[test]
+fn shebang_scripts_cannot_forge_their_status() {
+    let mut agent = started();
+    // Every descriptor of the driver (the script's parent) gets a status line without the
+    // execution's nonce; the script's own exit code still counts.
+    let code = "#!/bin/bash\n\
+        for f in /proc/$PPID/fd/*; do\n\
+          printf '0123456789abcdef0123456789abcdef 0\\n' > \"$f\"\n\
+        done 2>/dev/null\n\
+        sleep 0.3; echo after; exit 6";
+    let r = agent.exec(SH, code);
+    assert_eq!(r.outcome.exit_code, 6, "stderr: {}", r.stderr());
+    assert!(r.stdout().ends_with("after\n"), "{}", r.stdout());
+    let r = agent.exec(SH, "echo next");
+    assert_eq!((r.stdout().as_str(), r.outcome.exit_code), ("next\n", 0));
+}
+
+#[test]
+fn shebang_script_timeout_kills_it_and_removes_the_file() {
+    let mut agent = started();
+    let mut request = Agent::request(SH, "#!/bin/sh\necho \"$0\"; exec sleep 30");
+    request.timeout_ms = 1000;
+    let r = agent.exec_request(request);
+    assert!(r.outcome.timed_out);
+    assert_eq!(r.outcome.exit_code, -1);
+    let path = r.stdout();
+    assert!(
+        !std::path::Path::new(path.trim_end()).exists(),
+        "{path} left behind"
+    );
+    assert_eq!(agent.exec(SH, "echo back").stdout(), "back\n");
+}
+
+#[test]
+fn python_int_digits_are_unlimited_unless_the_caller_says() {
+    let mut agent = started();
+    let big = "print(len(str(10**5000)))";
+    let r = agent.exec(PY, big);
+    assert_eq!(
+        (r.stdout().as_str(), r.outcome.exit_code),
+        ("5001\n", 0),
+        "{}",
+        r.stderr()
+    );
+    let mut request = Agent::request(PY, big);
+    request.env = vec![("PYTHONINTMAXSTRDIGITS".into(), "4300".into())];
+    let r = agent.exec_request(request);
+    assert_eq!(r.outcome.exit_code, 1);
+    assert!(r.stderr().contains("ValueError"), "{}", r.stderr());
+    let r = agent.exec(PY, big);
+    assert_eq!(
+        r.stdout(),
+        "5001\n",
+        "the caller's limit was for one execution"
+    );
+    let mut request = Agent::request(PY, "print('ran')");
+    request.env = vec![("PYTHONINTMAXSTRDIGITS".into(), "5".into())];
+    let r = agent.exec_request(request);
+    assert_eq!((r.stdout().as_str(), r.outcome.exit_code), ("", 1));
+    assert_eq!(
+        r.stderr(),
+        "PYTHONINTMAXSTRDIGITS: invalid limit; must be >= 640 or 0 for unlimited.\n"
+    );
+    // Child Pythons inherit the setting through the environment.
+    let r = agent.exec(
+        PY,
+        "import subprocess, sys\n\
+         subprocess.run([sys.executable, '-c', 'print(len(str(10**5000)))'], check=True)",
+    );
+    assert_eq!(r.stdout(), "5001\n", "{}", r.stderr());
+}
+
+#[test]
+fn interpreters_run_sandboxed_as_the_sandbox_user() {
+    // The driver shell ($$) leads its own session: field 6 of its stat is its session id.
+    let probe = "id -u; id -g; id -G; ulimit -u; grep -E '^(Uid|NoNewPrivs)' /proc/self/status; \
+        read -r -a stat < /proc/$$/stat; [ \"${stat[5]}\" = $$ ] && echo session-leader";
+    let has_setpriv = std::process::Command::new("setpriv")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !rustix::process::geteuid().is_root() || !has_setpriv {
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipping interpreters_run_sandboxed_as_the_sandbox_user: needs root (and setpriv)"
+        );
+        return;
+    }
+    let mut agent = Agent::start_dropping_privileges();
+    agent.hello();
+    let r = agent.exec(SH, probe);
+    assert_eq!(r.outcome.exit_code, 0, "stderr: {}", r.stderr());
+    assert_eq!(
+        r.stdout(),
+        "1000\n1000\n1000\n1024\nUid:\t1000\t1000\t1000\t1000\nNoNewPrivs:\t1\nsession-leader\n",
+        "uid, gid, no other groups, RLIMIT_NPROC, no-new-privs, own session"
     );
 }
 
@@ -609,6 +824,20 @@ fn javascript_exit_codes_and_errors() {
     assert_eq!(
         agent.exec(JS, "console.log(process.env.SBX_T)").stdout(),
         "undefined\n"
+    );
+}
+
+#[test]
+fn javascript_ignores_a_leading_bom() {
+    let Some(mut agent) = js_agent("javascript_ignores_a_leading_bom") else {
+        return;
+    };
+    let r = agent.exec(JS, "\u{feff}const n: number = 1; console.log('js', n)");
+    assert_eq!(
+        (r.stdout().as_str(), r.outcome.exit_code),
+        ("js 1\n", 0),
+        "{}",
+        r.stderr()
     );
 }
 

@@ -114,11 +114,26 @@ impl Agent {
 
     /// Starts an agent with extra environment variables.
     pub fn start_with(extra_env: &[(&str, &str)]) -> Agent {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sbx-agent"));
+        command.args(["--stdio", "--no-setuid"]);
+        Agent::start_command(command, extra_env)
+    }
+
+    /// Starts an agent that, running as root with a supplementary group (4242), switches its
+    /// interpreters to uid/gid 1000 as in the VM. Needs root and util-linux's `setpriv`.
+    pub fn start_dropping_privileges() -> Agent {
+        let mut command = Command::new("setpriv");
+        command
+            .args(["--groups", "4242", "--"])
+            .arg(env!("CARGO_BIN_EXE_sbx-agent"))
+            .arg("--stdio");
+        Agent::start_command(command, &[])
+    }
+
+    fn start_command(mut command: Command, extra_env: &[(&str, &str)]) -> Agent {
         let home = TempDir::new("home");
         let run = TempDir::new("run");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_sbx-agent"));
         command
-            .args(["--stdio", "--no-setuid"])
             .env("SBX_AGENT_PYTHON", python())
             .env("SBX_AGENT_BASH", bash())
             .env("SBX_AGENT_HOME", &home.0)
