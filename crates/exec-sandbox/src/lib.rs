@@ -33,6 +33,8 @@ mod files;
 mod gateway;
 pub mod limits;
 mod network;
+#[expect(dead_code, reason = "the packages work wires these in")]
+mod packages;
 mod pool;
 mod result;
 mod run;
