@@ -225,7 +225,6 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::admission::{HostFacts, Policy};
     use crate::vm::accel::Accelerator;
     use crate::vm::fake::{Destroyed, FakeVm, healthy};
     use crate::vm::tests::unbootable_spec;
@@ -233,32 +232,11 @@ mod tests {
 
     const DEFAULT_MB: u32 = 256;
 
-    struct NoHostLimits;
-
-    impl HostFacts for NoHostLimits {
-        fn memory_mb(&self) -> Option<(u64, u64)> {
-            None
-        }
-        fn cores(&self) -> usize {
-            2
-        }
-        fn memory_pressure(&self) -> Option<f64> {
-            None
-        }
-    }
-
     fn admission(vms: u64) -> Arc<Admission> {
-        Admission::new(
-            Policy {
-                budget: Cost {
-                    memory_mb: 350 * vms,
-                    cpu_milli: 100_000,
-                },
-                min_available_mb: 0,
-                max_pressure: 100.0,
-            },
-            Box::new(NoHostLimits),
-        )
+        crate::admission::with_budget(Cost {
+            memory_mb: 350 * vms,
+            cpu_milli: 100_000,
+        })
     }
 
     /// What the fake factory was asked to do.

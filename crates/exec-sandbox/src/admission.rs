@@ -498,6 +498,34 @@ impl Drop for Permit {
     }
 }
 
+/// An admission with `budget` on a host that never blocks (memory unknown, no pressure), for
+/// the tests of the modules that take permits.
+#[cfg(test)]
+pub(crate) fn with_budget(budget: Cost) -> Arc<Admission> {
+    struct Unlimited;
+
+    impl HostFacts for Unlimited {
+        fn memory_mb(&self) -> Option<(u64, u64)> {
+            None
+        }
+        fn cores(&self) -> usize {
+            2
+        }
+        fn memory_pressure(&self) -> Option<f64> {
+            None
+        }
+    }
+
+    Admission::new(
+        Policy {
+            budget,
+            min_available_mb: 0,
+            max_pressure: 100.0,
+        },
+        Box::new(Unlimited),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

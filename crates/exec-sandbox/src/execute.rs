@@ -237,6 +237,18 @@ mod tests {
         FakeVm::new("fake", Box::new(script), &Destroyed::default())
     }
 
+    fn result_of(collected: Collected, origin: VmOrigin) -> ExecutionResult {
+        collected.into_result(
+            VmStats::default(),
+            Timing::default(),
+            AcceleratorChoice {
+                accelerator: crate::Accelerator::Tcg,
+                reason: "test".into(),
+            },
+            origin,
+        )
+    }
+
     fn collector() -> (OutputCallback, Arc<Mutex<Vec<u8>>>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = seen.clone();
@@ -276,15 +288,7 @@ mod tests {
         assert!(collected.guest_reported());
         assert_eq!(collected.exit_code(), 3);
         assert_eq!(*seen.lock().unwrap(), b"42\n");
-        let result = collected.into_result(
-            VmStats::default(),
-            Timing::default(),
-            AcceleratorChoice {
-                accelerator: crate::Accelerator::Tcg,
-                reason: "test".into(),
-            },
-            VmOrigin::Snapshot,
-        );
+        let result = result_of(collected, VmOrigin::Snapshot);
         assert_eq!(result.stdout, "42\n");
         assert_eq!(result.stderr, "warn\n");
         assert_eq!(result.execution_time_ms, Some(5));
@@ -316,15 +320,7 @@ mod tests {
         assert_eq!(collected.exit_code(), -1);
         let note = String::from_utf8(seen.lock().unwrap().clone()).unwrap();
         assert!(note.contains("enforced by the host"), "{note}");
-        let result = collected.into_result(
-            VmStats::default(),
-            Timing::default(),
-            AcceleratorChoice {
-                accelerator: crate::Accelerator::Tcg,
-                reason: "test".into(),
-            },
-            VmOrigin::Cold,
-        );
+        let result = result_of(collected, VmOrigin::Cold);
         assert!(result.timed_out);
         assert_eq!(result.stdout, "partial");
         assert_eq!(result.execution_time_ms, None, "the guest reported nothing");
@@ -351,15 +347,7 @@ mod tests {
             limits::MAX_STDOUT_BYTES,
             "the callback sees only what is kept"
         );
-        let result = collected.into_result(
-            VmStats::default(),
-            Timing::default(),
-            AcceleratorChoice {
-                accelerator: crate::Accelerator::Tcg,
-                reason: "test".into(),
-            },
-            VmOrigin::Cold,
-        );
+        let result = result_of(collected, VmOrigin::Cold);
         assert_eq!(result.stdout.len() as u64, limits::MAX_STDOUT_BYTES);
         assert!(result.stdout_truncated);
         assert_eq!(

@@ -317,21 +317,7 @@ mod tests {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     use super::*;
-    use crate::admission::{Admission, Cost, HostFacts, Policy};
-
-    struct NoHostLimits;
-
-    impl HostFacts for NoHostLimits {
-        fn memory_mb(&self) -> Option<(u64, u64)> {
-            None
-        }
-        fn cores(&self) -> usize {
-            2
-        }
-        fn memory_pressure(&self) -> Option<f64> {
-            None
-        }
-    }
+    use crate::admission::{Admission, Cost};
 
     const VM: Cost = Cost {
         memory_mb: 350,
@@ -339,17 +325,10 @@ mod tests {
     };
 
     fn admission(vms: u64) -> Arc<Admission> {
-        Admission::new(
-            Policy {
-                budget: Cost {
-                    memory_mb: VM.memory_mb * vms,
-                    cpu_milli: 100_000,
-                },
-                min_available_mb: 0,
-                max_pressure: 100.0,
-            },
-            Box::new(NoHostLimits),
-        )
+        crate::admission::with_budget(Cost {
+            memory_mb: VM.memory_mb * vms,
+            cpu_milli: 100_000,
+        })
     }
 
     /// A VM that can be made to die (`gone`) or hang (`hung`: channel open, no pong).

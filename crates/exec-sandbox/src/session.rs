@@ -690,22 +690,8 @@ mod tests {
         use tokio::sync::Semaphore;
 
         use super::super::*;
-        use crate::admission::{Admission, Cost, HostFacts, Policy};
+        use crate::admission::Cost;
         use crate::vm::fake::{Destroyed, FakeVm, Reply, Script, done, healthy};
-
-        struct NoLimits;
-
-        impl HostFacts for NoLimits {
-            fn memory_mb(&self) -> Option<(u64, u64)> {
-                None
-            }
-            fn cores(&self) -> usize {
-                1
-            }
-            fn memory_pressure(&self) -> Option<f64> {
-                None
-            }
-        }
 
         struct Open {
             inner: Arc<Inner<FakeVm>>,
@@ -717,17 +703,10 @@ mod tests {
         /// A session on a fake VM following `script`, closing after `idle` without operations.
         async fn open(script: Script, idle: Duration) -> Open {
             let destroyed = Destroyed::default();
-            let admission = Admission::new(
-                Policy {
-                    budget: Cost {
-                        memory_mb: 1000,
-                        cpu_milli: 1000,
-                    },
-                    min_available_mb: 0,
-                    max_pressure: 100.0,
-                },
-                Box::new(NoLimits),
-            );
+            let admission = crate::admission::with_budget(Cost {
+                memory_mb: 1000,
+                cpu_milli: 1000,
+            });
             let permit = admission
                 .try_admit(Cost {
                     memory_mb: 1,
