@@ -455,11 +455,11 @@ pub fn render_table(report: &Report) -> String {
     ));
     for (name, b) in &report.baseline {
         out.push_str(&format!(
-            "baseline {name}: {} {}: p50 {:.1} ms, p95 {:.1} ms\n",
+            "baseline {name}: p50 {:.1} ms, p95 {:.1} ms ({} {})\n",
+            b.spawn_ms.p50,
+            b.spawn_ms.p95,
             b.binary.display(),
             b.args.join(" "),
-            b.spawn_ms.p50,
-            b.spawn_ms.p95
         ));
     }
     out.push_str(&format!(
@@ -553,7 +553,9 @@ mod tests {
             "{table}"
         );
         assert!(
-            table.contains("baseline python: /usr/bin/python3.11 -c pass: p50 60.0 ms"),
+            table.contains(
+                "baseline python: p50 60.0 ms, p95 60.0 ms (/usr/bin/python3.11 -c pass)"
+            ),
             "{table}"
         );
     }
