@@ -119,7 +119,7 @@ pub struct ExposedPort {
     pub internal: u16,
     /// Port on the host.
     pub external: u16,
-    /// Host address (always [`EXPOSE_HOST`]).
+    /// Host address (always `127.0.0.1`).
     pub host: String,
     /// TCP or UDP.
     pub protocol: PortProtocol,

@@ -1,8 +1,10 @@
 //! `sbx bench`: end-to-end latency of a trivial program per language, cold, restored from an L1
-//! memory snapshot and taken from the warm pool, against the host's own `python3 -c pass`
-//! measured in the same invocation. A measurement command, never a pass/fail test.
+//! memory snapshot and taken from the warm pool, against each language's own interpreter doing
+//! nothing on the host (`python3 -c pass`, `node -e 0`, `bash -c :`), measured in the same
+//! invocation. A measurement command, never a pass/fail test.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use exec_sandbox::{Language, RunOptions, Scheduler, SchedulerConfig};
@@ -58,17 +60,29 @@ pub struct LanguageReport {
     pub idle_vm_pss_mb: Option<f64>,
 }
 
+/// A language's interpreter doing nothing on the host, timed from spawn to exit.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Baseline {
+    /// The interpreter that was timed: resolved once by asking it (so a version manager's shim
+    /// on `PATH` is not what gets timed), symbolic links followed.
+    pub binary: PathBuf,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Wall time of one run.
+    pub spawn_ms: Percentiles,
+}
+
 /// The whole report, as printed by `--json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     /// Host facts.
     pub host: BTreeMap<String, serde_json::Value>,
-    /// The in-process baseline.
-    pub baseline: BTreeMap<String, Percentiles>,
+    /// Per language, its interpreter on the host, measured in this invocation.
+    pub baseline: BTreeMap<String, Baseline>,
     /// Per language.
     #[serde(flatten)]
     pub languages: BTreeMap<String, LanguageReport>,
-    /// Ratios to the baseline and between paths.
+    /// Ratios of each language's p50 to its own baseline's, and between paths.
     pub ratios: BTreeMap<String, f64>,
 }
 
@@ -129,8 +143,30 @@ async fn measure(args: &BenchArgs, base: SchedulerConfig) -> Result<Report, exec
     let restored = scheduler(&base, 0, true, cores.max(1))?;
     restored.prefetch_snapshots().await?;
 
-    step(args, &format!("baseline: python3 -c pass x{runs}"));
-    let baseline = host_python_spawn(runs).await;
+    let mut baseline = BTreeMap::new();
+    for &language in &languages {
+        let interpreter = match HostInterpreter::resolve(language).await {
+            Ok(interpreter) => interpreter,
+            Err(e) => {
+                tracing::warn!(%language, error = %e, "no host baseline for this language");
+                continue;
+            }
+        };
+        step(
+            args,
+            &format!("{language} baseline: {} x{runs}", interpreter.command()),
+        );
+        if let Some(spawn_ms) = Percentiles::of(&interpreter.time(runs).await) {
+            baseline.insert(
+                language.as_str().to_string(),
+                Baseline {
+                    binary: interpreter.binary,
+                    args: interpreter.args.iter().map(ToString::to_string).collect(),
+                    spawn_ms,
+                },
+            );
+        }
+    }
 
     let mut languages_out = BTreeMap::new();
     for &language in &languages {
@@ -159,19 +195,7 @@ async fn measure(args: &BenchArgs, base: SchedulerConfig) -> Result<Report, exec
     }
     restored.shutdown().await;
 
-    let baseline_p = Percentiles::of(&baseline);
-    let mut ratios = BTreeMap::new();
-    for (name, report) in &languages_out {
-        if let (Some(warm), Some(spawn)) = (report.warm_ms, baseline_p) {
-            ratios.insert(
-                format!("{name}_warm_vs_spawn"),
-                round2(warm.p50 / spawn.p50),
-            );
-        }
-        if let (Some(l1), Some(cold)) = (report.l1_ms, report.cold_ms) {
-            ratios.insert(format!("{name}_l1_vs_cold"), round2(l1.p50 / cold.p50));
-        }
-    }
+    let ratios = ratios(&languages_out, &baseline);
     let mut host = BTreeMap::new();
     host.insert("cores".to_string(), cores.into());
     host.insert(
@@ -180,16 +204,33 @@ async fn measure(args: &BenchArgs, base: SchedulerConfig) -> Result<Report, exec
     );
     host.insert("accelerator_reason".to_string(), accelerator.reason.into());
     host.insert("runs_per_measurement".to_string(), runs.into());
-    let mut baseline_out = BTreeMap::new();
-    if let Some(p) = baseline_p {
-        baseline_out.insert("python_spawn_ms".to_string(), p);
-    }
     Ok(Report {
         host,
-        baseline: baseline_out,
+        baseline,
         languages: languages_out,
         ratios,
     })
+}
+
+/// `<language>_warm_vs_spawn` (warm-pool p50 over the language's own baseline p50) and
+/// `<language>_l1_vs_cold`, for what was measured.
+fn ratios(
+    languages: &BTreeMap<String, LanguageReport>,
+    baseline: &BTreeMap<String, Baseline>,
+) -> BTreeMap<String, f64> {
+    let mut ratios = BTreeMap::new();
+    for (name, report) in languages {
+        if let (Some(warm), Some(spawn)) = (report.warm_ms, baseline.get(name)) {
+            ratios.insert(
+                format!("{name}_warm_vs_spawn"),
+                round2(warm.p50 / spawn.spawn_ms.p50),
+            );
+        }
+        if let (Some(l1), Some(cold)) = (report.l1_ms, report.cold_ms) {
+            ratios.insert(format!("{name}_l1_vs_cold"), round2(l1.p50 / cold.p50));
+        }
+    }
+    ratios
 }
 
 /// A trivial program per language.
@@ -296,22 +337,87 @@ async fn throughput(
     Ok(round2(total as f64 / started.elapsed().as_secs_f64()))
 }
 
-/// Wall time of `python3 -c pass` on the host, `runs` times.
-async fn host_python_spawn(runs: usize) -> Vec<f64> {
-    let mut samples = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        let started = Instant::now();
-        let status = tokio::process::Command::new("python3")
-            .args(["-c", "pass"])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .status()
-            .await;
-        if status.is_ok_and(|s| s.success()) {
-            samples.push(started.elapsed().as_secs_f64() * 1000.0);
+/// A language's interpreter on the host, resolved to the binary that really runs.
+struct HostInterpreter {
+    binary: PathBuf,
+    args: &'static [&'static str],
+}
+
+impl HostInterpreter {
+    /// Asks the interpreter found on `PATH` where its binary is, once, and follows symbolic
+    /// links: a version manager's shim (pyenv's `python3` is a shell script that starts the real
+    /// interpreter) would otherwise be timed too, and flatter every ratio.
+    async fn resolve(language: Language) -> std::io::Result<Self> {
+        let (program, _, args) = Self::spec(language);
+        Ok(Self {
+            binary: Self::ask_binary(language, program.as_ref()).await?,
+            args,
+        })
+    }
+
+    /// The program on `PATH`, the arguments that make it print its own binary's path, and the
+    /// arguments of a run that does nothing.
+    fn spec(
+        language: Language,
+    ) -> (
+        &'static str,
+        &'static [&'static str],
+        &'static [&'static str],
+    ) {
+        match language {
+            Language::Python => (
+                "python3",
+                &["-c", "import sys; print(sys.executable)"],
+                &["-c", "pass"],
+            ),
+            Language::Javascript => ("node", &["-p", "process.execPath"], &["-e", "0"]),
+            Language::Raw => ("bash", &["-c", "printf '%s\\n' \"$BASH\""], &["-c", ":"]),
         }
     }
-    samples
+
+    /// Runs `program` (a name on `PATH` or a path) so that it prints its binary's path, and
+    /// returns that path with symbolic links followed.
+    async fn ask_binary(language: Language, program: &std::path::Path) -> std::io::Result<PathBuf> {
+        let (_, query, _) = Self::spec(language);
+        let output = tokio::process::Command::new(program)
+            .args(query)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .output()
+            .await?;
+        let path = String::from_utf8_lossy(&output.stdout).trim().to_string();
+        if !output.status.success() || path.is_empty() {
+            return Err(std::io::Error::other(format!(
+                "`{}` did not name its binary ({})",
+                program.display(),
+                output.status
+            )));
+        }
+        std::fs::canonicalize(&path)
+    }
+
+    /// How the baseline is run, for progress lines.
+    fn command(&self) -> String {
+        format!("{} {}", self.binary.display(), self.args.join(" "))
+    }
+
+    /// Wall time of `runs` runs, from spawn to exit; failed runs are left out.
+    async fn time(&self, runs: usize) -> Vec<f64> {
+        let mut samples = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let started = Instant::now();
+            let status = tokio::process::Command::new(&self.binary)
+                .args(self.args)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .status()
+                .await;
+            if status.is_ok_and(|s| s.success()) {
+                samples.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        samples
+    }
 }
 
 fn median(samples: &[f64]) -> Option<f64> {
@@ -351,10 +457,13 @@ pub fn render_table(report: &Report) -> String {
         host("accelerator"),
         host("accelerator_reason")
     ));
-    if let Some(p) = report.baseline.get("python_spawn_ms") {
+    for (name, b) in &report.baseline {
         out.push_str(&format!(
-            "baseline python3 -c pass: p50 {:.1} ms, p95 {:.1} ms\n",
-            p.p50, p.p95
+            "baseline {name}: p50 {:.1} ms, p95 {:.1} ms ({} {})\n",
+            b.spawn_ms.p50,
+            b.spawn_ms.p95,
+            b.binary.display(),
+            b.args.join(" "),
         ));
     }
     out.push_str(&format!(
@@ -395,6 +504,14 @@ mod tests {
         assert_eq!((p.p50, p.p95), (10.0, 19.0));
     }
 
+    fn baseline(binary: &str, args: &[&str], p50: f64) -> Baseline {
+        Baseline {
+            binary: binary.into(),
+            args: args.iter().map(ToString::to_string).collect(),
+            spawn_ms: Percentiles::of(&[p50]).unwrap(),
+        }
+    }
+
     #[test]
     fn json_has_the_issue_shape() {
         let mut languages = BTreeMap::new();
@@ -408,32 +525,98 @@ mod tests {
                 idle_vm_pss_mb: Some(40.0),
             },
         );
-        let mut baseline = BTreeMap::new();
-        baseline.insert(
-            "python_spawn_ms".to_string(),
-            Percentiles::of(&[60.0]).unwrap(),
+        let mut baselines = BTreeMap::new();
+        baselines.insert(
+            "python".to_string(),
+            baseline("/usr/bin/python3.11", &["-c", "pass"], 60.0),
         );
-        let mut ratios = BTreeMap::new();
-        ratios.insert("python_warm_vs_spawn".to_string(), 0.5);
         let report = Report {
             host: BTreeMap::new(),
-            baseline,
+            ratios: ratios(&languages, &baselines),
+            baseline: baselines,
             languages,
-            ratios,
         };
         let json = serde_json::to_value(&report).unwrap();
-        assert_eq!(json["baseline"]["python_spawn_ms"]["p50"], 60.0);
+        assert_eq!(json["baseline"]["python"]["binary"], "/usr/bin/python3.11");
+        assert_eq!(
+            json["baseline"]["python"]["args"],
+            serde_json::json!(["-c", "pass"])
+        );
+        assert_eq!(json["baseline"]["python"]["spawn_ms"]["p50"], 60.0);
         assert_eq!(json["python"]["cold_ms"]["p95"], 1000.0);
         assert_eq!(json["python"]["l1_ms"]["p50"], 100.0);
         assert_eq!(json["python"]["warm_ms"]["p50"], 30.0);
         assert_eq!(json["python"]["throughput_rps"], 3.5);
         assert_eq!(json["python"]["idle_vm_pss_mb"], 40.0);
         assert_eq!(json["ratios"]["python_warm_vs_spawn"], 0.5);
+        assert_eq!(json["ratios"]["python_l1_vs_cold"], 0.1);
         assert!(json["host"].is_object());
         let table = render_table(&report);
         assert!(
             table.contains("python") && table.contains("1000 / 1000"),
             "{table}"
         );
+        assert!(
+            table.contains(
+                "baseline python: p50 60.0 ms, p95 60.0 ms (/usr/bin/python3.11 -c pass)"
+            ),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn each_language_is_compared_with_its_own_baseline() {
+        let warm = |p50: f64| LanguageReport {
+            warm_ms: Percentiles::of(&[p50]),
+            ..LanguageReport::default()
+        };
+        let languages = BTreeMap::from([
+            ("javascript".to_string(), warm(80.0)),
+            ("python".to_string(), warm(80.0)),
+            ("raw".to_string(), warm(80.0)),
+        ]);
+        let baselines = BTreeMap::from([
+            (
+                "javascript".to_string(),
+                baseline("/usr/bin/node", &["-e", "0"], 40.0),
+            ),
+            (
+                "python".to_string(),
+                baseline("/usr/bin/python3", &["-c", "pass"], 20.0),
+            ),
+        ]);
+        assert_eq!(
+            ratios(&languages, &baselines),
+            BTreeMap::from([
+                ("javascript_warm_vs_spawn".to_string(), 2.0),
+                ("python_warm_vs_spawn".to_string(), 4.0),
+            ]),
+            "no baseline, no ratio"
+        );
+    }
+
+    /// The baseline is the interpreter binary itself, not a shim on `PATH`: asked again where it
+    /// lives, it names itself, and it runs the do-nothing program.
+    #[tokio::test]
+    async fn host_interpreters_resolve_to_their_real_binary() {
+        for language in Language::ALL {
+            let interpreter = HostInterpreter::resolve(language)
+                .await
+                .unwrap_or_else(|e| panic!("{language}: {e}"));
+            let binary = &interpreter.binary;
+            assert!(binary.is_absolute(), "{}", binary.display());
+            assert_eq!(&std::fs::canonicalize(binary).unwrap(), binary);
+            assert_eq!(
+                &HostInterpreter::ask_binary(language, binary).await.unwrap(),
+                binary,
+                "{language} names itself"
+            );
+            assert_eq!(
+                interpreter.time(2).await.len(),
+                2,
+                "{}",
+                interpreter.command()
+            );
+        }
     }
 }

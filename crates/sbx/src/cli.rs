@@ -20,8 +20,9 @@ pub enum Command {
     Run(RunArgs),
     /// Build or verify every guest asset and decide the accelerator, so later runs start at once.
     Prefetch(PrefetchArgs),
-    /// Measure run latency per language (cold, L1-restored, warm pool) against the host's own
-    /// `python3 -c pass`, throughput, and idle VM memory. Prints numbers; never fails on speed.
+    /// Measure run latency per language (cold, L1-restored, warm pool) against the language's
+    /// own interpreter on the host (`python3 -c pass`, `node -e 0`, `bash -c :`), throughput, and
+    /// idle VM memory. Prints numbers; never fails on speed.
     Bench(BenchArgs),
 }
 

@@ -422,7 +422,7 @@ fn millis(d: Duration) -> u64 {
 
 /// The note appended to stderr when an execution times out.
 pub fn timeout_note(timeout_ms: u64) -> String {
-    let secs = if timeout_ms % 1000 == 0 {
+    let secs = if timeout_ms.is_multiple_of(1000) {
         format!("{}", timeout_ms / 1000)
     } else {
         let text = format!("{:.3}", timeout_ms as f64 / 1000.0);

@@ -1,6 +1,7 @@
 //! File transfer through a session's VM: upload, use, download, list, and the guest's path rules.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use exec_sandbox::{ErrorKind, ExecOptions, Language, SessionOptions};
 
@@ -81,24 +82,53 @@ async fn upload_transform_download_and_list_in_a_real_vm() {
         );
     }
 
-    // Listing answers while an execution is still running on the same VM.
-    let running = session.exec(ExecOptions::new(
-        "import time; time.sleep(10); print('slept')",
-    ));
-    let listing = async {
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        let started = std::time::Instant::now();
-        let entries = session.list_files("in").await.unwrap();
-        (entries, started.elapsed())
-    };
-    let (r, (entries, took)) = tokio::join!(running, listing);
-    assert_eq!(r.unwrap().stdout, "slept\n");
-    assert_eq!(entries.len(), 1);
-    assert!(
-        took < Duration::from_secs(2),
-        "list took {took:?} during an exec"
+    // Listing and writing work while an execution is running on the same VM. The program says
+    // it started, then waits (up to 100 s) for a file that the test writes only after listing:
+    // a listing or a write held back until the execution ends would see it end first.
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let started_tx = Mutex::new(Some(started_tx));
+    let running = session.exec(
+        ExecOptions::new(
+            "import os, time\nprint('started', flush=True)\nfor _ in range(1000):\n    if os.path.exists('go'): break\n    time.sleep(0.1)\nprint('released' if os.path.exists('go') else 'gave up')",
+        )
+        .timeout_seconds(120)
+        .on_stdout(move |_| {
+            if let Some(tx) = started_tx.lock().unwrap().take() {
+                let _ = tx.send(());
+            }
+        }),
     );
+    tokio::pin!(running);
+    let entries = tokio::select! {
+        biased;
+        r = &mut running => panic!("the execution ended before the listing: {r:?}"),
+        entries = async {
+            started_rx.await.expect("the program prints before it waits");
+            session.list_files("in").await.unwrap()
+        } => entries,
+    };
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    session
+        .write_file("go", &b""[..], Some(0), false)
+        .await
+        .unwrap();
+    let r = running.await.unwrap();
+    assert_eq!(r.stdout, "started\nreleased\n", "stderr: {}", r.stderr);
     session.close().await;
+}
+
+/// A source that must not be read; records whether it was.
+struct MustNotRead(Arc<AtomicBool>);
+
+impl tokio::io::AsyncRead for MustNotRead {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        _buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.0.store(true, Ordering::SeqCst);
+        std::task::Poll::Ready(Err(std::io::Error::other("read although refused")))
+    }
 }
 
 /// A reader that yields `good` bytes and then fails, like a local disk error mid-upload.
@@ -171,19 +201,20 @@ async fn big_random_round_trip_limits_and_aborted_writes_in_a_real_vm() {
     let mut empty = Vec::new();
     assert_eq!(session.read_file("empty", &mut empty).await.unwrap(), 0);
 
-    // Over the limit with a known size: refused before anything is sent.
-    let started = std::time::Instant::now();
+    // Over the limit with a known size: refused before anything is read or sent (no `huge`
+    // in the listing at the end).
+    let read = Arc::new(AtomicBool::new(false));
     let err = session
         .write_file(
             "huge",
-            tokio::io::empty(),
+            MustNotRead(read.clone()),
             Some(exec_sandbox::limits::MAX_FILE_BYTES + 1),
             false,
         )
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput, "{}", chain(&err));
-    assert!(started.elapsed() < Duration::from_millis(200));
+    assert!(!read.load(Ordering::SeqCst), "the source was read");
 
     // A write whose source fails midway leaves no file, and the session keeps working.
     let err = session

@@ -128,38 +128,48 @@ async fn bash_variables_functions_and_cwd_persist() {
     assert_eq!(r.stdout, "yo\n", "an execution's variable wins");
 }
 
-#[tokio::test]
-async fn idle_timeout_closes_and_operations_reset_it() {
-    let idle = Duration::from_secs(3);
-    let s = open(SessionOptions::new(Language::Python).idle_timeout_unchecked(idle)).await;
-    expect(&s, "x = 1", "", 0).await;
-    // Each operation starts a new idle period: 2 s + 2 s apart, 4 s in all, > 3 s.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    expect(&s, "print(x)", "1\n", 0).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    expect(&s, "print(x)", "1\n", 0).await;
-    // An operation longer than the idle timeout suspends it.
-    expect(&s, "import time; time.sleep(5); print(x)", "1\n", 0).await;
-    expect(&s, "print(x)", "1\n", 0).await;
-    let name = s.vm_name().to_string();
-    wait_until("the idle session to close", Duration::from_secs(15), || {
-        s.close_reason().is_some()
+/// Generous bounds for waits on a VM under software emulation; reaching one is a failure.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Waits until `session` has closed by itself and its VM is gone.
+async fn wait_closed_by_idle(session: &Session) {
+    let name = session.vm_name().to_string();
+    wait_until("the idle session to close", CLOSE_DEADLINE, || {
+        session.close_reason().is_some()
     })
     .await;
-    assert_closed(
-        s.exec(ExecOptions::new("print(x)")).await,
-        &SessionCloseReason::IdleTimeout { after: idle },
-    );
-    wait_until(
-        "the idle session's VM to go",
-        Duration::from_secs(10),
-        || qemu_pid(&name).is_none(),
-    )
+    wait_until("the idle session's VM to go", CLOSE_DEADLINE, || {
+        qemu_pid(&name).is_none()
+    })
     .await;
 }
 
 #[tokio::test]
+async fn idle_timeout_closes_and_is_suspended_during_an_operation() {
+    let idle = Duration::from_secs(2);
+    let s = open(SessionOptions::new(Language::Python).idle_timeout_unchecked(idle)).await;
+    expect(&s, "x = 1", "", 0).await;
+    // An execution three times as long as the idle timeout: the timer is suspended while it
+    // runs, so the session is still open when it ends, and its state with it.
+    expect(&s, "import time; time.sleep(6); print(x)", "1\n", 0).await;
+    assert_eq!(s.close_reason(), None, "closed during an operation");
+    expect(&s, "print(x)", "1\n", 0).await;
+    // Left alone, it closes by itself.
+    wait_closed_by_idle(&s).await;
+    assert_eq!(
+        s.close_reason(),
+        Some(SessionCloseReason::IdleTimeout { after: idle })
+    );
+    assert_closed(
+        s.exec(ExecOptions::new("print(x)")).await,
+        &SessionCloseReason::IdleTimeout { after: idle },
+    );
+}
+
+#[tokio::test]
 async fn concurrent_execs_run_one_after_the_other_and_state_survives_idle() {
+    // `s` keeps the state; `clock` has a short idle timeout and is opened after `s`'s last
+    // execution, so when `clock` has closed by itself, `s` has been idle at least that long.
     let s = open(SessionOptions::new(Language::Python)).await;
     expect(&s, "import time\nkept = 'still here'", "", 0).await;
     let seen = Arc::new(Mutex::new(String::new()));
@@ -183,7 +193,10 @@ async fn concurrent_execs_run_one_after_the_other_and_state_survives_idle() {
         "interleaved: {order}"
     );
 
-    tokio::time::sleep(Duration::from_secs(25)).await;
+    let clock =
+        open(SessionOptions::new(Language::Raw).idle_timeout_unchecked(Duration::from_secs(3)))
+            .await;
+    wait_closed_by_idle(&clock).await;
     expect(&s, "print(kept)", "still here\n", 0).await;
     assert_eq!(s.exec_count(), 4);
 }

@@ -1,33 +1,81 @@
-//! Refusals that need no VM: exit status 2, a clear message on stderr, nothing on stdout, fast.
+//! Refusals that need no VM: exit status 2, a clear message on stderr, nothing on stdout, and
+//! nothing started: no asset looked for, no QEMU run.
 
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
 use predicates::prelude::*;
 
 use crate::sbx_offline;
 
-/// Usage errors come back at once: nothing was built or booted.
-const FAST: Duration = Duration::from_secs(1);
+/// A hang guard, not a measurement: a refusal that waits on something fails here instead of
+/// hanging the suite.
+const HANG_GUARD: Duration = Duration::from_secs(60);
 
+/// A stand-in for QEMU that records each call in a file beside it, then fails.
+struct QemuRecorder {
+    dir: tempfile::TempDir,
+}
+
+impl QemuRecorder {
+    fn new() -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qemu-system-x86_64");
+        std::fs::write(
+            &path,
+            "#!/bin/sh\necho \"$*\" >> \"$(dirname \"$0\")/calls\"\nexit 1\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Self { dir }
+    }
+
+    fn binary(&self) -> PathBuf {
+        self.dir.path().join("qemu-system-x86_64")
+    }
+
+    /// The command lines it was called with.
+    fn calls(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("calls")).unwrap_or_default()
+    }
+}
+
+/// `sbx args...` is refused with status 2 and `stderr_has` in its message, before anything
+/// started: with an empty offline cache and a recording QEMU, whatever reached for assets or a
+/// VM would fail differently (status 125, a message about missing assets), leave files in the
+/// cache, or leave a call in the recorder.
 fn refuses(args: &[&str], stderr_has: &str) {
     let cache = tempfile::tempdir().unwrap();
-    let started = Instant::now();
+    let qemu = QemuRecorder::new();
     sbx_offline(&cache)
+        .env("EXEC_SANDBOX_QEMU", qemu.binary())
         .args(args)
         .write_stdin("")
+        .timeout(HANG_GUARD)
         .assert()
         .code(2)
         .stdout(predicate::str::is_empty())
         .stderr(predicate::str::contains(stderr_has));
-    assert!(
-        started.elapsed() < FAST,
-        "{args:?} took {:?}",
-        started.elapsed()
-    );
+    assert_eq!(qemu.calls(), "", "{args:?} ran QEMU");
     assert!(
         std::fs::read_dir(cache.path()).unwrap().next().is_none(),
         "{args:?} touched the cache"
     );
+}
+
+/// The recorder and the empty cache do catch a run that goes past validation.
+#[test]
+fn the_refusal_check_notices_a_run_that_went_further() {
+    let cache = tempfile::tempdir().unwrap();
+    let qemu = QemuRecorder::new();
+    sbx_offline(&cache)
+        .env("EXEC_SANDBOX_QEMU", qemu.binary())
+        .args(["run", "print(1)"])
+        .timeout(HANG_GUARD)
+        .assert()
+        .code(125)
+        .stderr(predicate::str::contains("guest assets unavailable"));
 }
 
 #[test]
