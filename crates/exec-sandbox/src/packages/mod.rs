@@ -12,6 +12,8 @@
 //! - `layer`: a directory packed as an EROFS image with a manifest.
 //! - `cache`: the L2 layer cache on disk; `remote`: the L3 copy in S3.
 
+pub(crate) mod spec;
+
 /// The package manager of a language.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
