@@ -108,3 +108,11 @@ pub const MIN_EXTERNAL_PORT: u16 = 1024;
 pub const MAX_ALLOWED_DOMAINS: usize = sbx_net::policy::MAX_ALLOWED_DOMAINS;
 /// Longest the guest may take to install the operator's CA bundle.
 pub const CA_BUNDLE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Most packages one run or session may ask for.
+pub const MAX_PACKAGES: usize = 50;
+/// Longest package name, in bytes (npm's own limit; PyPI names are held to it too).
+pub const MAX_PACKAGE_NAME_BYTES: usize = 214;
+/// Longest version part of a package spec (`==2.2.3`, `^4.17.0`), in bytes (node-semver's own
+/// limit on a version or range).
+pub const MAX_PACKAGE_VERSION_BYTES: usize = 256;

@@ -12,6 +12,11 @@
 //! - `layer`: a directory packed as an EROFS image with a manifest.
 //! - `cache`: the L2 layer cache on disk; `remote`: the L3 copy in S3.
 
+pub(crate) mod allowlist;
+pub(crate) mod spec;
+
+pub(crate) use spec::SpecError;
+
 /// The package manager of a language.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
@@ -91,4 +96,163 @@ pub enum PackageSource {
     L2,
     /// The layer was built for this run.
     Built,
+}
+
+/// Checks the packages a run or session asks for, before any VM boots or any download starts:
+/// none at all is fine for every language; `raw` takes none; otherwise at most
+/// [`crate::limits::MAX_PACKAGES`] specs, each valid for the language's ecosystem, no package
+/// twice, and, when `allowlist` is on, each among the ecosystem's most-downloaded packages.
+/// The syntax rules always apply. Sorted by normalized name.
+pub(crate) fn validate(
+    language: sbx_protocol::Language,
+    specs: &[String],
+    allowlist: bool,
+) -> Result<Vec<Requirement>, SpecError> {
+    if specs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ecosystem = Ecosystem::of(language).ok_or(SpecError::NoPackagesFor { language })?;
+    let parsed = spec::parse_each(ecosystem, specs)?;
+    if allowlist {
+        for (requirement, spec) in &parsed {
+            allowlist::check(ecosystem, &requirement.name, spec)?;
+        }
+    }
+    let mut requirements: Vec<Requirement> = parsed.into_iter().map(|(r, _)| r).collect();
+    requirements.sort();
+    Ok(requirements)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sbx_protocol::Language;
+
+    fn strings(specs: &[&str]) -> Vec<String> {
+        specs.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn no_packages_is_fine_for_every_language() {
+        for language in Language::ALL {
+            for allowlist in [true, false] {
+                assert_eq!(validate(language, &[], allowlist), Ok(vec![]));
+            }
+        }
+    }
+
+    #[test]
+    fn raw_takes_no_packages() {
+        for allowlist in [true, false] {
+            let err =
+                validate(Language::Raw, &strings(&["requests==2.31.0"]), allowlist).unwrap_err();
+            assert_eq!(
+                err,
+                SpecError::NoPackagesFor {
+                    language: Language::Raw
+                }
+            );
+            assert_eq!(err.to_string(), "language raw takes no packages");
+        }
+    }
+
+    #[test]
+    fn allowed_packages_pass_sorted_and_normalized() {
+        let specs = strings(&["typing_extensions>=4.12", "Pandas==2.2.3", "numpy==2.1.3"]);
+        let requirements = validate(Language::Python, &specs, true).unwrap();
+        assert_eq!(
+            requirements,
+            [
+                Requirement {
+                    name: "numpy".into(),
+                    constraint: Constraint::Exact("2.1.3".into()),
+                },
+                Requirement {
+                    name: "pandas".into(),
+                    constraint: Constraint::Exact("2.2.3".into()),
+                },
+                Requirement {
+                    name: "typing-extensions".into(),
+                    constraint: Constraint::Range(">=4.12".into()),
+                },
+            ]
+        );
+        let specs = strings(&["lodash@4.17.21", "@types/node@^20"]);
+        let names: Vec<String> = validate(Language::Javascript, &specs, true)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(names, ["@types/node", "lodash"]);
+    }
+
+    #[test]
+    fn the_allowlist_applies_only_when_asked() {
+        let specs = strings(&["numpy==2.1.3", "surely-not-a-popular-package==1.0"]);
+        let err = validate(Language::Python, &specs, true).unwrap_err();
+        assert!(
+            matches!(&err, SpecError::NotAllowed { name, ecosystem: Ecosystem::Python, .. } if name == "surely-not-a-popular-package"),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("`surely-not-a-popular-package==1.0`")
+        );
+        assert_eq!(validate(Language::Python, &specs, false).unwrap().len(), 2);
+
+        let specs = strings(&["lodash@4.17.21", "Lodash@4.17.21"]);
+        assert!(matches!(
+            validate(Language::Javascript, &specs, true),
+            Err(SpecError::NotAllowed { .. })
+        ));
+    }
+
+    #[test]
+    fn syntax_rules_apply_with_the_allowlist_off() {
+        for (language, spec) in [
+            (Language::Python, "requests"),
+            (Language::Javascript, "lodash"),
+        ] {
+            for allowlist in [true, false] {
+                assert!(matches!(
+                    validate(language, &strings(&[spec]), allowlist),
+                    Err(SpecError::NoVersion { .. })
+                ));
+            }
+        }
+        // A syntax error anywhere wins over an allowlist miss earlier in the list.
+        let specs = strings(&[
+            "surely-not-a-popular-package==1.0",
+            "pandas @ file:///x.whl",
+        ]);
+        for allowlist in [true, false] {
+            assert!(matches!(
+                validate(Language::Python, &specs, allowlist),
+                Err(SpecError::Invalid {
+                    rule: spec::Rule::Url,
+                    ..
+                })
+            ));
+        }
+        let specs = strings(&["Foo_Bar==1", "foo-bar==2"]);
+        assert!(matches!(
+            validate(Language::Python, &specs, false),
+            Err(SpecError::Duplicate { .. })
+        ));
+    }
+
+    #[test]
+    fn at_most_fifty_packages() {
+        let popular: Vec<String> = include_str!("../../data/pypi-top-10k.txt")
+            .lines()
+            .take(crate::limits::MAX_PACKAGES + 1)
+            .map(|name| format!("{name}>=0"))
+            .collect();
+        let fifty = &popular[..crate::limits::MAX_PACKAGES];
+        assert_eq!(validate(Language::Python, fifty, true).unwrap().len(), 50);
+        assert_eq!(
+            validate(Language::Python, &popular, true),
+            Err(SpecError::TooMany { count: 51 })
+        );
+    }
 }
