@@ -108,3 +108,16 @@ pub const MIN_EXTERNAL_PORT: u16 = 1024;
 pub const MAX_ALLOWED_DOMAINS: usize = sbx_net::policy::MAX_ALLOWED_DOMAINS;
 /// Longest the guest may take to install the operator's CA bundle.
 pub const CA_BUNDLE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Default bound of the L2 package layer cache (allocated bytes on disk), in MB. A layer with
+/// numpy and pandas takes about 60 MB.
+pub const DEFAULT_PACKAGE_CACHE_MAX_MB: u64 = 4096;
+/// How long the host remembers which exact version a requested range (`pandas>=2`,
+/// `lodash@^4`) resolved to. Within it, a repeated run needs no index contact; after it, a
+/// newer release is picked up.
+pub const PACKAGE_RANGE_CACHE_TTL: Duration = Duration::from_secs(10 * 60);
+/// Longest a package install (pip or npm, downloads included) or its packing may take before
+/// the tool is killed and the run fails as transient.
+pub const PACKAGE_INSTALL_DEADLINE: Duration = Duration::from_secs(15 * 60);
+/// Longest resolving ranges (a pip dry run, `npm view`) may take.
+pub const PACKAGE_RESOLVE_DEADLINE: Duration = Duration::from_secs(2 * 60);
