@@ -270,18 +270,22 @@ fn install_python(
     Ok(closure)
 }
 
-/// Every requested pin must be in the closure at its version: otherwise the tool installed
-/// something else than asked, and the cache key would lie.
+/// Every requested package must be in the closure: otherwise the tool installed something
+/// else than asked, and the cache key would lie. Versions are the tool's to enforce (pip
+/// treats `==1.0` and `==1.0.0` as equal, and the closure records what the package says).
 fn check_requested_installed(
     tool: &'static str,
     pins: &[Pin],
     closure: &[Pin],
 ) -> Result<(), PackageError> {
-    match pins.iter().find(|p| !closure.contains(p)) {
+    match pins
+        .iter()
+        .find(|p| !closure.iter().any(|c| c.name == p.name))
+    {
         None => Ok(()),
         Some(p) => Err(PackageError::ToolOutput {
             tool,
-            reason: format!("{} {} is not among what it installed", p.name, p.version),
+            reason: format!("{} is not among what it installed", p.name),
         }),
     }
 }
@@ -403,8 +407,13 @@ pub(crate) fn pip_failure(tools: &Tools, python: &PythonTarget, out: &Output) ->
         return out.failed("pip");
     };
     let listed = match index_versions(tools, python, &missing.name) {
-        Ok(listed) => listed,
-        Err(e) => return e,
+        Ok(listed) => Some(listed),
+        Err(e @ PackageError::IndexUnavailable { .. }) => return e,
+        // `pip index` is marked experimental: a pip without it still gets a message.
+        Err(e) => {
+            tracing::debug!(error = %e, "pip cannot list the index's versions");
+            None
+        }
     };
     classify_unsatisfied(python, missing, listed)
 }
@@ -508,35 +517,46 @@ fn index_versions(
         .unwrap_or_default())
 }
 
-/// Decides what an unsatisfied requirement means, given every version the index lists.
+/// Decides what an unsatisfied requirement means, given every version the index lists
+/// (wheels or sources; `None` when pip could not list them).
 pub(crate) fn classify_unsatisfied(
     python: &PythonTarget,
     missing: Unsatisfied,
-    listed: Vec<String>,
+    listed: Option<Vec<String>>,
 ) -> PackageError {
-    let no_wheel = |version: Option<String>| PackageError::NoWheel {
+    let exact = missing
+        .spec
+        .strip_prefix("==")
+        .map(|v| v.trim().to_string());
+    let no_wheel = |version: Option<String>, sdist_only: bool| PackageError::NoWheel {
         package: missing.name.clone(),
         version,
         python: python.version.clone(),
         glibc: python.glibc.clone(),
-        sdist_only: true,
+        sdist_only,
         required_by: missing.required_by.clone(),
     };
+    let listed = match listed {
+        Some(listed) => listed,
+        // Without the listing, a package without usable wheels cannot be told from an unknown
+        // one: say what is certain.
+        None if missing.wheel_versions.is_empty() => return no_wheel(exact, false),
+        None => missing.wheel_versions.clone(),
+    };
+    let no_wheel = |version: Option<String>| no_wheel(version, true);
     if listed.is_empty() && missing.wheel_versions.is_empty() {
         return PackageError::UnknownPackage {
             package: missing.name,
         };
     }
-    if let Some(version) = missing.spec.strip_prefix("==").map(str::trim) {
-        if listed.iter().any(|v| v == version)
-            && !missing.wheel_versions.iter().any(|v| v == version)
-        {
-            return no_wheel(Some(version.to_string()));
+    if let Some(version) = exact {
+        if listed.contains(&version) && !missing.wheel_versions.contains(&version) {
+            return no_wheel(Some(version));
         }
         if missing.required_by.is_none() {
             return PackageError::VersionNotFound {
                 package: missing.name,
-                version: version.to_string(),
+                version,
                 available: if listed.is_empty() {
                     missing.wheel_versions
                 } else {
@@ -649,6 +669,9 @@ fn install_npm(
             "--no-fund",
             "--omit=dev",
             "--save-exact",
+            // Whatever the host's npm config says: a local tree, with its lock file.
+            "--no-global",
+            "--package-lock",
         ])
         .args(pins.iter().map(|p| format!("{}@{}", p.name, p.version)));
     let out = tool::run("npm", command, limits::PACKAGE_INSTALL_DEADLINE)?;
@@ -1028,7 +1051,7 @@ mod tests {
             required_by: by.map(str::to_string),
             wheel_versions: wheels.iter().map(|s| s.to_string()).collect(),
         };
-        let listed = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let listed = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
         let e = classify_unsatisfied(&py, missing("==1.0", None, &[]), listed(&["1.0"]));
         assert!(
             matches!(&e, PackageError::NoWheel { sdist_only: true, version: Some(v), .. } if v == "1.0"),
@@ -1055,6 +1078,14 @@ mod tests {
             matches!(&e, PackageError::NoMatchingVersion { range, required_by: Some(_), .. } if range == "<1.0"),
             "{e}"
         );
+        // A pip that cannot list the index still names the package.
+        let e = classify_unsatisfied(&py, missing("==1.0", None, &[]), None);
+        assert!(
+            matches!(&e, PackageError::NoWheel { sdist_only: false, version: Some(v), .. } if v == "1.0"),
+            "{e}"
+        );
+        let e = classify_unsatisfied(&py, missing("==9.9", None, &["1.0"]), None);
+        assert!(matches!(e, PackageError::VersionNotFound { .. }), "{e}");
     }
 
     #[test]

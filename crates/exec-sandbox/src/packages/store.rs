@@ -160,7 +160,7 @@ impl PackageStore {
 
         // L2, without a lock.
         match self.lookup(&key).await? {
-            Lookup::Hit(cached) => return Ok(self.hit(*cached).await),
+            Lookup::Hit(cached) => return self.hit(*cached).await,
             Lookup::Miss | Lookup::Bad(_) => {}
         }
         if inner.config.offline {
@@ -187,7 +187,7 @@ impl PackageStore {
         };
         // Another thread or process may have produced it meanwhile; a bad entry goes now.
         match self.lookup(&key).await? {
-            Lookup::Hit(cached) => return Ok(self.hit(*cached).await),
+            Lookup::Hit(cached) => return self.hit(*cached).await,
             Lookup::Bad(reason) => {
                 tracing::warn!(%key, %reason, "discarding a bad package layer");
                 let (inner, key, lock) = (Arc::clone(&inner), key.clone(), Arc::clone(&lock));
@@ -262,15 +262,14 @@ impl PackageStore {
         blocking(move || Ok(inner.cache.lookup(&key))).await
     }
 
-    async fn hit(&self, cached: Cached) -> ReadyLayer {
+    async fn hit(&self, cached: Cached) -> Result<ReadyLayer, PackageError> {
         let inner = Arc::clone(&self.inner);
         let cached = blocking(move || {
             inner.cache.record_use(&cached);
             Ok(cached)
         })
-        .await
-        .expect("recording a use does not fail");
-        ReadyLayer::from_cached(cached, PackageSource::L2, None)
+        .await?;
+        Ok(ReadyLayer::from_cached(cached, PackageSource::L2, None))
     }
 
     /// The layer from the remote store, verified and published, if it has a good copy.

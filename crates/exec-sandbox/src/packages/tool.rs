@@ -96,9 +96,24 @@ impl Tools {
     }
 
     /// `python -m pip` plus the options every pip call here takes: no prompts, no check for a
-    /// newer pip (that would contact the index on its own), no root warning.
+    /// newer pip (that would contact the index on its own). The host's index settings pass
+    /// through; settings that would change where or what pip installs do not.
     pub(crate) fn pip(&self, subcommand: &str) -> Command {
+        const NOT_OURS: [&str; 9] = [
+            "PIP_USER",
+            "PIP_PREFIX",
+            "PIP_ROOT",
+            "PIP_TARGET",
+            "PIP_NO_BINARY",
+            "PIP_ONLY_BINARY",
+            "PIP_NO_DEPS",
+            "PIP_EDITABLE",
+            "PIP_REQUIRE_VIRTUALENV",
+        ];
         let mut command = self.command(&self.python);
+        for name in NOT_OURS {
+            command.env_remove(name);
+        }
         command.args([
             "-m",
             "pip",
