@@ -964,3 +964,43 @@ fn the_asset_manifest_gives_the_target() {
     let err = target_for(&store, sbx_protocol::Language::Raw).unwrap_err();
     assert!(err.to_string().contains("no packages"), "{err}");
 }
+
+/// Through the host's own configured indexes (pip.conf, npm config): real wheels and tarballs.
+/// Opt-in: `cargo test -p exec-sandbox --lib -- --ignored packages::tests::host_registries`.
+#[tokio::test]
+#[ignore = "contacts the package registries this host is configured for"]
+#[expect(clippy::print_stderr, reason = "reports the install times it measured")]
+async fn host_registries_install_numpy_and_lodash() {
+    let cache = tempfile::tempdir().unwrap();
+    let store = PackageStore::new(PackageConfig::new(cache.path().to_path_buf()));
+    let numpy = ensure(&store, &python(), &[exact("numpy", "2.1.3")])
+        .await
+        .unwrap_or_else(|e| panic!("{}", chain(&e)));
+    assert_eq!(numpy.closure, [pin("numpy", "2.1.3")]);
+    let (_keep, root) = extract(&numpy.path);
+    assert!(root.join("python/numpy/__init__.py").is_file());
+    assert!(
+        fs::read_dir(root.join("python/numpy/_core"))
+            .unwrap()
+            .any(|e| e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with("cpython-311-x86_64-linux-gnu.so"))
+    );
+    let lodash = ensure(&store, &node(), &[range("lodash", "^4.17.0")])
+        .await
+        .unwrap_or_else(|e| panic!("{}", chain(&e)));
+    assert_eq!(lodash.closure.len(), 1);
+    assert!(
+        lodash.requested[0].version.starts_with("4."),
+        "{:?}",
+        lodash.requested
+    );
+    eprintln!(
+        "numpy: {} ms, {} bytes; lodash: {} ms",
+        numpy.install_ms.unwrap(),
+        fs::metadata(&numpy.path).unwrap().len(),
+        lodash.install_ms.unwrap()
+    );
+}
