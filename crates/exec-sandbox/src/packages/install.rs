@@ -68,7 +68,7 @@ pub(crate) struct PythonTarget {
     pub(crate) abi: String,
     /// `2.36`.
     pub(crate) glibc: String,
-    /// 36, the glibc minor version: manylinux_2_5 … manylinux_2_<this> apply.
+    /// 36, the glibc minor version: `manylinux_2_5` … `manylinux_2_<this>` apply.
     glibc_minor: u32,
 }
 
