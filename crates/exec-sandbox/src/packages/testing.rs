@@ -410,9 +410,7 @@ fn route(path: &str, addr: SocketAddr, content: &Content) -> Option<(&'static st
                 format!("<a href=\"http://{addr}/files/{file}#sha256={sha}\">{file}</a><br/>\n")
             })
             .collect();
-        let page = format!(
-            "<!DOCTYPE html>\n<html><head><meta name=\"pypi:repository-version\" content=\"1.0\"></head><body>\n{links}</body></html>\n"
-        );
+        let page = format!("<!DOCTYPE html>\n<html><body>\n{links}</body></html>\n");
         return Some(("text/html", page.into_bytes()));
     }
     if let Some(bytes) = content.files.get(path) {
