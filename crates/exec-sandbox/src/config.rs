@@ -42,6 +42,11 @@ pub struct SchedulerConfig {
     /// Bound of the snapshot cache, in MB on disk; least recently used templates are evicted
     /// (default 2048).
     pub snapshot_cache_max_mb: u64,
+    /// Where package layers (L2) live (default `<cache_dir>/packages`).
+    pub package_cache_dir: PathBuf,
+    /// Bound of the package layer cache, in MB on disk; least recently used layers are evicted
+    /// (default 4096).
+    pub package_cache_max_mb: u64,
     /// Warm VMs kept booted per language, interpreter started, for runs at the default memory
     /// without boot-log streaming (0-20, default 0 = off). They are extra to
     /// [`Self::max_concurrent_vms`] but count against the memory and CPU budget.
@@ -91,6 +96,7 @@ impl Default for SchedulerConfig {
             default_timeout_seconds: limits::DEFAULT_TIMEOUT_SECONDS,
             images_dir: cache_dir.join("images"),
             snapshot_cache_dir: cache_dir.join("snapshots"),
+            package_cache_dir: cache_dir.join("packages"),
             cache_dir,
             offline: false,
             auto_download_assets: true,
@@ -100,6 +106,7 @@ impl Default for SchedulerConfig {
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
             l1_snapshots: true,
             snapshot_cache_max_mb: limits::DEFAULT_SNAPSHOT_CACHE_MAX_MB,
+            package_cache_max_mb: limits::DEFAULT_PACKAGE_CACHE_MAX_MB,
             warm_pool_size: 0,
             admission_timeout_seconds: limits::DEFAULT_ADMISSION_TIMEOUT_SECONDS,
             memory_budget_mb: None,
@@ -171,6 +178,7 @@ impl SchedulerConfig {
             self.cache_dir = PathBuf::from(v);
             self.images_dir = self.cache_dir.join("images");
             self.snapshot_cache_dir = self.cache_dir.join("snapshots");
+            self.package_cache_dir = self.cache_dir.join("packages");
         }
         if let Some(v) = get(EnvVars::IMAGES_DIR).filter(|v| !v.is_empty()) {
             self.images_dir = PathBuf::from(v);
@@ -199,6 +207,12 @@ impl SchedulerConfig {
         }
         if let Some(v) = get(EnvVars::SNAPSHOT_CACHE_MAX_MB) {
             self.snapshot_cache_max_mb = parse(EnvVars::SNAPSHOT_CACHE_MAX_MB, &v)?;
+        }
+        if let Some(v) = get(EnvVars::PACKAGE_CACHE_DIR).filter(|v| !v.is_empty()) {
+            self.package_cache_dir = PathBuf::from(v);
+        }
+        if let Some(v) = get(EnvVars::PACKAGE_CACHE_MAX_MB) {
+            self.package_cache_max_mb = parse(EnvVars::PACKAGE_CACHE_MAX_MB, &v)?;
         }
         self.apply_admission_env(&get)?;
         if let Some(v) = get(EnvVars::NETWORK_ALLOW_INTERNAL).filter(|v| !v.trim().is_empty()) {
@@ -308,6 +322,20 @@ impl SchedulerConfig {
             },
             version: self.asset_version.clone(),
         }
+    }
+
+    /// The package layer's share of this configuration. Missing tools are installed with apt
+    /// (as root) under the same policy as asset builds.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "the scheduler integration calls it")
+    )]
+    pub(crate) fn package_config(&self) -> crate::packages::PackageConfig {
+        let mut config = crate::packages::PackageConfig::new(self.package_cache_dir.clone());
+        config.max_bytes = self.package_cache_max_mb.saturating_mul(1024 * 1024);
+        config.offline = self.offline;
+        config.tools.install_missing = !self.offline && self.auto_download_assets;
+        config
     }
 
     /// The admission layer's share of this configuration.
@@ -467,6 +495,30 @@ mod tests {
             e.to_string().contains(EnvVars::SNAPSHOT_CACHE_MAX_MB),
             "{e}"
         );
+    }
+
+    #[test]
+    fn package_cache_settings() {
+        let d = SchedulerConfig::default();
+        assert_eq!(d.package_cache_dir, d.cache_dir.join("packages"));
+        assert_eq!(d.package_cache_max_mb, 4096);
+        let p = d.package_config();
+        assert_eq!(p.cache_dir, d.package_cache_dir);
+        assert_eq!(p.max_bytes, 4096 * 1024 * 1024);
+        assert!(!p.offline && p.tools.install_missing);
+        let c = with(&[(EnvVars::CACHE_DIR, "/x"), (EnvVars::OFFLINE, "1")]).unwrap();
+        assert_eq!(c.package_cache_dir, PathBuf::from("/x/packages"));
+        let p = c.package_config();
+        assert!(p.offline && !p.tools.install_missing);
+        let c = with(&[
+            (EnvVars::PACKAGE_CACHE_DIR, "/p"),
+            (EnvVars::PACKAGE_CACHE_MAX_MB, "10"),
+        ])
+        .unwrap();
+        assert_eq!(c.package_cache_dir, PathBuf::from("/p"));
+        assert_eq!(c.package_config().max_bytes, 10 * 1024 * 1024);
+        let e = with(&[(EnvVars::PACKAGE_CACHE_MAX_MB, "lots")]).unwrap_err();
+        assert!(e.to_string().contains(EnvVars::PACKAGE_CACHE_MAX_MB), "{e}");
     }
 
     #[test]

@@ -46,6 +46,10 @@ impl EnvVars {
     pub const SNAPSHOT_CACHE_DIR: &'static str = "EXEC_SANDBOX_SNAPSHOT_CACHE_DIR";
     /// Overrides [`SchedulerConfig::snapshot_cache_max_mb`](crate::SchedulerConfig::snapshot_cache_max_mb).
     pub const SNAPSHOT_CACHE_MAX_MB: &'static str = "EXEC_SANDBOX_SNAPSHOT_CACHE_MAX_MB";
+    /// Overrides [`SchedulerConfig::package_cache_dir`](crate::SchedulerConfig::package_cache_dir).
+    pub const PACKAGE_CACHE_DIR: &'static str = "EXEC_SANDBOX_PACKAGE_CACHE_DIR";
+    /// Overrides [`SchedulerConfig::package_cache_max_mb`](crate::SchedulerConfig::package_cache_max_mb).
+    pub const PACKAGE_CACHE_MAX_MB: &'static str = "EXEC_SANDBOX_PACKAGE_CACHE_MAX_MB";
     /// Let guests reach the host's internal addresses (`1`/`true`); see
     /// [`SchedulerConfig::network_allow_internal`](crate::SchedulerConfig::network_allow_internal).
     pub const NETWORK_ALLOW_INTERNAL: &'static str = "EXEC_SANDBOX_NETWORK_ALLOW_INTERNAL";

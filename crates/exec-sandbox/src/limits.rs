@@ -116,3 +116,15 @@ pub const MAX_PACKAGE_NAME_BYTES: usize = 214;
 /// Longest version part of a package spec (`==2.2.3`, `^4.17.0`), in bytes (node-semver's own
 /// limit on a version or range).
 pub const MAX_PACKAGE_VERSION_BYTES: usize = 256;
+/// Default bound of the L2 package layer cache (allocated bytes on disk), in MB. A layer with
+/// numpy and pandas takes about 60 MB.
+pub const DEFAULT_PACKAGE_CACHE_MAX_MB: u64 = 4096;
+/// How long the host remembers which exact version a requested range (`pandas>=2`,
+/// `lodash@^4`) resolved to. Within it, a repeated run needs no index contact; after it, a
+/// newer release is picked up.
+pub const PACKAGE_RANGE_CACHE_TTL: Duration = Duration::from_secs(10 * 60);
+/// Longest a package install (pip or npm, downloads included) or its packing may take before
+/// the tool is killed and the run fails as transient.
+pub const PACKAGE_INSTALL_DEADLINE: Duration = Duration::from_secs(15 * 60);
+/// Longest resolving ranges (a pip dry run, `npm view`) may take.
+pub const PACKAGE_RESOLVE_DEADLINE: Duration = Duration::from_secs(2 * 60);

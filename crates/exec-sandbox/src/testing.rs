@@ -41,3 +41,7 @@ pub fn sample_result() -> crate::ExecutionResult {
         network_refusals: Vec::new(),
     }
 }
+
+/// The loopback package index (PEP 503 simple index and npm registry) with test-built wheels
+/// and tarballs, for tests that install packages without a real registry.
+pub use crate::packages::testing::{PackageIndex, tool_env};

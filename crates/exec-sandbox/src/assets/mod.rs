@@ -13,12 +13,12 @@
 mod build;
 mod download;
 mod error;
-mod files;
+pub(crate) mod files;
 mod initramfs;
 mod inputs;
 mod lock;
-mod manifest;
-mod stamp;
+pub(crate) mod manifest;
+pub(crate) mod stamp;
 mod store;
 #[cfg(test)]
 mod tests;
@@ -34,6 +34,15 @@ pub use error::AssetError;
 use build::{Builder, ScriptBuilder};
 use inputs::{AssetKind, Inputs};
 use store::Store;
+
+/// What a root filesystem is made of, as its manifest entry records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RootfsFacts {
+    /// The inputs key it was built from.
+    pub(crate) inputs: String,
+    /// Its package lock (`name=version` lines), when its build recorded one.
+    pub(crate) lock: Option<String>,
+}
 
 /// Paths of verified assets, ready to boot.
 #[derive(Debug, Clone)]
@@ -145,6 +154,22 @@ impl AssetStore {
     /// The directory holding this version's assets and `manifest.json`.
     pub fn version_dir(&self) -> PathBuf {
         self.inner.store.version_dir()
+    }
+
+    /// What the manifest records about `language`'s root filesystem (its inputs key and
+    /// package lock), or `None` when it is not listed yet. The packages layer derives the
+    /// guest's interpreter and glibc versions from it.
+    pub(crate) fn rootfs_facts(
+        &self,
+        language: Language,
+    ) -> Result<Option<RootfsFacts>, AssetError> {
+        let manifest = manifest::Manifest::load(&self.version_dir())?;
+        Ok(manifest.and_then(|m| {
+            m.get(AssetKind::Rootfs(language)).map(|entry| RootfsFacts {
+                inputs: entry.inputs.clone(),
+                lock: entry.lock.clone(),
+            })
+        }))
     }
 
     /// Makes sure the kernel, initramfs and the root filesystems of `languages` exist and match

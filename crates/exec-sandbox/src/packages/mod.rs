@@ -11,6 +11,45 @@
 //!   guest's interpreter and platform; `npm` with scripts off).
 //! - `layer`: a directory packed as an EROFS image with a manifest.
 //! - `cache`: the L2 layer cache on disk; `remote`: the L3 copy in S3.
+//! - `store`: the entry point, [`PackageStore::ensure`]: requirements in, a verified layer out.
+//! - `tool`: running pip, npm and mkfs.erofs with the host's own configuration.
+
+mod cache;
+mod error;
+mod install;
+mod layer;
+mod remote;
+mod resolve;
+mod store;
+#[cfg(any(test, feature = "testing"))]
+pub(crate) mod testing;
+#[cfg(test)]
+mod tests;
+mod tool;
+
+pub use error::PackageError;
+pub(crate) use store::PackageConfig;
+// What the scheduler integration (and `sbx cache`) will use; the tests use them already.
+#[cfg_attr(
+    not(test),
+    expect(unused_imports, reason = "the scheduler integration uses these")
+)]
+pub use cache::LayerInfo;
+#[cfg_attr(
+    not(test),
+    expect(unused_imports, reason = "the scheduler integration uses these")
+)]
+pub(crate) use remote::{BoxFuture, RemoteError, RemoteLayers};
+#[cfg_attr(
+    not(test),
+    expect(unused_imports, reason = "the scheduler integration uses these")
+)]
+pub(crate) use store::{PackageStore, ReadyLayer, target_for};
+#[cfg_attr(
+    not(test),
+    expect(unused_imports, reason = "the scheduler integration uses these")
+)]
+pub(crate) use tool::Tools;
 
 pub(crate) mod allowlist;
 pub(crate) mod spec;
@@ -82,6 +121,66 @@ pub(crate) struct Target {
     pub glibc: String,
 }
 
+impl Target {
+    /// The target of a root filesystem, from its asset manifest entry: `inputs` is its inputs
+    /// key (so an agent-only change of the asset version keeps every layer) and `lock` its
+    /// package lock (`python3.11=3.11.2-6+deb12u8`, `libc6=2.36-9+deb12u14`, `bun=1.4.5`).
+    pub(crate) fn from_rootfs(
+        ecosystem: Ecosystem,
+        inputs: &str,
+        lock: &str,
+    ) -> Result<Target, PackageError> {
+        let no_target = |reason: &str| PackageError::Target {
+            language: match ecosystem {
+                Ecosystem::Python => "python",
+                Ecosystem::Npm => "javascript",
+            }
+            .into(),
+            reason: reason.into(),
+        };
+        let packages = || {
+            lock.lines()
+                .filter_map(|l| l.trim().split_once('='))
+                // Debian versions: `[epoch:]upstream[-revision]`.
+                .map(|(name, v)| {
+                    let v = v.split_once(':').map_or(v, |(_, rest)| rest);
+                    (name, v.split('-').next().unwrap_or(v))
+                })
+        };
+        let glibc = packages()
+            .find(|(name, _)| *name == "libc6")
+            .map(|(_, v)| v.split('.').take(2).collect::<Vec<_>>().join("."))
+            .ok_or_else(|| no_target("its package lock lists no libc6"))?;
+        let interpreter = match ecosystem {
+            Ecosystem::Python => packages()
+                .find_map(|(name, _)| {
+                    let minor = name.strip_prefix("python3.")?;
+                    (!minor.is_empty() && minor.bytes().all(|b| b.is_ascii_digit()))
+                        .then(|| format!("3.{minor}"))
+                })
+                .ok_or_else(|| no_target("its package lock lists no python3.N"))?,
+            Ecosystem::Npm => packages()
+                .find(|(name, _)| *name == "bun")
+                .map(|(_, v)| v.to_string())
+                .ok_or_else(|| no_target("its package lock lists no bun"))?,
+        };
+        Ok(Target {
+            ecosystem,
+            image_version: inputs.chars().take(16).collect(),
+            interpreter,
+            glibc,
+        })
+    }
+}
+
+/// `name==version` (Python) or `name@version` (npm), as users write pins.
+pub(crate) fn display_pin(ecosystem: Ecosystem, pin: &Pin) -> String {
+    match ecosystem {
+        Ecosystem::Python => format!("{}=={}", pin.name, pin.version),
+        Ecosystem::Npm => format!("{}@{}", pin.name, pin.version),
+    }
+}
+
 /// Which cache level served a run's packages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -124,7 +223,7 @@ pub(crate) fn validate(
 }
 
 #[cfg(test)]
-mod tests {
+mod validate_tests {
     use super::*;
     use sbx_protocol::Language;
 
