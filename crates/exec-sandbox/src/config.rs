@@ -47,6 +47,9 @@ pub struct SchedulerConfig {
     /// Bound of the package layer cache, in MB on disk; least recently used layers are evicted
     /// (default 4096).
     pub package_cache_max_mb: u64,
+    /// Require every requested package to be among its ecosystem's 10,000 most-downloaded
+    /// (bundled lists; default on). The syntax rules apply either way.
+    pub enable_package_validation: bool,
     /// Warm VMs kept booted per language, interpreter started, for runs at the default memory
     /// without boot-log streaming (0-20, default 0 = off). They are extra to
     /// [`Self::max_concurrent_vms`] but count against the memory and CPU budget.
@@ -107,6 +110,7 @@ impl Default for SchedulerConfig {
             l1_snapshots: true,
             snapshot_cache_max_mb: limits::DEFAULT_SNAPSHOT_CACHE_MAX_MB,
             package_cache_max_mb: limits::DEFAULT_PACKAGE_CACHE_MAX_MB,
+            enable_package_validation: true,
             warm_pool_size: 0,
             admission_timeout_seconds: limits::DEFAULT_ADMISSION_TIMEOUT_SECONDS,
             memory_budget_mb: None,
@@ -210,6 +214,9 @@ impl SchedulerConfig {
         }
         if let Some(v) = get(EnvVars::PACKAGE_CACHE_DIR).filter(|v| !v.is_empty()) {
             self.package_cache_dir = PathBuf::from(v);
+        }
+        if let Some(v) = get(EnvVars::PACKAGE_VALIDATION).filter(|v| !v.trim().is_empty()) {
+            self.enable_package_validation = env::is_truthy(&v);
         }
         if let Some(v) = get(EnvVars::PACKAGE_CACHE_MAX_MB) {
             self.package_cache_max_mb = parse(EnvVars::PACKAGE_CACHE_MAX_MB, &v)?;

@@ -50,6 +50,9 @@ impl EnvVars {
     pub const PACKAGE_CACHE_DIR: &'static str = "EXEC_SANDBOX_PACKAGE_CACHE_DIR";
     /// Overrides [`SchedulerConfig::package_cache_max_mb`](crate::SchedulerConfig::package_cache_max_mb).
     pub const PACKAGE_CACHE_MAX_MB: &'static str = "EXEC_SANDBOX_PACKAGE_CACHE_MAX_MB";
+    /// `0` lets packages outside the bundled top-10,000 lists through; see
+    /// [`SchedulerConfig::enable_package_validation`](crate::SchedulerConfig::enable_package_validation).
+    pub const PACKAGE_VALIDATION: &'static str = "EXEC_SANDBOX_PACKAGE_VALIDATION";
     /// Let guests reach the host's internal addresses (`1`/`true`); see
     /// [`SchedulerConfig::network_allow_internal`](crate::SchedulerConfig::network_allow_internal).
     pub const NETWORK_ALLOW_INTERNAL: &'static str = "EXEC_SANDBOX_NETWORK_ALLOW_INTERNAL";

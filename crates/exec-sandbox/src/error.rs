@@ -49,6 +49,19 @@ pub enum Error {
     /// was booted.
     #[error("cannot set up the sandbox network")]
     Network(#[from] crate::gateway::GatewayError),
+    /// A requested package spec broke a rule (syntax, limits, the allowlist); nothing ran.
+    #[error("invalid package request")]
+    PackageSpec {
+        /// The rule broken.
+        #[source]
+        source: crate::packages::SpecError,
+        /// For a spec without a version: the newest version the index has, when it could be
+        /// asked.
+        newest: Option<String>,
+    },
+    /// The requested packages could not be resolved, installed or cached; no VM was booted.
+    #[error("cannot ready the requested packages")]
+    Packages(#[from] crate::packages::PackageError),
     /// The session is closed; it runs nothing more. Open a new one.
     #[error("session is closed: {reason}")]
     SessionClosed {
@@ -68,6 +81,8 @@ impl Error {
             Error::Capacity(_) => ErrorKind::Transient,
             Error::SessionClosed { .. } => ErrorKind::Permanent,
             Error::Network(e) => e.kind(),
+            Error::PackageSpec { .. } => ErrorKind::InvalidInput,
+            Error::Packages(e) => e.kind(),
             Error::File { source, .. } => source.kind(),
             Error::Guest { kind, .. } => match kind {
                 sbx_protocol::GuestErrorKind::InvalidRequest => ErrorKind::InvalidInput,
@@ -86,6 +101,12 @@ impl Error {
                 "retry later, or raise the budget (EXEC_SANDBOX_MEMORY_BUDGET_MB, EXEC_SANDBOX_CPU_OVERCOMMIT_RATIO) or EXEC_SANDBOX_ADMISSION_TIMEOUT_SECONDS".into(),
             ),
             Error::SessionClosed { .. } => Some("open a new session".into()),
+            Error::PackageSpec {
+                source,
+                newest: Some(newest),
+            } => source.hint_with_newest(newest),
+            Error::PackageSpec { source, .. } => source.hint(),
+            Error::Packages(e) => e.hint(),
             Error::Network(crate::gateway::GatewayError::Bind { .. }) => {
                 Some("choose another host port, or 0 for any free one".into())
             }

@@ -101,6 +101,8 @@ impl Collected {
             l1_cache_hit: origin == VmOrigin::Snapshot,
             exposed_ports: Vec::new(),
             network_refusals: Vec::new(),
+            packages_source: crate::packages::PackageSource::None,
+            packages_install_ms: None,
         }
     }
 }

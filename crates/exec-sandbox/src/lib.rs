@@ -33,7 +33,6 @@ mod files;
 mod gateway;
 pub mod limits;
 mod network;
-#[expect(dead_code, reason = "the packages work wires these in")]
 mod packages;
 mod pool;
 mod result;
@@ -55,6 +54,7 @@ pub use error_kind::ErrorKind;
 pub use files::FileError;
 pub use gateway::GatewayError;
 pub use network::{ExposeParseError, ExposePort, ExposedPort, NetworkOptions, PortProtocol};
+pub use packages::{Ecosystem, LayerInfo, PackageError, PackageSource, Rule, SpecError, SpecText};
 pub use result::{ExecutionResult, Timing, WarmVm};
 pub use run::RunOptions;
 pub use sbx_protocol::{FileEntry, GuestErrorKind, Language};

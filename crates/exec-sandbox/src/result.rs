@@ -55,6 +55,10 @@ pub struct ExecutionResult {
     /// allowlist, a connection presenting another name, a raw IP, UDP, ...): distinct entries,
     /// at most 50 and a count of the rest. Empty without network.
     pub network_refusals: Vec<String>,
+    /// Which cache level served the run's packages (`none` without packages).
+    pub packages_source: crate::packages::PackageSource,
+    /// How long installing the packages took, when they were built for this run.
+    pub packages_install_ms: Option<u64>,
 }
 
 /// An idle VM of the warm pool, as the host sees it ([`Scheduler::warm_pool_vms`](crate::Scheduler::warm_pool_vms)).

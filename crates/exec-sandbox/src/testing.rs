@@ -39,6 +39,8 @@ pub fn sample_result() -> crate::ExecutionResult {
         l1_cache_hit: false,
         exposed_ports: vec![ExposedPort::new(8000, 41234, PortProtocol::Tcp)],
         network_refusals: Vec::new(),
+        packages_source: crate::PackageSource::None,
+        packages_install_ms: None,
     }
 }
 

@@ -54,14 +54,15 @@ pub(crate) use tool::Tools;
 pub(crate) mod allowlist;
 pub(crate) mod spec;
 
-pub(crate) use spec::SpecError;
+pub use spec::{Rule, SpecError, SpecText};
 
 /// The package manager of a language.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
-pub(crate) enum Ecosystem {
+#[non_exhaustive]
+pub enum Ecosystem {
     /// Python: PyPI-style indexes, wheels, PEP 503 names, PEP 440 versions.
     Python,
     /// JavaScript: npm registries, tarballs, npm names and semver.

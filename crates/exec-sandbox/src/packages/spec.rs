@@ -34,7 +34,7 @@ const SHOWN_CHARS: usize = 64;
 /// backslashes, control and non-ASCII characters escaped, so that no input can forge or hide
 /// text on the user's terminal.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct SpecText {
+pub struct SpecText {
     shown: String,
     truncated: bool,
 }
@@ -73,7 +73,8 @@ impl fmt::Display for SpecText {
 
 /// Which rule a spec broke.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Rule {
+#[non_exhaustive]
+pub enum Rule {
     /// The spec is empty.
     Empty,
     /// A control character (newline, tab, NUL, escape...).
@@ -180,7 +181,8 @@ impl fmt::Display for Rule {
 
 /// Why a package list was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum SpecError {
+#[non_exhaustive]
+pub enum SpecError {
     /// More than [`limits::MAX_PACKAGES`] specs.
     #[error("{count} packages, limit is {}", limits::MAX_PACKAGES)]
     TooMany {
@@ -240,8 +242,21 @@ pub(crate) enum SpecError {
 }
 
 impl SpecError {
+    /// The hint, when the index's newest version of a bare name is known.
+    pub(crate) fn hint_with_newest(&self, newest: &str) -> Option<String> {
+        match self {
+            SpecError::NoVersion {
+                name, ecosystem, ..
+            } => Some(match ecosystem {
+                Ecosystem::Python => format!("pin a version: `{name}=={newest}` is the newest"),
+                Ecosystem::Npm => format!("pin a version: `{name}@{newest}` is the newest"),
+            }),
+            _ => self.hint(),
+        }
+    }
+
     /// A suggestion for the user, when there is an obvious fix.
-    pub(crate) fn hint(&self) -> Option<String> {
+    pub fn hint(&self) -> Option<String> {
         match self {
             SpecError::NoVersion {
                 name, ecosystem, ..
@@ -255,7 +270,7 @@ impl SpecError {
             }
             SpecError::NotAllowed { suggestion, .. } => {
                 let off = "to allow packages outside the list, turn package validation off \
-                           (`--no-validation`, or `enable_package_validation(false)` in the library)";
+                           (`--no-validation`, or `enable_package_validation: false` in `SchedulerConfig`)";
                 Some(match suggestion {
                     Some(other) => {
                         format!("npm names are case-sensitive: did you mean `{other}`? {off}")
