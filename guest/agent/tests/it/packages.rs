@@ -254,3 +254,28 @@ fn javascript_warm_imports_load_packages_once() {
         r.stderr()
     );
 }
+
+#[test]
+fn a_reseed_also_reseeds_numpys_global_generator() {
+    let mut agent = Agent::start();
+    agent.hello();
+    // A stand-in for NumPy's `numpy.random` (the home directory is on `sys.path`): clones of a
+    // template that imported it must not share its legacy global generator.
+    write(&agent.home.0.join("numpy/__init__.py"), "");
+    write(
+        &agent.home.0.join("numpy/random.py"),
+        "calls = []\ndef seed(seed=None):\n    calls.append(seed)\n",
+    );
+    let r = agent.exec(PY, "import numpy.random");
+    assert_eq!(r.outcome.exit_code, 0, "{}", r.stderr());
+    let id = agent.send(&Request::Reseed {
+        entropy: vec![7; 64],
+        unix_time_ns: 0,
+    });
+    assert_eq!(
+        agent.next_for(id, EVENT_DEADLINE).event,
+        Event::Reseeded { interpreters: 1 }
+    );
+    let r = agent.exec(PY, "print(numpy.random.calls, 'm' in globals())");
+    assert_eq!(r.stdout(), "[None] False\n", "{}", r.stderr());
+}
