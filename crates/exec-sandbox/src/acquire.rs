@@ -2,7 +2,8 @@
 //! boot, and the rules that choose between them.
 //!
 //! - The warm pool serves only VMs of its own shape: the default memory size, no boot-log
-//!   streaming (a pooled VM booted long ago) and no NIC (pooled VMs have none).
+//!   streaming (a pooled VM booted long ago), no NIC and no package layer (pooled VMs have
+//!   neither).
 //! - Otherwise the VM is admitted against the budget (idle warm VMs give way first), then
 //!   restored from the template of its shape when L1 is on and no boot log is streamed (a clone
 //!   prints none); a networked clone gets the run's gateway behind its NIC.
@@ -15,6 +16,7 @@
 //! scheduler's factory starts QEMU.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use sbx_protocol::Language;
@@ -86,6 +88,8 @@ pub(crate) struct Want<'a> {
     pub on_boot_log: Option<&'a OutputCallback>,
     /// The gateway behind the VM's NIC; none: no NIC.
     pub gateway: Option<Gateway>,
+    /// The package layer attached as the VM's second disk; it is part of the template's key.
+    pub packages: Option<PathBuf>,
     /// When waiting for the admission budget gives up.
     pub admission_deadline: tokio::time::Instant,
 }
@@ -94,6 +98,7 @@ impl Want<'_> {
     /// Whether a pooled VM fits: the pool's shape exactly.
     fn pool_fits(&self) -> bool {
         self.gateway.is_none()
+            && self.packages.is_none()
             && self.memory_mb == self.pooled_memory_mb
             && self.on_boot_log.is_none()
     }
@@ -131,15 +136,19 @@ pub(crate) async fn acquire<F: VmFactory>(
         memory_mb,
         on_boot_log,
         mut gateway,
+        packages,
         admission_deadline,
         ..
     } = want;
-    let spec = factory.spec(
-        language,
-        memory_mb,
-        on_boot_log.is_some(),
-        gateway.is_some(),
-    );
+    let spec = VmSpec {
+        packages,
+        ..factory.spec(
+            language,
+            memory_mb,
+            on_boot_log.is_some(),
+            gateway.is_some(),
+        )
+    };
     let permit = admit(pool, admission, factory.cost(&spec), admission_deadline).await?;
     // A clone prints no boot log: streaming one means booting.
     let key = match on_boot_log {
@@ -265,6 +274,8 @@ mod tests {
         boot_fails: bool,
         prepare_fails: bool,
         calls: Mutex<Vec<Call>>,
+        /// The package layer of each VM booted.
+        booted_layers: Mutex<Vec<Option<PathBuf>>>,
         destroyed: Destroyed,
     }
 
@@ -295,8 +306,13 @@ mod tests {
         }
 
         fn template_key(&self, language: Language, spec: &VmSpec) -> Option<String> {
+            let layer = spec
+                .packages
+                .as_ref()
+                .map(|p| format!("-{}", p.display()))
+                .unwrap_or_default();
             self.l1
-                .then(|| format!("{language}-{}-{}", spec.memory_mb, spec.nic))
+                .then(|| format!("{language}-{}-{}{layer}", spec.memory_mb, spec.nic))
         }
 
         fn cost(&self, spec: &VmSpec) -> Cost {
@@ -333,6 +349,10 @@ mod tests {
                 nic: gateway.is_some(),
                 memory_mb: spec.memory_mb,
             });
+            self.booted_layers
+                .lock()
+                .unwrap()
+                .push(spec.packages.clone());
             if self.boot_fails {
                 return Err(VmError::BootTimeout {
                     name: spec.name.clone(),
@@ -370,6 +390,7 @@ mod tests {
             pooled_memory_mb: DEFAULT_MB,
             on_boot_log: None,
             gateway: None,
+            packages: None,
             admission_deadline: tokio::time::Instant::now() + Duration::from_secs(60),
         }
     }
@@ -411,7 +432,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_pool_is_skipped_for_other_memory_a_boot_log_or_a_nic() {
         let log: OutputCallback = Arc::new(|_: &[u8]| {});
-        for case in 0..3 {
+        for case in 0..4 {
             let factory = Factory::default();
             let admission = admission(4);
             let pool = pool_with_one(&factory, &admission).await;
@@ -419,6 +440,7 @@ mod tests {
             match case {
                 0 => w.memory_mb = 512,
                 1 => w.on_boot_log = Some(&log),
+                2 => w.packages = Some("/l/a.erofs".into()),
                 _ => w.gateway = Some(gateway()),
             }
             let got = acquire(&factory, &pool, &admission, w).await.unwrap();
@@ -429,6 +451,45 @@ mod tests {
                 "case {case}: the pooled VM is still there"
             );
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_package_layer_goes_to_the_vm_and_its_template() {
+        let factory = Factory {
+            l1: true,
+            ..Factory::default()
+        };
+        let admission = admission(4);
+        let pool = pool_with_one(&factory, &admission).await;
+        let mut w = want(DEFAULT_MB);
+        w.packages = Some("/l/a.erofs".into());
+        let got = acquire(&factory, &pool, &admission, w).await.unwrap();
+        assert_eq!(got.origin, VmOrigin::Cold, "never a pooled VM");
+        let key = "python-256-false-/l/a.erofs".to_string();
+        assert_eq!(
+            factory.calls(),
+            [
+                Call::Restore {
+                    key: key.clone(),
+                    nic: false
+                },
+                Call::Boot {
+                    verbose: false,
+                    nic: false,
+                    memory_mb: DEFAULT_MB
+                },
+                Call::Save { key },
+                Call::Prepare,
+            ]
+        );
+        assert_eq!(
+            *factory.booted_layers.lock().unwrap(),
+            [Some(PathBuf::from("/l/a.erofs"))]
+        );
+        assert!(
+            pool.take(Language::Python).await.is_some(),
+            "pool untouched"
+        );
     }
 
     #[tokio::test(start_paused = true)]

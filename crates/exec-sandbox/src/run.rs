@@ -1,5 +1,7 @@
 //! What a caller asks for in one run.
 
+use std::path::PathBuf;
+
 use sbx_protocol::Language;
 
 use crate::network::{NetworkOptions, PortsCallback};
@@ -39,6 +41,8 @@ pub struct RunOptions {
     pub network: NetworkOptions,
     /// Receives the forwarded ports once bound, before the code runs.
     pub on_ports: Option<PortsCallback>,
+    /// A package layer image attached as is (tests only, feature `testing`).
+    pub(crate) packages_layer: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -68,6 +72,7 @@ impl RunOptions {
             on_boot_log: None,
             network: NetworkOptions::default(),
             on_ports: None,
+            packages_layer: None,
         }
     }
 
@@ -85,6 +90,16 @@ impl RunOptions {
         f: impl Fn(&[crate::network::ExposedPort]) + Send + Sync + 'static,
     ) -> Self {
         self.on_ports = Some(std::sync::Arc::new(f));
+        self
+    }
+
+    /// Attaches the EROFS package layer at `path` to the run's VM as is. Testing only (feature
+    /// `testing`): no validation, no cache; such runs never take a pooled VM and get their own
+    /// memory snapshots.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub fn packages_layer(mut self, path: impl Into<PathBuf>) -> Self {
+        self.packages_layer = Some(path.into());
         self
     }
 }

@@ -1,7 +1,7 @@
 //! The entry point: admits runs, readies assets and the accelerator, acquires one VM per run
 //! ([`crate::acquire`]), executes the code in it ([`crate::execute`]) and destroys it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -205,6 +205,7 @@ impl Scheduler {
                 options.on_boot_log.as_ref(),
                 started,
                 gateway,
+                options.packages_layer,
             )
             .await?;
         let exposed_ports = vm.exposed_ports().to_vec();
@@ -268,8 +269,9 @@ impl Scheduler {
     }
 
     /// Takes a slot, readies the assets and the accelerator verdict, and acquires a VM for
-    /// `language` (warm pool, memory snapshot or cold boot). Shared by runs and sessions: the
-    /// caller holds the returned slot and permit for as long as the VM lives.
+    /// `language` (warm pool, memory snapshot or cold boot), with the package layer `packages`
+    /// attached. Shared by runs and sessions: the caller holds the returned slot and permit for
+    /// as long as the VM lives.
     pub(crate) async fn start_vm(
         &self,
         language: Language,
@@ -277,6 +279,7 @@ impl Scheduler {
         on_boot_log: Option<&OutputCallback>,
         started: Instant,
         gateway: Option<Gateway>,
+        packages: Option<PathBuf>,
     ) -> Result<StartedVm, Error> {
         let config = &self.inner.config;
         self.ensure_pool_task();
@@ -313,6 +316,7 @@ impl Scheduler {
                 pooled_memory_mb: config.default_memory_mb,
                 on_boot_log,
                 gateway,
+                packages,
                 admission_deadline,
             },
         )
@@ -440,6 +444,7 @@ impl VmFactory for QemuFactory<'_> {
             kernel: self.assets.kernel.clone(),
             initramfs: self.assets.initramfs.clone(),
             rootfs: self.assets.rootfs(language).map(Into::into),
+            packages: None,
             memory_mb,
             vcpus: VM_VCPUS,
             accelerator: self.host.choice.accelerator,

@@ -54,6 +54,8 @@ pub struct SessionOptions {
     pub(crate) idle_timeout_unchecked: Option<Duration>,
     /// Network access and forwarded ports for the session's VM (default: no NIC at all).
     pub network: NetworkOptions,
+    /// A package layer image attached as is (tests only, feature `testing`).
+    pub(crate) packages_layer: Option<std::path::PathBuf>,
 }
 
 impl SessionOptions {
@@ -66,6 +68,7 @@ impl SessionOptions {
             idle_timeout_seconds: limits::DEFAULT_SESSION_IDLE_TIMEOUT_SECONDS,
             idle_timeout_unchecked: None,
             network: NetworkOptions::default(),
+            packages_layer: None,
         }
     }
 
@@ -81,6 +84,15 @@ impl SessionOptions {
     #[cfg(feature = "testing")]
     pub fn idle_timeout_unchecked(mut self, idle: Duration) -> Self {
         self.idle_timeout_unchecked = Some(idle);
+        self
+    }
+
+    /// Attaches the EROFS package layer at `path` to the session's VM as is. Testing only
+    /// (feature `testing`), like `RunOptions::packages_layer`.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub fn packages_layer(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.packages_layer = Some(path.into());
         self
     }
 }
@@ -485,7 +497,14 @@ impl Scheduler {
             slot,
             ..
         } = self
-            .start_vm(options.language, memory_mb, None, started, gateway)
+            .start_vm(
+                options.language,
+                memory_mb,
+                None,
+                started,
+                gateway,
+                options.packages_layer,
+            )
             .await?;
         tracing::debug!(vm = %vm.name(), language = %options.language, ?origin, "session opened");
         let inner = Arc::new(Inner::new(

@@ -7,8 +7,9 @@ use serde::{Serialize, de::DeserializeOwned};
 
 /// First two bytes of every frame.
 pub const MAGIC: [u8; 2] = *b"SX";
-/// Version of the framing and message schema.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// Version of the framing and message schema. 2: `Request::Warm` names modules to import and
+/// the hello reports the package layer.
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 12;
 /// Largest payload accepted in one frame (code is at most 1 MiB, plus room for the envelope).
@@ -177,6 +178,23 @@ mod tests {
     #[test]
     fn messages_roundtrip() {
         roundtrip(1, Request::Ping);
+        roundtrip(
+            2,
+            Request::Warm {
+                language: Language::Python,
+                modules: vec!["numpy".into(), "os.path".into()],
+            },
+        );
+        roundtrip(
+            0,
+            Event::Hello(crate::AgentHello {
+                protocol_version: PROTOCOL_VERSION,
+                agent_version: "0.1.0".into(),
+                uptime_ms: 7,
+                root_mounted: true,
+                packages: crate::layer::LayerStatus::Failed("no disk".into()),
+            }),
+        );
         roundtrip(
             u32::MAX,
             Request::Exec(ExecRequest {

@@ -28,6 +28,7 @@
 //! ```
 
 mod codec;
+pub mod layer;
 mod message;
 pub mod net;
 

@@ -77,8 +77,18 @@ pub struct ExecRequest {
 pub enum Request {
     /// Liveness check; answered by [`Event::Pong`].
     Ping,
-    /// Start the language's interpreter ahead of time; answered by [`Event::Warmed`].
-    Warm(Language),
+    /// Start the language's interpreter ahead of time, then import `modules` in it (for a
+    /// memory snapshot whose clones should find them imported already); answered by
+    /// [`Event::Warmed`] once all are tried. A module that fails to import is skipped: the
+    /// user's own import reports the error. Each name must pass
+    /// [`layer::is_warm_module`](crate::layer::is_warm_module); at most
+    /// [`MAX_WARM_MODULES`](crate::layer::MAX_WARM_MODULES).
+    Warm {
+        /// The interpreter.
+        language: Language,
+        /// Modules (Python) or package specifiers (JavaScript) to import, in order.
+        modules: Vec<String>,
+    },
     /// Run code; answered by output events, then [`Event::ExecDone`] or [`Event::Error`].
     Exec(ExecRequest),
     /// Power the VM off.
@@ -186,6 +196,8 @@ pub struct AgentHello {
     pub uptime_ms: u64,
     /// Whether a root filesystem was found and mounted (false in an accelerator probe boot).
     pub root_mounted: bool,
+    /// The package layer the kernel command line announced, if any.
+    pub packages: crate::layer::LayerStatus,
 }
 
 /// How an execution ended.
@@ -242,9 +254,10 @@ pub enum Event {
     Hello(AgentHello),
     /// Answer to [`Request::Ping`].
     Pong,
-    /// The interpreter is running and has paid its first-start cost.
+    /// The interpreter is running and has paid its first-start cost (and imported the
+    /// modules asked for).
     Warmed {
-        /// Milliseconds it took.
+        /// Milliseconds it took, imports included.
         elapsed_ms: u64,
     },
     /// A chunk of the program's standard output.

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use sbx_protocol::Language;
 
+use crate::layer::LayerState;
+
 /// Environment variables read by the agent (all optional).
 pub mod env_vars {
     /// Path of the Python interpreter (default `/usr/bin/python3`).
@@ -19,6 +21,9 @@ pub mod env_vars {
     pub const RUN_DIR: &str = "SBX_AGENT_RUN_DIR";
     /// Working directory and `HOME` of the interpreters in dev mode (default: the agent's cwd).
     pub const HOME: &str = "SBX_AGENT_HOME";
+    /// Dev mode: a directory laid out like a package layer, pointed at as a mounted one
+    /// (`PATH`, `NODE_PATH`; Python's site directory is bound only in the VM).
+    pub const PACKAGES: &str = "SBX_AGENT_PACKAGES";
 }
 
 /// Kernel command-line parameters read from `/proc/cmdline` in VM mode.
@@ -27,12 +32,15 @@ pub mod cmdline {
     pub const TMP_MB: &str = "sbx.tmp_mb";
     /// Size of the `/home/user` tmpfs in MiB.
     pub const HOME_MB: &str = "sbx.home_mb";
+    /// `1`: the VM has a package layer disk.
+    pub const PACKAGES: &str = sbx_protocol::layer::CMDLINE_PARAM;
 }
 
 /// Paths inside the guest.
 pub mod paths {
-    /// Root filesystem disk (read-only EROFS image).
-    pub const ROOT_DISK: &str = "/dev/vda";
+    /// Block devices in sysfs: the root disk is the first `vd*` that is not the package layer
+    /// (`/dev/vda`).
+    pub const SYS_BLOCK: &str = "/sys/block";
     /// Where the root disk is mounted before switching to it.
     pub const NEW_ROOT: &str = "/newroot";
     /// Home of the sandbox user.
@@ -76,6 +84,8 @@ pub const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const TERM_GRACE: Duration = Duration::from_secs(1);
 /// How long to wait for a SIGKILLed interpreter to be reaped before reporting anyway.
 pub const KILL_WAIT: Duration = Duration::from_secs(5);
+/// How long the imports of a warm-up may take (big packages under emulation are slow).
+pub const WARM_IMPORTS_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long an interpreter may take to start and report ready.
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most bytes drained from one pipe after an execution ends (output written after completion by
@@ -118,6 +128,8 @@ pub struct Config {
     pub bash: PathBuf,
     /// Whether a root filesystem was mounted (reported in the hello).
     pub root_mounted: bool,
+    /// The package layer (reported in the hello; the interpreters' environment points at it).
+    pub packages: LayerState,
 }
 
 impl Config {
@@ -138,12 +150,13 @@ impl Config {
     /// The environment every interpreter starts with.
     pub fn base_env(&self) -> Vec<(OsString, OsString)> {
         let home = self.home.clone().into_os_string();
+        let layer = self.packages.layer().cloned().unwrap_or_default();
         let pairs: [(&str, OsString); 11] = [
             ("HOME", home),
             ("USER", "user".into()),
             ("LOGNAME", "user".into()),
             ("SHELL", "/bin/bash".into()),
-            ("PATH", "/usr/local/bin:/usr/bin:/bin".into()),
+            ("PATH", layer.path(BASE_PATH)),
             ("LANG", "C.UTF-8".into()),
             ("TMPDIR", paths::TMP.into()),
             ("PYTHONUNBUFFERED", "1".into()),
@@ -153,7 +166,10 @@ impl Config {
             ("DO_NOT_TRACK", "1".into()),
             ("NO_COLOR", "1".into()),
         ];
-        pairs.into_iter().map(|(k, v)| (k.into(), v)).collect()
+        let mut env: Vec<(OsString, OsString)> =
+            pairs.into_iter().map(|(k, v)| (k.into(), v)).collect();
+        env.extend(layer.env());
+        env
     }
 }
 
@@ -165,13 +181,18 @@ pub fn path_from_env(var: &str, default: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(default))
 }
 
-/// Sizes parsed from the kernel command line.
+/// `PATH` of the interpreters (a package layer's console scripts go after it).
+pub const BASE_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// What the kernel command line tells the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BootParams {
     /// `/tmp` size in MiB.
     pub tmp_mb: u64,
     /// `/home/user` size in MiB.
     pub home_mb: u64,
+    /// A package layer disk is attached (`sbx.packages=1`).
+    pub packages: bool,
 }
 
 impl BootParams {
@@ -180,11 +201,16 @@ impl BootParams {
         let mut params = BootParams {
             tmp_mb: DEFAULT_TMPFS_MB,
             home_mb: DEFAULT_TMPFS_MB,
+            packages: false,
         };
         for word in cmdline_text.split_ascii_whitespace() {
             let Some((key, value)) = word.split_once('=') else {
                 continue;
             };
+            if key == cmdline::PACKAGES {
+                params.packages = value == "1";
+                continue;
+            }
             let Some(mb) = value
                 .parse::<u64>()
                 .ok()
@@ -212,16 +238,19 @@ mod tests {
             BootParams::parse("console=ttyS0 quiet"),
             BootParams {
                 tmp_mb: DEFAULT_TMPFS_MB,
-                home_mb: DEFAULT_TMPFS_MB
+                home_mb: DEFAULT_TMPFS_MB,
+                packages: false,
             }
         );
         assert_eq!(
-            BootParams::parse("reboot=t sbx.tmp_mb=128 sbx.home_mb=32\n"),
+            BootParams::parse("reboot=t sbx.tmp_mb=128 sbx.home_mb=32 sbx.packages=1\n"),
             BootParams {
                 tmp_mb: 128,
-                home_mb: 32
+                home_mb: 32,
+                packages: true,
             }
         );
+        assert!(!BootParams::parse("sbx.packages=0 sbx.packages").packages);
     }
 
     #[test]

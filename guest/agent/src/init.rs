@@ -3,8 +3,9 @@
 //! The initramfs holds only this binary (`/init`) and `/dev/console`. With a root disk
 //! (`/dev/vda`, read-only EROFS) the agent mounts it with writable tmpfs on `/tmp`,
 //! `/home/user` and `/run`, moves `/dev` and `/sys` into it, mounts a fresh `/proc` with
-//! `hidepid=2`, and switches root. Without one (the host's accelerator probe) it serves from the
-//! initramfs and says so in its hello.
+//! `hidepid=2`, and switches root; then it mounts the package layer when the command line
+//! announces one (`layer.rs`). Without a root disk (the host's accelerator probe) it serves from
+//! the initramfs and says so in its hello.
 
 use std::ffi::CString;
 use std::fs;
@@ -15,7 +16,8 @@ use std::path::{Path, PathBuf};
 use rustix::io::Errno;
 use rustix::mount::{MountFlags, UnmountFlags};
 
-use crate::config::{BootParams, RUN_TMPFS_MB, SANDBOX_GID, SANDBOX_UID, paths};
+use crate::config::{self, BootParams, RUN_TMPFS_MB, SANDBOX_GID, SANDBOX_UID, env_vars, paths};
+use crate::layer::{self, Disks, LayerState};
 use crate::log;
 use crate::sys;
 
@@ -44,12 +46,15 @@ pub struct Booted {
     pub root_mounted: bool,
     /// Where driver files go.
     pub run_dir: PathBuf,
+    /// The package layer.
+    pub packages: LayerState,
 }
 
 const NOSUID_NODEV: MountFlags = MountFlags::NOSUID.union(MountFlags::NODEV);
 const NOSUID_NODEV_NOEXEC: MountFlags = NOSUID_NODEV.union(MountFlags::NOEXEC);
 
-fn mkdir(path: &Path, mode: u32) -> io::Result<()> {
+/// Creates a directory with `mode`; one that exists already is fine.
+pub(crate) fn mkdir(path: &Path, mode: u32) -> io::Result<()> {
     match fs::DirBuilder::new().mode(mode).create(path) {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
         other => other,
@@ -57,7 +62,7 @@ fn mkdir(path: &Path, mode: u32) -> io::Result<()> {
 }
 
 /// mount(2) of a filesystem of type `fstype`; `data` is its option string.
-fn mount(
+pub(crate) fn mount(
     source: &str,
     target: &Path,
     fstype: &str,
@@ -111,8 +116,9 @@ pub fn boot() -> Result<Booted, InitError> {
     mount_fresh("sysfs", sys_dir, "sysfs", NOSUID_NODEV_NOEXEC, None)?;
 
     let params = BootParams::parse(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
-    let root_mounted = if Path::new(paths::ROOT_DISK).exists() {
-        match switch_root(params) {
+    let disks = Disks::find(Path::new(paths::SYS_BLOCK));
+    let root_mounted = if let Some(root) = &disks.root {
+        match switch_root(params, &Path::new("/dev").join(root)) {
             Ok(()) => true,
             Err(e) => {
                 log::error(format_args!("{}", chain(&e)));
@@ -121,11 +127,21 @@ pub fn boot() -> Result<Booted, InitError> {
         }
     } else {
         log::info(format_args!(
-            "no {}: serving from the initramfs (probe boot)",
-            paths::ROOT_DISK
+            "no root disk: serving from the initramfs (probe boot)"
         ));
         false
     };
+    let packages = match (params.packages, root_mounted) {
+        (false, _) => LayerState::Absent,
+        (true, false) => LayerState::Failed("no root filesystem".into()),
+        (true, true) => {
+            let python = config::path_from_env(env_vars::PYTHON, paths::PYTHON);
+            layer::mount_layer(&disks, &python)
+        }
+    };
+    if let LayerState::Failed(reason) = &packages {
+        log::error(format_args!("package layer: {reason}"));
+    }
     harden();
     if let Err(e) = sys::loopback_up() {
         log::warn(format_args!("cannot bring up lo: {e}"));
@@ -140,17 +156,18 @@ pub fn boot() -> Result<Booted, InitError> {
     Ok(Booted {
         root_mounted,
         run_dir,
+        packages,
     })
 }
 
-fn switch_root(params: BootParams) -> Result<(), InitError> {
+fn switch_root(params: BootParams, root_disk: &Path) -> Result<(), InitError> {
     let new_root = Path::new(paths::NEW_ROOT);
     step("create", new_root, mkdir(new_root, 0o755))?;
     step(
         "mount the root disk on",
         new_root,
         mount(
-            paths::ROOT_DISK,
+            &root_disk.to_string_lossy(),
             new_root,
             "erofs",
             MountFlags::RDONLY,
@@ -215,7 +232,7 @@ fn switch_root(params: BootParams) -> Result<(), InitError> {
     step("enter", Path::new("/"), std::env::set_current_dir("/"))?;
 
     // The root disk is mounted; the sandbox has no business with its device node.
-    let _ = fs::remove_file(paths::ROOT_DISK);
+    let _ = fs::remove_file(root_disk);
     dev_extras(params);
     Ok(())
 }

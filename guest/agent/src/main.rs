@@ -21,6 +21,7 @@ mod driver;
 mod files;
 mod init;
 mod interpreter;
+mod layer;
 mod log;
 mod network;
 mod outbox;
@@ -32,6 +33,7 @@ mod script;
 mod server;
 mod streams;
 mod sys;
+mod warm;
 mod worker;
 
 use std::path::{Path, PathBuf};
@@ -51,7 +53,8 @@ The exec-sandbox guest agent. As PID 1 of the VM it takes no arguments.
   --stdio      serve the protocol on stdin/stdout (development)
   --no-setuid  keep the current user for interpreters even when running as root
 Environment: SBX_AGENT_PYTHON, SBX_AGENT_BUN, SBX_AGENT_BASH (interpreter paths),
-SBX_AGENT_RUN_DIR (driver files), SBX_AGENT_HOME (working directory of the code).";
+SBX_AGENT_RUN_DIR (driver files), SBX_AGENT_HOME (working directory of the code),
+SBX_AGENT_PACKAGES (a directory laid out like a package layer).";
 
 fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
@@ -127,6 +130,7 @@ fn run_init() -> ! {
             bun,
             bash,
             root_mounted: booted.root_mounted,
+            packages: booted.packages,
         };
         if let Err(e) = init::install_drivers(&config.run_dir) {
             log::warn(format_args!(
@@ -204,6 +208,12 @@ fn run_stdio(no_setuid: bool) -> Result<ExitCode, String> {
         bun,
         bash,
         root_mounted: false,
+        packages: match std::env::var_os(env_vars::PACKAGES) {
+            Some(dir) if !dir.is_empty() => {
+                layer::LayerState::Mounted(layer::Layer::inspect(Path::new(&dir)))
+            }
+            _ => layer::LayerState::Absent,
+        },
     };
     let runtime = runtime()?;
     let stop = runtime.block_on(async {

@@ -59,8 +59,12 @@ fn set_realtime(unix_time_ns: u64) -> io::Result<()> {
 /// Code run in `language`'s interpreter to reseed its generator from the (fresh) kernel CRNG,
 /// or `None` when the language has nothing to reseed.
 ///
-/// - Python: `random.seed()` without argument draws from `os.urandom`. Only if `random` is
-///   already imported: a later import seeds itself from the fresh CRNG anyway.
+/// - Python: `random.seed()` without argument draws from `os.urandom`; so does
+///   `numpy.random.seed()`, for NumPy's legacy global generator, which is seeded when
+///   `numpy.random` is first imported (pandas imports it): a template that imported it (a
+///   warm-up of a package layer's modules) would otherwise hand every clone the same
+///   `np.random.rand()` sequence. Each only if already imported: a later import seeds itself
+///   from the fresh CRNG anyway.
 /// - bash: assigning `RANDOM` seeds it; `SRANDOM` (bash >= 5.1) comes from `getrandom`.
 /// - Bun: JavaScriptCore seeds `Math.random` once per global object and offers no way to
 ///   reseed it, so clones of a warm template would share its sequence. It is replaced by
@@ -69,7 +73,7 @@ fn set_realtime(unix_time_ns: u64) -> io::Result<()> {
 pub fn interpreter_code(language: Language) -> Option<&'static str> {
     match language {
         Language::Python => Some(
-            "__import__('sys').modules.get('random') is not None and __import__('sys').modules['random'].seed()",
+            "[m.seed() for m in map(__import__('sys').modules.get, ('random', 'numpy.random')) if m is not None]",
         ),
         Language::Raw => Some("RANDOM=$SRANDOM"),
         Language::Javascript => Some(JS_RESEED),

@@ -175,6 +175,7 @@ mod tests {
             bun: PathBuf::from("bun"),
             bash: PathBuf::from("bash"),
             root_mounted: false,
+            packages: crate::layer::LayerState::Absent,
         }
     }
 

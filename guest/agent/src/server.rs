@@ -17,6 +17,7 @@ use crate::log;
 use crate::outbox::Outbox;
 use crate::reseed;
 use crate::sys;
+use crate::warm;
 use crate::worker::{self, Job};
 
 /// What the control channel delivers to the server.
@@ -58,6 +59,7 @@ pub async fn serve(ctx: Arc<Context>, mut inbound: mpsc::Receiver<Inbound>, out:
                     agent_version: env!("CARGO_PKG_VERSION").to_string(),
                     uptime_ms: sys::uptime_ms(),
                     root_mounted: ctx.config.root_mounted,
+                    packages: ctx.config.packages.status(),
                 });
                 let _ = out.send(EVENT_ID_UNSOLICITED, &hello).await;
             }
@@ -65,9 +67,17 @@ pub async fn serve(ctx: Arc<Context>, mut inbound: mpsc::Receiver<Inbound>, out:
                 Request::Ping => {
                     let _ = out.send(id, &Event::Pong).await;
                 }
-                Request::Warm(language) => {
-                    submit(&ctx, &out, &mut workers, language, Job::Warm { id }).await;
-                }
+                Request::Warm { language, modules } => match warm::check(language, &modules) {
+                    Ok(()) => {
+                        let job = Job::Warm { id, modules };
+                        submit(&ctx, &out, &mut workers, language, job).await;
+                    }
+                    Err(e) => {
+                        let _ = out
+                            .error(id, GuestErrorKind::InvalidRequest, e.to_string())
+                            .await;
+                    }
+                },
                 Request::Exec(request) => {
                     let language = request.language;
                     submit(

@@ -7,6 +7,7 @@ use std::time::Instant;
 use sbx_protocol::{Event, ExecRequest, GuestErrorKind, Language};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::config::WARM_IMPORTS_TIMEOUT;
 use crate::context::Context;
 use crate::driver;
 use crate::interpreter::{Interpreter, StartError};
@@ -14,6 +15,7 @@ use crate::log;
 use crate::outbox::Outbox;
 use crate::reseed;
 use crate::script::{self, Prepared};
+use crate::warm;
 
 /// Time an interpreter gets to reseed its generator.
 const RESEED_TIMEOUT_MS: u64 = 5_000;
@@ -21,10 +23,12 @@ const RESEED_TIMEOUT_MS: u64 = 5_000;
 /// Work for a language's interpreter.
 #[derive(Debug)]
 pub enum Job {
-    /// Start the interpreter now; answer `Warmed`.
+    /// Start the interpreter now and import `modules` in it; answer `Warmed`.
     Warm {
         /// Request id.
         id: u32,
+        /// Modules to import (checked by `warm::check`).
+        modules: Vec<String>,
     },
     /// Run code; stream output, answer `ExecDone`.
     Exec {
@@ -47,7 +51,7 @@ impl Job {
     /// The request id this job answers.
     pub fn id(&self) -> u32 {
         match self {
-            Job::Warm { id } | Job::Exec { id, .. } | Job::Reseed { id, .. } => *id,
+            Job::Warm { id, .. } | Job::Exec { id, .. } | Job::Reseed { id, .. } => *id,
         }
     }
 }
@@ -68,11 +72,8 @@ async fn run(
     let mut slot: Option<Interpreter> = None;
     while let Some(job) = jobs.recv().await {
         match job {
-            Job::Warm { id } => {
-                let event = match ensure(&ctx, language, &mut slot).await {
-                    Ok(elapsed_ms) => Event::Warmed { elapsed_ms },
-                    Err(e) => start_failed(language, &e),
-                };
+            Job::Warm { id, modules } => {
+                let event = warm(&ctx, language, &mut slot, id, &modules, &out).await;
                 let _ = out.send(id, &event).await;
             }
             Job::Exec { id, request } => {
@@ -125,6 +126,66 @@ async fn exec(
             Event::ExecDone(ran.outcome)
         }
         Err(e) => internal(format!("cannot run code: {e}")),
+    }
+}
+
+/// Starts the interpreter and imports `modules` in it. An interpreter that dies importing is
+/// discarded and reported: a snapshot of it would not be warm.
+async fn warm(
+    ctx: &Arc<Context>,
+    language: Language,
+    slot: &mut Option<Interpreter>,
+    id: u32,
+    modules: &[String],
+    out: &Outbox,
+) -> Event {
+    let started = Instant::now();
+    if let Err(e) = ensure(ctx, language, slot).await {
+        return start_failed(language, &e);
+    }
+    let elapsed_ms = || u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let (Some(code), Some(interpreter)) = (warm::code(language, modules), slot.as_mut()) else {
+        return Event::Warmed {
+            elapsed_ms: elapsed_ms(),
+        };
+    };
+    let request = ExecRequest {
+        language,
+        code,
+        timeout_ms: u64::try_from(WARM_IMPORTS_TIMEOUT.as_millis()).unwrap_or(u64::MAX),
+        env: Vec::new(),
+        // Nothing of this internal command reaches the host.
+        stdout_limit: 0,
+        stderr_limit: 0,
+    };
+    match interpreter.run(id, &request, &request.code, out).await {
+        Ok(ran) if ran.alive => {
+            if ran.outcome.exit_code != 0 {
+                log::warn(format_args!(
+                    "{language} warm-up imports ended with {}",
+                    ran.outcome.exit_code
+                ));
+            }
+            Event::Warmed {
+                elapsed_ms: elapsed_ms(),
+            }
+        }
+        outcome => {
+            *slot = None;
+            let how = match outcome {
+                Ok(ran) if ran.outcome.timed_out => {
+                    format!("timed out after {} s", WARM_IMPORTS_TIMEOUT.as_secs())
+                }
+                Ok(ran) => format!("exited with code {}", ran.outcome.exit_code),
+                Err(e) => format!("failed: {e}"),
+            };
+            let message = format!("{language} interpreter {how} while importing modules to warm");
+            log::warn(format_args!("{message}"));
+            Event::Error(sbx_protocol::GuestError {
+                kind: GuestErrorKind::InterpreterStart,
+                message,
+            })
+        }
     }
 }
 

@@ -7,6 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use sbx_protocol::layer::LayerStatus;
 use sbx_protocol::{AgentHello, Language};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -132,6 +133,9 @@ impl Entry {
             agent_version: self.meta.agent_version.clone(),
             uptime_ms: 0,
             root_mounted: true,
+            // Not recorded: the template's own hello was checked when it booted
+            // (`Vm::boot_with`), and the key covers its layer.
+            packages: LayerStatus::Absent,
         }
     }
 
@@ -436,6 +440,7 @@ pub(crate) mod tests {
             agent_version: "t".into(),
             uptime_ms: 1,
             root_mounted: true,
+            packages: LayerStatus::Absent,
         };
         cache.commit(pending, Language::Python, &hello).unwrap()
     }

@@ -24,8 +24,9 @@ pub(crate) struct KeyInputs<'a> {
 }
 
 /// The cache key of `inputs`: 32 hex digits of a sha256 over the crate version, [`FORMAT`],
-/// the language, the asset version and the identity (size, mtime) of each asset file, the
-/// QEMU binary's identity and the template's full command line with its name normalised.
+/// the language, the asset version and the identity (size, mtime) of each asset file and of
+/// the package layer, the QEMU binary's identity and the template's full command line with its
+/// name normalised.
 pub(crate) fn cache_key(inputs: &KeyInputs<'_>) -> String {
     let mut h = Sha256::new();
     let mut field = |name: &str, value: &[u8]| {
@@ -46,6 +47,11 @@ pub(crate) fn cache_key(inputs: &KeyInputs<'_>) -> String {
     ];
     for path in files.into_iter().flatten() {
         field("file", file_identity(path).as_bytes());
+    }
+    // A template's page cache and imported modules come from its layer: a different layer
+    // (or the same path rewritten) never restores another's template.
+    if let Some(layer) = &inputs.spec.packages {
+        field("packages", file_identity(layer).as_bytes());
     }
     let mut spec = inputs.spec.clone();
     spec.name = "template".into();
@@ -106,6 +112,7 @@ mod tests {
             kernel: "/nonexistent/vmlinux".into(),
             initramfs: "/nonexistent/initramfs".into(),
             rootfs: Some("/nonexistent/rootfs".into()),
+            packages: None,
             memory_mb,
             vcpus: 1,
             accelerator: Accelerator::Tcg,
@@ -147,5 +154,26 @@ mod tests {
         ] {
             assert_ne!(base, other);
         }
+    }
+
+    #[test]
+    fn key_covers_the_package_layer_and_its_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.erofs"), dir.path().join("b.erofs"));
+        std::fs::write(&a, b"layer a").unwrap();
+        std::fs::write(&b, b"layer a").unwrap();
+        let with = |layer: &Path| {
+            let mut s = spec(256);
+            s.packages = Some(layer.to_path_buf());
+            key_of(Language::Python, &s, "v1", "q1")
+        };
+        let none = key_of(Language::Python, &spec(256), "v1", "q1");
+        let key_a = with(&a);
+        assert_ne!(none, key_a, "a layer gets its own template");
+        assert_ne!(key_a, with(&b), "another layer, another template");
+        assert_eq!(key_a, with(&a), "stable while the file is unchanged");
+        // The same path rewritten with other content (here: another size).
+        std::fs::write(&a, b"layer a, rebuilt").unwrap();
+        assert_ne!(key_a, with(&a), "a replaced layer file is a new template");
     }
 }

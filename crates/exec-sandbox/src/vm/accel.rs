@@ -229,6 +229,7 @@ async fn probe_kvm(qemu: &Path, kernel: &Path, initramfs: &Path) -> Result<Durat
         kernel: kernel.to_path_buf(),
         initramfs: initramfs.to_path_buf(),
         rootfs: None,
+        packages: None,
         memory_mb: limits::MIN_MEMORY_MB,
         vcpus: 1,
         accelerator: Accelerator::Kvm,

@@ -357,6 +357,7 @@ mod tests {
             agent_version: "t".into(),
             uptime_ms: 1,
             root_mounted: true,
+            packages: sbx_protocol::layer::LayerStatus::Absent,
         };
         guest_send(
             &mut guest,

@@ -48,7 +48,7 @@ pub(crate) fn done(exit_code: i32) -> Event {
 pub(crate) fn healthy() -> Script {
     Box::new(|request| match request {
         Request::Ping => Reply::now([Event::Pong]),
-        Request::Warm(_) => Reply::now([Event::Warmed { elapsed_ms: 1 }]),
+        Request::Warm { .. } => Reply::now([Event::Warmed { elapsed_ms: 1 }]),
         Request::Exec(_) => Reply::now([done(0)]),
         Request::Reseed { .. } => Reply::now([Event::Reseeded { interpreters: 1 }]),
         Request::TrustCertificates { .. } => {

@@ -94,9 +94,14 @@ impl Vm {
     ) -> Result<u64, VmError> {
         let warmed = self
             .link()
-            .acknowledged(&Request::Warm(language), deadline, |event| {
-                matches!(event, Event::Warmed { .. })
-            })
+            .acknowledged(
+                &Request::Warm {
+                    language,
+                    modules: Vec::new(),
+                },
+                deadline,
+                |event| matches!(event, Event::Warmed { .. }),
+            )
             .await
             .map_err(|source| VmError::Warm {
                 name: self.name.clone(),

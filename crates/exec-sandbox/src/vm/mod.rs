@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use sbx_protocol::layer::LayerStatus;
 use sbx_protocol::{AgentHello, Event, Request};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Child;
@@ -143,6 +144,16 @@ pub enum VmError {
         #[source]
         source: AckError,
     },
+    /// The kernel command line announced a package layer and the agent could not use it.
+    #[error("VM {name}: the guest could not mount the package layer {}: {reason}", layer.display())]
+    PackageLayer {
+        /// VM name.
+        name: String,
+        /// The layer image.
+        layer: PathBuf,
+        /// The agent's explanation (guest text, sanitized).
+        reason: String,
+    },
     /// A template's interpreter could not be warmed before its snapshot.
     #[error("template VM {name} could not warm its interpreter")]
     Warm {
@@ -181,7 +192,8 @@ impl VmError {
             VmError::Spawn { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
                 ErrorKind::Permanent
             }
-            VmError::ProtocolVersion { .. } => ErrorKind::Permanent,
+            // The same image fails the same way again.
+            VmError::ProtocolVersion { .. } | VmError::PackageLayer { .. } => ErrorKind::Permanent,
             VmError::Gateway { source, .. } => source.kind(),
             _ => ErrorKind::Transient,
         }
@@ -196,6 +208,10 @@ impl VmError {
             VmError::ProtocolVersion { .. } => {
                 Some("the cached guest assets are from another version: run `sbx prefetch`".into())
             }
+            VmError::PackageLayer { .. } => Some(
+                "the layer image is damaged or not an EROFS image the guest can mount: rebuild it"
+                    .into(),
+            ),
             _ => None,
         }
     }
@@ -320,6 +336,33 @@ async fn start(
     })
 }
 
+/// Whether the agent mounted the layer `layer` of VM `name`, as its hello says.
+fn layer_mounted(name: &str, layer: &Path, status: &LayerStatus) -> Result<(), VmError> {
+    let reason = match status {
+        LayerStatus::Mounted => return Ok(()),
+        LayerStatus::Absent => "the agent saw no package layer announced".to_string(),
+        LayerStatus::Failed(reason) => sanitize_guest_text(reason, 300),
+    };
+    Err(VmError::PackageLayer {
+        name: name.to_string(),
+        layer: layer.to_path_buf(),
+        reason,
+    })
+}
+
+/// Guest text fit for an error message: control characters replaced, at most `max` chars.
+fn sanitize_guest_text(text: &str, max: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .take(max)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if text.chars().count() > max {
+        out.push('…');
+    }
+    out
+}
+
 /// QEMU's exit status as text, for errors.
 fn exit_text(status: std::io::Result<std::process::ExitStatus>) -> String {
     status.map_or_else(|e| e.to_string(), |s| s.to_string())
@@ -410,6 +453,9 @@ impl Vm {
             return Err(VmError::ProtocolVersion {
                 found: hello.protocol_version,
             });
+        }
+        if let Some(layer) = &spec.packages {
+            layer_mounted(&name, layer, &hello.packages)?;
         }
         tracing::debug!(vm = %name, elapsed_ms = started.elapsed().as_millis() as u64, agent = %hello.agent_version, "agent ready");
         let vm = Vm {
@@ -550,6 +596,29 @@ pub(crate) mod tests {
         assert!(text.ends_with("END"));
     }
 
+    #[test]
+    fn a_layer_the_agent_could_not_mount_is_a_clear_permanent_error() {
+        let layer = Path::new("/c/layers/ab.erofs");
+        assert!(layer_mounted("vm-1", layer, &LayerStatus::Mounted).is_ok());
+        let err = layer_mounted(
+            "vm-1",
+            layer,
+            &LayerStatus::Failed("cannot mount /dev/vdb:\x1b[31m invalid argument".into()),
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Permanent);
+        assert_eq!(
+            err.to_string(),
+            "VM vm-1: the guest could not mount the package layer /c/layers/ab.erofs: \
+             cannot mount /dev/vdb: [31m invalid argument"
+        );
+        let err = layer_mounted("vm-1", layer, &LayerStatus::Absent).unwrap_err();
+        assert!(err.to_string().contains("no package layer"), "{err}");
+        let long = LayerStatus::Failed("x".repeat(1000));
+        let text = layer_mounted("vm-1", layer, &long).unwrap_err().to_string();
+        assert!(text.ends_with(&format!("{}…", "x".repeat(300))), "{text}");
+    }
+
     /// A spec whose paths don't exist: for tests where QEMU never gets that far.
     pub(crate) fn unbootable_spec() -> VmSpec {
         VmSpec {
@@ -557,6 +626,7 @@ pub(crate) mod tests {
             kernel: "/nonexistent/vmlinux".into(),
             initramfs: "/nonexistent/initramfs".into(),
             rootfs: None,
+            packages: None,
             memory_mb: 128,
             vcpus: 1,
             accelerator: accel::Accelerator::Tcg,

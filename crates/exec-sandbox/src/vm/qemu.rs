@@ -52,6 +52,8 @@ pub struct VmSpec {
     pub initramfs: PathBuf,
     /// Read-only root filesystem image, or none (accelerator probe).
     pub rootfs: Option<PathBuf>,
+    /// Read-only package layer image (EROFS), attached as a second disk after the root disk.
+    pub packages: Option<PathBuf>,
     /// Guest memory in MB.
     pub memory_mb: u32,
     /// Virtual CPUs.
@@ -98,6 +100,10 @@ impl VmSpec {
         }
         parts.push(format!("sbx.tmp_mb={}", self.tmpfs_mb));
         parts.push(format!("sbx.home_mb={}", self.tmpfs_mb));
+        if self.packages.is_some() {
+            // The agent must know: a layer that does not show up is then a boot failure.
+            parts.push(format!("{}=1", sbx_protocol::layer::CMDLINE_PARAM));
+        }
         parts.join(" ")
     }
 
@@ -216,6 +222,21 @@ impl VmSpec {
             a.push("-device".into());
             a.push("virtio-blk-device,drive=root".into());
         }
+        if let Some(packages) = &self.packages {
+            let mut drive = OsString::from("id=packages,format=raw,if=none,readonly=on,file=");
+            drive.push(escape_option_value(packages));
+            a.push("-drive".into());
+            a.push(drive);
+            // The agent finds the layer by this serial, never by its device name.
+            a.push("-device".into());
+            a.push(
+                format!(
+                    "virtio-blk-device,drive=packages,serial={}",
+                    sbx_protocol::layer::DISK_SERIAL
+                )
+                .into(),
+            );
+        }
         a
     }
 }
@@ -243,6 +264,7 @@ mod tests {
             kernel: "/a/vmlinux".into(),
             initramfs: "/a/init.cpio".into(),
             rootfs: Some("/a/root,fs.erofs".into()),
+            packages: None,
             memory_mb: 256,
             vcpus: 1,
             accelerator,
@@ -339,6 +361,35 @@ mod tests {
         assert!(
             !joined(&s).contains("memory-backend"),
             "cold boots keep anonymous RAM"
+        );
+    }
+
+    #[test]
+    fn a_package_layer_is_a_second_read_only_disk_after_the_root_disk() {
+        let plain = spec(Accelerator::Tcg);
+        assert!(!joined(&plain).contains("packages"), "only when set");
+        assert!(!plain.kernel_cmdline().contains("sbx.packages"));
+
+        let mut s = spec(Accelerator::Tcg);
+        s.packages = Some("/l/layer,1.erofs".into());
+        assert!(s.kernel_cmdline().ends_with(" sbx.packages=1"));
+        let args: Vec<String> = s
+            .args()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let at = |wanted: &str| args.iter().position(|a| a == wanted).expect(wanted);
+        let root_drive = at("id=root,format=raw,if=none,readonly=on,file=/a/root,,fs.erofs");
+        let root_device = at("virtio-blk-device,drive=root");
+        let drive = at("id=packages,format=raw,if=none,readonly=on,file=/l/layer,,1.erofs");
+        let device = at("virtio-blk-device,drive=packages,serial=sbx-packages");
+        assert_eq!(args[drive - 1], "-drive");
+        assert_eq!(args[device - 1], "-device");
+        assert!(root_drive < root_device && root_device < drive && drive < device);
+        assert_eq!(device, args.len() - 1, "the last device");
+        assert_eq!(
+            args.iter().filter(|a| a.starts_with("virtio-blk")).count(),
+            2
         );
     }
 

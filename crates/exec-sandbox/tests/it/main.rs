@@ -8,6 +8,7 @@ mod vm_exec;
 mod vm_files;
 mod vm_limits;
 mod vm_network;
+mod vm_packages;
 mod vm_pool;
 mod vm_session;
 mod vm_snapshot;

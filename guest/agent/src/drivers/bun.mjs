@@ -10,6 +10,7 @@
 // cleared, like a script whose event loop drains; `process.exit(n)` ends the execution with n
 // without ending the driver.
 import { mkdirSync, unlinkSync, writeFileSync, writeSync } from "node:fs";
+import { createRequire } from "node:module";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
@@ -179,6 +180,18 @@ globalThis.clearImmediate = function clearImmediate(t) {
   untrackId(t);
   return native.clearImmediate(t);
 };
+
+// `require` in user code, as in Node's REPL: a global resolving from the working directory at
+// call time (a module's `require` is its own; indirect eval sees only globals). Package layers
+// are found through NODE_PATH, which Bun's resolver honours.
+function requireHere() {
+  return createRequire(join(process.cwd(), SOURCE_URL));
+}
+const userRequire = function require(id) {
+  return requireHere()(id);
+};
+userRequire.resolve = (id, options) => requireHere().resolve(id, options);
+globalThis.require = userRequire;
 
 // Specifiers in user code resolve from the working directory, not from this file.
 function resolveFromCwd(js, code) {

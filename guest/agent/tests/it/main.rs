@@ -4,6 +4,7 @@
 #![expect(clippy::unwrap_used, reason = "tests")]
 
 mod files;
+mod packages;
 mod support;
 
 use std::io::Write as _;
@@ -28,6 +29,7 @@ fn hello_comes_first() {
     let hello = agent.hello();
     assert_eq!(hello.protocol_version, PROTOCOL_VERSION);
     assert!(!hello.root_mounted, "dev mode mounts nothing");
+    assert_eq!(hello.packages, sbx_protocol::layer::LayerStatus::Absent);
     assert!(!hello.agent_version.is_empty());
 }
 
@@ -608,12 +610,16 @@ fn executions_in_one_language_queue_others_run_alongside() {
 #[test]
 fn warm_starts_the_interpreter_ahead() {
     let mut agent = started();
-    let id = agent.send(&Request::Warm(PY));
+    let warm = Request::Warm {
+        language: PY,
+        modules: Vec::new(),
+    };
+    let id = agent.send(&warm);
     match agent.next_for(id, EVENT_DEADLINE).event {
         Event::Warmed { elapsed_ms } => assert!(elapsed_ms > 0),
         other => panic!("expected Warmed, got {other:?}"),
     }
-    let id = agent.send(&Request::Warm(PY));
+    let id = agent.send(&warm);
     assert_eq!(
         agent.next_for(id, EVENT_DEADLINE).event,
         Event::Warmed { elapsed_ms: 0 }
@@ -678,7 +684,10 @@ fn missing_interpreter_is_a_start_error() {
     let e = agent.exec_error(Agent::request(JS, "console.log(1)"));
     assert_eq!(e.kind, GuestErrorKind::InterpreterStart);
     assert!(e.message.contains("/nonexistent/bun"), "{}", e.message);
-    let id = agent.send(&Request::Warm(JS));
+    let id = agent.send(&Request::Warm {
+        language: JS,
+        modules: Vec::new(),
+    });
     assert!(matches!(
         agent.next_for(id, EVENT_DEADLINE).event,
         Event::Error(_)
