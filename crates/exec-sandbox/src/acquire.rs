@@ -26,6 +26,7 @@ use crate::error::Error;
 use crate::execute::VmOrigin;
 use crate::gateway::Gateway;
 use crate::pool::{Pooled, WarmPool};
+use crate::vm::migration::Warmup;
 use crate::vm::qemu::VmSpec;
 use crate::vm::{OutputCallback, VmError, VmHandle};
 
@@ -67,9 +68,10 @@ pub(crate) trait VmFactory: Send + Sync {
         language: Language,
     ) -> impl Future<Output = Result<(), VmError>> + Send;
 
-    /// Saves the template `key` shaped like `spec` in the background, when the budget has room
-    /// for its VM now (otherwise a later cold boot tries again).
-    fn save_template(&self, spec: VmSpec, language: Language, key: String);
+    /// Saves the template `key` shaped like `spec`, warmed as `warmup` says, in the
+    /// background, when the budget has room for its VM now (otherwise a later cold boot tries
+    /// again).
+    fn save_template(&self, spec: VmSpec, warmup: Warmup, key: String);
 
     /// Readies an acquired VM for the caller's code (the operator's CA bundle, in a VM that
     /// may open connections).
@@ -90,6 +92,8 @@ pub(crate) struct Want<'a> {
     pub gateway: Option<Gateway>,
     /// The package layer attached as the VM's second disk; it is part of the template's key.
     pub packages: Option<PathBuf>,
+    /// Modules the template of this shape imports before it is saved (the package set's).
+    pub warm_modules: Vec<String>,
     /// When waiting for the admission budget gives up.
     pub admission_deadline: tokio::time::Instant,
 }
@@ -137,6 +141,7 @@ pub(crate) async fn acquire<F: VmFactory>(
         on_boot_log,
         mut gateway,
         packages,
+        warm_modules,
         admission_deadline,
         ..
     } = want;
@@ -166,7 +171,14 @@ pub(crate) async fn acquire<F: VmFactory>(
         .await
         .map_err(Error::Boot)?;
     if let Some(key) = key {
-        factory.save_template(spec, language, key);
+        factory.save_template(
+            spec,
+            Warmup {
+                language,
+                modules: warm_modules,
+            },
+            key,
+        );
     }
     ready(factory, vm, VmOrigin::Cold, permit).await
 }
@@ -223,7 +235,7 @@ pub(crate) async fn warm_vm<F: VmFactory>(
         return Err(Error::Boot(e));
     }
     if let Some(key) = key {
-        factory.save_template(spec, language, key);
+        factory.save_template(spec, language.into(), key);
     }
     Ok(Some(Pooled { vm, permit }))
 }
@@ -368,7 +380,7 @@ mod tests {
             Ok(())
         }
 
-        fn save_template(&self, _: VmSpec, _: Language, key: String) {
+        fn save_template(&self, _: VmSpec, _: Warmup, key: String) {
             self.record(Call::Save { key });
         }
 
@@ -391,6 +403,7 @@ mod tests {
             on_boot_log: None,
             gateway: None,
             packages: None,
+            warm_modules: Vec::new(),
             admission_deadline: tokio::time::Instant::now() + Duration::from_secs(60),
         }
     }

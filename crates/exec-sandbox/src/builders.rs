@@ -39,6 +39,15 @@ macro_rules! builders {
             self
         }
     };
+    (@ packages) => {
+        /// Adds packages for the program to import (`name==version` for Python,
+        /// `name@version` for JavaScript; ranges are resolved on the host). They are installed
+        /// on the host and attached to the VM read-only: the guest needs no network for them.
+        pub fn packages<S: Into<String>>(mut self, specs: impl IntoIterator<Item = S>) -> Self {
+            self.packages.extend(specs.into_iter().map(Into::into));
+            self
+        }
+    };
     (@ network) => {
         /// Lets the guest open connections, to every public destination unless
         /// [`allowed_domains`](Self::allowed_domains) narrows it.

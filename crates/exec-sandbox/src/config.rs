@@ -333,10 +333,6 @@ impl SchedulerConfig {
 
     /// The package layer's share of this configuration. Missing tools are installed with apt
     /// (as root) under the same policy as asset builds.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "the scheduler integration calls it")
-    )]
     pub(crate) fn package_config(&self) -> crate::packages::PackageConfig {
         let mut config = crate::packages::PackageConfig::new(self.package_cache_dir.clone());
         config.max_bytes = self.package_cache_max_mb.saturating_mul(1024 * 1024);

@@ -54,14 +54,14 @@ pub enum Error {
     PackageSpec {
         /// The rule broken.
         #[source]
-        source: crate::packages::SpecError,
+        source: Box<crate::packages::SpecError>,
         /// For a spec without a version: the newest version the index has, when it could be
         /// asked.
         newest: Option<String>,
     },
     /// The requested packages could not be resolved, installed or cached; no VM was booted.
     #[error("cannot ready the requested packages")]
-    Packages(#[from] crate::packages::PackageError),
+    Packages(#[source] Box<crate::packages::PackageError>),
     /// The session is closed; it runs nothing more. Open a new one.
     #[error("session is closed: {reason}")]
     SessionClosed {
@@ -112,5 +112,11 @@ impl Error {
             }
             _ => None,
         }
+    }
+}
+
+impl From<crate::packages::PackageError> for Error {
+    fn from(e: crate::packages::PackageError) -> Self {
+        Error::Packages(Box::new(e))
     }
 }

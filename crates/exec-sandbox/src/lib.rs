@@ -55,7 +55,9 @@ pub use files::FileError;
 pub use gateway::GatewayError;
 pub use network::{ExposeParseError, ExposePort, ExposedPort, NetworkOptions, PortProtocol};
 pub use packages::{Ecosystem, LayerInfo, PackageError, PackageSource, Rule, SpecError, SpecText};
-pub use result::{ExecutionResult, Timing, WarmVm};
+pub use result::{
+    CacheReport, CacheUsage, ExecutionResult, PreparedPackages, PruneReport, Timing, WarmVm,
+};
 pub use run::RunOptions;
 pub use sbx_protocol::{FileEntry, GuestErrorKind, Language};
 pub use scheduler::Scheduler;

@@ -73,3 +73,57 @@ pub struct WarmVm {
     /// memory snapshot's, count in proportion), when readable.
     pub pss_mb: Option<f64>,
 }
+
+/// What [`Scheduler::prefetch_packages`](crate::Scheduler::prefetch_packages) readied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct PreparedPackages {
+    /// Which cache level served the layer.
+    pub source: crate::PackageSource,
+    /// How long the install took, when the layer was built now.
+    pub install_ms: Option<u64>,
+    /// The packages asked for, at the versions their specs resolved to.
+    pub resolved: Vec<String>,
+    /// Every package in the layer, dependencies included (`name==version`, `name@version`).
+    pub packages: Vec<String>,
+    /// Whether a memory snapshot of a VM with this layer is ready (L1).
+    pub snapshot: bool,
+}
+
+/// What one local cache holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct CacheUsage {
+    /// Its directory.
+    pub dir: std::path::PathBuf,
+    /// How many entries it holds.
+    pub entries: usize,
+    /// Bytes they occupy on disk.
+    pub bytes: u64,
+}
+
+/// The caches a scheduler uses ([`Scheduler::caches`](crate::Scheduler::caches)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct CacheReport {
+    /// L1 memory snapshots (none when L1 is off).
+    pub snapshots: Option<CacheUsage>,
+    /// L2 package layers.
+    pub layers: CacheUsage,
+    /// Each L2 layer, most recently used first.
+    pub layer_entries: Vec<crate::LayerInfo>,
+    /// Where L3 keeps layers (`s3://bucket/prefix`), when configured.
+    pub s3: Option<String>,
+}
+
+/// What [`Scheduler::prune_caches`](crate::Scheduler::prune_caches) removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct PruneReport {
+    /// Memory snapshots removed.
+    pub snapshots: usize,
+    /// Package layers removed.
+    pub layers: usize,
+    /// Bytes the removed layers occupied.
+    pub layer_bytes: u64,
+}

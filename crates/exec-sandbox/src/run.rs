@@ -39,6 +39,8 @@ pub struct RunOptions {
     pub on_boot_log: Option<OutputCallback>,
     /// Network access and forwarded ports (default: no NIC at all).
     pub network: NetworkOptions,
+    /// Packages to install (`name==version`, `name@version`, or a range), at most 50.
+    pub packages: Vec<String>,
     /// Receives the forwarded ports once bound, before the code runs.
     pub on_ports: Option<PortsCallback>,
     /// A package layer image attached as is (tests only, feature `testing`).
@@ -54,6 +56,7 @@ impl std::fmt::Debug for RunOptions {
             .field("memory_mb", &self.memory_mb)
             .field("env_vars", &self.env_vars.len())
             .field("network", &self.network)
+            .field("packages", &self.packages)
             .finish_non_exhaustive()
     }
 }
@@ -71,12 +74,13 @@ impl RunOptions {
             on_stderr: None,
             on_boot_log: None,
             network: NetworkOptions::default(),
+            packages: Vec::new(),
             on_ports: None,
             packages_layer: None,
         }
     }
 
-    builders!(timeout, memory, env, output, network);
+    builders!(timeout, memory, env, output, network, packages);
 
     /// Streams the VM console to `f`.
     pub fn on_boot_log(mut self, f: impl Fn(&[u8]) + Send + Sync + 'static) -> Self {

@@ -18,12 +18,16 @@ use crate::execute::{Execution, VmOrigin, execute};
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::limits;
 use crate::network::NetworkOptions;
+use crate::packages::{self, PackageSource, PackageStore, ReadyLayer, Requirement, SpecError};
 use crate::pool::{self, Pooled, WarmPool};
-use crate::result::{ExecutionResult, Timing, WarmVm};
+use crate::result::{
+    CacheReport, CacheUsage, ExecutionResult, PreparedPackages, PruneReport, Timing, WarmVm,
+};
 use crate::run::RunOptions;
 use crate::snapshot::{self, Templates};
 use crate::validate::{self, ValidationError};
 use crate::vm::accel::{self, AccelConfig, AcceleratorChoice, HostVerdict};
+use crate::vm::migration::Warmup;
 use crate::vm::qemu::VmSpec;
 use crate::vm::{OutputCallback, Vm, VmError};
 use sbx_net::policy::Allowlist;
@@ -49,6 +53,8 @@ struct Inner {
     templates: Templates,
     /// The operator's extra CA certificates for networked guests, read once.
     ca_bundle: Option<Arc<Vec<u8>>>,
+    /// Package layers (L2 on disk, L3 in S3 when configured).
+    packages: PackageStore,
 }
 
 impl Drop for Inner {
@@ -66,6 +72,14 @@ impl Drop for Inner {
 impl Scheduler {
     /// A scheduler for `config` (validated here). Nothing is built or booted until needed.
     pub fn new(config: SchedulerConfig) -> Result<Self, Error> {
+        let packages = config.package_config();
+        Self::with_packages(config, packages)
+    }
+
+    fn with_packages(
+        config: SchedulerConfig,
+        packages: crate::packages::PackageConfig,
+    ) -> Result<Self, Error> {
         config.validate()?;
         let ca_bundle = config
             .guest_ca_bundle
@@ -90,11 +104,24 @@ impl Scheduler {
                     )
                 })),
                 ca_bundle,
+                packages: PackageStore::new(packages),
                 config,
             }),
         };
         scheduler.ensure_pool_task();
         Ok(scheduler)
+    }
+
+    /// A scheduler whose package tools (pip, npm) run with `env` on top of this process's
+    /// environment: tests point them at a loopback index this way (feature `testing`).
+    #[cfg(feature = "testing")]
+    pub fn with_package_tool_env(
+        config: SchedulerConfig,
+        env: Vec<(String, Option<String>)>,
+    ) -> Result<Self, Error> {
+        let mut packages = config.package_config();
+        packages.tools.env = env;
+        Self::with_packages(config, packages)
     }
 
     /// Destroys the idle warm VMs and stops refilling the pool; waits until their QEMU
@@ -185,28 +212,36 @@ impl Scheduler {
         validate::memory(memory_mb)?;
         validate::env_vars(&options.env_vars)?;
         let allowed_domains = validate::network(&options.network)?;
+        let requirements = self
+            .requirements(options.language, &options.packages)
+            .await?;
         let gateway = self.gateway(&options.network, allowed_domains)?;
         if let (Some(gateway), Some(on_ports)) = (&gateway, &options.on_ports) {
             on_ports(gateway.exposed_ports());
         }
 
+        let layer = match options.packages_layer {
+            Some(image) => Layer::Image(image),
+            None => Layer::Packages(requirements),
+        };
         let StartedVm {
             vm,
             origin,
             accelerator,
             setup_ms,
             boot_ms,
+            packages,
             permit: _permit,
             slot: _slot,
         } = self
-            .start_vm(
-                options.language,
+            .start_vm(VmRequest {
+                language: options.language,
                 memory_mb,
-                options.on_boot_log.as_ref(),
+                on_boot_log: options.on_boot_log.as_ref(),
                 started,
                 gateway,
-                options.packages_layer,
-            )
+                layer,
+            })
             .await?;
         let exposed_ports = vm.exposed_ports().to_vec();
 
@@ -241,7 +276,54 @@ impl Scheduler {
         );
         result.exposed_ports = exposed_ports;
         result.network_refusals = network_refusals;
+        (result.packages_source, result.packages_install_ms) = packages.source();
         Ok(result)
+    }
+
+    /// Checks package specs for `language` as [`run`](Self::run) and
+    /// [`session`](Self::session) do, without running anything: syntax and limits, and the
+    /// allowlist unless `enable_package_validation` is off. A spec without a version is
+    /// refused with the newest version the index has, when the index can be asked.
+    pub async fn check_packages(&self, language: Language, specs: &[String]) -> Result<(), Error> {
+        self.requirements(language, specs).await.map(drop)
+    }
+
+    /// The validated requirements of `specs` (see [`check_packages`](Self::check_packages)).
+    pub(crate) async fn requirements(
+        &self,
+        language: Language,
+        specs: &[String],
+    ) -> Result<Vec<Requirement>, Error> {
+        let allowlist = self.inner.config.enable_package_validation;
+        match packages::validate(language, specs, allowlist) {
+            Ok(requirements) => Ok(requirements),
+            Err(source) => {
+                let newest = match &source {
+                    SpecError::NoVersion { name, .. } => self.newest(language, name).await,
+                    _ => None,
+                };
+                Err(Error::PackageSpec {
+                    source: Box::new(source),
+                    newest,
+                })
+            }
+        }
+    }
+
+    /// The newest version of `name` the guest of `language` can use, when the guest image is
+    /// here already and the index answers (never builds anything).
+    async fn newest(&self, language: Language, name: &str) -> Option<String> {
+        if self.inner.config.offline {
+            return None;
+        }
+        let target = packages::target_for(&self.inner.assets, language).ok()?;
+        match self.inner.packages.newest(&target, name).await {
+            Ok(newest) => Some(newest),
+            Err(e) => {
+                tracing::debug!(%name, error = %crate::vm::error_chain(&e), "cannot ask the index for the newest version");
+                None
+            }
+        }
     }
 
     /// The gateway for a VM with `network` options, when it needs a NIC: forwarded ports are
@@ -268,21 +350,25 @@ impl Scheduler {
         Ok(Some(gateway))
     }
 
-    /// Takes a slot, readies the assets and the accelerator verdict, and acquires a VM for
-    /// `language` (warm pool, memory snapshot or cold boot), with the package layer `packages`
-    /// attached. Shared by runs and sessions: the caller holds the returned slot and permit for
-    /// as long as the VM lives.
-    pub(crate) async fn start_vm(
-        &self,
-        language: Language,
-        memory_mb: u32,
-        on_boot_log: Option<&OutputCallback>,
-        started: Instant,
-        gateway: Option<Gateway>,
-        packages: Option<PathBuf>,
-    ) -> Result<StartedVm, Error> {
+    /// Readies the assets, the accelerator verdict and the package layer, takes a slot, and
+    /// acquires a VM for the request (warm pool, memory snapshot or cold boot). Shared by runs
+    /// and sessions: the caller holds the returned slot and permit for as long as the VM lives.
+    pub(crate) async fn start_vm(&self, request: VmRequest<'_>) -> Result<StartedVm, Error> {
+        let VmRequest {
+            language,
+            memory_mb,
+            on_boot_log,
+            started,
+            gateway,
+            layer,
+        } = request;
         let config = &self.inner.config;
         self.ensure_pool_task();
+        let assets = self.inner.assets.ensure(&[language]).await?;
+        let host = self.host(&assets).await;
+        // Installing packages takes no slot: it needs no VM.
+        let packages = self.layer(language, layer).await?;
+
         let queued = tokio::time::Instant::now();
         let admission_timeout = Duration::from_secs(config.admission_timeout_seconds);
         let slot =
@@ -298,12 +384,9 @@ impl Scheduler {
                 })?
                 .expect("the scheduler never closes its semaphore");
         let slot_wait = queued.elapsed();
-        let assets = self.inner.assets.ensure(&[language]).await?;
-        let host = self.host(&assets).await;
         let setup_ms = elapsed_ms(started);
 
         let boot_started = Instant::now();
-        // Asset preparation does not count against the admission deadline.
         let admission_deadline =
             tokio::time::Instant::now() + admission_timeout.saturating_sub(slot_wait);
         let Acquired { vm, origin, permit } = acquire::acquire(
@@ -316,7 +399,8 @@ impl Scheduler {
                 pooled_memory_mb: config.default_memory_mb,
                 on_boot_log,
                 gateway,
-                packages,
+                packages: packages.image(),
+                warm_modules: packages.warm_modules(),
                 admission_deadline,
             },
         )
@@ -327,9 +411,29 @@ impl Scheduler {
             accelerator: host.choice.clone(),
             setup_ms,
             boot_ms: elapsed_ms(boot_started),
+            packages,
             permit,
             slot,
         })
+    }
+
+    /// The package layer a VM gets: none, the cached (or just built) layer of the
+    /// requirements, or a given image (tests).
+    async fn layer(&self, language: Language, layer: Layer) -> Result<ReadyPackages, Error> {
+        match layer {
+            Layer::Packages(requirements) if requirements.is_empty() => Ok(ReadyPackages::None),
+            Layer::Packages(requirements) => {
+                let target = packages::target_for(&self.inner.assets, language)?;
+                let ready = self
+                    .inner
+                    .packages
+                    .ensure(&target, &requirements, |_| {})
+                    .await?;
+                tracing::debug!(key = %ready.key, source = ?ready.source, packages = ready.closure.len(), "package layer ready");
+                Ok(ReadyPackages::Layer(ready))
+            }
+            Layer::Image(image) => Ok(ReadyPackages::Image(image)),
+        }
     }
 
     /// The factory of this scheduler's VMs, for `assets` on `host`.
@@ -389,7 +493,7 @@ impl Scheduler {
                 .ensure(
                     &self.inner.config.qemu_binary,
                     &spec,
-                    language,
+                    &language.into(),
                     &key,
                     boot_deadline(host),
                 )
@@ -414,6 +518,120 @@ impl Scheduler {
     /// Whether memory snapshots are being saved in the background.
     pub fn snapshots_pending(&self) -> bool {
         self.inner.templates.pending()
+    }
+}
+
+/// Packages and caches.
+impl Scheduler {
+    /// Readies the package layer of `specs` for `language` ahead of time (validated like a
+    /// run's), so the first run with the same set starts as fast as a plain one; with
+    /// `snapshot`, also saves the memory snapshot of a VM with that layer (when L1 is on).
+    pub async fn prefetch_packages(
+        &self,
+        language: Language,
+        specs: &[String],
+        snapshot: bool,
+    ) -> Result<PreparedPackages, Error> {
+        let requirements = self.requirements(language, specs).await?;
+        let assets = self.inner.assets.ensure(&[language]).await?;
+        let host = self.host(&assets).await;
+        let ready = self.layer(language, Layer::Packages(requirements)).await?;
+        let ReadyPackages::Layer(layer) = &ready else {
+            // No specs: nothing to ready.
+            return Ok(PreparedPackages {
+                source: PackageSource::None,
+                install_ms: None,
+                resolved: Vec::new(),
+                packages: Vec::new(),
+                snapshot: false,
+            });
+        };
+        let mut snapshot_ready = false;
+        if snapshot {
+            let factory = self.factory(&assets, host);
+            let spec = VmSpec {
+                packages: ready.image(),
+                ..factory.spec(language, self.inner.config.default_memory_mb, false, false)
+            };
+            if let Some(key) = factory.template_key(language, &spec) {
+                let deadline = tokio::time::Instant::now()
+                    + Duration::from_secs(self.inner.config.admission_timeout_seconds);
+                let _permit = acquire::admit(
+                    &self.inner.pool,
+                    &self.inner.admission,
+                    factory.cost(&spec),
+                    deadline,
+                )
+                .await?;
+                let warmup = Warmup {
+                    language,
+                    modules: ready.warm_modules(),
+                };
+                let qemu = &self.inner.config.qemu_binary;
+                match self
+                    .inner
+                    .templates
+                    .ensure(qemu, &spec, &warmup, &key, boot_deadline(host))
+                    .await
+                {
+                    Ok(ready) => snapshot_ready = ready,
+                    Err(e) => {
+                        tracing::warn!(%language, error = %crate::vm::error_chain(&e), "cannot save a memory snapshot")
+                    }
+                }
+            }
+        }
+        let show = |pins: &[packages::Pin]| -> Vec<String> {
+            match packages::Ecosystem::of(language) {
+                Some(ecosystem) => pins
+                    .iter()
+                    .map(|pin| packages::display_pin(ecosystem, pin))
+                    .collect(),
+                None => Vec::new(),
+            }
+        };
+        Ok(PreparedPackages {
+            source: layer.source,
+            install_ms: layer.install_ms,
+            resolved: show(&layer.requested),
+            packages: show(&layer.closure),
+            snapshot: snapshot_ready,
+        })
+    }
+
+    /// What the local caches hold (L1 memory snapshots, L2 package layers) and where L3 is.
+    pub async fn caches(&self) -> CacheReport {
+        let config = &self.inner.config;
+        let layer_entries = self.inner.packages.entries().await;
+        CacheReport {
+            snapshots: self
+                .inner
+                .templates
+                .usage()
+                .map(|(dir, entries, bytes)| CacheUsage {
+                    dir,
+                    entries,
+                    bytes,
+                }),
+            layers: CacheUsage {
+                dir: config.package_cache_dir.clone(),
+                entries: layer_entries.len(),
+                bytes: layer_entries.iter().map(|l| l.bytes).sum(),
+            },
+            layer_entries,
+            s3: None,
+        }
+    }
+
+    /// Empties the local snapshot and package layer caches (running VMs keep what they
+    /// mapped; a layer being built is kept). The guest images stay.
+    pub async fn prune_caches(&self) -> PruneReport {
+        let layers = self.inner.packages.prune(0).await;
+        PruneReport {
+            snapshots: self.inner.templates.prune(),
+            layers: layers.len(),
+            layer_bytes: layers.iter().map(|(_, bytes)| bytes).sum(),
+        }
     }
 }
 
@@ -508,20 +726,20 @@ impl VmFactory for QemuFactory<'_> {
     }
 
     async fn warm(&self, vm: &Vm, language: Language) -> Result<(), VmError> {
-        let elapsed_ms = vm.warm(language, boot_deadline(self.host)).await?;
+        let elapsed_ms = vm.warm(&language.into(), boot_deadline(self.host)).await?;
         tracing::debug!(vm = %vm.name(), %language, elapsed_ms, "interpreter warm");
         Ok(())
     }
 
-    fn save_template(&self, spec: VmSpec, language: Language, key: String) {
+    fn save_template(&self, spec: VmSpec, warmup: Warmup, key: String) {
         let Some(permit) = self.inner.admission.try_admit(self.cost(&spec)) else {
-            tracing::debug!(%language, "no budget for a template VM now; the snapshot waits");
+            tracing::debug!(language = %warmup.language, "no budget for a template VM now; the snapshot waits");
             return;
         };
         self.inner.templates.build_in_background(
             self.qemu().to_path_buf(),
             spec,
-            language,
+            warmup,
             key,
             boot_deadline(self.host),
             permit,
@@ -592,6 +810,62 @@ impl pool::WarmBooter<Vm> for Scheduler {
     }
 }
 
+/// What a run or session asks of its VM.
+pub(crate) struct VmRequest<'a> {
+    pub(crate) language: Language,
+    pub(crate) memory_mb: u32,
+    pub(crate) on_boot_log: Option<&'a OutputCallback>,
+    /// When the caller started (for `timing.setup_ms`).
+    pub(crate) started: Instant,
+    pub(crate) gateway: Option<Gateway>,
+    pub(crate) layer: Layer,
+}
+
+/// The package layer asked for.
+pub(crate) enum Layer {
+    /// The layer of these validated requirements (none when empty).
+    Packages(Vec<Requirement>),
+    /// This image as is (tests, feature `testing`).
+    Image(PathBuf),
+}
+
+/// The package layer a VM got.
+pub(crate) enum ReadyPackages {
+    /// No packages.
+    None,
+    /// A cached (or just built) layer, kept open for as long as the VM may use it.
+    Layer(ReadyLayer),
+    /// An image given as is.
+    Image(PathBuf),
+}
+
+impl ReadyPackages {
+    /// The image to attach.
+    fn image(&self) -> Option<PathBuf> {
+        match self {
+            ReadyPackages::None => None,
+            ReadyPackages::Layer(layer) => Some(layer.path.clone()),
+            ReadyPackages::Image(image) => Some(image.clone()),
+        }
+    }
+
+    /// What a template of this layer imports before it is saved.
+    fn warm_modules(&self) -> Vec<String> {
+        match self {
+            ReadyPackages::Layer(layer) => layer.warm_modules.clone(),
+            ReadyPackages::None | ReadyPackages::Image(_) => Vec::new(),
+        }
+    }
+
+    /// Where the packages came from and how long their install took.
+    pub(crate) fn source(&self) -> (PackageSource, Option<u64>) {
+        match self {
+            ReadyPackages::Layer(layer) => (layer.source, layer.install_ms),
+            ReadyPackages::None | ReadyPackages::Image(_) => (PackageSource::None, None),
+        }
+    }
+}
+
 /// A VM acquired for a run or a session, with what it took to get it.
 pub(crate) struct StartedVm {
     pub(crate) vm: Vm,
@@ -599,6 +873,8 @@ pub(crate) struct StartedVm {
     pub(crate) accelerator: AcceleratorChoice,
     pub(crate) setup_ms: u64,
     pub(crate) boot_ms: u64,
+    /// Its package layer: held (open) for as long as the VM lives.
+    pub(crate) packages: ReadyPackages,
     /// The VM's share of the admission budget: dropped after the VM is destroyed.
     pub(crate) permit: Permit,
     /// One of `max_concurrent_vms`: dropped after the VM is destroyed.
@@ -637,5 +913,75 @@ mod tests {
             assert!(matches!(err, Error::Validation(_)), "{err}");
         }
         assert_eq!(s.peak_vms(), 0, "no VM was admitted");
+    }
+
+    #[tokio::test]
+    async fn package_requests_are_checked_before_any_vm() {
+        let offline = || SchedulerConfig {
+            qemu_binary: "/nonexistent/qemu".into(),
+            offline: true,
+            images_dir: "/nonexistent/images".into(),
+            ..SchedulerConfig::default()
+        };
+        let s = Scheduler::new(offline()).unwrap();
+        let many: Vec<String> = (0..51).map(|i| format!("p{i}==1")).collect();
+        for (language, specs) in [
+            (Language::Raw, vec!["requests==2.32.3".to_string()]),
+            (Language::Python, vec!["requests".to_string()]),
+            (
+                Language::Python,
+                vec!["no-such-package-sbx==1.0".to_string()],
+            ),
+            (
+                Language::Python,
+                vec!["pandas @ https://x/p.whl".to_string()],
+            ),
+            (Language::Javascript, vec!["lodash@latest".to_string()]),
+            (Language::Python, many),
+        ] {
+            let err = s
+                .run(RunOptions::new(language, "1").packages(specs.clone()))
+                .await
+                .unwrap_err();
+            assert!(matches!(err, Error::PackageSpec { .. }), "{specs:?}: {err}");
+            assert_eq!(err.kind(), crate::ErrorKind::InvalidInput);
+            let err = s
+                .session(crate::SessionOptions::new(language).packages(specs.clone()))
+                .await
+                .unwrap_err();
+            assert!(matches!(err, Error::PackageSpec { .. }), "{specs:?}: {err}");
+        }
+        assert_eq!(s.peak_vms(), 0, "no VM was admitted");
+
+        // A bare name: offline, the index is not asked; the hint still says to pin.
+        let err = s
+            .check_packages(Language::Python, &["requests".into()])
+            .await
+            .unwrap_err();
+        let Error::PackageSpec { newest, .. } = &err else {
+            panic!("{err}")
+        };
+        assert_eq!(newest, &None);
+        assert!(err.hint().unwrap().contains("requests==VERSION"), "{err:?}");
+
+        // With validation off, a name outside the allowlist passes the checks (and this
+        // offline scheduler then fails on its missing assets instead).
+        let mut config = offline();
+        config.enable_package_validation = false;
+        let s = Scheduler::new(config).unwrap();
+        s.check_packages(Language::Python, &["no-such-package-sbx==1.0".into()])
+            .await
+            .unwrap();
+        let err = s
+            .run(RunOptions::new(Language::Python, "1").packages(["no-such-package-sbx==1.0"]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Asset(_)), "{err}");
+        // The syntax rules hold either way.
+        assert!(
+            s.check_packages(Language::Python, &["x==1 ; sys_platform".into()])
+                .await
+                .is_err()
+        );
     }
 }

@@ -19,8 +19,9 @@ use crate::error::Error;
 use crate::execute::{Execution, VmOrigin, execute};
 use crate::limits;
 use crate::network::{ExposedPort, NetworkOptions};
+use crate::packages::PackageSource;
 use crate::result::{ExecutionResult, Timing};
-use crate::scheduler::{Scheduler, StartedVm};
+use crate::scheduler::{Layer, ReadyPackages, Scheduler, StartedVm, VmRequest};
 use crate::validate;
 use crate::vm::accel::AcceleratorChoice;
 use crate::vm::{Link, OutputCallback, Vm, VmHandle, VmStats};
@@ -54,6 +55,8 @@ pub struct SessionOptions {
     pub(crate) idle_timeout_unchecked: Option<Duration>,
     /// Network access and forwarded ports for the session's VM (default: no NIC at all).
     pub network: NetworkOptions,
+    /// Packages for every execution (`name==version`, `name@version`, or a range), at most 50.
+    pub packages: Vec<String>,
     /// A package layer image attached as is (tests only, feature `testing`).
     pub(crate) packages_layer: Option<std::path::PathBuf>,
 }
@@ -68,11 +71,12 @@ impl SessionOptions {
             idle_timeout_seconds: limits::DEFAULT_SESSION_IDLE_TIMEOUT_SECONDS,
             idle_timeout_unchecked: None,
             network: NetworkOptions::default(),
+            packages: Vec::new(),
             packages_layer: None,
         }
     }
 
-    builders!(memory, env, network);
+    builders!(memory, env, network, packages);
 
     /// Sets the idle timeout.
     pub fn idle_timeout_seconds(mut self, seconds: u64) -> Self {
@@ -195,6 +199,7 @@ struct Inner<V: VmHandle> {
     default_timeout_seconds: u64,
     origin: VmOrigin,
     accelerator: AcceleratorChoice,
+    packages: (PackageSource, Option<u64>),
     vm_name: String,
     exposed_ports: Vec<ExposedPort>,
     /// `None` once closed. Operations hold a read guard, so they may overlap (a file transfer
@@ -211,14 +216,22 @@ struct Live<V> {
     vm: V,
     permit: Permit,
     slot: OwnedSemaphorePermit,
+    /// The package layer, kept open while the VM may read it.
+    packages: ReadyPackages,
 }
 
 impl<V: VmHandle> Live<V> {
     async fn destroy(self) -> VmStats {
-        let Live { vm, permit, slot } = self;
+        let Live {
+            vm,
+            permit,
+            slot,
+            packages,
+        } = self;
         let stats = vm.destroy().await;
         drop(permit);
         drop(slot);
+        drop(packages);
         stats
     }
 }
@@ -230,6 +243,8 @@ struct Settings {
     default_timeout_seconds: u64,
     origin: VmOrigin,
     accelerator: AcceleratorChoice,
+    /// Where the session's packages came from, and how long their install took.
+    packages: (PackageSource, Option<u64>),
 }
 
 /// What the idle timer watches.
@@ -259,6 +274,7 @@ impl<V: VmHandle> Inner<V> {
             default_timeout_seconds,
             origin,
             accelerator,
+            packages,
         } = settings;
         Inner {
             language,
@@ -266,6 +282,7 @@ impl<V: VmHandle> Inner<V> {
             default_timeout_seconds,
             origin,
             accelerator,
+            packages,
             vm_name: live.vm.name().to_string(),
             exposed_ports: live.vm.exposed_ports().to_vec(),
             live: RwLock::new(Some(live)),
@@ -432,6 +449,7 @@ impl<V: VmHandle> Inner<V> {
         );
         result.exposed_ports = self.exposed_ports.clone();
         result.network_refusals = refusals;
+        (result.packages_source, result.packages_install_ms) = self.packages;
         Ok(result)
     }
 
@@ -480,7 +498,9 @@ impl Scheduler {
         validate::memory(memory_mb)?;
         validate::env_vars(&options.env_vars)?;
         let allowed_domains = validate::network(&options.network)?;
-        let gateway = self.gateway(&options.network, allowed_domains)?;
+        let requirements = self
+            .requirements(options.language, &options.packages)
+            .await?;
         let idle = match options.idle_timeout_unchecked {
             Some(idle) => idle,
             None => {
@@ -489,32 +509,45 @@ impl Scheduler {
             }
         };
         let default_timeout_seconds = config.default_timeout_seconds;
+        let gateway = self.gateway(&options.network, allowed_domains)?;
+        let layer = match options.packages_layer {
+            Some(image) => Layer::Image(image),
+            None => Layer::Packages(requirements),
+        };
         let StartedVm {
             vm,
             origin,
             accelerator,
+            packages,
             permit,
             slot,
             ..
         } = self
-            .start_vm(
-                options.language,
+            .start_vm(VmRequest {
+                language: options.language,
                 memory_mb,
-                None,
+                on_boot_log: None,
                 started,
                 gateway,
-                options.packages_layer,
-            )
+                layer,
+            })
             .await?;
         tracing::debug!(vm = %vm.name(), language = %options.language, ?origin, "session opened");
+        let package_report = packages.source();
         let inner = Arc::new(Inner::new(
-            Live { vm, permit, slot },
+            Live {
+                vm,
+                permit,
+                slot,
+                packages,
+            },
             Settings {
                 language: options.language,
                 env_vars: options.env_vars,
                 default_timeout_seconds,
                 origin,
                 accelerator,
+                packages: package_report,
             },
         ));
         let idle_watch = tokio::spawn(watch_idle(Arc::downgrade(&inner), idle));
@@ -739,6 +772,7 @@ mod tests {
                     vm: FakeVm::new("session-vm", script, &destroyed),
                     permit,
                     slot,
+                    packages: ReadyPackages::None,
                 },
                 Settings {
                     language: Language::Python,
@@ -749,6 +783,7 @@ mod tests {
                         accelerator: crate::Accelerator::Tcg,
                         reason: "test".into(),
                     },
+                    packages: (PackageSource::L2, Some(5)),
                 },
             ));
             let idle_watch = tokio::spawn(watch_idle(Arc::downgrade(&inner), idle));

@@ -17,9 +17,11 @@ pub struct Cli {
 pub enum Command {
     /// Run code in a fresh microVM, one per source.
     #[command(after_long_help = RUN_AFTER_HELP)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Build or verify every guest asset and decide the accelerator, so later runs start at once.
     Prefetch(PrefetchArgs),
+    /// Show what the local caches hold (memory snapshots, package layers), or empty them.
+    Cache(CacheArgs),
     /// Measure run latency per language (cold, L1-restored, warm pool) against the language's
     /// own interpreter on the host (`python3 -c pass`, `node -e 0`, `bash -c :`), throughput, and
     /// idle VM memory. Prints numbers; never fails on speed.
@@ -110,6 +112,18 @@ pub struct RunArgs {
     )]
     pub expose: Vec<ExposePort>,
 
+    /// A package for the code to import: `name==version` (python) or `name@version`
+    /// (javascript), or a range (`pandas>=2,<3`, `lodash@^4`) resolved on the host
+    /// (repeatable, at most 50). Installed on the host without running package code and
+    /// attached read-only: the sandbox needs no network for it.
+    #[arg(short = 'p', long = "package", value_name = "SPEC")]
+    pub packages: Vec<String>,
+
+    /// Allow packages outside each ecosystem's 10,000 most-downloaded (the syntax rules still
+    /// apply).
+    #[arg(long)]
+    pub no_validation: bool,
+
     /// Environment variable for the program (repeatable; the last of a name wins).
     #[arg(short, long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
@@ -145,9 +159,52 @@ pub struct PrefetchArgs {
     pub log: LogArgs,
 
     /// Also save a memory snapshot (warm template) per language, so that the first runs
-    /// restore instead of booting.
+    /// restore instead of booting; with -p, of a VM with those packages.
     #[arg(long)]
     pub snapshots: bool,
+
+    /// Ready the layer of these packages too (repeatable; needs -l), so the first run with the
+    /// same set starts as fast as a plain one.
+    #[arg(
+        short = 'p',
+        long = "package",
+        value_name = "SPEC",
+        requires = "language"
+    )]
+    pub packages: Vec<String>,
+
+    /// The language of the -p packages: python or javascript.
+    #[arg(short, long, value_name = "LANG", value_parser = parse_language)]
+    pub language: Option<Language>,
+
+    /// Allow packages outside each ecosystem's 10,000 most-downloaded.
+    #[arg(long)]
+    pub no_validation: bool,
+}
+
+/// Flags of `sbx cache`.
+#[derive(Debug, Args)]
+pub struct CacheArgs {
+    /// What to do (default: show).
+    #[command(subcommand)]
+    pub action: Option<CacheAction>,
+
+    /// Print one JSON object on stdout instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// How much goes to stderr.
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// What `sbx cache` does.
+#[derive(Debug, Subcommand)]
+pub enum CacheAction {
+    /// Each cache level: entries and bytes (the default).
+    Show,
+    /// Empty the local memory snapshot and package layer caches (guest images stay).
+    Prune,
 }
 
 /// The stderr verbosity flags every subcommand shares.
@@ -336,7 +393,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("{args:?}: {e}"))
             .command
         {
-            Command::Run(run) => run,
+            Command::Run(run) => *run,
             other => panic!("{other:?}"),
         }
     }

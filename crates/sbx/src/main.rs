@@ -5,6 +5,7 @@
 //! returns the status).
 
 mod bench;
+mod cache;
 mod cli;
 mod interrupt;
 mod output;
@@ -37,6 +38,7 @@ fn main() -> ExitCode {
     progress::init(match &cli.command {
         Command::Run(a) => Verbosity::from_flags(&a.log),
         Command::Prefetch(a) => Verbosity::from_flags(&a.log),
+        Command::Cache(a) => Verbosity::from_flags(&a.log),
         Command::Bench(a) => Verbosity::from_flags(&a.log),
     });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -51,8 +53,9 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(async move {
         match cli.command {
-            Command::Run(args) => run::run(args).await,
+            Command::Run(args) => run::run(*args).await,
             Command::Prefetch(args) => prefetch::prefetch(args).await,
+            Command::Cache(args) => cache::cache(args).await,
             Command::Bench(args) => bench::bench(args).await,
         }
     });

@@ -156,6 +156,16 @@ pub fn print_usage_error(error: &crate::status::UsageError) {
     print_error(None, error, error.hint_text());
 }
 
+/// Where packages came from, in words.
+pub fn package_source(source: exec_sandbox::PackageSource) -> &'static str {
+    match source {
+        exec_sandbox::PackageSource::L2 => "from the local cache",
+        exec_sandbox::PackageSource::L3 => "downloaded from S3",
+        exec_sandbox::PackageSource::Built => "built now",
+        _ => "none",
+    }
+}
+
 /// `sbx: port 8000/tcp -> http://127.0.0.1:41234`, one line per forwarded port (with several
 /// sources, the source's label after `sbx: `).
 pub fn port_lines(label: Option<&str>, ports: &[ExposedPort]) -> Vec<String> {
@@ -239,6 +249,8 @@ mod tests {
             "l1_cache_hit",
             "exposed_ports",
             "network_refusals",
+            "packages_source",
+            "packages_install_ms",
         ] {
             assert!(keys.iter().any(|k| k == key), "missing {key}: {keys:?}");
         }

@@ -13,7 +13,10 @@ pub async fn prefetch(args: PrefetchArgs) -> u8 {
             UsageError::new(e.to_string())
                 .hint("fix or unset the EXEC_SANDBOX_* environment variable")
         })
-        .and_then(|config| {
+        .and_then(|mut config| {
+            if args.no_validation {
+                config.enable_package_validation = false;
+            }
             Scheduler::new(config).map_err(|e| UsageError::new("invalid configuration").cause(e))
         }) {
         Ok(scheduler) => scheduler,
@@ -44,6 +47,9 @@ pub async fn prefetch(args: PrefetchArgs) -> u8 {
                     "ready: accelerator {} ({})",
                     choice.accelerator, choice.reason
                 ));
+            }
+            if let Some(language) = args.language.filter(|_| !args.packages.is_empty()) {
+                return prefetch_packages(&args, &scheduler, language).await;
             }
             if args.snapshots {
                 return prefetch_snapshots(&args, &scheduler).await;
@@ -91,6 +97,57 @@ async fn prefetch_snapshots(args: &PrefetchArgs, scheduler: &Scheduler) -> u8 {
                 term::stderr_line("some memory snapshots could not be saved (see the log above)");
                 status::SANDBOX_ERROR
             }
+        }
+        Err(e) => {
+            output::print_sandbox_error(None, &e);
+            status::of_error(&e)
+        }
+    }
+}
+
+/// Readies the layer of `-p` packages (and with `--snapshots` a memory snapshot of a VM with
+/// it).
+async fn prefetch_packages(args: &PrefetchArgs, scheduler: &Scheduler, language: Language) -> u8 {
+    if !args.log.quiet {
+        term::step(&format!(
+            "readying {} package{} for {language}",
+            args.packages.len(),
+            if args.packages.len() == 1 { "" } else { "s" }
+        ));
+    }
+    let outcome = tokio::select! {
+        outcome = scheduler.prefetch_packages(language, &args.packages, args.snapshots) => outcome,
+        code = interrupt::wait() => {
+            term::finish();
+            return code;
+        }
+    };
+    match outcome {
+        Ok(ready) => {
+            if !args.log.quiet {
+                let took = ready
+                    .install_ms
+                    .map(|ms| format!(", installed in {:.1} s", ms as f64 / 1000.0))
+                    .unwrap_or_default();
+                term::stderr_line(&format!(
+                    "packages ready ({}{took}): {}",
+                    output::package_source(ready.source),
+                    ready.resolved.join(" ")
+                ));
+                term::stderr_line(&format!(
+                    "the layer holds {} packages: {}",
+                    ready.packages.len(),
+                    ready.packages.join(" ")
+                ));
+                if ready.snapshot {
+                    term::stderr_line("memory snapshot of a VM with these packages ready");
+                }
+            }
+            if args.snapshots && !ready.snapshot && scheduler.config().l1_snapshots {
+                term::stderr_line("the memory snapshot could not be saved (see the log above)");
+                return status::SANDBOX_ERROR;
+            }
+            status::SUCCESS
         }
         Err(e) => {
             output::print_sandbox_error(None, &e);

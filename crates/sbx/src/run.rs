@@ -49,6 +49,16 @@ pub async fn run(args: RunArgs) -> u8 {
             return status::USAGE;
         }
     };
+    // Packages are checked once for every source (they all share one language), before any
+    // VM boots; a spec without a version gets the index's newest in its hint.
+    if let Some(source) = sources.first().filter(|_| !args.packages.is_empty())
+        && let Err(e) = scheduler
+            .check_packages(source.language, &args.packages)
+            .await
+    {
+        output::print_sandbox_error(None, &e);
+        return status::of_error(&e);
+    }
     let mode = if sources.len() == 1 && !args.json {
         Mode::Stream
     } else {
@@ -116,6 +126,12 @@ fn prepare(args: &RunArgs) -> Result<Prepared, UsageError> {
         }
         crate::transfer::check_local(&args.uploads, &args.downloads)?;
     }
+    if !args.packages.is_empty() && planned.windows(2).any(|w| w[0].language != w[1].language) {
+        return Err(
+            UsageError::new("-p/--package needs every source in one language")
+                .hint("run the sources of each language in their own sbx run"),
+        );
+    }
     if planned.len() > 1 && network.expose_ports.iter().any(|p| p.external.is_some()) {
         // Every source's VM would bind the same host port.
         return Err(UsageError::new(format!(
@@ -134,6 +150,9 @@ fn prepare(args: &RunArgs) -> Result<Prepared, UsageError> {
     }
     // One-shot: warm VMs would boot alongside the runs and be thrown away at exit.
     config.warm_pool_size = 0;
+    if args.no_validation {
+        config.enable_package_validation = false;
+    }
     let scheduler =
         Scheduler::new(config).map_err(|e| UsageError::new("invalid configuration").cause(e))?;
 
@@ -244,6 +263,7 @@ impl Runner<'_> {
         options.timeout_seconds = self.args.timeout;
         options.memory_mb = self.args.memory;
         options.network = self.network.clone();
+        options.packages = self.args.packages.clone();
         if !self.network.expose_ports.is_empty() && !self.args.log.quiet {
             let label = (total > 1).then(|| source.label.clone());
             options = options.on_ports(move |ports| {

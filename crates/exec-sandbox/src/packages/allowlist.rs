@@ -10,6 +10,7 @@ use super::Ecosystem;
 use super::spec::{self, SpecError, SpecText};
 
 /// How many names each list holds; the error text says "10,000".
+#[cfg(test)]
 pub(crate) const LEN: usize = 10_000;
 
 const PYPI: &str = include_str!("../../data/pypi-top-10k.txt");

@@ -115,6 +115,7 @@ impl LayerCache {
         Self { dir }
     }
 
+    #[cfg(test)]
     pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
@@ -537,6 +538,7 @@ mod tests {
             size,
             built_unix_ms: 1,
             install_ms: 1,
+            warm_modules: Vec::new(),
         };
         cache.publish(staging, &manifest, &lock).unwrap();
         key

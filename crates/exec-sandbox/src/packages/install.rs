@@ -147,20 +147,86 @@ pub(crate) fn manylinux_platforms(glibc_minor: u32) -> Vec<String> {
 
 /// PEP 503 normalization: lowercase, runs of `-`, `_`, `.` become one `-`.
 pub(crate) fn normalize_python_name(name: &str) -> String {
-    let mut out = String::with_capacity(name.len());
-    let mut separator = false;
-    for c in name.chars() {
-        if matches!(c, '-' | '_' | '.') {
-            separator = true;
-            continue;
+    super::spec::normalize(Ecosystem::Python, name)
+}
+
+/// The modules a template of this layer imports before it is saved, so a clone's first import
+/// of them is free: for Python the top-level modules of each requested package (its
+/// `top_level.txt`, else the top-level names its `RECORD` installs), for npm the requested
+/// packages themselves. Names the agent would refuse are left out.
+pub(crate) fn warm_modules(ecosystem: Ecosystem, tree: &Path, requested: &[Pin]) -> Vec<String> {
+    let language = match ecosystem {
+        Ecosystem::Python => sbx_protocol::Language::Python,
+        Ecosystem::Npm => sbx_protocol::Language::Javascript,
+    };
+    let mut modules: Vec<String> = match ecosystem {
+        Ecosystem::Npm => requested.iter().map(|p| p.name.clone()).collect(),
+        Ecosystem::Python => {
+            let site = tree.join(sbx_protocol::layer::PYTHON_DIR);
+            let wanted: std::collections::BTreeSet<&str> =
+                requested.iter().map(|p| p.name.as_str()).collect();
+            let mut found = Vec::new();
+            for entry in fs::read_dir(&site).into_iter().flatten().flatten() {
+                let file_name = entry.file_name();
+                let Some(dist) = file_name
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".dist-info"))
+                else {
+                    continue;
+                };
+                let name = dist.rsplit_once('-').map_or(dist, |(name, _)| name);
+                if wanted.contains(normalize_python_name(name).as_str()) {
+                    found.extend(top_level_modules(&entry.path()));
+                }
+            }
+            found
         }
-        if separator && !out.is_empty() {
-            out.push('-');
-        }
-        separator = false;
-        out.push(c.to_ascii_lowercase());
+    };
+    modules.retain(|m| sbx_protocol::layer::is_warm_module(language, m));
+    modules.sort();
+    modules.dedup();
+    modules.truncate(sbx_protocol::layer::MAX_WARM_MODULES);
+    modules
+}
+
+/// The top-level modules a wheel installs, from its `.dist-info` directory.
+fn top_level_modules(dist_info: &Path) -> Vec<String> {
+    if let Ok(text) = fs::read_to_string(dist_info.join("top_level.txt")) {
+        return text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
     }
-    out
+    // Wheels built without setuptools (numpy's, for one) have no top_level.txt: the RECORD
+    // lists every installed file; a top-level package is a first component holding
+    // `__init__.py`, a top-level module a first-level `.py` or extension file.
+    let record = fs::read_to_string(dist_info.join("RECORD")).unwrap_or_default();
+    let mut names = std::collections::BTreeSet::new();
+    for line in record.lines() {
+        let path = line.split(',').next().unwrap_or_default();
+        let mut parts = path.split('/');
+        let (Some(first), second) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        match second {
+            Some("__init__.py") => {
+                names.insert(first.to_string());
+            }
+            None => {
+                if let Some(module) = first
+                    .strip_suffix(".py")
+                    .or_else(|| first.split_once(".cpython-").map(|(m, _)| m))
+                    .or_else(|| first.strip_suffix(".abi3.so"))
+                {
+                    names.insert(module.to_string());
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    names.into_iter().filter(|n| !n.starts_with('_')).collect()
 }
 
 /// Installs `pins` (the top-level set) with their dependencies into `tree` (`tree/python` or
@@ -191,8 +257,6 @@ pub(crate) struct PipReport {
 #[derive(Debug, Deserialize)]
 pub(crate) struct PipReportItem {
     pub(crate) metadata: PipMetadata,
-    #[serde(default)]
-    pub(crate) requested: bool,
 }
 
 #[derive(Debug, Deserialize)]

@@ -51,6 +51,10 @@ pub(crate) struct LayerManifest {
     pub(crate) built_unix_ms: u64,
     /// How long resolving nothing, installing and packing took (ms).
     pub(crate) install_ms: u64,
+    /// Modules a template imports before it is saved (the requested packages' top-level
+    /// modules); absent in manifests written before it existed.
+    #[serde(default)]
+    pub(crate) warm_modules: Vec<String>,
 }
 
 impl LayerManifest {
@@ -262,6 +266,7 @@ mod tests {
             size: 4096,
             built_unix_ms: 1,
             install_ms: 2,
+            warm_modules: Vec::new(),
         };
         assert_eq!(
             LayerManifest::parse(&manifest.to_bytes(), &k).unwrap(),

@@ -30,20 +30,12 @@ mod tool;
 pub use error::PackageError;
 pub(crate) use store::PackageConfig;
 // What the scheduler integration (and `sbx cache`) will use; the tests use them already.
-#[cfg_attr(
-    not(test),
-    expect(unused_imports, reason = "the scheduler integration uses these")
-)]
 pub use cache::LayerInfo;
 #[cfg_attr(
     not(test),
     expect(unused_imports, reason = "the scheduler integration uses these")
 )]
 pub(crate) use remote::{BoxFuture, RemoteError, RemoteLayers};
-#[cfg_attr(
-    not(test),
-    expect(unused_imports, reason = "the scheduler integration uses these")
-)]
 pub(crate) use store::{PackageStore, ReadyLayer, target_for};
 #[cfg_attr(
     not(test),

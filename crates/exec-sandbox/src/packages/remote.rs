@@ -13,6 +13,10 @@ pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Failure of the remote store. Never fails a run: the layer is built locally instead.
 #[derive(Debug, thiserror::Error)]
+#[cfg_attr(
+    not(test),
+    expect(dead_code, reason = "the S3 implementation constructs these")
+)]
 pub(crate) enum RemoteError {
     /// The store could not be reached, refused, or failed.
     #[error("the remote layer store failed to {op} {key}")]

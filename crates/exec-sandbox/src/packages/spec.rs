@@ -338,6 +338,7 @@ pub(crate) fn parse(ecosystem: Ecosystem, spec: &str) -> Result<Requirement, Spe
 
 /// Checks a list of specs: at most [`limits::MAX_PACKAGES`], each valid, no package twice
 /// (after normalization). Sorted by normalized name.
+#[cfg(test)]
 pub(crate) fn parse_all(
     ecosystem: Ecosystem,
     specs: &[String],

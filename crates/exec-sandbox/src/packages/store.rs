@@ -65,9 +65,15 @@ impl PackageConfig {
 pub(crate) struct ReadyLayer {
     /// The EROFS image in the cache.
     pub(crate) path: PathBuf,
-    /// The same image, open: it stays valid if another process evicts the entry before the
-    /// VM opens the path (pass it as `/proc/self/fd/N`, or keep it open until QEMU has the
-    /// path open).
+    /// The same image, open: while it is held, another process's eviction only unlinks the
+    /// entry and the inode stays (the VM's holder keeps it until QEMU has the path open).
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "held, never read: it keeps the image's inode alive"
+        )
+    )]
     pub(crate) file: Arc<File>,
     /// The cache key.
     pub(crate) key: String,
@@ -79,6 +85,8 @@ pub(crate) struct ReadyLayer {
     pub(crate) source: PackageSource,
     /// How long installing and packing took, when it was built for this call.
     pub(crate) install_ms: Option<u64>,
+    /// Modules to import in a template before it is saved.
+    pub(crate) warm_modules: Vec<String>,
 }
 
 impl ReadyLayer {
@@ -88,6 +96,7 @@ impl ReadyLayer {
             key: cached.manifest.key,
             requested: cached.manifest.requested,
             closure: cached.manifest.closure,
+            warm_modules: cached.manifest.warm_modules,
             file: Arc::new(cached.file),
             source,
             install_ms,
@@ -350,6 +359,7 @@ fn build(
         fs::create_dir(dir).map_err(PackageError::io("create", dir))?;
     }
     let closure = install::install(tools, target, pins, &tree, &work, progress)?;
+    let warm_modules = install::warm_modules(target.ecosystem, &tree, pins);
     let image = staging.path().join(LAYER_FILE);
     layer::pack(tools, &tree, &image, key, progress)?;
     for dir in [&work, &tree] {
@@ -368,6 +378,7 @@ fn build(
         size,
         built_unix_ms: unix_ms(SystemTime::now()),
         install_ms: started.elapsed().as_millis() as u64,
+        warm_modules,
     };
     let cached = inner.cache.publish(staging, &manifest, lock)?;
     progress(&format!(

@@ -195,6 +195,11 @@ impl Cache {
         Self { dir, max_bytes }
     }
 
+    /// The cache directory.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub(crate) fn entry_dir(&self, key: &str) -> PathBuf {
         self.dir.join(key)
     }
@@ -305,6 +310,18 @@ impl Cache {
         fs::rename(&pending.dir, &target).map_err(io_error("publish", &target))?;
         pending.published = true;
         Ok(target)
+    }
+
+    /// How many entries the cache holds and the bytes they occupy.
+    pub(crate) fn usage(&self) -> (usize, u64) {
+        let Ok(read) = fs::read_dir(&self.dir) else {
+            return (0, 0);
+        };
+        read.filter_map(Result::ok)
+            .filter(|e| e.path().is_dir() && !e.file_name().to_string_lossy().starts_with('.'))
+            .fold((0, 0), |(n, bytes), e| {
+                (n + 1, bytes + allocated_bytes(&e.path()))
+            })
     }
 
     /// Evicts least recently used entries (never `keep`) until the cache fits its bound, and

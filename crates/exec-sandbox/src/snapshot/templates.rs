@@ -19,6 +19,7 @@ use sbx_protocol::Language;
 
 use super::cache::{Cache, SnapshotError};
 use super::key::{KeyInputs, cache_key, qemu_identity};
+use crate::vm::migration::Warmup;
 use crate::vm::qemu::VmSpec;
 use crate::vm::{Vm, VmError};
 
@@ -26,16 +27,19 @@ use crate::vm::{Vm, VmError};
 pub(crate) const RESTORE_DEADLINE: Duration = Duration::from_secs(10);
 /// Deadline of the interpreter warm-up in a template.
 const WARM_DEADLINE: Duration = Duration::from_secs(60);
+/// Deadline of a warm-up that also imports a package set's modules (pandas takes ~25 s under
+/// TCG when its bytecode is not precompiled).
+const WARM_MODULES_DEADLINE: Duration = Duration::from_secs(300);
 /// Failed restores of one key after which this process stops restoring and rebuilding it.
 pub(crate) const MAX_RESTORE_FAILURES: u32 = 2;
 
-/// Boots a template for `language` with `spec`, warms the interpreter, saves it and publishes
-/// it under `key`. `Ok(None)` when another process is building the same key.
+/// Boots a template with `spec`, warms it as `warmup` says, saves it and publishes it under
+/// `key`. `Ok(None)` when another process is building the same key.
 pub(crate) async fn build(
     cache: &Cache,
     qemu: &Path,
     spec: &VmSpec,
-    language: Language,
+    warmup: &Warmup,
     key: &str,
     boot_deadline: Duration,
 ) -> Result<Option<PathBuf>, SnapshotError> {
@@ -53,9 +57,12 @@ pub(crate) async fn build(
     let vm = Vm::boot_template(qemu, &spec, &pending.ram(), boot_deadline)
         .await
         .map_err(SnapshotError::Vm)?;
-    vm.warm(language, WARM_DEADLINE)
-        .await
-        .map_err(SnapshotError::Vm)?;
+    let deadline = if warmup.modules.is_empty() {
+        WARM_DEADLINE
+    } else {
+        WARM_MODULES_DEADLINE
+    };
+    vm.warm(warmup, deadline).await.map_err(SnapshotError::Vm)?;
     let hello = vm.hello().clone();
     let vmstate_path = pending.vmstate();
     let vmstate = File::create(&vmstate_path).map_err(|source| SnapshotError::Io {
@@ -72,7 +79,7 @@ pub(crate) async fn build(
         source,
     })?;
     drop(vmstate);
-    let published = cache.commit(pending, language, &hello)?;
+    let published = cache.commit(pending, warmup.language, &hello)?;
     for evicted in cache.evict(key) {
         tracing::info!(dir = %evicted.display(), "evicted a memory snapshot (cache full)");
     }
@@ -175,11 +182,12 @@ impl Templates {
         &self,
         qemu: PathBuf,
         spec: VmSpec,
-        language: Language,
+        warmup: Warmup,
         key: String,
         boot_deadline: Duration,
         budget: impl Send + 'static,
     ) {
+        let language = warmup.language;
         let Some(cache) = self.cache.clone() else {
             return;
         };
@@ -199,7 +207,7 @@ impl Templates {
             // The template VM's share of the host budget, held until it is gone.
             let _budget = budget;
             let started = std::time::Instant::now();
-            match build(&cache, &qemu, &spec, language, &key, boot_deadline).await {
+            match build(&cache, &qemu, &spec, &warmup, &key, boot_deadline).await {
                 Ok(Some(dir)) => {
                     tracing::debug!(%language, dir = %dir.display(), elapsed_ms = started.elapsed().as_millis() as u64, "saved a memory snapshot")
                 }
@@ -223,7 +231,7 @@ impl Templates {
         &self,
         qemu: &Path,
         spec: &VmSpec,
-        language: Language,
+        warmup: &Warmup,
         key: &str,
         boot_deadline: Duration,
     ) -> Result<bool, SnapshotError> {
@@ -233,9 +241,25 @@ impl Templates {
         if cache.open(key).is_some() {
             return Ok(true);
         }
-        Ok(build(cache, qemu, spec, language, key, boot_deadline)
+        Ok(build(cache, qemu, spec, warmup, key, boot_deadline)
             .await?
             .is_some())
+    }
+
+    /// The on-disk cache: its directory, entries and bytes (none when L1 is off).
+    pub(crate) fn usage(&self) -> Option<(PathBuf, usize, u64)> {
+        let cache = self.cache.as_ref()?;
+        let (entries, bytes) = cache.usage();
+        Some((cache.dir().to_path_buf(), entries, bytes))
+    }
+
+    /// Removes every template (clones running keep the files they mapped). Returns how many
+    /// entries went.
+    pub(crate) fn prune(&self) -> usize {
+        let Some(cache) = &self.cache else {
+            return 0;
+        };
+        Cache::new(cache.dir().to_path_buf(), 0).evict("").len()
     }
 
     /// Whether background builds are running.
@@ -354,7 +378,7 @@ mod tests {
         templates.build_in_background(
             DYING_QEMU.into(),
             unbootable_spec(),
-            Language::Python,
+            Language::Python.into(),
             "k".into(),
             Duration::from_secs(1),
             (),
@@ -368,7 +392,7 @@ mod tests {
         templates.build_in_background(
             DYING_QEMU.into(),
             unbootable_spec(),
-            Language::Python,
+            Language::Python.into(),
             "fresh".into(),
             Duration::from_secs(1),
             (),

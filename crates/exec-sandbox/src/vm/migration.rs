@@ -39,6 +39,25 @@ pub(crate) struct Saved {
     pub hello: AgentHello,
 }
 
+/// What a VM warms before it is pooled or saved: its language's interpreter, and modules to
+/// import in it (a package set's, for its template).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Warmup {
+    /// The interpreter.
+    pub language: sbx_protocol::Language,
+    /// Modules to import (best effort, in the agent), none for a plain interpreter.
+    pub modules: Vec<String>,
+}
+
+impl From<sbx_protocol::Language> for Warmup {
+    fn from(language: sbx_protocol::Language) -> Self {
+        Warmup {
+            language,
+            modules: Vec::new(),
+        }
+    }
+}
+
 impl Vm {
     /// Boots a template: guest RAM in `ram` (shared, so it holds the guest's memory when saved)
     /// and a QMP monitor, for [`Vm::save_template`]. A template with a NIC (`spec.nic`) gets a
@@ -85,19 +104,16 @@ impl Vm {
         Ok(vm)
     }
 
-    /// Starts `language`'s interpreter and waits until it is warm (for a template, before its
-    /// snapshot; for a warm-pool VM, before it is pooled). Returns the guest's warm-up time.
-    pub(crate) async fn warm(
-        &self,
-        language: sbx_protocol::Language,
-        deadline: Duration,
-    ) -> Result<u64, VmError> {
+    /// Starts the interpreter and imports the modules of `warmup`, and waits until it is warm
+    /// (for a template, before its snapshot; for a warm-pool VM, before it is pooled). Returns
+    /// the guest's warm-up time.
+    pub(crate) async fn warm(&self, warmup: &Warmup, deadline: Duration) -> Result<u64, VmError> {
         let warmed = self
             .link()
             .acknowledged(
                 &Request::Warm {
-                    language,
-                    modules: Vec::new(),
+                    language: warmup.language,
+                    modules: warmup.modules.clone(),
                 },
                 deadline,
                 |event| matches!(event, Event::Warmed { .. }),
