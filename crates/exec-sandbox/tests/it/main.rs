@@ -8,6 +8,8 @@ mod vm_exec;
 mod vm_files;
 mod vm_limits;
 mod vm_network;
+mod vm_package_index;
+mod vm_package_registry;
 mod vm_packages;
 mod vm_pool;
 mod vm_session;

@@ -7,6 +7,7 @@
 //! real VMs (BOM, `#!` scripts, Python's integer digit limit).
 
 mod kill;
+mod packages;
 mod parity;
 mod snapshots;
 mod usage;
