@@ -10,7 +10,11 @@
 //! - `install`: the host installs a resolved set into a directory (`pip` wheels only for the
 //!   guest's interpreter and platform; `npm` with scripts off).
 //! - `layer`: a directory packed as an EROFS image with a manifest.
-//! - `cache`: the L2 layer cache on disk; `remote`: the L3 copy in S3.
+//! - `cache`: the L2 layer cache on disk; `remote`: the L3 store it talks to, and `s3` the
+//!   store in S3 (or an S3-compatible service).
+
+pub(crate) mod remote;
+pub(crate) mod s3;
 
 /// The package manager of a language.
 #[derive(
