@@ -439,8 +439,11 @@ impl S3Layers {
             .with_connect_timeout(timeouts.connect)
             .with_timeout_disabled()
             .with_read_timeout(timeouts.request);
-        let store = build_store(config, bucket, small, &get).map_err(S3SetupError::Client)?;
-        let bulk = build_store(config, bucket, bulk, &get).map_err(S3SetupError::Client)?;
+        let store = build_store(config, bucket, small, None, &get).map_err(S3SetupError::Client)?;
+        // One credential provider (and token cache) for both clients.
+        let credentials = Arc::clone(store.credentials());
+        let bulk = build_store(config, bucket, bulk, Some(credentials), &get)
+            .map_err(S3SetupError::Client)?;
         Ok(Some(Self {
             shared: Arc::new(Shared {
                 store: Arc::new(store),
@@ -569,12 +572,14 @@ fn build_store(
     config: &S3Config,
     bucket: &str,
     options: ClientOptions,
+    credentials: Option<object_store::aws::AwsCredentialProvider>,
     get: &impl Fn(&str) -> Option<String>,
 ) -> Result<object_store::aws::AmazonS3, object_store::Error> {
     let endpoint_is_http = config
         .endpoint_url
         .as_deref()
-        .is_some_and(|u| u.starts_with("http://"));
+        .and_then(|u| url::Url::parse(u).ok())
+        .is_some_and(|u| u.scheme() == "http");
     let mut builder = AmazonS3Builder::new()
         .with_bucket_name(bucket)
         .with_region(&config.region)
@@ -592,6 +597,9 @@ fn build_store(
         // AWS: the bucket's own host, unless a dotted name would not match the certificate.
         None => builder.with_virtual_hosted_style_request(!bucket.contains('.')),
     };
+    if let Some(credentials) = credentials {
+        return builder.with_credentials(credentials).build();
+    }
     for var in CREDENTIAL_VARS {
         if let Some(value) = get(var).filter(|v| !v.is_empty()) {
             builder = builder.with_config(var.to_ascii_lowercase().parse()?, value);
