@@ -16,7 +16,6 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,16 +29,20 @@ use object_store::{
     BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
     WriteMultipart,
 };
-use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, mpsc};
 
 use super::remote::{RemoteError, RemoteLayers};
 use crate::limits;
 
+mod config;
 #[cfg(test)]
 mod moto;
+mod stream;
 #[cfg(test)]
 mod tests;
+
+pub(crate) use config::{S3Config, S3SetupError, S3Timeouts, normalize_prefix};
+use stream::{LayerDigest, compress_from, decompress_into};
 
 /// The layer image in an entry directory (the L2 cache's name for it).
 const LAYER_FILE: &str = "layer.erofs";
@@ -49,11 +52,7 @@ const MANIFEST_FILE: &str = "manifest.json";
 const LAYER_OBJECT: &str = "layer.erofs.zst";
 /// The manifest's object name under `<prefix><key>/`.
 const MANIFEST_OBJECT: &str = "manifest.json";
-/// zstd's default level: fast to compress, and layers are compressed once per build.
-const ZSTD_LEVEL: i32 = 3;
-/// Bytes read from (or handed to) the network side at a time.
-const CHUNK_BYTES: usize = 1024 * 1024;
-/// Chunks queued between the network and the (de)compressing thread.
+/// Chunks (of about a MiB) queued between the network and the (de)compressing thread.
 const CHUNKS_QUEUED: usize = 4;
 /// Retries of a failed request (connection refused, 5xx), within its deadline.
 const MAX_RETRIES: usize = 2;
@@ -77,232 +76,6 @@ pub(crate) const CREDENTIAL_VARS: [&str; 12] = [
     "AWS_IMDSV1_FALLBACK",
 ];
 
-/// Where L3 layers live and how long requests may take.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct S3Config {
-    /// The bucket; `None` switches L3 off.
-    pub bucket: Option<String>,
-    /// The bucket's region.
-    pub region: String,
-    /// Prefix of every object name: empty, or ending in `/`.
-    pub prefix: String,
-    /// An S3-compatible store's URL instead of AWS's (`http` only for a loopback host).
-    pub endpoint_url: Option<String>,
-    /// Deadlines.
-    pub timeouts: S3Timeouts,
-    /// Uploads in flight at once.
-    pub max_concurrent_uploads: usize,
-}
-
-impl Default for S3Config {
-    fn default() -> Self {
-        Self {
-            bucket: None,
-            region: limits::DEFAULT_S3_REGION.to_owned(),
-            prefix: limits::DEFAULT_S3_PREFIX.to_owned(),
-            endpoint_url: None,
-            timeouts: S3Timeouts::default(),
-            max_concurrent_uploads: limits::S3_MAX_CONCURRENT_UPLOADS,
-        }
-    }
-}
-
-/// Deadlines of S3 requests (tests shorten them).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct S3Timeouts {
-    /// Connecting.
-    pub connect: Duration,
-    /// One small operation, retries included; the longest a download may go without a byte.
-    pub request: Duration,
-    /// The slowest rate a whole layer transfer is given time for, beyond `request`.
-    pub min_bytes_per_second: u64,
-}
-
-impl Default for S3Timeouts {
-    fn default() -> Self {
-        Self {
-            connect: limits::S3_CONNECT_TIMEOUT,
-            request: limits::S3_REQUEST_TIMEOUT,
-            min_bytes_per_second: limits::S3_MIN_TRANSFER_BYTES_PER_SECOND,
-        }
-    }
-}
-
-impl S3Timeouts {
-    /// Deadline of a whole transfer of a `bytes`-long layer.
-    fn transfer(&self, bytes: u64) -> Duration {
-        self.request + Duration::from_secs(bytes / self.min_bytes_per_second.max(1))
-    }
-}
-
-/// Why the L3 store could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum S3SetupError {
-    /// A configuration field breaks its rule.
-    #[error("invalid S3 configuration {field}: {reason}")]
-    Invalid {
-        /// The field.
-        field: &'static str,
-        /// The rule.
-        reason: String,
-    },
-    /// The client refused the configuration (e.g. a secret key without a key id).
-    #[error("cannot configure the S3 client")]
-    Client(#[source] object_store::Error),
-}
-
-impl S3Config {
-    /// Checks every field (the rules of [`validate_bucket`] and its siblings).
-    pub(crate) fn validate(&self) -> Result<(), S3SetupError> {
-        let invalid = |field| move |reason| S3SetupError::Invalid { field, reason };
-        if let Some(bucket) = &self.bucket {
-            validate_bucket(bucket).map_err(invalid("s3_bucket"))?;
-        }
-        validate_region(&self.region).map_err(invalid("s3_region"))?;
-        validate_prefix(&self.prefix).map_err(invalid("s3_prefix"))?;
-        if let Some(url) = &self.endpoint_url {
-            validate_endpoint_url(url).map_err(invalid("s3_endpoint_url"))?;
-        }
-        if self.max_concurrent_uploads == 0 {
-            return Err(invalid("max_concurrent_uploads")(
-                "must be at least 1".into(),
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// S3's rules for general purpose bucket names: 3-63 characters of lowercase letters, digits,
-/// `.` and `-`, starting and ending with a letter or digit, no `..`, not an IPv4 address, none
-/// of the reserved prefixes and suffixes.
-pub(crate) fn validate_bucket(name: &str) -> Result<(), String> {
-    if !(3..=63).contains(&name.len()) {
-        return Err(format!("`{name}` is not 3-63 characters long"));
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '.' || *c == '-'))
-    {
-        return Err(format!(
-            "`{name}` has `{c}`: only lowercase letters, digits, `.` and `-` are allowed"
-        ));
-    }
-    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
-    if !alnum(name.chars().next()) || !alnum(name.chars().last()) {
-        return Err(format!(
-            "`{name}` must start and end with a letter or a digit"
-        ));
-    }
-    if name.contains("..") {
-        return Err(format!("`{name}` has two dots in a row"));
-    }
-    if name.parse::<std::net::Ipv4Addr>().is_ok() {
-        return Err(format!("`{name}` is an IP address"));
-    }
-    for prefix in ["xn--", "sthree-", "amzn-s3-demo-"] {
-        if name.starts_with(prefix) {
-            return Err(format!("`{name}` starts with the reserved `{prefix}`"));
-        }
-    }
-    for suffix in ["-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3"] {
-        if name.ends_with(suffix) {
-            return Err(format!("`{name}` ends with the reserved `{suffix}`"));
-        }
-    }
-    Ok(())
-}
-
-/// A region name: lowercase letters, digits and `-` (`us-east-1`, `eu-central-2`, or an
-/// S3-compatible store's own name).
-pub(crate) fn validate_region(region: &str) -> Result<(), String> {
-    let ok = (1..=64).contains(&region.len())
-        && region
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{region}` is not 1-64 lowercase letters, digits and `-`"
-        ))
-    }
-}
-
-/// A key prefix: empty, or `/`-separated segments ending in `/`, each non-empty and not `.` or
-/// `..`, of printable ASCII without `\`, at most [`limits::MAX_S3_PREFIX_BYTES`].
-pub(crate) fn validate_prefix(prefix: &str) -> Result<(), String> {
-    if prefix.is_empty() {
-        return Ok(());
-    }
-    if prefix.len() > limits::MAX_S3_PREFIX_BYTES {
-        return Err(format!("longer than {} bytes", limits::MAX_S3_PREFIX_BYTES));
-    }
-    if let Some(c) = prefix.chars().find(|c| !c.is_ascii_graphic() || *c == '\\') {
-        return Err(format!(
-            "`{prefix}` has {c:?}: only printable ASCII without `\\` is allowed"
-        ));
-    }
-    let Some(body) = prefix.strip_suffix('/') else {
-        return Err(format!("`{prefix}` does not end with `/`"));
-    };
-    if body
-        .split('/')
-        .any(|segment| segment.is_empty() || segment == "." || segment == "..")
-    {
-        return Err(format!(
-            "`{prefix}` has an empty, `.` or `..` segment (or starts with `/`)"
-        ));
-    }
-    Ok(())
-}
-
-/// `prefix` as [`validate_prefix`] wants it: no leading `/`, a trailing `/` unless empty.
-pub(crate) fn normalize_prefix(prefix: &str) -> String {
-    let trimmed = prefix.trim().trim_start_matches('/');
-    if trimmed.is_empty() || trimmed.ends_with('/') {
-        trimmed.to_owned()
-    } else {
-        format!("{trimmed}/")
-    }
-}
-
-/// An endpoint URL: `https://host[:port][/path]`, or `http://` to a loopback host (a local
-/// test store; anything else would send signed requests and layers in the clear). No
-/// credentials, query or fragment.
-pub(crate) fn validate_endpoint_url(text: &str) -> Result<(), String> {
-    let url = url::Url::parse(text).map_err(|e| format!("`{text}` is not a URL: {e}"))?;
-    let Some(host) = url.host() else {
-        return Err(format!("`{text}` has no host"));
-    };
-    match url.scheme() {
-        "https" => {}
-        "http" if is_loopback(&host) => {}
-        "http" => {
-            return Err(format!(
-                "`{text}` is plain http to a host that is not loopback; use https"
-            ));
-        }
-        other => return Err(format!("`{text}`: scheme `{other}` is not http(s)")),
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(format!(
-            "`{text}` carries credentials; give them through the AWS environment variables"
-        ));
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(format!("`{text}` has a query or fragment"));
-    }
-    Ok(())
-}
-
-fn is_loopback(host: &url::Host<&str>) -> bool {
-    match host {
-        url::Host::Domain(name) => name.eq_ignore_ascii_case("localhost"),
-        url::Host::Ipv4(ip) => ip.is_loopback(),
-        url::Host::Ipv6(ip) => ip.is_loopback(),
-    }
-}
-
 /// A cache key usable in an object name: 1-128 of `[A-Za-z0-9._-]`, not starting with `.`.
 fn valid_key(key: &str) -> bool {
     (1..=128).contains(&key.len())
@@ -310,40 +83,6 @@ fn valid_key(key: &str) -> bool {
         && key
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
-/// What the L2 manifest says about its layer image: the fields this module reads (others are
-/// ignored; the names follow `cache.rs`'s manifest).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-struct LayerDigest {
-    /// Lowercase hex sha256 of `layer.erofs`.
-    sha256: String,
-    /// Bytes of `layer.erofs`.
-    size: u64,
-}
-
-impl LayerDigest {
-    /// Parses and checks a manifest's digest fields.
-    fn parse(manifest: &[u8]) -> Result<Self, String> {
-        let digest: LayerDigest =
-            serde_json::from_slice(manifest).map_err(|e| format!("manifest is not valid: {e}"))?;
-        let hex_ok = digest.sha256.len() == 64
-            && digest
-                .sha256
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        if !hex_ok {
-            return Err("manifest's sha256 is not 64 lowercase hex digits".into());
-        }
-        if digest.size > limits::MAX_REMOTE_LAYER_BYTES {
-            return Err(format!(
-                "manifest's size {} is above {}",
-                digest.size,
-                limits::MAX_REMOTE_LAYER_BYTES
-            ));
-        }
-        Ok(digest)
-    }
 }
 
 /// What the background uploads did so far.
@@ -954,186 +693,4 @@ impl Shared {
             (None, Err(e)) => Err(e),
         }
     }
-}
-
-/// The download's sink: the layer file, hashed and bounded by the manifest's size.
-struct LayerSink {
-    file: std::io::BufWriter<std::fs::File>,
-    hasher: Sha256,
-    written: u64,
-    limit: u64,
-    oversized: bool,
-    io_failed: bool,
-}
-
-impl Write for LayerSink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.written + buf.len() as u64 > self.limit {
-            self.oversized = true;
-            return Err(std::io::Error::other(
-                "layer is longer than its manifest says",
-            ));
-        }
-        if let Err(e) = self.file.write_all(buf) {
-            self.io_failed = true;
-            return Err(e);
-        }
-        self.hasher.update(buf);
-        self.written += buf.len() as u64;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.file.flush().inspect_err(|_| self.io_failed = true)
-    }
-}
-
-/// Decompresses the chunks from `rx` into `file` and checks them against `digest`.
-fn decompress_into(
-    mut rx: mpsc::Receiver<Bytes>,
-    file: std::fs::File,
-    digest: &LayerDigest,
-    key: &str,
-    path: &Path,
-) -> Result<(), RemoteError> {
-    let sink = LayerSink {
-        file: std::io::BufWriter::with_capacity(CHUNK_BYTES, file),
-        hasher: Sha256::new(),
-        written: 0,
-        limit: digest.size,
-        oversized: false,
-        io_failed: false,
-    };
-    let mut decoder =
-        zstd::stream::write::Decoder::new(sink).map_err(|e| io_error(key, path, e))?;
-    let mut result = Ok(());
-    while let Some(chunk) = rx.blocking_recv() {
-        result = decoder.write_all(&chunk);
-        if result.is_err() {
-            break;
-        }
-    }
-    // Stop the network side before the (slow) final flush.
-    drop(rx);
-    let result = result.and_then(|()| decoder.flush());
-    let sink = decoder.into_inner();
-    match result {
-        Err(_) if sink.oversized => {
-            return Err(corrupt(
-                key,
-                format!("layer is longer than the manifest's {} bytes", digest.size),
-            ));
-        }
-        Err(e) if sink.io_failed => return Err(io_error(key, path, e)),
-        Err(e) => return Err(corrupt(key, format!("not a zstd stream: {e}"))),
-        Ok(()) => {}
-    }
-    if sink.written != digest.size {
-        return Err(corrupt(
-            key,
-            format!(
-                "layer has {} bytes, the manifest says {}",
-                sink.written, digest.size
-            ),
-        ));
-    }
-    let sha256 = hex::encode(sink.hasher.finalize());
-    if sha256 != digest.sha256 {
-        return Err(corrupt(
-            key,
-            format!(
-                "layer's sha256 is {sha256}, the manifest says {}",
-                digest.sha256
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// The upload's source side of the channel: compressed bytes in chunks of about
-/// [`CHUNK_BYTES`].
-struct ChunkSender {
-    tx: mpsc::Sender<Bytes>,
-    buffer: Vec<u8>,
-}
-
-impl ChunkSender {
-    fn send_buffer(&mut self) -> std::io::Result<()> {
-        if self.buffer.is_empty() {
-            return Ok(());
-        }
-        let chunk = Bytes::from(std::mem::replace(
-            &mut self.buffer,
-            Vec::with_capacity(CHUNK_BYTES),
-        ));
-        self.tx
-            .blocking_send(chunk)
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "upload stopped"))
-    }
-}
-
-impl Write for ChunkSender {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.buffer.extend_from_slice(buf);
-        if self.buffer.len() >= CHUNK_BYTES {
-            self.send_buffer()?;
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.send_buffer()
-    }
-}
-
-/// Reads `file`, checks it against `digest` and sends it compressed through `tx`.
-fn compress_from(
-    mut file: std::fs::File,
-    tx: mpsc::Sender<Bytes>,
-    digest: &LayerDigest,
-    key: &str,
-    path: &Path,
-) -> Result<(), RemoteError> {
-    let io = |e| io_error(key, path, e);
-    let sink = ChunkSender {
-        tx,
-        buffer: Vec::with_capacity(CHUNK_BYTES),
-    };
-    let mut encoder = zstd::stream::write::Encoder::new(sink, ZSTD_LEVEL).map_err(io)?;
-    let mut hasher = Sha256::new();
-    let mut read = 0u64;
-    let mut buffer = vec![0u8; CHUNK_BYTES];
-    loop {
-        let n = file.read(&mut buffer).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        read += n as u64;
-        if read > digest.size {
-            break;
-        }
-        hasher.update(&buffer[..n]);
-        encoder.write_all(&buffer[..n]).map_err(io)?;
-    }
-    let mismatch = |what: String| {
-        io(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("{what}; not uploading it"),
-        ))
-    };
-    if read != digest.size {
-        return Err(mismatch(format!(
-            "local layer does not have the manifest's {} bytes",
-            digest.size
-        )));
-    }
-    let sha256 = hex::encode(hasher.finalize());
-    if sha256 != digest.sha256 {
-        return Err(mismatch(format!(
-            "local layer's sha256 is {sha256}, its manifest says {}",
-            digest.sha256
-        )));
-    }
-    let mut sink = encoder.finish().map_err(io)?;
-    sink.flush().map_err(io)
 }

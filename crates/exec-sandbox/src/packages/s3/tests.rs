@@ -1,5 +1,8 @@
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
+
+use super::config::*;
 use super::moto::Moto;
 use super::*;
 
