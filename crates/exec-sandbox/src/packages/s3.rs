@@ -680,7 +680,9 @@ impl Shared {
                 Ok(Uploaded::Single)
             }
             (Some(writer), Ok(())) => {
-                within(key, self.timeouts.request, async {
+                // The last part, the parts still in flight, then the completion request.
+                let rest = limits::S3_PART_BYTES * (limits::S3_PARTS_IN_FLIGHT + 1);
+                within(key, self.timeouts.transfer(rest as u64), async {
                     writer.finish().await.map_err(|e| self.store_error(key, e))
                 })
                 .await?;
