@@ -88,6 +88,20 @@ pub struct SchedulerConfig {
     /// image's (default none): for hosts behind a TLS-intercepting proxy or with an internal
     /// CA. Read and checked when the scheduler is created.
     pub guest_ca_bundle: Option<PathBuf>,
+    /// S3 bucket where built package layers are shared between hosts (L3): fetched on a local
+    /// cache miss before building, uploaded in the background after a build (default none =
+    /// off). Credentials come from the standard AWS environment variables, web identity, the
+    /// ECS/EKS container endpoints or instance metadata. Any failure is a warning and a local
+    /// build, never a failed run.
+    pub s3_bucket: Option<String>,
+    /// Region of [`Self::s3_bucket`] (default `us-east-1`).
+    pub s3_region: String,
+    /// Prefix of the layer objects in [`Self::s3_bucket`] (default `exec-sandbox/layers/`; a
+    /// missing trailing `/` is added, `/` alone means the bucket's root).
+    pub s3_prefix: String,
+    /// An S3-compatible store instead of AWS S3 (MinIO, Ceph, R2...): its `https://` URL, or
+    /// `http://` to a loopback address (default none).
+    pub s3_endpoint_url: Option<String>,
 }
 
 impl Default for SchedulerConfig {
@@ -122,6 +136,10 @@ impl Default for SchedulerConfig {
             network_allow_internal: false,
             network_hosts: Vec::new(),
             guest_ca_bundle: None,
+            s3_bucket: None,
+            s3_region: limits::DEFAULT_S3_REGION.to_owned(),
+            s3_prefix: limits::DEFAULT_S3_PREFIX.to_owned(),
+            s3_endpoint_url: None,
         }
     }
 }
@@ -231,8 +249,30 @@ impl SchedulerConfig {
         if let Some(v) = get(EnvVars::NETWORK_HOSTS).filter(|v| !v.trim().is_empty()) {
             self.network_hosts = parse_network_hosts(&v)?;
         }
+        self.apply_s3_env(&get);
         self.validate()?;
         Ok(self)
+    }
+
+    /// The L3 package-layer store overrides.
+    fn apply_s3_env(&mut self, get: &impl Fn(&str) -> Option<String>) {
+        let get = |name: &str| {
+            get(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        if let Some(v) = get(EnvVars::S3_BUCKET) {
+            self.s3_bucket = Some(v);
+        }
+        if let Some(v) = get(EnvVars::S3_REGION) {
+            self.s3_region = v;
+        }
+        if let Some(v) = get(EnvVars::S3_PREFIX) {
+            self.s3_prefix = v;
+        }
+        if let Some(v) = get(EnvVars::S3_ENDPOINT_URL) {
+            self.s3_endpoint_url = Some(v);
+        }
     }
 
     /// The warm-pool and admission overrides.
@@ -341,6 +381,17 @@ impl SchedulerConfig {
         config
     }
 
+    /// The L3 package-layer store's share of this configuration.
+    pub(crate) fn s3_config(&self) -> crate::packages::s3::S3Config {
+        crate::packages::s3::S3Config {
+            bucket: self.s3_bucket.clone(),
+            region: self.s3_region.clone(),
+            prefix: crate::packages::s3::normalize_prefix(&self.s3_prefix),
+            endpoint_url: self.s3_endpoint_url.clone(),
+            ..Default::default()
+        }
+    }
+
     /// The admission layer's share of this configuration.
     pub(crate) fn admission_config(&self) -> crate::admission::AdmissionConfig {
         crate::admission::AdmissionConfig {
@@ -356,6 +407,15 @@ impl SchedulerConfig {
     /// Checks every field against its limit.
     pub fn validate(&self) -> Result<(), ValidationError> {
         self.validate_admission()?;
+        self.s3_config().validate().map_err(|e| match e {
+            crate::packages::s3::S3SetupError::Invalid { field, reason } => {
+                ValidationError::Config { field, reason }
+            }
+            other => ValidationError::Config {
+                field: "s3_bucket",
+                reason: other.to_string(),
+            },
+        })?;
         if !(limits::MIN_CONCURRENT_VMS..=limits::MAX_CONCURRENT_VMS)
             .contains(&self.max_concurrent_vms)
         {
@@ -542,6 +602,53 @@ mod tests {
         c.asset_version = Some("v1".into());
         assert_eq!(c.asset_config().version.as_deref(), Some("v1"));
         assert_eq!(c.asset_config().images_dir, c.images_dir);
+    }
+
+    #[test]
+    fn s3_settings() {
+        let d = SchedulerConfig::default();
+        assert_eq!(d.s3_bucket, None);
+        assert_eq!(d.s3_region, "us-east-1");
+        assert_eq!(d.s3_prefix, "exec-sandbox/layers/");
+        assert_eq!(d.s3_config().bucket, None);
+        let c = with(&[
+            (EnvVars::S3_BUCKET, "team-layers"),
+            (EnvVars::S3_REGION, "eu-west-3"),
+            (EnvVars::S3_PREFIX, "sbx/cache"),
+            (EnvVars::S3_ENDPOINT_URL, "http://127.0.0.1:9000"),
+        ])
+        .unwrap();
+        assert_eq!(c.s3_bucket.as_deref(), Some("team-layers"));
+        assert_eq!(c.s3_region, "eu-west-3");
+        let s3 = c.s3_config();
+        assert_eq!(s3.prefix, "sbx/cache/");
+        assert_eq!(s3.endpoint_url.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(s3.region, "eu-west-3");
+        assert_eq!(
+            with(&[(EnvVars::S3_PREFIX, "/")])
+                .unwrap()
+                .s3_config()
+                .prefix,
+            ""
+        );
+        for (var, value, field) in [
+            (EnvVars::S3_BUCKET, "Team_Layers", "s3_bucket"),
+            (EnvVars::S3_REGION, "EU WEST", "s3_region"),
+            (EnvVars::S3_PREFIX, "a/../b", "s3_prefix"),
+            (
+                EnvVars::S3_ENDPOINT_URL,
+                "http://10.1.2.3:9000",
+                "s3_endpoint_url",
+            ),
+            (
+                EnvVars::S3_ENDPOINT_URL,
+                "s3.example.test",
+                "s3_endpoint_url",
+            ),
+        ] {
+            let e = with(&[(var, value)]).unwrap_err();
+            assert!(e.to_string().contains(field), "{var}={value}: {e}");
+        }
     }
 
     #[test]

@@ -62,6 +62,17 @@ impl EnvVars {
     /// Path of a PEM bundle networked guests trust too; see
     /// [`SchedulerConfig::guest_ca_bundle`](crate::SchedulerConfig::guest_ca_bundle).
     pub const GUEST_CA_BUNDLE: &'static str = "EXEC_SANDBOX_GUEST_CA_BUNDLE";
+    /// S3 bucket of the shared package-layer cache (L3); unset = off. See
+    /// [`SchedulerConfig::s3_bucket`](crate::SchedulerConfig::s3_bucket).
+    pub const S3_BUCKET: &'static str = "EXEC_SANDBOX_S3_BUCKET";
+    /// Overrides [`SchedulerConfig::s3_region`](crate::SchedulerConfig::s3_region).
+    pub const S3_REGION: &'static str = "EXEC_SANDBOX_S3_REGION";
+    /// Overrides [`SchedulerConfig::s3_prefix`](crate::SchedulerConfig::s3_prefix) (`/` for the
+    /// bucket's root).
+    pub const S3_PREFIX: &'static str = "EXEC_SANDBOX_S3_PREFIX";
+    /// URL of an S3-compatible store; see
+    /// [`SchedulerConfig::s3_endpoint_url`](crate::SchedulerConfig::s3_endpoint_url).
+    pub const S3_ENDPOINT_URL: &'static str = "EXEC_SANDBOX_S3_ENDPOINT_URL";
 }
 
 /// True for the values that switch a flag variable on (`1`, `true`, `yes`, `on`).

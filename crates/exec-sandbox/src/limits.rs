@@ -128,3 +128,28 @@ pub const PACKAGE_RANGE_CACHE_TTL: Duration = Duration::from_secs(10 * 60);
 pub const PACKAGE_INSTALL_DEADLINE: Duration = Duration::from_secs(15 * 60);
 /// Longest resolving ranges (a pip dry run, `npm view`) may take.
 pub const PACKAGE_RESOLVE_DEADLINE: Duration = Duration::from_secs(2 * 60);
+/// Default region of the L3 package-layer store in S3.
+pub const DEFAULT_S3_REGION: &str = "us-east-1";
+/// Default key prefix of the L3 package-layer store: entries are `<prefix><key>/...`.
+pub const DEFAULT_S3_PREFIX: &str = "exec-sandbox/layers/";
+/// Longest accepted S3 key prefix, in bytes (S3 keys are at most 1024).
+pub const MAX_S3_PREFIX_BYTES: usize = 512;
+/// Deadline for a TCP (and TLS) connection to the S3 store.
+pub const S3_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline of one S3 operation whose body is small (a lookup, a manifest, one multipart part),
+/// its retries included; also the longest a layer download may go without receiving a byte.
+pub const S3_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Slowest transfer a whole layer download or upload is given time for: its deadline is
+/// [`S3_REQUEST_TIMEOUT`] plus its size at this rate.
+pub const S3_MIN_TRANSFER_BYTES_PER_SECOND: u64 = 1024 * 1024;
+/// Layer uploads to S3 in flight at once; more wait their turn.
+pub const S3_MAX_CONCURRENT_UPLOADS: usize = 2;
+/// Part size of multipart layer uploads; a compressed layer smaller than this is one `PUT`.
+/// S3 requires at least 5 MiB for every part but the last.
+pub const S3_PART_BYTES: usize = 8 * 1024 * 1024;
+/// Parts of one multipart layer upload in flight at once.
+pub const S3_PARTS_IN_FLIGHT: usize = 2;
+/// Largest package layer image taken from or sent to a remote store.
+pub const MAX_REMOTE_LAYER_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+/// Largest layer manifest taken from a remote store.
+pub const MAX_REMOTE_MANIFEST_BYTES: usize = 1024 * 1024;

@@ -18,6 +18,7 @@ use crate::execute::{Execution, VmOrigin, execute};
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::limits;
 use crate::network::NetworkOptions;
+use crate::packages::s3::S3Layers;
 use crate::packages::{self, PackageSource, PackageStore, ReadyLayer, Requirement, SpecError};
 use crate::pool::{self, Pooled, WarmPool};
 use crate::result::{
@@ -55,6 +56,8 @@ struct Inner {
     ca_bundle: Option<Arc<Vec<u8>>>,
     /// Package layers (L2 on disk, L3 in S3 when configured).
     packages: PackageStore,
+    /// The L3 store, when configured (the package store uploads through it).
+    s3: Option<Arc<S3Layers>>,
 }
 
 impl Drop for Inner {
@@ -81,6 +84,15 @@ impl Scheduler {
         packages: crate::packages::PackageConfig,
     ) -> Result<Self, Error> {
         config.validate()?;
+        let s3 = S3Layers::new(&config.s3_config())
+            .map_err(|e| ValidationError::Config {
+                field: "s3_bucket",
+                reason: crate::vm::error_chain(&e),
+            })?
+            .map(Arc::new);
+        let remote = s3
+            .clone()
+            .map(|s3| s3 as Arc<dyn crate::packages::RemoteLayers>);
         let ca_bundle = config
             .guest_ca_bundle
             .as_deref()
@@ -104,7 +116,8 @@ impl Scheduler {
                     )
                 })),
                 ca_bundle,
-                packages: PackageStore::new(packages),
+                packages: PackageStore::with_remote(packages, remote),
+                s3,
                 config,
             }),
         };
@@ -519,6 +532,22 @@ impl Scheduler {
     pub fn snapshots_pending(&self) -> bool {
         self.inner.templates.pending()
     }
+
+    /// Waits for package layers being uploaded to S3 (L3) in the background. A short-lived
+    /// process calls this before exiting, or the upload dies with it.
+    pub async fn wait_for_uploads(&self) {
+        if let Some(s3) = &self.inner.s3 {
+            s3.wait_for_uploads().await;
+        }
+    }
+
+    /// Whether package layers are being uploaded to S3 in the background.
+    pub fn uploads_pending(&self) -> bool {
+        self.inner
+            .s3
+            .as_ref()
+            .is_some_and(|s3| s3.uploads_pending())
+    }
 }
 
 /// Packages and caches.
@@ -619,7 +648,10 @@ impl Scheduler {
                 bytes: layer_entries.iter().map(|l| l.bytes).sum(),
             },
             layer_entries,
-            s3: None,
+            s3: config
+                .s3_bucket
+                .as_ref()
+                .map(|bucket| format!("s3://{bucket}/{}", config.s3_config().prefix)),
         }
     }
 

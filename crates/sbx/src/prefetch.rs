@@ -143,6 +143,7 @@ async fn prefetch_packages(args: &PrefetchArgs, scheduler: &Scheduler, language:
                     term::stderr_line("memory snapshot of a VM with these packages ready");
                 }
             }
+            scheduler.wait_for_uploads().await;
             if args.snapshots && !ready.snapshot && scheduler.config().l1_snapshots {
                 term::stderr_line("the memory snapshot could not be saved (see the log above)");
                 return status::SANDBOX_ERROR;

@@ -93,8 +93,14 @@ pub async fn run(args: RunArgs) -> u8 {
     if runner.scheduler.snapshots_pending() && !args.log.quiet && term::is_live() {
         term::step("saving a memory snapshot so that the next runs start faster");
     }
+    if runner.scheduler.uploads_pending() && !args.log.quiet && term::is_live() {
+        term::step("uploading the package layer to S3 for other hosts");
+    }
     tokio::select! {
-        () = runner.scheduler.wait_for_snapshots() => {}
+        () = async {
+            runner.scheduler.wait_for_snapshots().await;
+            runner.scheduler.wait_for_uploads().await;
+        } => {}
         _ = interrupt::wait() => {}
     }
     status::combine(runner.statuses)

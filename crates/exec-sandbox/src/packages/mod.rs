@@ -10,7 +10,8 @@
 //! - `install`: the host installs a resolved set into a directory (`pip` wheels only for the
 //!   guest's interpreter and platform; `npm` with scripts off).
 //! - `layer`: a directory packed as an EROFS image with a manifest.
-//! - `cache`: the L2 layer cache on disk; `remote`: the L3 copy in S3.
+//! - `cache`: the L2 layer cache on disk; `remote`: the L3 store it talks to, and `s3` the
+//!   store in S3 (or an S3-compatible service).
 //! - `store`: the entry point, [`PackageStore::ensure`]: requirements in, a verified layer out.
 //! - `tool`: running pip, npm and mkfs.erofs with the host's own configuration.
 
@@ -20,6 +21,7 @@ mod install;
 mod layer;
 mod remote;
 mod resolve;
+pub(crate) mod s3;
 mod store;
 #[cfg(any(test, feature = "testing"))]
 pub(crate) mod testing;

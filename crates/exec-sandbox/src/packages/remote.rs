@@ -1,44 +1,18 @@
-//! The seam to the L3 copy of the layers (S3 or compatible): what the L2 cache asks of it.
+//! L3: a shared store of built package layers that several hosts read and fill, behind a small
+//! trait so the L2 cache does not know which store it talks to (`s3` implements it).
 //!
-//! The L3 implementation only moves files. Everything it brings back is checked by the L2
-//! cache (manifest for the right key, target and pins; image against its sha256) before use,
-//! and a remote that fails, denies or serves garbage only costs a warning and a local build.
+//! The store only moves files. Everything it brings back is checked by the L2 cache (manifest
+//! for the right key, target and pins; image against its sha256) before use, and every failure
+//! is a [`RemoteError`] that costs a warning and a local build: a remote store never fails a
+//! run.
 
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::time::Duration;
 
 /// A boxed future, so that the trait stays usable as `dyn RemoteLayers`.
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// Failure of the remote store. Never fails a run: the layer is built locally instead.
-#[derive(Debug, thiserror::Error)]
-#[cfg_attr(
-    not(test),
-    expect(dead_code, reason = "the S3 implementation constructs these")
-)]
-pub(crate) enum RemoteError {
-    /// The store could not be reached, refused, or failed.
-    #[error("the remote layer store failed to {op} {key}")]
-    Store {
-        /// `fetch` or `upload`.
-        op: &'static str,
-        /// The layer's key.
-        key: String,
-        /// The client's error.
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    /// Writing the downloaded files failed.
-    #[error("cannot write {}", path.display())]
-    Io {
-        /// The file.
-        path: std::path::PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-}
 
 /// Where built layers are shared between hosts (L3).
 pub(crate) trait RemoteLayers: Send + Sync + std::fmt::Debug {
@@ -57,4 +31,60 @@ pub(crate) trait RemoteLayers: Send + Sync + std::fmt::Debug {
     /// are never modified, but the entry may be evicted meanwhile: open them before returning,
     /// or give up quietly when they are gone. Failures are logged, never reported.
     fn upload(&self, key: &str, layer_dir: &Path);
+}
+
+/// Why a remote store could not serve or take an entry.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RemoteError {
+    /// The store refused the credentials or the request (HTTP 401/403).
+    #[error("access to layer {key} in the remote store denied")]
+    Denied {
+        /// The layer's cache key.
+        key: String,
+        /// The store client's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The store did not answer in time.
+    #[error("remote store did not answer for layer {key} within {} s", .after.as_secs_f64())]
+    Timeout {
+        /// The layer's cache key.
+        key: String,
+        /// The deadline that passed.
+        after: Duration,
+    },
+    /// The store is unreachable or failed the request.
+    #[error("remote store failed for layer {key}")]
+    Store {
+        /// The layer's cache key.
+        key: String,
+        /// The store client's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The stored entry does not match its manifest (or has none, or no layer).
+    #[error("layer {key} in the remote store is corrupt: {reason}")]
+    Corrupt {
+        /// The layer's cache key.
+        key: String,
+        /// What did not match.
+        reason: String,
+    },
+    /// A local file of the entry could not be read or written.
+    #[error("layer {key}: {}", .path.display())]
+    Io {
+        /// The layer's cache key.
+        key: String,
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The key cannot name a remote object (a caller bug).
+    #[error("layer key `{key}` is not a valid remote name")]
+    InvalidKey {
+        /// The key.
+        key: String,
+    },
 }

@@ -120,6 +120,7 @@ struct Inner {
 
 impl PackageStore {
     /// A store for `config`, without a remote copy.
+    #[cfg(test)]
     pub(crate) fn new(config: PackageConfig) -> Self {
         Self::with_remote(config, None)
     }

@@ -784,7 +784,6 @@ impl RemoteLayers for FakeRemote {
             self.fetches.fetch_add(1, Ordering::SeqCst);
             if self.broken {
                 return Err(RemoteError::Store {
-                    op: "fetch",
                     key: key.into(),
                     source: "access denied".into(),
                 });
@@ -799,6 +798,7 @@ impl RemoteLayers for FakeRemote {
             for file in [LAYER_FILE, MANIFEST_FILE] {
                 fs::copy(entry.join(file), dest_dir.join(file)).map_err(|source| {
                     RemoteError::Io {
+                        key: key.into(),
                         path: dest_dir.join(file),
                         source,
                     }
@@ -1002,5 +1002,96 @@ async fn host_registries_install_numpy_and_lodash() {
         numpy.install_ms.unwrap(),
         fs::metadata(&numpy.path).unwrap().len(),
         lodash.install_ms.unwrap()
+    );
+}
+
+/// L3 for real: host A builds from the loopback index and uploads to an S3-protocol server on
+/// loopback (moto); host B, with an empty cache and no tools at all, is served from S3 and
+/// builds nothing; a corrupted object in S3 is detected and host C rebuilds locally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_travel_through_a_real_s3_store() {
+    use crate::packages::s3::moto::Moto;
+    use crate::packages::s3::{S3Config, S3Layers};
+
+    let moto = Moto::start();
+    moto.create_bucket("sbx-l3");
+    let s3_config = S3Config {
+        bucket: Some("sbx-l3".into()),
+        endpoint_url: Some(moto.endpoint.clone()),
+        prefix: "layers/".into(),
+        ..S3Config::default()
+    };
+    let credentials = |name: &str| match name {
+        "AWS_ACCESS_KEY_ID" | "AWS_SECRET_ACCESS_KEY" => Some("testing".to_string()),
+        _ => None,
+    };
+    let s3 = || {
+        Arc::new(
+            S3Layers::with_env(&s3_config, credentials)
+                .unwrap()
+                .unwrap(),
+        )
+    };
+    let index = PackageIndex::demo();
+    let work = tempfile::tempdir().unwrap();
+    let asked = [exact("sbxdemo", "1.0")];
+
+    let a_remote = s3();
+    let host_a = PackageStore::with_remote(
+        config(
+            &work.path().join("a"),
+            Tools {
+                env: index.tool_env(),
+                ..Tools::default()
+            },
+        ),
+        Some(a_remote.clone() as Arc<dyn RemoteLayers>),
+    );
+    let built = ensure(&host_a, &python(), &asked).await.unwrap();
+    assert_eq!(built.source, PackageSource::Built);
+    a_remote.wait_for_uploads().await;
+
+    let host_b = PackageStore::with_remote(
+        config(&work.path().join("b"), no_tools()),
+        Some(s3() as Arc<dyn RemoteLayers>),
+    );
+    let fetched = ensure(&host_b, &python(), &asked)
+        .await
+        .unwrap_or_else(|e| panic!("{}", chain(&e)));
+    assert_eq!(fetched.source, PackageSource::L3, "host B built nothing");
+    assert_eq!(fetched.closure, built.closure);
+    assert_eq!(
+        fs::read(&fetched.path).unwrap(),
+        fs::read(&built.path).unwrap(),
+        "the very layer host A built"
+    );
+
+    // Someone overwrites the stored layer: host C detects it and builds locally.
+    let layer_object = format!("layers/{}/layer.erofs.zst", built.key);
+    let c_remote = s3();
+    c_remote
+        .put_raw(&layer_object, b"not a zstd stream".to_vec())
+        .await;
+    let host_c = PackageStore::with_remote(
+        config(
+            &work.path().join("c"),
+            Tools {
+                env: index.tool_env(),
+                ..Tools::default()
+            },
+        ),
+        Some(c_remote.clone() as Arc<dyn RemoteLayers>),
+    );
+    let rebuilt = ensure(&host_c, &python(), &asked).await.unwrap();
+    assert_eq!(rebuilt.source, PackageSource::Built);
+    c_remote.wait_for_uploads().await;
+    // The rebuilt upload repaired the store for the next host.
+    let host_d = PackageStore::with_remote(
+        config(&work.path().join("d"), no_tools()),
+        Some(s3() as Arc<dyn RemoteLayers>),
+    );
+    assert_eq!(
+        ensure(&host_d, &python(), &asked).await.unwrap().source,
+        PackageSource::L3
     );
 }
