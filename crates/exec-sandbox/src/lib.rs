@@ -25,6 +25,7 @@ mod acquire;
 mod admission;
 pub mod assets;
 mod config;
+mod disk;
 mod env;
 mod error;
 mod error_kind;

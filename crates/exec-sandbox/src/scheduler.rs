@@ -487,39 +487,52 @@ impl Scheduler {
         let mut ready = Vec::new();
         for language in Language::ALL {
             let spec = factory.spec(language, self.inner.config.default_memory_mb, false, false);
-            let Some(key) = factory.template_key(language, &spec) else {
-                break;
-            };
-            // The template VM takes its share of the budget like any other VM.
-            let deadline = tokio::time::Instant::now()
-                + Duration::from_secs(self.inner.config.admission_timeout_seconds);
-            let _permit = acquire::admit(
-                &self.inner.pool,
-                &self.inner.admission,
-                factory.cost(&spec),
-                deadline,
-            )
-            .await?;
-            let built = self
-                .inner
-                .templates
-                .ensure(
-                    &self.inner.config.qemu_binary,
-                    &spec,
-                    &language.into(),
-                    &key,
-                    boot_deadline(host),
-                )
-                .await;
-            match built {
-                Ok(true) => ready.push(language),
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(%language, error = %crate::vm::error_chain(&e), "cannot save a memory snapshot");
-                }
+            if self
+                .save_template_now(&factory, spec, language.into())
+                .await?
+            {
+                ready.push(language);
             }
         }
         Ok(ready)
+    }
+
+    /// Saves the template shaped like `spec` now, unless a valid one exists, its VM admitted
+    /// like any other; true when one is ready (false with L1 off, or when saving failed: that
+    /// is logged, the caller's runs just boot cold).
+    async fn save_template_now(
+        &self,
+        factory: &QemuFactory<'_>,
+        spec: VmSpec,
+        warmup: Warmup,
+    ) -> Result<bool, Error> {
+        let Some(key) = factory.template_key(warmup.language, &spec) else {
+            return Ok(false);
+        };
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_secs(self.inner.config.admission_timeout_seconds);
+        let _permit = acquire::admit(
+            &self.inner.pool,
+            &self.inner.admission,
+            factory.cost(&spec),
+            deadline,
+        )
+        .await?;
+        let built = self
+            .inner
+            .templates
+            .ensure(
+                &self.inner.config.qemu_binary,
+                &spec,
+                &warmup,
+                &key,
+                boot_deadline(factory.host),
+            )
+            .await;
+        Ok(built.unwrap_or_else(|e| {
+            tracing::warn!(language = %warmup.language, error = %crate::vm::error_chain(&e), "cannot save a memory snapshot");
+            false
+        }))
     }
 
     /// Waits for memory snapshots being saved in the background. A short-lived process calls
@@ -582,33 +595,11 @@ impl Scheduler {
                 packages: ready.image(),
                 ..factory.spec(language, self.inner.config.default_memory_mb, false, false)
             };
-            if let Some(key) = factory.template_key(language, &spec) {
-                let deadline = tokio::time::Instant::now()
-                    + Duration::from_secs(self.inner.config.admission_timeout_seconds);
-                let _permit = acquire::admit(
-                    &self.inner.pool,
-                    &self.inner.admission,
-                    factory.cost(&spec),
-                    deadline,
-                )
-                .await?;
-                let warmup = Warmup {
-                    language,
-                    modules: ready.warm_modules(),
-                };
-                let qemu = &self.inner.config.qemu_binary;
-                match self
-                    .inner
-                    .templates
-                    .ensure(qemu, &spec, &warmup, &key, boot_deadline(host))
-                    .await
-                {
-                    Ok(ready) => snapshot_ready = ready,
-                    Err(e) => {
-                        tracing::warn!(%language, error = %crate::vm::error_chain(&e), "cannot save a memory snapshot")
-                    }
-                }
-            }
+            let warmup = Warmup {
+                language,
+                modules: ready.warm_modules(),
+            };
+            snapshot_ready = self.save_template_now(&factory, spec, warmup).await?;
         }
         let show = |pins: &[packages::Pin]| -> Vec<String> {
             match packages::Ecosystem::of(language) {

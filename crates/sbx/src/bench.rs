@@ -84,6 +84,9 @@ pub struct Report {
     pub languages: BTreeMap<String, LanguageReport>,
     /// Ratios of each language's p50 to its own baseline's, and between paths.
     pub ratios: BTreeMap<String, f64>,
+    /// Packages (`--packages`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packages: Option<crate::bench_packages::PackagesReport>,
 }
 
 /// Runs `sbx bench` and returns the exit status.
@@ -114,7 +117,7 @@ pub async fn bench(args: BenchArgs) -> u8 {
     }
 }
 
-fn scheduler(
+pub(crate) fn scheduler(
     base: &SchedulerConfig,
     pool: usize,
     l1: bool,
@@ -195,7 +198,7 @@ async fn measure(args: &BenchArgs, base: SchedulerConfig) -> Result<Report, exec
     }
     restored.shutdown().await;
 
-    let ratios = ratios(&languages_out, &baseline);
+    let mut ratios = ratios(&languages_out, &baseline);
     let mut host = BTreeMap::new();
     host.insert("cores".to_string(), cores.into());
     host.insert(
@@ -204,11 +207,19 @@ async fn measure(args: &BenchArgs, base: SchedulerConfig) -> Result<Report, exec
     );
     host.insert("accelerator_reason".to_string(), accelerator.reason.into());
     host.insert("runs_per_measurement".to_string(), runs.into());
+    let packages = if args.packages {
+        let report = crate::bench_packages::measure(args, &base).await?;
+        ratios.extend(report.ratios());
+        Some(report)
+    } else {
+        None
+    };
     Ok(Report {
         host,
         baseline,
         languages: languages_out,
         ratios,
+        packages,
     })
 }
 
@@ -249,12 +260,27 @@ async fn sequential(
     runs: usize,
     expect: impl Fn(&exec_sandbox::ExecutionResult) -> bool,
 ) -> Result<Vec<f64>, exec_sandbox::Error> {
+    sequential_runs(
+        scheduler,
+        runs,
+        || RunOptions::new(language, trivial(language)),
+        expect,
+    )
+    .await
+}
+
+/// Wall time of `runs` runs of `options()` one after the other; a run that does not print `1`
+/// or fails `expect` is dropped (and logged).
+pub(crate) async fn sequential_runs(
+    scheduler: &Scheduler,
+    runs: usize,
+    options: impl Fn() -> RunOptions,
+    expect: impl Fn(&exec_sandbox::ExecutionResult) -> bool,
+) -> Result<Vec<f64>, exec_sandbox::Error> {
     let mut samples = Vec::with_capacity(runs);
     for _ in 0..runs {
         let started = Instant::now();
-        let result = scheduler
-            .run(RunOptions::new(language, trivial(language)))
-            .await?;
+        let result = scheduler.run(options()).await?;
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         if result.stdout.trim() != "1" || !expect(&result) {
             tracing::warn!(stdout = %result.stdout, stderr = %result.stderr, "a benchmark run did not go as intended; sample dropped");
@@ -424,15 +450,15 @@ fn median(samples: &[f64]) -> Option<f64> {
     Percentiles::of(samples).map(|p| p.p50)
 }
 
-fn round1(x: f64) -> f64 {
+pub(crate) fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
-fn round2(x: f64) -> f64 {
+pub(crate) fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-fn step(args: &BenchArgs, text: &str) {
+pub(crate) fn step(args: &BenchArgs, text: &str) {
     if !args.log.quiet {
         term::step(text);
     }
@@ -480,6 +506,9 @@ pub fn render_table(report: &Report) -> String {
             r.throughput_rps.map_or("-".into(), |v| format!("{v:.2}")),
             r.idle_vm_pss_mb.map_or("-".into(), |v| format!("{v:.0}")),
         ));
+    }
+    if let Some(packages) = &report.packages {
+        out.push_str(&packages.render());
     }
     if !report.ratios.is_empty() {
         out.push('\n');
@@ -535,6 +564,7 @@ mod tests {
             ratios: ratios(&languages, &baselines),
             baseline: baselines,
             languages,
+            packages: None,
         };
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["baseline"]["python"]["binary"], "/usr/bin/python3.11");

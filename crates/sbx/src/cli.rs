@@ -234,6 +234,12 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// Also measure packages (Python: numpy and pandas from the host's configured index): the
+    /// first install, cold and L1 runs with a cached layer against plain ones, and `import
+    /// numpy` in a restored VM.
+    #[arg(long)]
+    pub packages: bool,
+
     /// How much goes to stderr.
     #[command(flatten)]
     pub log: LogArgs,

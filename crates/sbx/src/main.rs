@@ -5,6 +5,7 @@
 //! returns the status).
 
 mod bench;
+mod bench_packages;
 mod cache;
 mod cli;
 mod interrupt;

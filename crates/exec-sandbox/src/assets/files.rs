@@ -4,32 +4,14 @@
 //! renamed into place, so another process sees either nothing or the whole file.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use sha2::{Digest, Sha256};
-
 use super::AssetError;
 
-/// Hex SHA-256 and length of everything `reader` yields.
-pub(crate) fn sha256_reader(mut reader: impl Read) -> io::Result<(String, u64)> {
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = match reader.read(&mut buffer) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buffer[..n]);
-        total += n as u64;
-    }
-    Ok((hex::encode(hasher.finalize()), total))
-}
+pub(crate) use crate::disk::sha256_reader;
 
 /// Hex SHA-256 and length of the file at `path`.
 pub(crate) fn sha256_file(path: &Path) -> Result<(String, u64), AssetError> {

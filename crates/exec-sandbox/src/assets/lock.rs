@@ -4,7 +4,7 @@
 //! descriptor closes, including when the process dies, so a crashed `sbx` never leaves the
 //! cache locked. Readers take no lock: files appear by rename and the manifest is written last.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::Path;
 
 use super::AssetError;
@@ -23,14 +23,7 @@ impl DirLock {
     /// Takes the lock on `images_dir`, calling `on_wait` first if another process holds it.
     pub(crate) fn acquire(images_dir: &Path, on_wait: impl FnOnce()) -> Result<Self, AssetError> {
         let path = images_dir.join(FILE);
-        // Read access suffices for flock: a cache prepared by another user (root) still locks.
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .or_else(|_| File::open(&path))
+        let file = crate::disk::open_lock_file(&path)
             .map_err(AssetError::io("open the lock file", &path))?;
         if !sys::flock_exclusive(&file, false).map_err(AssetError::io("lock", &path))? {
             on_wait();

@@ -138,7 +138,7 @@ mod tests {
         assert_eq!(LEN, 10_000, "the message says 10,000");
         let hint = err.hint().unwrap();
         assert!(
-            hint.contains("--no-validation") && hint.contains("enable_package_validation(false)"),
+            hint.contains("--no-validation") && hint.contains("enable_package_validation: false"),
             "{hint}"
         );
 

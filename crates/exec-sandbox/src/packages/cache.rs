@@ -20,9 +20,9 @@
 //! again.
 
 use std::fs::{self, File};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
@@ -39,7 +39,7 @@ const USAGE_FILE: &str = "usage.json";
 /// Directory of the per-key lock files.
 const LOCKS_DIR: &str = ".locks";
 /// Age after which a build directory is a leftover of a process that died while building.
-const STALE_BUILD: Duration = Duration::from_secs(3600);
+use crate::disk::allocated_bytes;
 
 /// How an entry has been used.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,14 +171,7 @@ impl LayerCache {
         let locks = self.dir.join(LOCKS_DIR);
         fs::create_dir_all(&locks).map_err(PackageError::io("create", &locks))?;
         let path = locks.join(format!("{key}.lock"));
-        // Read access suffices for flock: a cache prepared by another user still locks.
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .or_else(|_| File::open(&path))
+        let file = crate::disk::open_lock_file(&path)
             .map_err(PackageError::io("open the lock file", &path))?;
         Ok((file, path))
     }
@@ -313,12 +306,7 @@ impl LayerCache {
             if !item.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
-            let stale_build = name.starts_with(".tmp-")
-                && fs::metadata(&path)
-                    .and_then(|m| m.modified())
-                    .is_ok_and(|t| t.elapsed().unwrap_or_default() > STALE_BUILD);
-            if name.starts_with(".trash-") || stale_build {
-                let _ = fs::remove_dir_all(&path);
+            if crate::disk::remove_if_leftover(&path, &name) {
                 continue;
             }
             if !is_key(&name) {
@@ -470,24 +458,6 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), PackageError> {
     File::open(path)
         .and_then(|f| f.sync_all())
         .map_err(PackageError::io("sync", path))
-}
-
-/// Bytes allocated on disk by everything under `path`.
-fn allocated_bytes(path: &Path) -> u64 {
-    let Ok(meta) = fs::symlink_metadata(path) else {
-        return 0;
-    };
-    let own = meta.blocks() * 512;
-    if !meta.is_dir() {
-        return own;
-    }
-    own + fs::read_dir(path)
-        .map(|read| {
-            read.filter_map(Result::ok)
-                .map(|e| allocated_bytes(&e.path()))
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 fn unique() -> u64 {
@@ -660,7 +630,7 @@ mod tests {
         fs::create_dir(&stale).unwrap();
         File::open(&stale)
             .unwrap()
-            .set_modified(SystemTime::now() - 2 * STALE_BUILD)
+            .set_modified(SystemTime::now() - 2 * crate::disk::STALE_BUILD)
             .unwrap();
         cache.evict(u64::MAX, None);
         assert!(!trash.exists());

@@ -3,23 +3,20 @@
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use sbx_protocol::layer::LayerStatus;
 use sbx_protocol::{AgentHello, Language};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::{FORMAT, META, RAM, VMSTATE};
+use crate::disk::allocated_bytes;
 use crate::vm::VmError;
 use crate::vm::migration::Saved;
 
 /// Longest accepted `meta.json`.
 const MAX_META_BYTES: u64 = 16 * 1024;
-/// Age after which a build directory is a leftover of a process that died while building.
-const STALE_BUILD: Duration = Duration::from_secs(3600);
 
 /// A snapshot cache operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -246,12 +243,7 @@ impl Cache {
     pub(crate) fn begin(&self, key: &str) -> Result<Option<Pending>, SnapshotError> {
         fs::create_dir_all(&self.dir).map_err(io_error("create", &self.dir))?;
         let lock_path = self.dir.join(format!("{key}.lock"));
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_error("open", &lock_path))?;
+        let lock = crate::disk::open_lock_file(&lock_path).map_err(io_error("open", &lock_path))?;
         if !crate::sys::flock_exclusive(&lock, false).map_err(io_error("lock", &lock_path))? {
             return Ok(None);
         }
@@ -276,9 +268,10 @@ impl Cache {
         hello: &AgentHello,
     ) -> Result<PathBuf, SnapshotError> {
         let vmstate_path = pending.vmstate();
-        let (vmstate_sha256, vmstate_bytes) =
-            hash_file(&mut File::open(&vmstate_path).map_err(io_error("open", &vmstate_path))?)
-                .map_err(io_error("read", &vmstate_path))?;
+        let (vmstate_sha256, vmstate_bytes) = crate::disk::sha256_reader(
+            File::open(&vmstate_path).map_err(io_error("open", &vmstate_path))?,
+        )
+        .map_err(io_error("read", &vmstate_path))?;
         let ram_path = pending.ram();
         let ram = File::open(&ram_path).map_err(io_error("open", &ram_path))?;
         ram.sync_all().map_err(io_error("sync", &ram_path))?;
@@ -338,12 +331,7 @@ impl Cache {
             if !path.is_dir() {
                 continue;
             }
-            let stale_build = name.starts_with(".tmp-")
-                && fs::metadata(&path)
-                    .and_then(|m| m.modified())
-                    .is_ok_and(|t| t.elapsed().unwrap_or_default() > STALE_BUILD);
-            if name.starts_with(".trash-") || stale_build {
-                let _ = fs::remove_dir_all(&path);
+            if crate::disk::remove_if_leftover(&path, &name) {
                 continue;
             }
             let size = allocated_bytes(&path);
@@ -398,7 +386,7 @@ pub(crate) fn verify(dir: &Path, key: &str) -> Result<Entry, VerifyError> {
         });
     }
     let mut vmstate = File::open(base.join(VMSTATE)).map_err(read(VMSTATE))?;
-    let (sha256, bytes) = hash_file(&mut vmstate).map_err(read(VMSTATE))?;
+    let (sha256, bytes) = crate::disk::sha256_reader(&mut vmstate).map_err(read(VMSTATE))?;
     if bytes != meta.vmstate_bytes || sha256 != meta.vmstate_sha256 {
         return Err(VerifyError::Vmstate { bytes });
     }
@@ -411,32 +399,6 @@ pub(crate) fn verify(dir: &Path, key: &str) -> Result<Entry, VerifyError> {
     })
 }
 
-fn hash_file(file: &mut File) -> io::Result<(String, u64)> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            return Ok((hex::encode(h.finalize()), total));
-        }
-        h.update(&buf[..n]);
-        total += n as u64;
-    }
-}
-
-/// Bytes a directory's files occupy on disk (sparse RAM files count what is allocated).
-fn allocated_bytes(dir: &Path) -> u64 {
-    fs::read_dir(dir)
-        .map(|read| {
-            read.filter_map(Result::ok)
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.blocks() * 512)
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 fn unique() -> u128 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -445,6 +407,8 @@ fn unique() -> u128 {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     /// A published entry with a fake RAM file and vmstate.
