@@ -24,11 +24,11 @@ pub struct PackagesReport {
     pub pandas_install_ms: Option<u64>,
     /// Plain cold runs (no L1, no pool).
     pub cold_plain_ms: Option<Percentiles>,
-    /// Cold runs with numpy's layer in the L2 cache.
+    /// Cold runs of the same program with numpy's layer (from the L2 cache) attached.
     pub cold_l2_numpy_ms: Option<Percentiles>,
     /// Plain runs restored from L1.
     pub l1_plain_ms: Option<Percentiles>,
-    /// Runs with numpy restored from its package set's L1 snapshot.
+    /// Runs of the same program with numpy, restored from its package set's L1 snapshot.
     pub l1_numpy_ms: Option<Percentiles>,
     /// `import numpy` in a VM restored with numpy, timed in the guest.
     pub import_numpy_restored_ms: Option<Percentiles>,
@@ -127,7 +127,7 @@ pub async fn measure(
         &sequential_runs(
             &cold,
             runs,
-            || RunOptions::new(python, "import numpy\nprint(1)").packages([NUMPY]),
+            || RunOptions::new(python, "print(1)").packages([NUMPY]),
             |r| r.packages_source == PackageSource::L2,
         )
         .await?,
@@ -160,7 +160,7 @@ pub async fn measure(
         &sequential_runs(
             &restored,
             runs,
-            || RunOptions::new(python, "import numpy\nprint(1)").packages([NUMPY]),
+            || RunOptions::new(python, "print(1)").packages([NUMPY]),
             |r| r.l1_cache_hit,
         )
         .await?,
