@@ -382,9 +382,10 @@ fn build(
         warm_modules,
     };
     let cached = inner.cache.publish(staging, &manifest, lock)?;
+    let count = cached.manifest.closure.len();
     progress(&format!(
-        "layer ready: {} packages, {} ({:.1} s)",
-        cached.manifest.closure.len(),
+        "layer ready: {count} package{}, {} ({:.1} s)",
+        if count == 1 { "" } else { "s" },
         human_size(size),
         started.elapsed().as_secs_f64()
     ));
