@@ -30,7 +30,7 @@ use crate::limits;
 /// At most this many characters of a spec are quoted in an error message.
 const SHOWN_CHARS: usize = 64;
 
-/// A spec as quoted in error messages: its first [`SHOWN_CHARS`] characters, with backticks,
+/// A spec as quoted in error messages: its first 64 characters, with backticks,
 /// backslashes, control and non-ASCII characters escaped, so that no input can forge or hide
 /// text on the user's terminal.
 #[derive(Debug, Clone, PartialEq, Eq)]
