@@ -9,6 +9,8 @@
 //! memory grew. Every count must be zero and the growth flat; the numbers are printed, never
 //! asserted: this is a measurement command.
 
+#![expect(clippy::print_stdout, reason = "a measurement tool prints its numbers")]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -156,7 +158,10 @@ async fn outcome(scheduler: &Scheduler, kind: &Kind) -> String {
     let options = RunOptions::new(kind.language, kind.code).timeout_seconds(kind.timeout);
     match scheduler.run(options).await {
         Ok(r) if r.exit_code == kind.exit => format!("{}: as expected", kind.name),
-        Ok(r) => format!("{}: exit {} (expected {})", kind.name, r.exit_code, kind.exit),
+        Ok(r) => format!(
+            "{}: exit {} (expected {})",
+            kind.name, r.exit_code, kind.exit
+        ),
         Err(e) => format!("{}: error ({:?})", kind.name, e.kind()),
     }
 }
