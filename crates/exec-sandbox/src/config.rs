@@ -18,7 +18,11 @@ pub struct SchedulerConfig {
     pub default_memory_mb: u32,
     /// Execution timeout when a run does not ask (seconds, 1-300, default 30).
     pub default_timeout_seconds: u64,
-    /// Cache root (default `~/.cache/exec-sandbox`).
+    /// Cache root (default `$XDG_CACHE_HOME/exec-sandbox`, else `~/.cache/exec-sandbox` with
+    /// the home from `HOME` or, when unset, the password database; root without a home uses
+    /// `/var/cache/exec-sandbox`, anyone else must set it). It is a trust root: it and every
+    /// cache directory below must be owned by the caller or root and writable by nobody else
+    /// (refused otherwise); the library creates them with mode 0700.
     pub cache_dir: PathBuf,
     /// Where versioned guest images live (default `<cache_dir>/images`).
     pub images_dir: PathBuf,
@@ -27,7 +31,12 @@ pub struct SchedulerConfig {
     /// Build (or download, when [`Self::asset_base_url`] is set) missing assets automatically.
     pub auto_download_assets: bool,
     /// Operator-hosted prebuilt assets: `<url>/<version>/manifest.json` plus the files it lists.
+    /// `https://` only (plain `http://` to a loopback host, for tests).
     pub asset_base_url: Option<String>,
+    /// The SHA-256 (hex) the downloaded `manifest.json` must have (default none). With it, a
+    /// compromised server cannot hand out both images and their checksums: a manifest that
+    /// does not match installs nothing. Needs [`Self::asset_base_url`].
+    pub asset_manifest_sha256: Option<String>,
     /// Asset version to use instead of the one derived from the build inputs.
     pub asset_version: Option<String>,
     /// Never use KVM, even where it works.
@@ -106,18 +115,27 @@ pub struct SchedulerConfig {
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        let cache_dir = default_cache_dir();
+        // Without a home, every directory stays empty and `validate` asks for one.
+        let cache_dir = default_cache_dir().unwrap_or_default();
+        let below = |name: &str| {
+            if cache_dir.as_os_str().is_empty() {
+                PathBuf::new()
+            } else {
+                cache_dir.join(name)
+            }
+        };
         Self {
             max_concurrent_vms: limits::DEFAULT_MAX_CONCURRENT_VMS,
             default_memory_mb: limits::DEFAULT_MEMORY_MB,
             default_timeout_seconds: limits::DEFAULT_TIMEOUT_SECONDS,
-            images_dir: cache_dir.join("images"),
-            snapshot_cache_dir: cache_dir.join("snapshots"),
-            package_cache_dir: cache_dir.join("packages"),
+            images_dir: below("images"),
+            snapshot_cache_dir: below("snapshots"),
+            package_cache_dir: below("packages"),
             cache_dir,
             offline: false,
             auto_download_assets: true,
             asset_base_url: None,
+            asset_manifest_sha256: None,
             asset_version: None,
             force_emulation: false,
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
@@ -214,6 +232,9 @@ impl SchedulerConfig {
         }
         if let Some(v) = get(EnvVars::ASSET_BASE_URL).filter(|v| !v.is_empty()) {
             self.asset_base_url = Some(v);
+        }
+        if let Some(v) = get(EnvVars::ASSET_MANIFEST_SHA256).filter(|v| !v.trim().is_empty()) {
+            self.asset_manifest_sha256 = Some(v.trim().to_owned());
         }
         if let Some(v) = get(EnvVars::ASSET_VERSION).filter(|v| !v.is_empty()) {
             self.asset_version = Some(v);
@@ -368,7 +389,20 @@ impl SchedulerConfig {
                 AssetSource::Build
             },
             version: self.asset_version.clone(),
+            manifest_sha256: self.asset_manifest_sha256.clone(),
         }
+    }
+
+    /// Checks the cache directories (see [`crate::trust`]) before anything is read from them:
+    /// one another user owns or can write is refused. Creates nothing (a caller's own
+    /// directory that others may read is made private).
+    pub(crate) fn check_cache_dirs(&self) -> Result<(), crate::TrustError> {
+        let mut dirs = vec![&self.cache_dir, &self.images_dir, &self.package_cache_dir];
+        if self.l1_snapshots {
+            dirs.push(&self.snapshot_cache_dir);
+        }
+        dirs.into_iter()
+            .try_for_each(|dir| crate::trust::check(dir))
     }
 
     /// The package layer's share of this configuration. Missing tools are installed with apt
@@ -404,9 +438,51 @@ impl SchedulerConfig {
         }
     }
 
+    /// Checks the cache directories are named, and the asset download settings.
+    fn validate_cache(&self) -> Result<(), ValidationError> {
+        let bad =
+            |field: &'static str, reason: String| Err(ValidationError::Config { field, reason });
+        for (field, dir) in [
+            ("cache_dir", &self.cache_dir),
+            ("images_dir", &self.images_dir),
+            ("snapshot_cache_dir", &self.snapshot_cache_dir),
+            ("package_cache_dir", &self.package_cache_dir),
+        ] {
+            if dir.as_os_str().is_empty() {
+                return bad(
+                    field,
+                    format!(
+                        "no directory: HOME and XDG_CACHE_HOME are unset and this user has no \
+                         home directory; set {} (never a shared temporary directory)",
+                        EnvVars::CACHE_DIR
+                    ),
+                );
+            }
+        }
+        if let Some(url) = &self.asset_base_url {
+            crate::assets::validate_base_url(url)
+                .or_else(|reason| bad("asset_base_url", reason).map(|()| true))?;
+        }
+        if let Some(pin) = &self.asset_manifest_sha256 {
+            crate::assets::validate_manifest_sha256(pin)
+                .or_else(|reason| bad("asset_manifest_sha256", reason))?;
+            if self.asset_base_url.is_none() {
+                return bad(
+                    "asset_manifest_sha256",
+                    format!(
+                        "it pins a downloaded manifest, but {} is not set",
+                        EnvVars::ASSET_BASE_URL
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Checks every field against its limit.
     pub fn validate(&self) -> Result<(), ValidationError> {
         self.validate_admission()?;
+        self.validate_cache()?;
         self.s3_config().validate().map_err(|e| match e {
             crate::packages::s3::S3SetupError::Invalid { field, reason } => {
                 ValidationError::Config { field, reason }
@@ -443,12 +519,46 @@ impl SchedulerConfig {
     }
 }
 
-fn default_cache_dir() -> PathBuf {
-    if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
-        return PathBuf::from(xdg).join("exec-sandbox");
+/// The cache directory's name under a user's cache home.
+const CACHE_NAME: &str = "exec-sandbox";
+/// Root's caches when root has no home directory.
+const SYSTEM_CACHE_DIR: &str = "/var/cache/exec-sandbox";
+
+/// The default cache root of this process (see [`SchedulerConfig::cache_dir`]); `None` when
+/// there is no home to put it in.
+fn default_cache_dir() -> Option<PathBuf> {
+    cache_dir_for(
+        std::env::var_os("XDG_CACHE_HOME"),
+        std::env::var_os("HOME"),
+        // With HOME unset (or empty), std asks the password database (getpwuid_r).
+        std::env::home_dir,
+        crate::sys::effective_uid(),
+    )
+}
+
+/// `$XDG_CACHE_HOME/exec-sandbox` (an absolute one, as the XDG specification wants), else
+/// `<home>/.cache/exec-sandbox` with `HOME` or, when it is unset or empty, the home the
+/// password database gives (`passwd_home`; one that does not exist, like `/nonexistent`, or `/`
+/// is none); root without a home gets [`SYSTEM_CACHE_DIR`], anyone else `None`. Never a shared
+/// temporary directory, where another user could prepare the cache.
+fn cache_dir_for(
+    xdg_cache_home: Option<std::ffi::OsString>,
+    home: Option<std::ffi::OsString>,
+    passwd_home: impl FnOnce() -> Option<PathBuf>,
+    euid: u32,
+) -> Option<PathBuf> {
+    let set = |v: Option<std::ffi::OsString>| v.filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(xdg) = set(xdg_cache_home).filter(|p| p.is_absolute()) {
+        return Some(xdg.join(CACHE_NAME));
     }
-    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
-    home.join(".cache").join("exec-sandbox")
+    let home = set(home).or_else(|| {
+        passwd_home().filter(|h| h.is_absolute() && h.parent().is_some() && h.is_dir())
+    });
+    match home {
+        Some(home) => Some(home.join(".cache").join(CACHE_NAME)),
+        None if euid == 0 => Some(PathBuf::from(SYSTEM_CACHE_DIR)),
+        None => None,
+    }
 }
 
 #[cfg(test)]
@@ -474,6 +584,90 @@ mod tests {
         assert!(!c.offline && !c.force_emulation);
         assert!(c.cache_dir.ends_with("exec-sandbox"));
         assert_eq!(c.images_dir, c.cache_dir.join("images"));
+    }
+
+    #[test]
+    fn without_home_the_cache_never_falls_back_to_tmp() {
+        let some = |s: &str| Some(std::ffi::OsString::from(s));
+        let no_passwd = || None;
+        let passwd = |p: &'static str| move || Some(PathBuf::from(p));
+        let tmp = tempfile::tempdir().unwrap();
+        let real_home: &'static str = Box::leak(tmp.path().display().to_string().into_boxed_str());
+        // XDG first (relative ones are ignored, as the specification says), then HOME.
+        assert_eq!(
+            cache_dir_for(some("/x/cache"), some("/h"), no_passwd, 1000),
+            Some(PathBuf::from("/x/cache/exec-sandbox"))
+        );
+        assert_eq!(
+            cache_dir_for(some("rel"), some("/h"), no_passwd, 1000),
+            Some(PathBuf::from("/h/.cache/exec-sandbox"))
+        );
+        // HOME unset or empty: the password database's home, if it exists.
+        for home in [None, some("")] {
+            assert_eq!(
+                cache_dir_for(None, home, passwd(real_home), 1000),
+                Some(tmp.path().join(".cache/exec-sandbox"))
+            );
+        }
+        assert_eq!(
+            cache_dir_for(None, None, passwd("/nonexistent"), 1000),
+            None,
+            "a home that does not exist is none"
+        );
+        assert_eq!(cache_dir_for(None, None, passwd("/"), 1000), None);
+        // No home at all: a system location for root, an error for anyone else.
+        assert_eq!(
+            cache_dir_for(None, None, no_passwd, 0),
+            Some(PathBuf::from("/var/cache/exec-sandbox"))
+        );
+        assert_eq!(cache_dir_for(None, None, no_passwd, 1000), None);
+
+        let homeless = SchedulerConfig {
+            cache_dir: PathBuf::new(),
+            images_dir: PathBuf::new(),
+            ..SchedulerConfig::default()
+        };
+        let e = homeless.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("cache_dir") && e.contains(EnvVars::CACHE_DIR),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn asset_downloads_are_https_or_loopback_and_pins_are_checked() {
+        let pin = "ab".repeat(32);
+        let c = with(&[
+            (EnvVars::ASSET_BASE_URL, "https://assets.example.test/sbx"),
+            (EnvVars::ASSET_MANIFEST_SHA256, &pin),
+        ])
+        .unwrap();
+        assert_eq!(c.asset_config().manifest_sha256.as_deref(), Some(&*pin));
+        assert!(with(&[(EnvVars::ASSET_BASE_URL, "http://127.0.0.1:8080")]).is_ok());
+        for (vars, field) in [
+            (
+                vec![(EnvVars::ASSET_BASE_URL, "http://assets.example.test/sbx")],
+                "asset_base_url",
+            ),
+            (
+                vec![(EnvVars::ASSET_BASE_URL, "ftp://127.0.0.1/sbx")],
+                "asset_base_url",
+            ),
+            (
+                vec![
+                    (EnvVars::ASSET_BASE_URL, "https://assets.example.test"),
+                    (EnvVars::ASSET_MANIFEST_SHA256, "abc"),
+                ],
+                "asset_manifest_sha256",
+            ),
+            (
+                vec![(EnvVars::ASSET_MANIFEST_SHA256, pin.as_str())],
+                "asset_manifest_sha256",
+            ),
+        ] {
+            let e = with(&vars).unwrap_err();
+            assert!(e.to_string().contains(field), "{vars:?}: {e}");
+        }
     }
 
     #[test]

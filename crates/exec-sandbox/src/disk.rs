@@ -1,12 +1,17 @@
 //! Small file-system helpers shared by the on-disk caches (guest images, memory snapshots,
-//! package layers): hashing, lock files, sizes on disk, and leftovers of interrupted work.
+//! package layers): directory handles that never follow a symbolic link, hashing, lock files,
+//! sizes on disk, and leftovers of interrupted work.
 
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use rustix::fs::{AtFlags, Mode, OFlags};
+use rustix::io::Errno;
 use sha2::{Digest, Sha256};
 
 /// Age after which a cache's `.tmp-*` build directory is a leftover of a process that died
@@ -31,16 +36,188 @@ pub(crate) fn sha256_reader(mut reader: impl Read) -> io::Result<(String, u64)> 
     Ok((hex::encode(hasher.finalize()), total))
 }
 
-/// Opens (creating it) the file at `path` for `flock`. Read access suffices for flock, so a
-/// cache prepared by another user (root) still locks.
-pub(crate) fn open_lock_file(path: &Path) -> io::Result<File> {
-    File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .or_else(|_| File::open(path))
+/// A directory of a cache, open. Files in it are reached by name relative to this handle
+/// (`openat`) and never through a symbolic link (`O_NOFOLLOW`), so a link planted in the cache
+/// cannot send a read or a write anywhere else. Names are single path components.
+#[derive(Debug)]
+pub(crate) struct Dir {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl Dir {
+    /// Opens the directory at `path`: a cache directory [`crate::trust`] checked (so a link on
+    /// the way to it is one a trusted user made), or a directory this process created.
+    pub(crate) fn open(path: &Path) -> io::Result<Self> {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let fd = rustix::fs::open(path, flags, Mode::empty())?;
+        Ok(Self {
+            fd,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Its path, for messages and for programs that take paths.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The path of `name` in it.
+    pub(crate) fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// The subdirectory `name`; a symbolic link there is refused.
+    pub(crate) fn open_dir(&self, name: &str) -> io::Result<Self> {
+        let fd = self.open_at(name, OFlags::RDONLY | OFlags::DIRECTORY, 0)?;
+        Ok(Self {
+            fd,
+            path: self.join(name),
+        })
+    }
+
+    /// The subdirectory `name`, created private (0700) if missing.
+    pub(crate) fn create_dir(&self, name: &str) -> io::Result<Self> {
+        check_name(name)?;
+        match rustix::fs::mkdirat(&self.fd, name, Mode::from_raw_mode(crate::trust::DIR_MODE)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.open_dir(name)
+    }
+
+    /// Opens the regular file `name` for reading.
+    pub(crate) fn open_file(&self, name: &str) -> io::Result<File> {
+        let file = File::from(self.open_at(name, OFlags::RDONLY, 0)?);
+        if !file.metadata()?.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not a regular file",
+            ));
+        }
+        Ok(file)
+    }
+
+    /// Creates the file `name`, which must not exist yet (not even as a link), with exactly
+    /// `mode` whatever the umask; open for writing.
+    pub(crate) fn create_new(&self, name: &str, mode: u32) -> io::Result<File> {
+        let fd = self.open_at(name, OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL, mode)?;
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode))?;
+        Ok(File::from(fd))
+    }
+
+    /// Opens (creating it, mode 0600) the lock file `name` for `flock`. Read access suffices
+    /// for flock, so a cache prepared by root still locks for another user.
+    pub(crate) fn open_lock(&self, name: &str) -> io::Result<File> {
+        match self.open_at(name, OFlags::RDWR | OFlags::CREATE, 0o600) {
+            Ok(fd) => Ok(File::from(fd)),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES | libc::EROFS)) => {
+                Ok(File::from(self.open_at(name, OFlags::RDONLY, 0)?))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The contents of the regular file `name`: at most `max` bytes, more is an error.
+    pub(crate) fn read(&self, name: &str, max: u64) -> io::Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        self.open_file(name)?
+            .take(max.saturating_add(1))
+            .read_to_end(&mut bytes)?;
+        if bytes.len() as u64 > max {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("larger than {max} bytes"),
+            ));
+        }
+        Ok(bytes)
+    }
+
+    /// Replaces `name` with `bytes` (mode `mode`; synced first when `durable`): written under a
+    /// fresh temporary name, then renamed over it, so readers see the old or the new file and
+    /// a link at `name` is replaced, never written through.
+    pub(crate) fn replace(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        mode: u32,
+        durable: bool,
+    ) -> io::Result<()> {
+        let temp = temp_name(name);
+        let result = (|| {
+            let mut file = self.create_new(&temp, mode)?;
+            file.write_all(bytes)?;
+            if durable {
+                file.sync_all()?;
+            }
+            self.rename(&temp, self, name)
+        })();
+        if result.is_err() {
+            let _ = self.remove_file(&temp);
+        }
+        result
+    }
+
+    /// Renames `from` to `to` in `target` (never following a link at either name).
+    pub(crate) fn rename(&self, from: &str, target: &Dir, to: &str) -> io::Result<()> {
+        check_name(from)?;
+        check_name(to)?;
+        Ok(rustix::fs::renameat(&self.fd, from, &target.fd, to)?)
+    }
+
+    /// Hard-links `from` (a link itself if it is one: never followed) as `to` in `target`.
+    pub(crate) fn hard_link(&self, from: &str, target: &Dir, to: &str) -> io::Result<()> {
+        check_name(from)?;
+        check_name(to)?;
+        Ok(rustix::fs::linkat(
+            &self.fd,
+            from,
+            &target.fd,
+            to,
+            AtFlags::empty(),
+        )?)
+    }
+
+    /// Removes the file (or link) `name`.
+    pub(crate) fn remove_file(&self, name: &str) -> io::Result<()> {
+        check_name(name)?;
+        Ok(rustix::fs::unlinkat(&self.fd, name, AtFlags::empty())?)
+    }
+
+    fn open_at(&self, name: &str, flags: OFlags, mode: u32) -> io::Result<OwnedFd> {
+        check_name(name)?;
+        let flags = flags | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        rustix::fs::openat(&self.fd, name, flags, Mode::from_raw_mode(mode)).map_err(|e| {
+            if e == Errno::LOOP {
+                io::Error::other(NOT_FOLLOWED)
+            } else {
+                e.into()
+            }
+        })
+    }
+}
+
+/// What an open of a symbolic link in a cache fails with.
+pub(crate) const NOT_FOLLOWED: &str =
+    "it is a symbolic link, and links in a cache are never followed";
+
+/// Names handed to [`Dir`] are single components chosen by this library.
+fn check_name(name: &str) -> io::Result<()> {
+    if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("`{name}` is not a file name"),
+        ));
+    }
+    Ok(())
+}
+
+/// A name for a file being written next to `name`: hidden, unique to this process and call, so
+/// concurrent writers never share one and leftovers are recognisable (`.<name>.tmp-<pid>-<n>`).
+pub(crate) fn temp_name(name: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!(".{name}.tmp-{}-{n}", std::process::id())
 }
 
 /// Bytes `path` occupies on disk, a directory with everything beneath it (sparse files count
@@ -88,7 +265,7 @@ mod tests {
         fs::write(&file, vec![1u8; 10_000]).unwrap();
         assert!(allocated_bytes(dir.path()) >= 10_000);
         assert_eq!(sha256_reader(&b"abc"[..]).unwrap().1, 3);
-        let lock = open_lock_file(&dir.path().join("k.lock")).unwrap();
+        let lock = Dir::open(dir.path()).unwrap().open_lock("k.lock").unwrap();
         assert!(crate::sys::flock_exclusive(&lock, false).unwrap());
         let trash = dir.path().join(".trash-x");
         fs::create_dir(&trash).unwrap();

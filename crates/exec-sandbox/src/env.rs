@@ -8,7 +8,8 @@ impl EnvVars {
     pub const MAX_CONCURRENT_VMS: &'static str = "EXEC_SANDBOX_MAX_CONCURRENT_VMS";
     /// Directory holding built or downloaded guest images (default: the cache directory).
     pub const IMAGES_DIR: &'static str = "EXEC_SANDBOX_IMAGES_DIR";
-    /// Cache root (default `~/.cache/exec-sandbox`).
+    /// Cache root (default `$XDG_CACHE_HOME/exec-sandbox` or `~/.cache/exec-sandbox`; see
+    /// [`SchedulerConfig::cache_dir`](crate::SchedulerConfig::cache_dir)).
     pub const CACHE_DIR: &'static str = "EXEC_SANDBOX_CACHE_DIR";
     /// `1` forbids building or downloading assets: missing assets fail fast.
     pub const OFFLINE: &'static str = "EXEC_SANDBOX_OFFLINE";
@@ -16,8 +17,12 @@ impl EnvVars {
     pub const ASSET_VERSION: &'static str = "EXEC_SANDBOX_ASSET_VERSION";
     /// `1` forces software emulation (TCG) even where KVM works.
     pub const FORCE_EMULATION: &'static str = "EXEC_SANDBOX_FORCE_EMULATION";
-    /// Base URL of prebuilt assets (`<url>/<version>/manifest.json` and the files it lists).
+    /// Base URL of prebuilt assets (`<url>/<version>/manifest.json` and the files it lists):
+    /// `https://`, or `http://` to a loopback host.
     pub const ASSET_BASE_URL: &'static str = "EXEC_SANDBOX_ASSET_BASE_URL";
+    /// SHA-256 the downloaded `manifest.json` must have; see
+    /// [`SchedulerConfig::asset_manifest_sha256`](crate::SchedulerConfig::asset_manifest_sha256).
+    pub const ASSET_MANIFEST_SHA256: &'static str = "EXEC_SANDBOX_ASSET_MANIFEST_SHA256";
     /// Path of the `qemu-system-x86_64` binary (default: found on `PATH`).
     pub const QEMU: &'static str = "EXEC_SANDBOX_QEMU";
     /// Overrides [`SchedulerConfig::default_memory_mb`](crate::SchedulerConfig::default_memory_mb).

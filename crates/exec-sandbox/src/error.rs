@@ -17,6 +17,10 @@ pub enum Error {
     /// Guest images could not be readied.
     #[error("guest assets unavailable")]
     Asset(#[from] AssetError),
+    /// A cache directory could be changed by another user: refused before anything was read
+    /// from it (see [`SchedulerConfig::cache_dir`](crate::SchedulerConfig::cache_dir)).
+    #[error("cache directory refused")]
+    UntrustedCache(#[from] crate::TrustError),
     /// The VM did not boot or its agent did not answer; the code never ran.
     #[error("sandbox VM failed before the code ran")]
     Boot(#[source] VmError),
@@ -76,6 +80,7 @@ impl Error {
         match self {
             Error::Validation(_) => ErrorKind::InvalidInput,
             Error::Asset(e) => e.kind(),
+            Error::UntrustedCache(e) => e.kind(),
             Error::Boot(e) => e.kind(),
             Error::Communication(_) => ErrorKind::OutcomeUnknown,
             Error::Capacity(_) => ErrorKind::Transient,
@@ -96,6 +101,7 @@ impl Error {
     pub fn hint(&self) -> Option<String> {
         match self {
             Error::Asset(e) => e.hint(),
+            Error::UntrustedCache(e) => e.hint(),
             Error::Boot(e) => e.hint(),
             Error::Capacity(_) => Some(
                 "retry later, or raise the budget (EXEC_SANDBOX_MEMORY_BUDGET_MB, EXEC_SANDBOX_CPU_OVERCOMMIT_RATIO) or EXEC_SANDBOX_ADMISSION_TIMEOUT_SECONDS".into(),

@@ -44,6 +44,7 @@ mod snapshot;
 mod sys;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod trust;
 pub mod validate;
 mod vm;
 
@@ -63,6 +64,7 @@ pub use run::RunOptions;
 pub use sbx_protocol::{FileEntry, GuestErrorKind, Language};
 pub use scheduler::Scheduler;
 pub use session::{ExecOptions, Session, SessionCloseReason, SessionOptions};
+pub use trust::TrustError;
 pub use validate::ValidationError;
 pub use vm::accel::{Accelerator, AcceleratorChoice};
 pub use vm::qmp::QmpError;

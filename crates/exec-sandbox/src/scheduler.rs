@@ -73,7 +73,8 @@ impl Drop for Inner {
 }
 
 impl Scheduler {
-    /// A scheduler for `config` (validated here). Nothing is built or booted until needed.
+    /// A scheduler for `config` (validated here, its cache directories checked: see
+    /// [`SchedulerConfig::cache_dir`]). Nothing is built or booted until needed.
     pub fn new(config: SchedulerConfig) -> Result<Self, Error> {
         let packages = config.package_config();
         Self::with_packages(config, packages)
@@ -84,6 +85,7 @@ impl Scheduler {
         packages: crate::packages::PackageConfig,
     ) -> Result<Self, Error> {
         config.validate()?;
+        config.check_cache_dirs()?;
         let s3 = S3Layers::new(&config.s3_config())
             .map_err(|e| ValidationError::Config {
                 field: "s3_bucket",

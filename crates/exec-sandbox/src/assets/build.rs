@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
@@ -56,6 +57,8 @@ impl Builder for ScriptBuilder {
             });
         }
         require_root(sys::effective_uid(), kind)?;
+        // The scripts run as root on what they find there (kernel tree, debootstrap tarballs).
+        crate::trust::ensure(&self.build_cache)?;
         // The scripts read their data files by path: write the embedded texts out.
         let texts = tempfile::Builder::new()
             .prefix("sbx-build-inputs-")
@@ -122,7 +125,15 @@ pub(crate) fn run_logged(
     kind: AssetKind,
     log: &Path,
 ) -> Result<(), AssetError> {
-    let log_file = File::create(log).map_err(AssetError::io("create", log))?;
+    // In a checked version directory; a link planted there is refused, not written through.
+    let log_file = File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(log)
+        .map_err(AssetError::io("create", log))?;
     let sink = Arc::new(Mutex::new(Sink {
         log: log_file,
         tail: VecDeque::with_capacity(TAIL_LINES),

@@ -92,6 +92,27 @@ pub enum AssetError {
         /// The configured version.
         version: String,
     },
+    /// The server's manifest is not the one the operator pinned: nothing was installed.
+    #[error("{url} has sha256 {actual}, not the pinned {expected}")]
+    ManifestPin {
+        /// The manifest's URL.
+        url: String,
+        /// The pinned SHA-256.
+        expected: String,
+        /// What the server sent.
+        actual: String,
+    },
+    /// The asset base URL is not one assets may be downloaded from.
+    #[error("cannot download assets from {url}: {reason}")]
+    BaseUrl {
+        /// The configured URL.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The images directory (or a build cache) could be changed by another user.
+    #[error(transparent)]
+    Untrusted(#[from] crate::trust::TrustError),
     /// A file system operation failed.
     #[error("cannot {action} {}", path.display())]
     Io {
@@ -155,6 +176,16 @@ impl AssetError {
                 "set {} to a directory name (letters, digits, `-`, `_`, `.`)",
                 EnvVars::ASSET_VERSION
             )),
+            AssetError::ManifestPin { .. } => Some(format!(
+                "the server is not serving the manifest you pinned: check the server, or update \
+                 {} if that version was re-exported on purpose",
+                EnvVars::ASSET_MANIFEST_SHA256
+            )),
+            AssetError::BaseUrl { .. } => Some(format!(
+                "set {} to an https:// URL (plain http only to a loopback address)",
+                EnvVars::ASSET_BASE_URL
+            )),
+            AssetError::Untrusted(e) => e.hint(),
             AssetError::Io { .. } => None,
         }
     }

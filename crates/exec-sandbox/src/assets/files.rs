@@ -1,68 +1,80 @@
 //! File helpers shared by the store: hashing, temporary names, atomic replacement.
 //!
 //! Every file a reader may look at is written under a temporary name in its final directory and
-//! renamed into place, so another process sees either nothing or the whole file.
+//! renamed into place, so another process sees either nothing or the whole file. Files are
+//! reached through a directory handle and never through a symbolic link (`disk::Dir`).
 
 use std::fs::{self, File};
-use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::AssetError;
+use crate::disk::Dir;
 
 pub(crate) use crate::disk::sha256_reader;
 
-/// Hex SHA-256 and length of the file at `path`.
+/// Mode of a finished asset: read-only, so that nothing edits it by accident (its checksum is
+/// recorded), and readable by a QEMU that does not run as the cache's owner.
+const ASSET_MODE: u32 = 0o444;
+/// Mode of the manifest, stamps and lock texts.
+const TEXT_MODE: u32 = 0o644;
+
+/// Hex SHA-256 and length of the file at `path` (a build's output, in a directory of ours);
+/// a symbolic link there is refused.
 pub(crate) fn sha256_file(path: &Path) -> Result<(String, u64), AssetError> {
-    let file = File::open(path).map_err(AssetError::io("open", path))?;
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(AssetError::io("open", path))?;
     sha256_reader(file).map_err(AssetError::io("read", path))
 }
 
-/// A name in `dir` for a file being written: hidden, unique to this process and call, so
-/// concurrent writers never share one and leftovers are recognisable (`.<name>.tmp-<pid>-<n>`).
-pub(crate) fn temp_path(dir: &Path, name: &str) -> PathBuf {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    dir.join(format!(".{name}.tmp-{}-{n}", std::process::id()))
+/// Replaces `name` in `dir` with `bytes` atomically (temporary file, fsync, rename).
+pub(crate) fn write_atomic(dir: &Dir, name: &str, bytes: &[u8]) -> Result<(), AssetError> {
+    dir.replace(name, bytes, TEXT_MODE, true)
+        .map_err(AssetError::io("write", dir.join(name)))
 }
 
-/// Replaces `path` with `bytes` atomically (temporary file, fsync, rename).
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AssetError> {
-    let dir = path.parent().expect("asset files live in a directory");
-    let name = path.file_name().expect("a file path").to_string_lossy();
-    let temp = temp_path(dir, &name);
-    let result = (|| {
-        let mut file = File::create(&temp).map_err(AssetError::io("create", &temp))?;
-        file.write_all(bytes)
-            .map_err(AssetError::io("write", &temp))?;
-        file.sync_all().map_err(AssetError::io("sync", &temp))?;
-        fs::rename(&temp, path).map_err(AssetError::io("rename into place", path))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&temp);
-    }
-    result
+/// Moves the finished asset `from` (in `source`) into `dir` as `name`: synced, read-only.
+pub(crate) fn install(source: &Dir, from: &str, dir: &Dir, name: &str) -> Result<(), AssetError> {
+    let path = source.join(from);
+    let file = source
+        .open_file(from)
+        .map_err(AssetError::io("open", &path))?;
+    file.sync_all().map_err(AssetError::io("sync", &path))?;
+    file.set_permissions(fs::Permissions::from_mode(ASSET_MODE))
+        .map_err(AssetError::io("set permissions of", &path))?;
+    source
+        .rename(from, dir, name)
+        .map_err(AssetError::io("rename into place", dir.join(name)))
 }
 
-/// Moves a finished asset file into place, read-only so that nothing edits it by accident
-/// (its checksum is recorded).
-pub(crate) fn install(temp: &Path, path: &Path) -> Result<(), AssetError> {
-    let file = File::open(temp).map_err(AssetError::io("open", temp))?;
-    file.sync_all().map_err(AssetError::io("sync", temp))?;
-    fs::set_permissions(temp, fs::Permissions::from_mode(0o444))
-        .map_err(AssetError::io("set permissions of", temp))?;
-    fs::rename(temp, path).map_err(AssetError::io("rename into place", path))
-}
-
-/// Removes a temporary file when dropped, unless it was kept.
+/// A temporary file in a cache directory, removed when dropped unless kept.
 pub(crate) struct TempFile {
     path: Option<PathBuf>,
+    name: String,
 }
 
 impl TempFile {
-    pub(crate) fn new(path: PathBuf) -> Self {
-        Self { path: Some(path) }
+    /// A fresh temporary name in `dir` for what will become `name` (nothing is created).
+    pub(crate) fn in_dir(dir: &Dir, name: &str) -> Self {
+        let name = crate::disk::temp_name(name);
+        Self {
+            path: Some(dir.join(&name)),
+            name,
+        }
+    }
+
+    /// Creates it (it must not exist) for writing.
+    pub(crate) fn create(&self, dir: &Dir) -> Result<File, AssetError> {
+        dir.create_new(&self.name, TEXT_MODE)
+            .map_err(AssetError::io("create", self.path()))
+    }
+
+    /// Its name in its directory.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -99,25 +111,39 @@ mod tests {
 
     #[test]
     fn write_atomic_replaces_and_leaves_no_temporary() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("manifest.json");
-        write_atomic(&path, b"one").unwrap();
-        write_atomic(&path, b"two").unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        let path = tmp.path().join("manifest.json");
+        write_atomic(&dir, "manifest.json", b"one").unwrap();
+        write_atomic(&dir, "manifest.json", b"two").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"two");
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
     }
 
     #[test]
     fn temp_file_is_removed_unless_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let dropped = TempFile::new(temp_path(dir.path(), "a"));
-        fs::write(dropped.path(), b"x").unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        let dropped = TempFile::in_dir(&dir, "a");
+        dropped.create(&dir).unwrap();
         drop(dropped);
-        let kept = TempFile::new(temp_path(dir.path(), "b"));
-        fs::write(kept.path(), b"x").unwrap();
+        let kept = TempFile::in_dir(&dir, "b");
+        kept.create(&dir).unwrap();
         let path = kept.path().to_path_buf();
         kept.keep();
         assert!(path.exists());
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn install_makes_the_file_read_only_under_its_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        let temp = TempFile::in_dir(&dir, "vmlinux");
+        std::io::Write::write_all(&mut temp.create(&dir).unwrap(), b"k").unwrap();
+        install(&dir, temp.name(), &dir, "vmlinux").unwrap();
+        temp.keep();
+        let meta = fs::metadata(tmp.path().join("vmlinux")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o444);
     }
 }

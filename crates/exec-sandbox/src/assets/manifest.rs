@@ -4,13 +4,12 @@
 //! it lists is complete. It also travels over HTTP for prebuilt downloads, so parsing checks
 //! every field a later step trusts (file names, hash syntax).
 
-use std::path::Path;
-
 use serde::{Deserialize, Serialize};
 
 use super::AssetError;
 use super::files;
 use super::inputs::AssetKind;
+use crate::disk::Dir;
 
 /// File name of the manifest in a version directory.
 pub(crate) const FILE: &str = "manifest.json";
@@ -122,10 +121,11 @@ impl Manifest {
         Ok(manifest)
     }
 
-    /// The manifest in `dir`, or `None` when there is none yet.
-    pub(crate) fn load(dir: &Path) -> Result<Option<Self>, AssetError> {
+    /// The manifest in `dir`, or `None` when there is none yet. A symbolic link in its place
+    /// is an error, never followed.
+    pub(crate) fn load(dir: &Dir) -> Result<Option<Self>, AssetError> {
         let path = dir.join(FILE);
-        match std::fs::read(&path) {
+        match dir.read(FILE, MAX_BYTES) {
             Ok(bytes) => Self::parse(&bytes, &path.display().to_string()).map(Some),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(AssetError::io("read", path)(e)),
@@ -133,10 +133,10 @@ impl Manifest {
     }
 
     /// Writes the manifest into `dir` atomically.
-    pub(crate) fn save(&self, dir: &Path) -> Result<(), AssetError> {
+    pub(crate) fn save(&self, dir: &Dir) -> Result<(), AssetError> {
         let mut text = serde_json::to_vec_pretty(self).expect("a manifest always serializes");
         text.push(b'\n');
-        files::write_atomic(&dir.join(FILE), &text)
+        files::write_atomic(dir, FILE, &text)
     }
 }
 
@@ -172,8 +172,9 @@ mod tests {
 
     #[test]
     fn round_trips_through_disk_in_stable_order() {
-        let dir = tempfile::tempdir().unwrap();
-        assert_eq!(Manifest::load(dir.path()).unwrap(), None);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        assert_eq!(Manifest::load(&dir).unwrap(), None);
         let mut m = Manifest::new("0123456789abcdef");
         m.upsert(entry(AssetKind::Rootfs(Language::Raw)));
         m.upsert(entry(AssetKind::Kernel));
@@ -181,8 +182,8 @@ mod tests {
         let mut replaced = entry(AssetKind::Kernel);
         replaced.size = 4;
         m.upsert(replaced);
-        m.save(dir.path()).unwrap();
-        let loaded = Manifest::load(dir.path()).unwrap().unwrap();
+        m.save(&dir).unwrap();
+        let loaded = Manifest::load(&dir).unwrap().unwrap();
         assert_eq!(loaded, m);
         let names: Vec<&str> = loaded.assets.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(names, ["kernel", "initramfs", "rootfs-raw"]);

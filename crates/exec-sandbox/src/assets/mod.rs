@@ -31,6 +31,8 @@ use sbx_protocol::Language;
 
 pub use error::AssetError;
 
+pub(crate) use download::{validate_base_url, validate_manifest_sha256};
+
 use build::{Builder, ScriptBuilder};
 use inputs::{AssetKind, Inputs};
 use store::Store;
@@ -74,6 +76,9 @@ pub struct AssetConfig {
     pub source: AssetSource,
     /// Asset version to use instead of the one derived from the build inputs.
     pub version: Option<String>,
+    /// The SHA-256 (hex) the downloaded `manifest.json` must have: pinned by the operator, so
+    /// a compromised server cannot hand out both images and their checksums.
+    pub manifest_sha256: Option<String>,
 }
 
 /// How missing assets may be obtained.
@@ -83,7 +88,8 @@ pub enum AssetSource {
     Forbidden,
     /// Built here from Debian packages by the image scripts.
     Build,
-    /// Downloaded from `<url>/<version>/manifest.json` and the files it lists.
+    /// Downloaded from `<url>/<version>/manifest.json` and the files it lists: an `https://`
+    /// URL, or `http://` to a loopback host.
     Download(String),
 }
 
@@ -130,6 +136,7 @@ impl AssetStore {
             inputs,
             builder,
             source: config.source.clone(),
+            manifest_sha256: config.manifest_sha256.clone(),
             on_lock_wait: None,
         };
         Self::from_store(store)
@@ -163,7 +170,7 @@ impl AssetStore {
         &self,
         language: Language,
     ) -> Result<Option<RootfsFacts>, AssetError> {
-        let manifest = manifest::Manifest::load(&self.version_dir())?;
+        let manifest = self.inner.store.manifest()?;
         Ok(manifest.and_then(|m| {
             m.get(AssetKind::Rootfs(language)).map(|entry| RootfsFacts {
                 inputs: entry.inputs.clone(),

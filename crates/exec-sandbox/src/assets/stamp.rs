@@ -10,13 +10,14 @@
 use std::collections::BTreeMap;
 use std::fs::Metadata;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 use super::AssetError;
 use super::files;
 use super::manifest::Entry;
+use crate::disk::Dir;
 
 /// File name of the stamps in a version directory.
 pub(crate) const FILE: &str = "verified.json";
@@ -52,9 +53,9 @@ struct Stamp {
 }
 
 /// The stamps of one version directory.
-#[derive(Debug, Default)]
-pub(crate) struct Stamps {
-    dir: PathBuf,
+#[derive(Debug)]
+pub(crate) struct Stamps<'a> {
+    dir: &'a Dir,
     by_file: BTreeMap<String, Stamp>,
     dirty: bool,
 }
@@ -68,29 +69,38 @@ pub(crate) enum Check {
     Missing,
 }
 
-impl Stamps {
+/// Largest `verified.json` read (it holds a handful of stamps).
+const MAX_BYTES: u64 = 1 << 20;
+
+impl<'a> Stamps<'a> {
     /// The stamps recorded in `dir`; unreadable or absent stamps just mean "hash again".
-    pub(crate) fn load(dir: &Path) -> Self {
-        let by_file = std::fs::read(dir.join(FILE))
+    pub(crate) fn load(dir: &'a Dir) -> Self {
+        let by_file = dir
+            .read(FILE, MAX_BYTES)
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default();
         Self {
-            dir: dir.to_path_buf(),
+            dir,
             by_file,
             dirty: false,
         }
     }
 
     /// Checks the file `entry` lists: by fingerprint when a stamp matches, else by hashing it
-    /// (and stamping it when it matches). A mismatch is an error, never a reason to rebuild.
+    /// (and stamping it when it matches). A mismatch is an error, never a reason to rebuild;
+    /// so is a symbolic link in the file's place (never followed).
     pub(crate) fn check(&mut self, entry: &Entry) -> Result<Check, AssetError> {
         let path = self.dir.join(&entry.file);
-        let before = match std::fs::metadata(&path) {
-            Ok(m) => Fingerprint::of(&m),
+        let file = match self.dir.open_file(&entry.file) {
+            Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Check::Missing),
-            Err(e) => return Err(AssetError::io("inspect", path)(e)),
+            Err(e) => return Err(AssetError::io("open", path)(e)),
         };
+        let before = file
+            .metadata()
+            .map(|m| Fingerprint::of(&m))
+            .map_err(AssetError::io("inspect", &path))?;
         if self
             .by_file
             .get(&entry.file)
@@ -99,7 +109,7 @@ impl Stamps {
             return Ok(Check::Verified(path));
         }
         tracing::info!("verifying {} ({})", entry.file, human_size(before.size));
-        let (actual, _) = files::sha256_file(&path)?;
+        let (actual, _) = files::sha256_reader(&file).map_err(AssetError::io("read", &path))?;
         if actual != entry.sha256 {
             return Err(AssetError::Checksum {
                 name: entry.name.clone(),
@@ -110,7 +120,7 @@ impl Stamps {
             });
         }
         // Only a file that did not change while it was hashed earns a stamp.
-        if std::fs::metadata(&path).is_ok_and(|m| Fingerprint::of(&m) == before) {
+        if file.metadata().is_ok_and(|m| Fingerprint::of(&m) == before) {
             self.record(&entry.file, &entry.sha256, before);
         }
         Ok(Check::Verified(path))
@@ -119,7 +129,11 @@ impl Stamps {
     /// Records that `file` (just written or verified by the caller) has `sha256`.
     pub(crate) fn stamp_now(&mut self, file: &str, sha256: &str) -> Result<(), AssetError> {
         let path = self.dir.join(file);
-        let metadata = std::fs::metadata(&path).map_err(AssetError::io("inspect", &path))?;
+        let metadata = self
+            .dir
+            .open_file(file)
+            .and_then(|f| f.metadata())
+            .map_err(AssetError::io("inspect", &path))?;
         self.record(file, sha256, Fingerprint::of(&metadata));
         Ok(())
     }
@@ -136,13 +150,13 @@ impl Stamps {
     }
 
     /// Writes the stamps back if they changed. Failing to is not an error (the directory may
-    /// belong to another user): the files are simply hashed again next time.
+    /// belong to root while this process is not): the files are simply hashed again next time.
     pub(crate) fn save(&mut self) {
         if !self.dirty {
             return;
         }
         let text = serde_json::to_vec_pretty(&self.by_file).expect("stamps always serialize");
-        match files::write_atomic(&self.dir.join(FILE), &text) {
+        match files::write_atomic(self.dir, FILE, &text) {
             Ok(()) => self.dirty = false,
             Err(e) => tracing::debug!(error = %e, "cannot record verified assets"),
         }
@@ -167,25 +181,33 @@ mod tests {
     fn setup(content: &[u8]) -> (tempfile::TempDir, Entry) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("vmlinux"), content).unwrap();
+        (dir, entry_for(content))
+    }
+
+    fn entry_for(content: &[u8]) -> Entry {
         let (sha256, size) = files::sha256_reader(content).unwrap();
-        let entry = Entry {
+        Entry {
             name: "kernel".into(),
             file: "vmlinux".into(),
             sha256,
             size,
             inputs: String::new(),
             lock: None,
-        };
-        (dir, entry)
+        }
+    }
+
+    fn open(dir: &tempfile::TempDir) -> Dir {
+        Dir::open(dir.path()).unwrap()
     }
 
     #[test]
     fn a_verified_file_is_stamped_and_the_stamp_persists() {
         let (dir, entry) = setup(b"kernel bytes");
-        let mut stamps = Stamps::load(dir.path());
+        let handle = open(&dir);
+        let mut stamps = Stamps::load(&handle);
         assert!(matches!(stamps.check(&entry).unwrap(), Check::Verified(_)));
         stamps.save();
-        let reloaded = Stamps::load(dir.path());
+        let reloaded = Stamps::load(&handle);
         assert!(reloaded.by_file.contains_key("vmlinux"));
         assert!(!reloaded.dirty);
     }
@@ -193,7 +215,8 @@ mod tests {
     #[test]
     fn a_matching_stamp_skips_hashing() {
         let (dir, entry) = setup(b"kernel bytes");
-        let mut stamps = Stamps::load(dir.path());
+        let handle = open(&dir);
+        let mut stamps = Stamps::load(&handle);
         stamps.check(&entry).unwrap();
         // A stamp is trusted: proven by stamping a wrong hash and seeing it accepted. Real
         // stamps are only ever written after a successful hash.
@@ -207,7 +230,8 @@ mod tests {
     #[test]
     fn a_change_invalidates_the_stamp_and_fails_the_check() {
         let (dir, entry) = setup(b"kernel bytes");
-        let mut stamps = Stamps::load(dir.path());
+        let handle = open(&dir);
+        let mut stamps = Stamps::load(&handle);
         stamps.check(&entry).unwrap();
         stamps.save();
         // Timestamps may not move within one clock tick of the kernel's coarse clock, so the
@@ -219,7 +243,7 @@ mod tests {
             .unwrap();
         f.write_all(b"!").unwrap();
         drop(f);
-        let mut stamps = Stamps::load(dir.path());
+        let mut stamps = Stamps::load(&handle);
         let err = stamps.check(&entry).unwrap_err();
         assert!(matches!(err, AssetError::Checksum { .. }), "{err}");
     }
@@ -227,11 +251,42 @@ mod tests {
     #[test]
     fn a_missing_file_is_reported_as_missing() {
         let (dir, entry) = setup(b"x");
+        let handle = open(&dir);
         std::fs::remove_file(dir.path().join("vmlinux")).unwrap();
         assert!(matches!(
-            Stamps::load(dir.path()).check(&entry).unwrap(),
+            Stamps::load(&handle).check(&entry).unwrap(),
             Check::Missing
         ));
+    }
+
+    #[test]
+    fn a_symlinked_asset_or_stamp_file_is_not_followed() {
+        let (dir, entry) = setup(b"kernel bytes");
+        let outside = tempfile::tempdir().unwrap();
+        let copy = outside.path().join("vmlinux");
+        std::fs::write(&copy, b"kernel bytes").unwrap();
+        std::fs::remove_file(dir.path().join("vmlinux")).unwrap();
+        std::os::unix::fs::symlink(&copy, dir.path().join("vmlinux")).unwrap();
+        let handle = open(&dir);
+        let mut stamps = Stamps::load(&handle);
+        let err = stamps.check(&entry).unwrap_err().to_string();
+        assert!(err.contains("vmlinux"), "{err}");
+        // A planted stamp file is neither read nor written through: it is replaced.
+        let stamps_outside = outside.path().join("verified.json");
+        std::fs::write(&stamps_outside, b"{}").unwrap();
+        std::os::unix::fs::symlink(&stamps_outside, dir.path().join(FILE)).unwrap();
+        std::fs::remove_file(dir.path().join("vmlinux")).unwrap();
+        std::fs::write(dir.path().join("vmlinux"), b"kernel bytes").unwrap();
+        let mut stamps = Stamps::load(&handle);
+        stamps.check(&entry_for(b"kernel bytes")).unwrap();
+        stamps.save();
+        assert_eq!(std::fs::read(&stamps_outside).unwrap(), b"{}");
+        assert!(
+            !std::fs::symlink_metadata(dir.path().join(FILE))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
     }
 
     #[test]

@@ -75,6 +75,7 @@ impl Fixture {
             images_dir: home.path().join("images"),
             source: AssetSource::Build,
             version: None,
+            manifest_sha256: None,
         };
         Self {
             _home: home,
@@ -92,10 +93,13 @@ impl Fixture {
     }
 
     fn manifest(&self, store: &AssetStore) -> manifest::Manifest {
-        manifest::Manifest::load(&store.version_dir())
-            .unwrap()
-            .unwrap()
+        load_manifest(&store.version_dir()).unwrap()
     }
+}
+
+/// The manifest in the directory `dir`, if any.
+fn load_manifest(dir: &Path) -> Option<manifest::Manifest> {
+    manifest::Manifest::load(&crate::disk::Dir::open(dir).unwrap()).unwrap()
 }
 
 fn inputs() -> Inputs {
@@ -257,10 +261,8 @@ async fn offline_reports_what_is_missing_at_once() {
     fx.config.source = AssetSource::Forbidden;
     fx.store().ensure(&[Language::Python]).await.unwrap();
     // While another process holds the lock, offline does not wait for it.
-    let _held = lock::DirLock::acquire(&fx.config.images_dir, || {
-        panic!("nobody else holds the lock")
-    })
-    .unwrap();
+    let images = crate::disk::Dir::open(&fx.config.images_dir).unwrap();
+    let _held = lock::DirLock::acquire(&images, || panic!("nobody else holds the lock")).unwrap();
     let mut store = fx.store();
     Arc::get_mut(&mut store.inner).unwrap().store.on_lock_wait =
         Some(store::Hook(Arc::new(|| {
@@ -392,9 +394,7 @@ async fn a_build_without_its_output_is_an_error() {
         "{err}"
     );
     assert!(
-        manifest::Manifest::load(&fx.store().version_dir())
-            .unwrap()
-            .is_none_or(|m| m.get(AssetKind::Kernel).is_none())
+        load_manifest(&fx.store().version_dir()).is_none_or(|m| m.get(AssetKind::Kernel).is_none())
     );
 }
 
@@ -423,7 +423,7 @@ async fn export_copies_a_complete_version() {
     let dest = tempfile::tempdir().unwrap();
     let exported = store.export(dest.path()).await.unwrap();
     assert_eq!(exported, dest.path().join(store.version()));
-    let manifest = manifest::Manifest::load(&exported).unwrap().unwrap();
+    let manifest = load_manifest(&exported).unwrap();
     assert_eq!(manifest.assets.len(), AssetKind::ALL.len());
     for entry in &manifest.assets {
         let (sha256, size) = files::sha256_file(&exported.join(&entry.file)).unwrap();

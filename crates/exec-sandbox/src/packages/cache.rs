@@ -17,9 +17,12 @@
 //! Readers take no lock: an entry appears whole by rename, and is checked against its manifest
 //! (by hashing once, then by the stamp's fingerprint: `assets/stamp.rs`) before use. A bad
 //! entry (truncated, edited, manifest unreadable) is discarded under the key's lock and built
-//! again.
+//! again. The directory is checked (`crate::trust`) before use, and an entry's files are opened
+//! through a handle of its directory without following symbolic links (a link in place of a
+//! file or an entry makes the entry bad).
 
 use std::fs::{self, File};
+use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -28,16 +31,21 @@ use serde::{Deserialize, Serialize};
 
 use super::error::PackageError;
 use super::layer::{LAYER_FILE, LayerManifest, MANIFEST_FILE, MAX_MANIFEST_BYTES};
-use super::resolve::{replace_file, unix_ms};
+use super::resolve::unix_ms;
 use super::{Pin, Target};
 use crate::assets::files;
 use crate::assets::manifest::Entry;
 use crate::assets::stamp::{Check, Stamps};
+use crate::disk::Dir;
 
 /// Hit count and last use of an entry.
 const USAGE_FILE: &str = "usage.json";
 /// Directory of the per-key lock files.
 const LOCKS_DIR: &str = ".locks";
+/// Mode of a layer image: read-only, and readable by a QEMU that is not the cache's owner.
+const LAYER_MODE: u32 = 0o444;
+/// Mode of an entry's manifest and usage record.
+const TEXT_MODE: u32 = 0o644;
 /// Age after which a build directory is a leftover of a process that died while building.
 use crate::disk::allocated_bytes;
 
@@ -71,6 +79,8 @@ pub(crate) enum Lookup {
 pub(crate) struct Cached {
     /// The entry's directory.
     pub(crate) dir: PathBuf,
+    /// The same, open.
+    handle: Dir,
     /// Its manifest.
     pub(crate) manifest: LayerManifest,
     /// The image, open read-only.
@@ -124,13 +134,34 @@ impl LayerCache {
         self.dir.join(key)
     }
 
+    /// The cache directory, checked and created (private) if missing.
+    fn ensure_root(&self) -> Result<Dir, PackageError> {
+        crate::trust::ensure(&self.dir)?;
+        Dir::open(&self.dir).map_err(PackageError::io("open", &self.dir))
+    }
+
+    /// The cache directory, open, if it exists (the store checked it).
+    fn root(&self) -> io::Result<Option<Dir>> {
+        match Dir::open(&self.dir) {
+            Ok(root) => Ok(Some(root)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The entry for `key`, verified (hashed once, then trusted by its stamp). Takes no lock.
     pub(crate) fn lookup(&self, key: &str) -> Lookup {
-        let dir = self.entry_dir(key);
-        if !dir.exists() {
-            return Lookup::Miss;
-        }
-        match verify(&dir, key) {
+        let root = match self.root() {
+            Ok(Some(root)) => root,
+            Ok(None) => return Lookup::Miss,
+            Err(e) => return Lookup::Bad(format!("cannot open the cache: {e}")),
+        };
+        let dir = match root.open_dir(key) {
+            Ok(dir) => dir,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Lookup::Miss,
+            Err(e) => return Lookup::Bad(format!("cannot open the entry: {e}")),
+        };
+        match verify(dir, key) {
             Ok(cached) => Lookup::Hit(Box::new(cached)),
             Err(reason) => Lookup::Bad(reason),
         }
@@ -139,12 +170,11 @@ impl LayerCache {
     /// Counts a use of `cached` and moves it to the front of the LRU order. Failing to only
     /// skews eviction and the hit count.
     pub(crate) fn record_use(&self, cached: &Cached) {
-        let path = cached.dir.join(USAGE_FILE);
-        let mut usage = read_usage(&cached.dir).unwrap_or_default();
+        let mut usage = read_usage(&cached.handle).unwrap_or_default();
         usage.hits += 1;
         usage.last_used_unix_ms = unix_ms(SystemTime::now());
         let text = serde_json::to_vec(&usage).expect("plain data serializes");
-        if let Err(e) = replace_file(&path, &text) {
+        if let Err(e) = cached.handle.replace(USAGE_FILE, &text, TEXT_MODE, false) {
             tracing::debug!(error = %e, "cannot record the use of a package layer");
         }
     }
@@ -168,10 +198,15 @@ impl LayerCache {
     }
 
     fn lock_file(&self, key: &str) -> Result<(File, PathBuf), PackageError> {
-        let locks = self.dir.join(LOCKS_DIR);
-        fs::create_dir_all(&locks).map_err(PackageError::io("create", &locks))?;
-        let path = locks.join(format!("{key}.lock"));
-        let file = crate::disk::open_lock_file(&path)
+        let locks_path = self.dir.join(LOCKS_DIR);
+        let locks = self
+            .ensure_root()?
+            .create_dir(LOCKS_DIR)
+            .map_err(PackageError::io("create", &locks_path))?;
+        let name = format!("{key}.lock");
+        let path = locks_path.join(&name);
+        let file = locks
+            .open_lock(&name)
             .map_err(PackageError::io("open the lock file", &path))?;
         Ok((file, path))
     }
@@ -197,7 +232,8 @@ impl LayerCache {
     /// A fresh directory for building or downloading `key`, inside the cache (so publishing is
     /// a rename); removed when dropped unless published.
     pub(crate) fn staging(&self, key: &str) -> Result<tempfile::TempDir, PackageError> {
-        fs::create_dir_all(&self.dir).map_err(PackageError::io("create", &self.dir))?;
+        self.ensure_root()?;
+        // A fresh directory of its own, mode 0700.
         tempfile::Builder::new()
             .prefix(&format!(".tmp-{key}-"))
             .tempdir_in(&self.dir)
@@ -213,11 +249,10 @@ impl LayerCache {
         manifest: &LayerManifest,
         _lock: &KeyLock,
     ) -> Result<Cached, PackageError> {
-        let layer = staging.path().join(LAYER_FILE);
-        seal(&layer)?;
-        let manifest_path = staging.path().join(MANIFEST_FILE);
-        write_synced(&manifest_path, &manifest.to_bytes())?;
-        self.finish(staging, manifest)
+        let dir = Dir::open(staging.path()).map_err(PackageError::io("open", staging.path()))?;
+        seal(&dir, LAYER_FILE)?;
+        write_synced(&dir, MANIFEST_FILE, &manifest.to_bytes())?;
+        self.finish(staging, &dir, manifest)
     }
 
     /// Publishes a downloaded layer after checking it: `staging` holds `layer.erofs` and
@@ -231,12 +266,15 @@ impl LayerCache {
         requested: &[Pin],
         _lock: &KeyLock,
     ) -> Result<Cached, String> {
-        let manifest = read_manifest(staging.path(), key)?;
+        let dir =
+            Dir::open(staging.path()).map_err(|e| format!("cannot open the download: {e}"))?;
+        let manifest = read_manifest(&dir, key)?;
         if manifest.target != *target || manifest.requested != requested {
             return Err("its manifest is for another target or package set".into());
         }
-        let layer = staging.path().join(LAYER_FILE);
-        let file = File::open(&layer).map_err(|e| format!("cannot open {LAYER_FILE}: {e}"))?;
+        let file = dir
+            .open_file(LAYER_FILE)
+            .map_err(|e| format!("cannot open {LAYER_FILE}: {e}"))?;
         let (sha256, size) =
             files::sha256_reader(file).map_err(|e| format!("cannot read {LAYER_FILE}: {e}"))?;
         if sha256 != manifest.sha256 || size != manifest.size {
@@ -244,17 +282,19 @@ impl LayerCache {
                 "{LAYER_FILE} does not match its manifest ({size} bytes, sha256 {sha256})"
             ));
         }
-        seal(&layer).map_err(|e| e.to_string())?;
-        self.finish(staging, &manifest).map_err(|e| e.to_string())
+        seal(&dir, LAYER_FILE).map_err(|e| e.to_string())?;
+        self.finish(staging, &dir, &manifest)
+            .map_err(|e| e.to_string())
     }
 
     /// Stamps the sealed image, starts its usage record and renames the directory into place.
     fn finish(
         &self,
         staging: tempfile::TempDir,
+        dir: &Dir,
         manifest: &LayerManifest,
     ) -> Result<Cached, PackageError> {
-        let mut stamps = Stamps::load(staging.path());
+        let mut stamps = Stamps::load(dir);
         stamps
             .stamp_now(LAYER_FILE, &manifest.sha256)
             .map_err(|e| PackageError::ToolOutput {
@@ -267,9 +307,11 @@ impl LayerCache {
             last_used_unix_ms: unix_ms(SystemTime::now()),
         };
         let usage_path = staging.path().join(USAGE_FILE);
-        replace_file(
-            &usage_path,
+        dir.replace(
+            USAGE_FILE,
             &serde_json::to_vec(&usage).expect("plain data"),
+            TEXT_MODE,
+            false,
         )
         .map_err(PackageError::io("write", &usage_path))?;
         let target = self.entry_dir(&manifest.key);
@@ -283,9 +325,15 @@ impl LayerCache {
             return Err(PackageError::io("publish", &target)(e));
         }
         let layer = target.join(LAYER_FILE);
-        let file = File::open(&layer).map_err(PackageError::io("open", &layer))?;
+        let handle = Dir::open(&self.dir)
+            .and_then(|root| root.open_dir(&manifest.key))
+            .map_err(PackageError::io("open", &target))?;
+        let file = handle
+            .open_file(LAYER_FILE)
+            .map_err(PackageError::io("open", &layer))?;
         Ok(Cached {
             dir: target,
+            handle,
             manifest: manifest.clone(),
             file,
         })
@@ -295,7 +343,11 @@ impl LayerCache {
     /// until the entries fit `max_bytes`, and clears leftovers of interrupted builds. Returns
     /// the evicted keys and the bytes each freed.
     pub(crate) fn evict(&self, max_bytes: u64, keep: Option<&str>) -> Vec<(String, u64)> {
-        let Ok(read) = fs::read_dir(&self.dir) else {
+        if let Err(e) = crate::trust::check(&self.dir) {
+            tracing::warn!(error = %crate::vm::error_chain(&e), "not evicting package layers");
+            return Vec::new();
+        }
+        let (Ok(Some(root)), Ok(read)) = (self.root(), fs::read_dir(&self.dir)) else {
             return Vec::new();
         };
         let mut entries: Vec<(u64, u64, String)> = Vec::new();
@@ -314,7 +366,8 @@ impl LayerCache {
             }
             let bytes = allocated_bytes(&path);
             total += bytes;
-            entries.push((last_used(&path), bytes, name));
+            let used = root.open_dir(&name).map_or(0, |entry| last_used(&entry));
+            entries.push((used, bytes, name));
         }
         entries.sort();
         let mut evicted = Vec::new();
@@ -340,7 +393,11 @@ impl LayerCache {
 
     /// Every published entry with a readable manifest, most recently used first.
     pub(crate) fn entries(&self) -> Vec<LayerInfo> {
-        let Ok(read) = fs::read_dir(&self.dir) else {
+        if let Err(e) = crate::trust::check(&self.dir) {
+            tracing::warn!(error = %crate::vm::error_chain(&e), "not listing package layers");
+            return Vec::new();
+        }
+        let (Ok(Some(root)), Ok(read)) = (self.root(), fs::read_dir(&self.dir)) else {
             return Vec::new();
         };
         let mut infos: Vec<LayerInfo> = read
@@ -351,8 +408,9 @@ impl LayerCache {
                     return None;
                 }
                 let path = item.path();
-                let manifest = read_manifest(&path, &key).ok()?;
-                let usage = read_usage(&path).unwrap_or_default();
+                let entry = root.open_dir(&key).ok()?;
+                let manifest = read_manifest(&entry, &key).ok()?;
+                let usage = read_usage(&entry).unwrap_or_default();
                 let ecosystem = manifest.target.ecosystem;
                 Some(LayerInfo {
                     ecosystem: serde_json::to_value(ecosystem)
@@ -367,7 +425,7 @@ impl LayerCache {
                     closure_len: manifest.closure.len(),
                     bytes: allocated_bytes(&path),
                     hits: usage.hits,
-                    last_used_unix_ms: last_used(&path),
+                    last_used_unix_ms: last_used(&entry),
                     key,
                 })
             })
@@ -379,8 +437,8 @@ impl LayerCache {
 
 /// Checks an entry: its manifest is for `key`, and its image matches the manifest (by stamp,
 /// else by hashing it and stamping it).
-fn verify(dir: &Path, key: &str) -> Result<Cached, String> {
-    let manifest = read_manifest(dir, key)?;
+fn verify(dir: Dir, key: &str) -> Result<Cached, String> {
+    let manifest = read_manifest(&dir, key)?;
     let entry = Entry {
         name: format!("package layer {key}"),
         file: LAYER_FILE.into(),
@@ -389,14 +447,17 @@ fn verify(dir: &Path, key: &str) -> Result<Cached, String> {
         inputs: String::new(),
         lock: None,
     };
-    let mut stamps = Stamps::load(dir);
+    let mut stamps = Stamps::load(&dir);
     let checked = stamps.check(&entry);
     stamps.save();
     match checked {
-        Ok(Check::Verified(path)) => {
-            let file = File::open(&path).map_err(|e| format!("cannot open {LAYER_FILE}: {e}"))?;
+        Ok(Check::Verified(_)) => {
+            let file = dir
+                .open_file(LAYER_FILE)
+                .map_err(|e| format!("cannot open {LAYER_FILE}: {e}"))?;
             Ok(Cached {
-                dir: dir.to_path_buf(),
+                dir: dir.path().to_path_buf(),
+                handle: dir,
                 manifest,
                 file,
             })
@@ -406,32 +467,27 @@ fn verify(dir: &Path, key: &str) -> Result<Cached, String> {
     }
 }
 
-fn read_manifest(dir: &Path, key: &str) -> Result<LayerManifest, String> {
-    let path = dir.join(MANIFEST_FILE);
-    let file = File::open(&path).map_err(|e| format!("cannot open {MANIFEST_FILE}: {e}"))?;
-    let mut bytes = Vec::new();
-    std::io::Read::read_to_end(
-        &mut std::io::Read::take(file, MAX_MANIFEST_BYTES + 1),
-        &mut bytes,
-    )
-    .map_err(|e| format!("cannot read {MANIFEST_FILE}: {e}"))?;
-    if bytes.len() as u64 > MAX_MANIFEST_BYTES {
-        return Err(format!("{MANIFEST_FILE} is too large"));
-    }
+fn read_manifest(dir: &Dir, key: &str) -> Result<LayerManifest, String> {
+    let bytes = dir
+        .read(MANIFEST_FILE, MAX_MANIFEST_BYTES)
+        .map_err(|e| format!("cannot read {MANIFEST_FILE}: {e}"))?;
     LayerManifest::parse(&bytes, key)
 }
 
-fn read_usage(dir: &Path) -> Option<Usage> {
-    serde_json::from_slice(&fs::read(dir.join(USAGE_FILE)).ok()?).ok()
+/// Longest `usage.json` read.
+const MAX_USAGE_BYTES: u64 = 4096;
+
+fn read_usage(dir: &Dir) -> Option<Usage> {
+    serde_json::from_slice(&dir.read(USAGE_FILE, MAX_USAGE_BYTES).ok()?).ok()
 }
 
 /// The entry's LRU clock: its last recorded use, else when its manifest was written.
-fn last_used(dir: &Path) -> u64 {
+fn last_used(dir: &Dir) -> u64 {
     read_usage(dir)
         .map(|u| u.last_used_unix_ms)
         .filter(|&ms| ms > 0)
         .or_else(|| {
-            fs::metadata(dir.join(MANIFEST_FILE))
+            fs::symlink_metadata(dir.join(MANIFEST_FILE))
                 .and_then(|m| m.modified())
                 .ok()
                 .map(unix_ms)
@@ -444,20 +500,26 @@ fn is_key(name: &str) -> bool {
     name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-/// Makes a finished image read-only and durable.
-fn seal(path: &Path) -> Result<(), PackageError> {
-    fs::set_permissions(path, fs::Permissions::from_mode(0o444))
-        .map_err(PackageError::io("set permissions of", path))?;
-    File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(PackageError::io("sync", path))
+/// Makes the finished image `name` in `dir` read-only and durable.
+fn seal(dir: &Dir, name: &str) -> Result<(), PackageError> {
+    let path = dir.join(name);
+    let file = dir
+        .open_file(name)
+        .map_err(PackageError::io("open", &path))?;
+    file.set_permissions(fs::Permissions::from_mode(LAYER_MODE))
+        .map_err(PackageError::io("set permissions of", &path))?;
+    file.sync_all().map_err(PackageError::io("sync", &path))
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), PackageError> {
-    fs::write(path, bytes).map_err(PackageError::io("write", path))?;
-    File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(PackageError::io("sync", path))
+/// Writes the new file `name` in `dir`, durably.
+fn write_synced(dir: &Dir, name: &str, bytes: &[u8]) -> Result<(), PackageError> {
+    let path = dir.join(name);
+    let mut file = dir
+        .create_new(name, TEXT_MODE)
+        .map_err(PackageError::io("create", &path))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(PackageError::io("write", &path))
 }
 
 fn unique() -> u64 {

@@ -147,6 +147,9 @@ pub enum PackageError {
         /// What is missing.
         reason: String,
     },
+    /// The package cache directory could be changed by another user.
+    #[error(transparent)]
+    Untrusted(#[from] crate::trust::TrustError),
     /// A file system operation failed.
     #[error("cannot {action} {}", path.display())]
     Io {
@@ -199,6 +202,7 @@ impl PackageError {
             | PackageError::ToolOutput { .. }
             | PackageError::Offline { .. }
             | PackageError::Target { .. }
+            | PackageError::Untrusted(_)
             | PackageError::Io { .. } => ErrorKind::Permanent,
         }
     }
@@ -248,6 +252,7 @@ impl PackageError {
             PackageError::Target { .. } => {
                 Some("run `sbx prefetch` to rebuild the guest images".into())
             }
+            PackageError::Untrusted(e) => e.hint(),
             PackageError::ToolFailed { .. }
             | PackageError::ToolOutput { .. }
             | PackageError::Io { .. } => None,

@@ -8,9 +8,11 @@
 //! resolved on its own, so the answer is cacheable per range: two ranges whose picks conflict
 //! fail at install time with a conflict error. Answers are remembered on disk for
 //! [`limits::PACKAGE_RANGE_CACHE_TTL`], so repeated runs with the same range need no index
-//! contact while a new release is still picked up soon.
+//! contact while a new release is still picked up soon. The directory of remembered answers
+//! is checked like every cache directory (`crate::trust`), and its files are opened without
+//! following symbolic links.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -20,7 +22,11 @@ use super::error::PackageError;
 use super::install::{self, PipReport, PythonTarget};
 use super::tool::{self, Tools};
 use super::{Constraint, Ecosystem, Pin, Requirement, Target};
+use crate::disk::Dir;
 use crate::limits;
+
+/// Longest remembered resolution read.
+const MAX_ENTRY_BYTES: u64 = 4096;
 
 /// Resolves requirements for one cache directory.
 #[derive(Debug, Clone)]
@@ -205,7 +211,22 @@ impl Resolver {
         }
     }
 
-    fn entry_path(&self, target: &Target, name: &str, range: &str) -> PathBuf {
+    /// The directory of remembered resolutions, checked (created when `create`); `None` when
+    /// it is missing or refused (then nothing is remembered: the index is asked).
+    fn ranges(&self, create: bool) -> Option<Dir> {
+        let checked = if create {
+            crate::trust::ensure(&self.dir)
+        } else {
+            crate::trust::check(&self.dir)
+        };
+        if let Err(e) = checked {
+            tracing::warn!(error = %crate::vm::error_chain(&e), "not using remembered range resolutions");
+            return None;
+        }
+        Dir::open(&self.dir).ok()
+    }
+
+    fn entry_name(&self, target: &Target, name: &str, range: &str) -> String {
         let key = serde_json::to_vec(&(
             target.ecosystem,
             &target.interpreter,
@@ -215,12 +236,15 @@ impl Resolver {
         ))
         .expect("plain data serializes");
         let digest = hex::encode(Sha256::digest(key));
-        self.dir.join(format!("{}.json", &digest[..32]))
+        format!("{}.json", &digest[..32])
     }
 
     /// A resolution of `range` remembered within the time bound.
     fn remembered(&self, target: &Target, name: &str, range: &str) -> Option<String> {
-        let bytes = std::fs::read(self.entry_path(target, name, range)).ok()?;
+        let bytes = self
+            .ranges(false)?
+            .read(&self.entry_name(target, name, range), MAX_ENTRY_BYTES)
+            .ok()?;
         let entry: Remembered = serde_json::from_slice(&bytes).ok()?;
         let now = unix_ms(SystemTime::now());
         let fresh = entry.resolved_unix_ms <= now
@@ -244,10 +268,13 @@ impl Resolver {
             version: version.to_string(),
             resolved_unix_ms: unix_ms(SystemTime::now()),
         };
-        let path = self.entry_path(target, name, range);
+        let file = self.entry_name(target, name, range);
         let text = serde_json::to_vec_pretty(&entry).expect("plain data serializes");
-        if let Err(e) = std::fs::create_dir_all(&self.dir).and_then(|()| replace_file(&path, &text))
-        {
+        let Some(dir) = self.ranges(true) else {
+            return;
+        };
+        // No fsync: losing the file in a crash is harmless here.
+        if let Err(e) = dir.replace(&file, &text, 0o644, false) {
             tracing::debug!(error = %e, "cannot remember a range resolution");
         }
     }
@@ -301,22 +328,11 @@ pub(crate) fn unix_ms(time: SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Replaces `path` with `bytes` through a temporary file and a rename (readers see the old or
-/// the new file, never a part). No fsync: losing the file in a crash is harmless here.
-pub(crate) fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().expect("a file in a directory");
-    let name = path.file_name().expect("a file name").to_string_lossy();
-    let temp = crate::assets::files::temp_path(dir, &name);
-    let result = std::fs::write(&temp, bytes).and_then(|()| std::fs::rename(&temp, path));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    result
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
 
     fn resolver(dir: &Path, ttl: Duration) -> Resolver {
         Resolver {
@@ -404,6 +420,35 @@ mod tests {
         assert!(
             matches!(&err, PackageError::Offline { what } if what.contains("sbxdemo>=1.0")),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_symlinked_range_cache_entry_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ranges = dir.path().join(".ranges");
+        let fresh = resolver(&ranges, Duration::from_secs(600));
+        let py = target(Ecosystem::Python);
+        fresh.remember(&py, "sbxdemo", ">=1.0", "1.1");
+        let name = fresh.entry_name(&py, "sbxdemo", ">=1.0");
+        // A remembered answer planted outside the cache and linked in is not read...
+        let outside = tempfile::tempdir().unwrap();
+        let planted = outside.path().join("planted.json");
+        std::fs::rename(ranges.join(&name), &planted).unwrap();
+        let before = std::fs::read(&planted).unwrap();
+        std::os::unix::fs::symlink(&planted, ranges.join(&name)).unwrap();
+        assert_eq!(fresh.remembered(&py, "sbxdemo", ">=1.0"), None);
+        // ...and remembering again replaces the link instead of writing through it.
+        fresh.remember(&py, "sbxdemo", ">=1.0", "1.2");
+        assert_eq!(std::fs::read(&planted).unwrap(), before);
+        assert_eq!(
+            fresh.remembered(&py, "sbxdemo", ">=1.0").as_deref(),
+            Some("1.2")
+        );
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 1);
+        assert_eq!(
+            std::fs::metadata(&ranges).unwrap().permissions().mode() & 0o777,
+            0o700
         );
     }
 

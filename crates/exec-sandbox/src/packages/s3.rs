@@ -41,7 +41,7 @@ mod stream;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use config::{S3Config, S3SetupError, S3Timeouts, normalize_prefix};
+pub(crate) use config::{S3Config, S3SetupError, S3Timeouts, is_loopback, normalize_prefix};
 use stream::{LayerDigest, compress_from, decompress_into};
 
 /// The layer image in an entry directory (the L2 cache's name for it).

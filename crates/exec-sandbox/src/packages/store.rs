@@ -161,6 +161,9 @@ impl PackageStore {
         });
         let inner = Arc::clone(&self.inner);
         let target = target.clone();
+        // Checked (and created private) before anything is read from it.
+        let dir = inner.config.cache_dir.clone();
+        blocking(move || Ok(crate::trust::ensure(&dir)?)).await?;
         let pins = {
             let (inner, target, progress) = (Arc::clone(&inner), target.clone(), progress.clone());
             let requirements = requirements.to_vec();

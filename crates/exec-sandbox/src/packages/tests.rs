@@ -934,6 +934,7 @@ fn the_asset_manifest_gives_the_target() {
         images_dir: images.clone(),
         source: crate::assets::AssetSource::Forbidden,
         version: Some("v1".into()),
+        manifest_sha256: None,
     });
     let err = target_for(&store, sbx_protocol::Language::Python).unwrap_err();
     assert!(

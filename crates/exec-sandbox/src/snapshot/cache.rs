@@ -1,8 +1,11 @@
 //! The on-disk cache of memory snapshots: verified entries, atomic publication, LRU eviction.
+//!
+//! The cache directory is checked (`crate::trust`) before it is read, and every file of an
+//! entry is opened through a handle of the entry's directory without following symbolic links.
+//! Snapshot files are private to the cache's owner (0600).
 
 use std::fs::{self, File};
-use std::io::{self, Read};
-use std::os::fd::AsRawFd;
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -11,12 +14,16 @@ use sbx_protocol::{AgentHello, Language};
 use serde::{Deserialize, Serialize};
 
 use super::{FORMAT, META, RAM, VMSTATE};
-use crate::disk::allocated_bytes;
+use crate::disk::{Dir, allocated_bytes};
 use crate::vm::VmError;
 use crate::vm::migration::Saved;
 
 /// Longest accepted `meta.json`.
 const MAX_META_BYTES: u64 = 16 * 1024;
+/// Mode of `vmstate` and `meta.json`.
+const FILE_MODE: u32 = 0o600;
+/// Mode of a template's RAM file (see [`create_ram_file`]).
+pub(crate) const RAM_MODE: u32 = 0o600;
 
 /// A snapshot cache operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +42,9 @@ pub(crate) enum SnapshotError {
     /// The template VM failed.
     #[error("template VM failed")]
     Vm(#[source] VmError),
+    /// The cache directory could be changed by another user.
+    #[error(transparent)]
+    Untrusted(#[from] crate::trust::TrustError),
 }
 
 fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SnapshotError {
@@ -116,6 +126,8 @@ pub(crate) struct Entry {
     pub(crate) dir: PathBuf,
     /// Its metadata.
     pub(crate) meta: Meta,
+    /// `meta.json`, open (its mtime is the LRU clock).
+    meta_file: File,
     /// The device state, open and rewound: the very file whose hash was checked.
     pub(crate) vmstate: File,
     /// The guest RAM file, open (QEMU reopens it through `/proc/self/fd`).
@@ -155,12 +167,13 @@ impl Entry {
 pub(crate) struct Pending {
     key: String,
     dir: PathBuf,
+    handle: Dir,
     published: bool,
     _lock: File,
 }
 
 impl Pending {
-    /// Where QEMU creates the template's RAM.
+    /// The template's RAM file, for QEMU (created empty by [`Cache::begin`]: QEMU sizes it).
     pub(crate) fn ram(&self) -> PathBuf {
         self.dir.join(RAM)
     }
@@ -169,6 +182,21 @@ impl Pending {
     pub(crate) fn vmstate(&self) -> PathBuf {
         self.dir.join(VMSTATE)
     }
+
+    /// Creates the device state file (0600), for QEMU to write through the descriptor.
+    pub(crate) fn create_vmstate(&self) -> Result<File, SnapshotError> {
+        self.handle
+            .create_new(VMSTATE, FILE_MODE)
+            .map_err(io_error("create", &self.vmstate()))
+    }
+}
+
+/// Creates the empty RAM file of a template in `dir` before its QEMU starts: QEMU opens an
+/// existing empty file and sizes it, so the file's owner and mode are decided here, not by
+/// QEMU's umask. The one place to change them (the default is private to the cache's owner,
+/// [`RAM_MODE`]); a QEMU running as another user needs read-write access to it.
+pub(crate) fn create_ram_file(dir: &Dir) -> io::Result<()> {
+    dir.create_new(RAM, RAM_MODE).map(drop)
 }
 
 impl Drop for Pending {
@@ -201,20 +229,37 @@ impl Cache {
         self.dir.join(key)
     }
 
+    /// The cache directory, open, after checking it; `None` when it does not exist.
+    fn root(&self) -> Result<Option<Dir>, SnapshotError> {
+        crate::trust::check(&self.dir)?;
+        match Dir::open(&self.dir) {
+            Ok(root) => Ok(Some(root)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error("open", &self.dir)(e)),
+        }
+    }
+
     /// The entry for `key` if there is one and it checks out; a bad one is discarded. Marks the
     /// entry as used now.
     pub(crate) fn open(&self, key: &str) -> Option<Entry> {
+        let root = match self.root() {
+            Ok(root) => root?,
+            Err(e) => {
+                tracing::warn!(error = %crate::vm::error_chain(&e), "not restoring memory snapshots");
+                return None;
+            }
+        };
         let dir = self.entry_dir(key);
-        if !dir.exists() {
-            return None;
-        }
-        match verify(&dir, key) {
+        // Never through a link: a link or a file in the entry's place is a bad entry.
+        let verified = match root.open_dir(key) {
+            Ok(handle) => verify(&handle, key),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+            Err(source) => Err(VerifyError::Read { file: ".", source }),
+        };
+        match verified {
             Ok(entry) => {
                 // LRU clock: the metadata's mtime. Failing to touch it only skews eviction.
-                let _ = File::options()
-                    .write(true)
-                    .open(dir.join(META))
-                    .and_then(|f| f.set_modified(SystemTime::now()));
+                let _ = entry.meta_file.set_modified(SystemTime::now());
                 Some(entry)
             }
             Err(reason) => {
@@ -239,24 +284,31 @@ impl Cache {
         }
     }
 
-    /// Starts building `key`, or `None` when another process is building it right now.
+    /// Starts building `key`, or `None` when another process is building it right now. The
+    /// template's directory is private and holds its empty RAM file ([`create_ram_file`]).
     pub(crate) fn begin(&self, key: &str) -> Result<Option<Pending>, SnapshotError> {
-        fs::create_dir_all(&self.dir).map_err(io_error("create", &self.dir))?;
-        let lock_path = self.dir.join(format!("{key}.lock"));
-        let lock = crate::disk::open_lock_file(&lock_path).map_err(io_error("open", &lock_path))?;
+        crate::trust::ensure(&self.dir)?;
+        let root = Dir::open(&self.dir).map_err(io_error("open", &self.dir))?;
+        let lock_name = format!("{key}.lock");
+        let lock_path = self.dir.join(&lock_name);
+        let lock = root
+            .open_lock(&lock_name)
+            .map_err(io_error("open", &lock_path))?;
         if !crate::sys::flock_exclusive(&lock, false).map_err(io_error("lock", &lock_path))? {
             return Ok(None);
         }
-        let dir = self
-            .dir
-            .join(format!(".tmp-{key}-{}-{}", std::process::id(), unique()));
-        fs::create_dir(&dir).map_err(io_error("create", &dir))?;
-        Ok(Some(Pending {
+        let name = format!(".tmp-{key}-{}-{}", std::process::id(), unique());
+        let dir = self.dir.join(&name);
+        let handle = root.create_dir(&name).map_err(io_error("create", &dir))?;
+        let pending = Pending {
             key: key.to_string(),
             dir,
+            handle,
             published: false,
             _lock: lock,
-        }))
+        };
+        create_ram_file(&pending.handle).map_err(io_error("create", &pending.ram()))?;
+        Ok(Some(pending))
     }
 
     /// Seals a saved template: hashes the device state, writes `meta.json` last and publishes
@@ -269,11 +321,17 @@ impl Cache {
     ) -> Result<PathBuf, SnapshotError> {
         let vmstate_path = pending.vmstate();
         let (vmstate_sha256, vmstate_bytes) = crate::disk::sha256_reader(
-            File::open(&vmstate_path).map_err(io_error("open", &vmstate_path))?,
+            pending
+                .handle
+                .open_file(VMSTATE)
+                .map_err(io_error("open", &vmstate_path))?,
         )
         .map_err(io_error("read", &vmstate_path))?;
         let ram_path = pending.ram();
-        let ram = File::open(&ram_path).map_err(io_error("open", &ram_path))?;
+        let ram = pending
+            .handle
+            .open_file(RAM)
+            .map_err(io_error("open", &ram_path))?;
         ram.sync_all().map_err(io_error("sync", &ram_path))?;
         let ram_bytes = ram.metadata().map_err(io_error("stat", &ram_path))?.len();
         let meta = Meta {
@@ -291,10 +349,11 @@ impl Cache {
         };
         let meta_path = pending.dir.join(META);
         let text = serde_json::to_vec_pretty(&meta).expect("metadata serializes");
-        fs::write(&meta_path, text).map_err(io_error("write", &meta_path))?;
-        File::open(&meta_path)
-            .and_then(|f| f.sync_all())
-            .map_err(io_error("sync", &meta_path))?;
+        pending
+            .handle
+            .create_new(META, FILE_MODE)
+            .and_then(|mut f| f.write_all(&text).and_then(|()| f.sync_all()))
+            .map_err(io_error("write", &meta_path))?;
         let target = self.entry_dir(&pending.key);
         if target.exists() {
             // We hold the key's lock: whatever is there failed verification or is older.
@@ -311,7 +370,10 @@ impl Cache {
             return (0, 0);
         };
         read.filter_map(Result::ok)
-            .filter(|e| e.path().is_dir() && !e.file_name().to_string_lossy().starts_with('.'))
+            .filter(|e| {
+                e.file_type().is_ok_and(|t| t.is_dir())
+                    && !e.file_name().to_string_lossy().starts_with('.')
+            })
             .fold((0, 0), |(n, bytes), e| {
                 (n + 1, bytes + allocated_bytes(&e.path()))
             })
@@ -320,6 +382,10 @@ impl Cache {
     /// Evicts least recently used entries (never `keep`) until the cache fits its bound, and
     /// clears leftovers of interrupted builds. Returns the evicted directories.
     pub(crate) fn evict(&self, keep: &str) -> Vec<PathBuf> {
+        if let Err(e) = crate::trust::check(&self.dir) {
+            tracing::warn!(error = %crate::vm::error_chain(&e), "not evicting memory snapshots");
+            return Vec::new();
+        }
         let Ok(read) = fs::read_dir(&self.dir) else {
             return Vec::new();
         };
@@ -328,7 +394,7 @@ impl Cache {
         for item in read.filter_map(Result::ok) {
             let path = item.path();
             let name = item.file_name().to_string_lossy().into_owned();
-            if !path.is_dir() {
+            if !item.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
             if crate::disk::remove_if_leftover(&path, &name) {
@@ -339,7 +405,7 @@ impl Cache {
             if name.starts_with('.') || name == keep {
                 continue;
             }
-            let used = fs::metadata(path.join(META))
+            let used = fs::symlink_metadata(path.join(META))
                 .and_then(|m| m.modified())
                 .unwrap_or(SystemTime::UNIX_EPOCH);
             entries.push((used, size, path));
@@ -360,15 +426,15 @@ impl Cache {
 
 /// Checks an entry against its metadata: format, key, RAM size, and the vmstate's size and
 /// sha256 (it is small; the RAM file is too big to hash per run and is checked by size).
-pub(crate) fn verify(dir: &Path, key: &str) -> Result<Entry, VerifyError> {
+pub(crate) fn verify(dir: &Dir, key: &str) -> Result<Entry, VerifyError> {
     let read = |file: &'static str| move |source| VerifyError::Read { file, source };
-    // Every file is opened through one descriptor of the directory, so all of them come from
-    // the same entry even if it is replaced meanwhile.
-    let handle = File::open(dir).map_err(read("."))?;
-    let base = PathBuf::from(format!("/proc/self/fd/{}", handle.as_raw_fd()));
+    // Every file is opened through the one handle of the entry's directory, so all of them
+    // come from the same entry even if it is replaced meanwhile, and none through a link.
+    let meta_file = dir.open_file(META).map_err(read(META))?;
     let mut text = Vec::new();
-    File::open(base.join(META))
-        .and_then(|f| f.take(MAX_META_BYTES).read_to_end(&mut text))
+    (&meta_file)
+        .take(MAX_META_BYTES)
+        .read_to_end(&mut text)
         .map_err(read(META))?;
     let meta: Meta = serde_json::from_slice(&text).map_err(VerifyError::Meta)?;
     if meta.format != FORMAT || meta.key != key {
@@ -377,7 +443,7 @@ pub(crate) fn verify(dir: &Path, key: &str) -> Result<Entry, VerifyError> {
             key: meta.key,
         });
     }
-    let ram = File::open(base.join(RAM)).map_err(read(RAM))?;
+    let ram = dir.open_file(RAM).map_err(read(RAM))?;
     let ram_bytes = ram.metadata().map_err(read(RAM))?.len();
     if ram_bytes != meta.ram_bytes {
         return Err(VerifyError::RamSize {
@@ -385,15 +451,16 @@ pub(crate) fn verify(dir: &Path, key: &str) -> Result<Entry, VerifyError> {
             expected: meta.ram_bytes,
         });
     }
-    let mut vmstate = File::open(base.join(VMSTATE)).map_err(read(VMSTATE))?;
+    let mut vmstate = dir.open_file(VMSTATE).map_err(read(VMSTATE))?;
     let (sha256, bytes) = crate::disk::sha256_reader(&mut vmstate).map_err(read(VMSTATE))?;
     if bytes != meta.vmstate_bytes || sha256 != meta.vmstate_sha256 {
         return Err(VerifyError::Vmstate { bytes });
     }
     std::io::Seek::rewind(&mut vmstate).map_err(read(VMSTATE))?;
     Ok(Entry {
-        dir: dir.to_path_buf(),
+        dir: dir.path().to_path_buf(),
         meta,
+        meta_file,
         vmstate,
         ram,
     })
@@ -415,7 +482,11 @@ pub(crate) mod tests {
     pub(crate) fn publish(cache: &Cache, key: &str, vmstate: &[u8]) -> PathBuf {
         let pending = cache.begin(key).unwrap().expect("lock is free");
         fs::write(pending.ram(), vec![0u8; 4096]).unwrap();
-        fs::write(pending.vmstate(), vmstate).unwrap();
+        pending
+            .create_vmstate()
+            .unwrap()
+            .write_all(vmstate)
+            .unwrap();
         let hello = AgentHello {
             protocol_version: sbx_protocol::PROTOCOL_VERSION,
             agent_version: "t".into(),
@@ -439,7 +510,7 @@ pub(crate) mod tests {
         entry.vmstate.read_to_string(&mut read_back).unwrap();
         assert_eq!(read_back, "device state", "handed out rewound");
         // A wrong key in the metadata is not this entry.
-        assert!(verify(&dir, "k2").is_err());
+        assert!(verify(&Dir::open(&dir).unwrap(), "k2").is_err());
 
         // Truncated vmstate: rejected and removed, never handed out.
         fs::write(dir.join(VMSTATE), b"device").unwrap();

@@ -9,7 +9,6 @@
 //! run.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -65,11 +64,7 @@ pub(crate) async fn build(
     vm.warm(warmup, deadline).await.map_err(SnapshotError::Vm)?;
     let hello = vm.hello().clone();
     let vmstate_path = pending.vmstate();
-    let vmstate = File::create(&vmstate_path).map_err(|source| SnapshotError::Io {
-        action: "create",
-        path: vmstate_path.clone(),
-        source,
-    })?;
+    let vmstate = pending.create_vmstate()?;
     vm.save_template(&vmstate)
         .await
         .map_err(SnapshotError::Vm)?;

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::qemu::VmSpec;
 use super::{Vm, VmError, host};
+use crate::disk::Dir;
 use crate::limits;
 
 /// The accelerator a VM runs on.
@@ -171,22 +172,44 @@ pub(crate) struct HostVerdict {
     pub(crate) tsc_khz: Option<u64>,
 }
 
-/// Reads a remembered verdict; anything unreadable counts as absent.
-pub(crate) fn load_verdict(path: &Path) -> Option<HostVerdict> {
-    let text = std::fs::read_to_string(path).ok()?;
-    serde_json::from_str(&text).ok()
+/// Largest verdict file read.
+const MAX_VERDICT_BYTES: u64 = 64 * 1024;
+
+/// The verdict file's directory (a cache directory: checked, created private when `create`)
+/// and its name. A directory another user could change is refused.
+fn verdict_dir(path: &Path, create: bool) -> std::io::Result<(Dir, &str)> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Err(std::io::Error::other("not a file path"));
+    };
+    let checked = if create {
+        crate::trust::ensure(dir)
+    } else {
+        crate::trust::check(dir)
+    };
+    checked.map_err(|e| std::io::Error::other(crate::vm::error_chain(&e)))?;
+    Ok((Dir::open(dir)?, name))
 }
 
-/// Remembers a verdict atomically (temp file + rename).
+/// Reads a remembered verdict; anything unreadable (a symbolic link included: never followed)
+/// counts as absent.
+pub(crate) fn load_verdict(path: &Path) -> Option<HostVerdict> {
+    let (dir, name) = match verdict_dir(path, false) {
+        Ok(found) => found,
+        Err(e) => {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %path.display(), error = %e, "not reading the remembered accelerator verdict");
+            }
+            return None;
+        }
+    };
+    serde_json::from_slice(&dir.read(name, MAX_VERDICT_BYTES).ok()?).ok()
+}
+
+/// Remembers a verdict atomically (temp file + rename: a link in its place is replaced).
 pub(crate) fn store_verdict(path: &Path, verdict: &HostVerdict) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| std::io::Error::other("no parent"))?;
-    std::fs::create_dir_all(dir)?;
-    let tmp = tempfile::NamedTempFile::new_in(dir)?;
-    serde_json::to_writer_pretty(tmp.as_file(), verdict).map_err(std::io::Error::other)?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
+    let (dir, name) = verdict_dir(path, true)?;
+    let text = serde_json::to_vec_pretty(verdict).map_err(std::io::Error::other)?;
+    dir.replace(name, &text, 0o600, true)
 }
 
 /// The accelerator verdict for this host: remembered for its fingerprint, or decided now
@@ -249,6 +272,7 @@ async fn probe_kvm(qemu: &Path, kernel: &Path, initramfs: &Path) -> Result<Durat
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
     struct FakeHost(Option<std::io::ErrorKind>);
     impl KvmProber for FakeHost {
@@ -328,5 +352,41 @@ mod tests {
         assert_eq!(load_verdict(&path), Some(v));
         std::fs::write(&path, "{not json").unwrap();
         assert_eq!(load_verdict(&path), None);
+        assert_eq!(
+            std::fs::metadata(path.parent().unwrap()).unwrap().mode() & 0o777,
+            0o700,
+            "the host directory is private"
+        );
+    }
+
+    #[test]
+    fn a_symlinked_verdict_is_neither_read_nor_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = verdict_path(dir.path(), "abc");
+        let v = HostVerdict {
+            choice: verdict(Ok(Duration::from_millis(180))),
+            tsc_khz: None,
+        };
+        let outside = tempfile::tempdir().unwrap();
+        let planted = outside.path().join("verdict.json");
+        std::fs::write(&planted, serde_json::to_vec(&v).unwrap()).unwrap();
+        let before = std::fs::read(&planted).unwrap();
+        std::fs::create_dir(path.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&planted, &path).unwrap();
+        assert_eq!(
+            load_verdict(&path),
+            None,
+            "a planted verdict is not believed"
+        );
+        store_verdict(&path, &v).unwrap();
+        assert_eq!(std::fs::read(&planted).unwrap(), before);
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 1);
+        assert!(
+            !std::fs::symlink_metadata(&path)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(load_verdict(&path), Some(v));
     }
 }

@@ -222,7 +222,8 @@ pub(crate) fn validate_endpoint_url(text: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn is_loopback(host: &url::Host<&str>) -> bool {
+/// `localhost` or a loopback address (plain http is accepted to such hosts only).
+pub(crate) fn is_loopback(host: &url::Host<&str>) -> bool {
     match host {
         url::Host::Domain(name) => name.eq_ignore_ascii_case("localhost"),
         url::Host::Ipv4(ip) => ip.is_loopback(),
