@@ -254,9 +254,114 @@ pub(crate) fn remove_if_leftover(path: &Path, name: &str) -> bool {
     false
 }
 
+/// What a directory outside a cache holds, to prove a test's attack changed nothing there.
+#[cfg(test)]
+pub(crate) struct Untouched {
+    dir: PathBuf,
+    before: Vec<(std::ffi::OsString, Vec<u8>, std::time::SystemTime, u32)>,
+}
+
+#[cfg(test)]
+impl Untouched {
+    /// Records every file of `dir`: name, contents, mtime and mode.
+    pub(crate) fn record(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            before: Self::list(dir),
+        }
+    }
+
+    fn list(dir: &Path) -> Vec<(std::ffi::OsString, Vec<u8>, std::time::SystemTime, u32)> {
+        let mut files: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let meta = fs::symlink_metadata(e.path()).unwrap();
+                let bytes = if meta.is_file() {
+                    fs::read(e.path()).unwrap()
+                } else {
+                    Vec::new()
+                };
+                (e.file_name(), bytes, meta.modified().unwrap(), meta.mode())
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// Panics unless `dir` holds exactly what it held, unchanged.
+    pub(crate) fn assert_untouched(&self) {
+        assert!(
+            Self::list(&self.dir) == self.before,
+            "{} changed",
+            self.dir.display()
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn links_in_a_cache_are_never_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("precious");
+        fs::write(&target, b"keep me").unwrap();
+        let untouched = Untouched::record(outside.path());
+        let dir = Dir::open(tmp.path()).unwrap();
+        for name in ["link", "another-link"] {
+            symlink(&target, tmp.path().join(name)).unwrap();
+        }
+        symlink(outside.path(), tmp.path().join("dir-link")).unwrap();
+        let refused = |e: io::Error| e.to_string();
+        assert!(refused(dir.open_file("link").unwrap_err()).contains("symbolic link"));
+        assert!(refused(dir.open_lock("link").unwrap_err()).contains("symbolic link"));
+        assert!(dir.read("link", 100).is_err());
+        assert!(dir.create_new("link", 0o600).is_err());
+        assert!(dir.open_dir("dir-link").is_err());
+        assert!(dir.create_dir("dir-link").is_err());
+        // Replacing a link replaces the link itself.
+        dir.replace("link", b"new", 0o600, true).unwrap();
+        assert_eq!(fs::read(tmp.path().join("link")).unwrap(), b"new");
+        // A hard link of a link is a link, not the file it points to.
+        dir.hard_link("another-link", &dir, "again").unwrap();
+        assert!(
+            fs::symlink_metadata(tmp.path().join("again"))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert!(
+            dir.open_file("../x").is_err(),
+            "names are single components"
+        );
+        untouched.assert_untouched();
+    }
+
+    #[test]
+    fn new_files_and_directories_get_exact_modes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        let mode = |name: &str| fs::metadata(tmp.path().join(name)).unwrap().mode() & 0o7777;
+        dir.create_new("a", 0o600).unwrap();
+        dir.create_new("b", 0o444).unwrap();
+        dir.create_dir("d").unwrap();
+        dir.open_lock("l").unwrap();
+        dir.replace("r", b"x", 0o644, false).unwrap();
+        assert_eq!(
+            [mode("a"), mode("b"), mode("d"), mode("l"), mode("r")],
+            [0o600, 0o444, 0o700, 0o600, 0o644]
+        );
+        assert!(
+            dir.create_new("a", 0o600).is_err(),
+            "never over an existing file"
+        );
+        assert_eq!(dir.read("r", 1).unwrap(), b"x");
+        assert!(dir.read("r", 0).is_err(), "bounded");
+    }
 
     #[test]
     fn sizes_hashes_locks_and_leftovers() {

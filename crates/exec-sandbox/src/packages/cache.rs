@@ -653,6 +653,72 @@ mod tests {
     }
 
     #[test]
+    fn links_in_place_of_a_layer_its_manifest_or_a_lock_are_not_followed() {
+        use crate::disk::Untouched;
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = LayerCache::new(dir.path().join("packages"));
+        let outside = tempfile::tempdir().unwrap();
+        // The same bytes outside the cache, linked in place of the layer: the entry is bad
+        // (the link is never opened), and discarding it removes the link only.
+        let key = put(&cache, "a", 10_000);
+        let entry = cache.dir().join(&key);
+        fs::copy(entry.join(LAYER_FILE), outside.path().join(LAYER_FILE)).unwrap();
+        fs::copy(
+            entry.join(MANIFEST_FILE),
+            outside.path().join(MANIFEST_FILE),
+        )
+        .unwrap();
+        let untouched = Untouched::record(outside.path());
+        fs::remove_file(entry.join(LAYER_FILE)).unwrap();
+        symlink(outside.path().join(LAYER_FILE), entry.join(LAYER_FILE)).unwrap();
+        assert!(matches!(cache.lookup(&key), Lookup::Bad(_)));
+        let lock = cache.lock(&key, || {}).unwrap();
+        cache.discard(&key, &lock);
+        drop(lock);
+        assert!(matches!(cache.lookup(&key), Lookup::Miss));
+
+        let key = put(&cache, "b", 100);
+        let entry = cache.dir().join(&key);
+        fs::remove_file(entry.join(MANIFEST_FILE)).unwrap();
+        symlink(
+            outside.path().join(MANIFEST_FILE),
+            entry.join(MANIFEST_FILE),
+        )
+        .unwrap();
+        assert!(matches!(cache.lookup(&key), Lookup::Bad(r) if r.contains("symbolic link")));
+
+        // A link in place of the whole entry.
+        let key = put(&cache, "c", 100);
+        let entry = cache.dir().join(&key);
+        let moved = outside.path().join("entry");
+        fs::rename(&entry, &moved).unwrap();
+        symlink(&moved, &entry).unwrap();
+        let moved_untouched = Untouched::record(&moved);
+        assert!(matches!(cache.lookup(&key), Lookup::Bad(_)));
+        assert!(cache.entries().iter().all(|e| e.key != key));
+        moved_untouched.assert_untouched();
+
+        // A link planted as a key's lock file.
+        let key = "d".repeat(64);
+        let precious = outside.path().join(LAYER_FILE);
+        symlink(
+            &precious,
+            cache.dir().join(LOCKS_DIR).join(format!("{key}.lock")),
+        )
+        .unwrap();
+        let err = cache.lock(&key, || {}).unwrap_err();
+        assert!(
+            crate::vm::error_chain(&err).contains("symbolic link"),
+            "{err}"
+        );
+
+        // Nothing outside changed but the entry moved there by the test itself.
+        fs::remove_dir_all(&moved).unwrap();
+        untouched.assert_untouched();
+    }
+
+    #[test]
     fn eviction_keeps_the_most_recently_used_within_the_bound() {
         let dir = tempfile::tempdir().unwrap();
         let cache = LayerCache::new(dir.path().to_path_buf());

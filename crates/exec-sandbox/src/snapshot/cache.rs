@@ -540,6 +540,69 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn snapshot_files_are_private_and_links_in_the_cache_are_not_followed() {
+        use crate::disk::Untouched;
+        use std::os::unix::fs::{MetadataExt, symlink};
+        let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o7777;
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::new(tmp.path().join("snapshots"), u64::MAX);
+        let pending = cache.begin("k").unwrap().expect("free");
+        assert_eq!(mode(&cache.dir), 0o700);
+        assert_eq!(mode(&pending.dir), 0o700);
+        assert_eq!(
+            (
+                mode(&pending.ram()),
+                fs::metadata(pending.ram()).unwrap().len()
+            ),
+            (RAM_MODE, 0),
+            "an empty private RAM file for QEMU to size"
+        );
+        drop(pending);
+        let dir = publish(&cache, "k", b"device state");
+        for file in [RAM, VMSTATE, META] {
+            assert_eq!(mode(&dir.join(file)), 0o600, "{file}");
+        }
+
+        // A good meta.json outside the cache, linked in: not followed, the entry discarded,
+        // the file outside untouched.
+        let outside = tempfile::tempdir().unwrap();
+        fs::copy(dir.join(META), outside.path().join(META)).unwrap();
+        fs::remove_file(dir.join(META)).unwrap();
+        symlink(outside.path().join(META), dir.join(META)).unwrap();
+        let untouched = Untouched::record(outside.path());
+        assert!(cache.open("k").is_none());
+        assert!(!dir.exists(), "discarded");
+        untouched.assert_untouched();
+
+        // A whole entry outside, linked in as the key's directory.
+        let elsewhere = publish(&cache, "k2", b"device state");
+        let copy = outside.path().join("k2");
+        fs::rename(&elsewhere, &copy).unwrap();
+        symlink(&copy, &elsewhere).unwrap();
+        let entry_untouched = Untouched::record(&copy);
+        let untouched_with_copy = Untouched::record(outside.path());
+        assert!(cache.open("k2").is_none());
+        assert!(
+            fs::symlink_metadata(&elsewhere).is_err(),
+            "the link is gone"
+        );
+        entry_untouched.assert_untouched();
+        untouched_with_copy.assert_untouched();
+
+        // A link planted as a build lock.
+        let precious = tempfile::tempdir().unwrap();
+        fs::write(precious.path().join("precious"), b"keep me").unwrap();
+        let precious_untouched = Untouched::record(precious.path());
+        symlink(precious.path().join("precious"), cache.dir.join("k3.lock")).unwrap();
+        let err = cache.begin("k3").unwrap_err();
+        assert!(
+            crate::vm::error_chain(&err).contains("symbolic link"),
+            "{err}"
+        );
+        precious_untouched.assert_untouched();
+    }
+
+    #[test]
     fn one_builder_per_key_and_unfinished_builds_leave_nothing() {
         let tmp = tempfile::tempdir().unwrap();
         let cache = Cache::new(tmp.path().to_path_buf(), u64::MAX);

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 /// Serves the files under `root` (GET only, 404 for anything else) until the test process
 /// ends, answering at most `MAX_REQUESTS` requests.
-fn serve(root: &Path) -> String {
+pub(crate) fn serve(root: &Path) -> String {
     const MAX_REQUESTS: usize = 200;
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap();
@@ -53,7 +53,7 @@ fn serve(root: &Path) -> String {
 }
 
 /// Asset files and their manifest, laid out as an operator serves them.
-fn publish(root: &Path, version: &str, files: &[(&str, &str, &[u8])]) -> PathBuf {
+pub(crate) fn publish(root: &Path, version: &str, files: &[(&str, &str, &[u8])]) -> PathBuf {
     let dir = root.join(version);
     std::fs::create_dir_all(&dir).unwrap();
     let assets: Vec<serde_json::Value> = files
@@ -75,7 +75,7 @@ fn publish(root: &Path, version: &str, files: &[(&str, &str, &[u8])]) -> PathBuf
     dir
 }
 
-const ALL_FILES: &[(&str, &str, &[u8])] = &[
+pub(crate) const ALL_FILES: &[(&str, &str, &[u8])] = &[
     ("kernel", "vmlinux", b"prebuilt kernel"),
     (
         "rootfs-python",
@@ -90,7 +90,7 @@ const ALL_FILES: &[(&str, &str, &[u8])] = &[
     ("rootfs-raw", "rootfs-raw.erofs", b"prebuilt raw root"),
 ];
 
-fn config(images: &Path, base_url: &str, version: &str) -> AssetConfig {
+pub(crate) fn config(images: &Path, base_url: &str, version: &str) -> AssetConfig {
     SchedulerConfig {
         cache_dir: images.into(),
         images_dir: images.join("images"),
@@ -254,4 +254,90 @@ async fn a_closed_port_is_a_download_error() {
     let err = store.ensure(&[Language::Raw]).await.unwrap_err();
     assert!(matches!(err, AssetError::Download { .. }), "{err}");
     assert_eq!(err.kind(), ErrorKind::Transient);
+}
+
+#[tokio::test]
+async fn a_pinned_manifest_installs_and_a_wrong_pin_installs_nothing() {
+    let server_root = tempfile::tempdir().unwrap();
+    let dir = publish(server_root.path(), "v-pin", ALL_FILES);
+    let url = serve(server_root.path());
+    let served = hex::encode(Sha256::digest(
+        std::fs::read(dir.join("manifest.json")).unwrap(),
+    ));
+
+    // A server that lists other checksums than the operator pinned is refused before any
+    // download (it could have replaced both the images and their checksums).
+    let home = tempfile::tempdir().unwrap();
+    let mut pinned = config(home.path(), &url, "v-pin");
+    pinned.manifest_sha256 = Some("0".repeat(64));
+    let store = AssetStore::new(&pinned);
+    let err = store.ensure(&[Language::Python]).await.unwrap_err();
+    let AssetError::ManifestPin {
+        expected, actual, ..
+    } = &err
+    else {
+        panic!("{err}")
+    };
+    assert_eq!(
+        (expected.as_str(), actual.as_str()),
+        ("0".repeat(64).as_str(), served.as_str())
+    );
+    assert_eq!(err.kind(), ErrorKind::Permanent);
+    assert!(
+        err.hint()
+            .unwrap()
+            .contains("EXEC_SANDBOX_ASSET_MANIFEST_SHA256")
+    );
+    let installed: Vec<_> = std::fs::read_dir(store.version_dir())
+        .map(|dir| dir.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(installed.is_empty(), "installed {installed:?}");
+
+    // The right pin (in any case) installs.
+    pinned.manifest_sha256 = Some(served.to_uppercase());
+    let assets = AssetStore::new(&pinned)
+        .ensure(&[Language::Python])
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&assets.kernel).unwrap(), b"prebuilt kernel");
+}
+
+#[test]
+fn plain_http_to_a_host_that_is_not_loopback_is_refused_at_config_time() {
+    let home = tempfile::tempdir().unwrap();
+    let with_url = |url: &str| SchedulerConfig {
+        cache_dir: home.path().into(),
+        images_dir: home.path().join("images"),
+        asset_base_url: Some(url.into()),
+        ..SchedulerConfig::default()
+    };
+    for bad in [
+        "http://assets.example.test/sbx",
+        "http://192.0.2.1/sbx",
+        "ftp://127.0.0.1/sbx",
+    ] {
+        let e = with_url(bad).validate().unwrap_err().to_string();
+        assert!(e.contains("asset_base_url"), "{bad}: {e}");
+        let refused = exec_sandbox::Scheduler::new(with_url(bad))
+            .err()
+            .expect("refused");
+        assert_eq!(refused.kind(), ErrorKind::InvalidInput, "{bad}");
+    }
+    let e = SchedulerConfig::default()
+        .with_env_overrides(|name| {
+            (name == "EXEC_SANDBOX_ASSET_BASE_URL").then(|| "http://assets.example.test".into())
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("https"), "{e}");
+    for good in [
+        "https://assets.example.test/sbx",
+        "http://127.0.0.1:8080/sbx",
+        "http://[::1]:1",
+    ] {
+        with_url(good).validate().unwrap();
+    }
+    assert!(
+        std::fs::read_dir(home.path()).unwrap().next().is_none(),
+        "validation creates nothing"
+    );
 }
