@@ -344,7 +344,8 @@ fn check_cache_dir(real: &Path, cache: &Path, caller: u32) -> Result<(), TrustEr
     if owner == caller && mode & 0o077 != 0 {
         fs::set_permissions(real, fs::Permissions::from_mode(DIR_MODE))
             .map_err(io_error("set permissions of", real))?;
-        tracing::info!(dir = %cache.display(), "made the cache directory private (mode {mode:04o} to 0700)");
+        // Quietly: what earlier versions created, made as this version creates it.
+        tracing::debug!(dir = %cache.display(), "made the cache directory private (mode {mode:04o} to 0700)");
     }
     Ok(())
 }

@@ -14,13 +14,12 @@ pub async fn cache(args: CacheArgs) -> u8 {
             UsageError::new(e.to_string())
                 .hint("fix or unset the EXEC_SANDBOX_* environment variable")
         })
-        .and_then(|config| {
-            Scheduler::new(config).map_err(|e| UsageError::new("invalid configuration").cause(e))
-        }) {
+        .and_then(|config| Scheduler::new(config).map_err(status::scheduler_error))
+    {
         Ok(scheduler) => scheduler,
         Err(e) => {
             output::print_usage_error(&e);
-            return status::USAGE;
+            return e.status();
         }
     };
     match args.action.unwrap_or(CacheAction::Show) {

@@ -17,12 +17,12 @@ pub async fn prefetch(args: PrefetchArgs) -> u8 {
             if args.no_validation {
                 config.enable_package_validation = false;
             }
-            Scheduler::new(config).map_err(|e| UsageError::new("invalid configuration").cause(e))
+            Scheduler::new(config).map_err(status::scheduler_error)
         }) {
         Ok(scheduler) => scheduler,
         Err(e) => {
             output::print_usage_error(&e);
-            return status::USAGE;
+            return e.status();
         }
     };
     if !args.log.quiet {

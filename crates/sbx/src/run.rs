@@ -46,7 +46,7 @@ pub async fn run(args: RunArgs) -> u8 {
         Ok(prepared) => prepared,
         Err(e) => {
             output::print_usage_error(&e);
-            return status::USAGE;
+            return e.status();
         }
     };
     // Packages are checked once for every source (they all share one language), before any
@@ -159,8 +159,7 @@ fn prepare(args: &RunArgs) -> Result<Prepared, UsageError> {
     if args.no_validation {
         config.enable_package_validation = false;
     }
-    let scheduler =
-        Scheduler::new(config).map_err(|e| UsageError::new("invalid configuration").cause(e))?;
+    let scheduler = Scheduler::new(config).map_err(status::scheduler_error)?;
 
     if planned.iter().any(|p| p.origin == source::Origin::Stdin)
         && std::io::stdin().is_terminal()

@@ -55,12 +55,31 @@ pub fn combine(statuses: impl IntoIterator<Item = u8>) -> u8 {
         .unwrap_or(SUCCESS)
 }
 
-/// Input the CLI refuses before anything runs (exit status 2).
+/// Input the CLI refuses before anything runs (exit status 2), or a sandbox that cannot be set
+/// up at all (125: see [`scheduler_error`]).
 #[derive(Debug)]
 pub struct UsageError {
     message: String,
     cause: Option<Box<dyn std::error::Error + Send + Sync>>,
     hint: Option<String>,
+    status: u8,
+}
+
+/// Why `Scheduler::new` refused, as the CLI reports it: an invalid configuration is a usage
+/// error (2); anything else (a cache directory another user could change) a sandbox error
+/// (125) with the library's hint.
+pub fn scheduler_error(error: exec_sandbox::Error) -> UsageError {
+    let status = of_error(&error);
+    let message = if status == USAGE {
+        "invalid configuration"
+    } else {
+        "cannot set up the sandbox"
+    };
+    let hint = error.hint();
+    let mut usage = UsageError::new(message).cause(error);
+    usage.status = status;
+    usage.hint = hint;
+    usage
 }
 
 impl UsageError {
@@ -70,7 +89,13 @@ impl UsageError {
             message: message.into(),
             cause: None,
             hint: None,
+            status: USAGE,
         }
+    }
+
+    /// The status `sbx` exits with for it.
+    pub fn status(&self) -> u8 {
+        self.status
     }
 
     /// Attaches the underlying error (printed as `caused by:`).

@@ -1,11 +1,13 @@
 //! Integration tests of the `sbx` binary.
 //!
 //! `usage` needs no VM: every case must be refused before any asset is built or VM booted.
+//! `cache_trust` neither: a cache another user could change is refused before anything runs.
 //! `snapshots` pins what users see (help, error reports and hints) without a VM.
 //! `vm` boots real VMs (the first one may build the guest images); `kill` checks that no QEMU
 //! outlives a `sbx` killed with SIGKILL; `parity` checks behaviours of the reference system in
 //! real VMs (BOM, `#!` scripts, Python's integer digit limit).
 
+mod cache_trust;
 mod kill;
 mod packages;
 mod parity;

@@ -10,15 +10,15 @@ use crate::sbx_offline;
 
 /// A hang guard, not a measurement: a refusal that waits on something fails here instead of
 /// hanging the suite.
-const HANG_GUARD: Duration = Duration::from_secs(60);
+pub(crate) const HANG_GUARD: Duration = Duration::from_secs(60);
 
 /// A stand-in for QEMU that records each call in a file beside it, then fails.
-struct QemuRecorder {
+pub(crate) struct QemuRecorder {
     dir: tempfile::TempDir,
 }
 
 impl QemuRecorder {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("qemu-system-x86_64");
@@ -31,12 +31,12 @@ impl QemuRecorder {
         Self { dir }
     }
 
-    fn binary(&self) -> PathBuf {
+    pub(crate) fn binary(&self) -> PathBuf {
         self.dir.path().join("qemu-system-x86_64")
     }
 
     /// The command lines it was called with.
-    fn calls(&self) -> String {
+    pub(crate) fn calls(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("calls")).unwrap_or_default()
     }
 }
