@@ -43,6 +43,10 @@ pub struct SchedulerConfig {
     pub force_emulation: bool,
     /// The QEMU binary (default `qemu-system-x86_64` from `PATH`).
     pub qemu_binary: PathBuf,
+    /// The user QEMU runs as when the library runs as root: never root itself. `None`
+    /// (default) means `sbx-qemu`, a system user created on first use when missing; a named
+    /// user must exist. An unprivileged library runs QEMU as itself.
+    pub qemu_user: Option<String>,
     /// Restore runs from L1 memory snapshots (warm templates saved once per VM shape) instead
     /// of booting, and save them in the background after a cold boot (default on).
     pub l1_snapshots: bool,
@@ -139,6 +143,7 @@ impl Default for SchedulerConfig {
             asset_version: None,
             force_emulation: false,
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            qemu_user: None,
             l1_snapshots: true,
             snapshot_cache_max_mb: limits::DEFAULT_SNAPSHOT_CACHE_MAX_MB,
             package_cache_max_mb: limits::DEFAULT_PACKAGE_CACHE_MAX_MB,
@@ -241,6 +246,9 @@ impl SchedulerConfig {
         }
         if let Some(v) = get(EnvVars::QEMU).filter(|v| !v.is_empty()) {
             self.qemu_binary = PathBuf::from(v);
+        }
+        if let Some(v) = get(EnvVars::QEMU_USER).filter(|v| !v.trim().is_empty()) {
+            self.qemu_user = Some(v.trim().to_owned());
         }
         if let Some(v) = get(EnvVars::L1_SNAPSHOTS).filter(|v| !v.trim().is_empty()) {
             self.l1_snapshots = env::is_truthy(&v);
@@ -438,6 +446,32 @@ impl SchedulerConfig {
         }
     }
 
+    /// The QEMU user, when named, is a portable user name and not root.
+    fn validate_qemu_user(&self) -> Result<(), ValidationError> {
+    if let Some(user) = &self.qemu_user {
+        // A portable user name (it goes to the passwd lookup as is).
+        let valid = !user.is_empty()
+            && user.len() <= 32
+            && !user.starts_with('-')
+            && user
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if !valid {
+            return Err(ValidationError::Config {
+                field: "qemu_user",
+                reason: format!("`{user}` is not a user name"),
+            });
+        }
+        if user == "root" {
+            return Err(ValidationError::Config {
+                field: "qemu_user",
+                reason: "QEMU never runs as root".into(),
+            });
+        }
+    }
+        Ok(())
+    }
+
     /// Checks the cache directories are named, and the asset download settings.
     fn validate_cache(&self) -> Result<(), ValidationError> {
         let bad =
@@ -483,6 +517,7 @@ impl SchedulerConfig {
     pub fn validate(&self) -> Result<(), ValidationError> {
         self.validate_admission()?;
         self.validate_cache()?;
+        self.validate_qemu_user()?;
         self.s3_config().validate().map_err(|e| match e {
             crate::packages::s3::S3SetupError::Invalid { field, reason } => {
                 ValidationError::Config { field, reason }

@@ -98,6 +98,18 @@ impl Dir {
         Ok(file)
     }
 
+    /// Opens the existing regular file `name` for reading and writing.
+    pub(crate) fn open_read_write(&self, name: &str) -> io::Result<File> {
+        let file = File::from(self.open_at(name, OFlags::RDWR, 0)?);
+        if !file.metadata()?.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not a regular file",
+            ));
+        }
+        Ok(file)
+    }
+
     /// Creates the file `name`, which must not exist yet (not even as a link), with exactly
     /// `mode` whatever the umask; open for writing.
     pub(crate) fn create_new(&self, name: &str, mode: u32) -> io::Result<File> {

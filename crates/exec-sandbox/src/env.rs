@@ -25,6 +25,9 @@ impl EnvVars {
     pub const ASSET_MANIFEST_SHA256: &'static str = "EXEC_SANDBOX_ASSET_MANIFEST_SHA256";
     /// Path of the `qemu-system-x86_64` binary (default: found on `PATH`).
     pub const QEMU: &'static str = "EXEC_SANDBOX_QEMU";
+    /// The user QEMU runs as when the library runs as root (default `sbx-qemu`, created when
+    /// missing).
+    pub const QEMU_USER: &'static str = "EXEC_SANDBOX_QEMU_USER";
     /// Overrides [`SchedulerConfig::default_memory_mb`](crate::SchedulerConfig::default_memory_mb).
     pub const DEFAULT_MEMORY_MB: &'static str = "EXEC_SANDBOX_DEFAULT_MEMORY_MB";
     /// Overrides [`SchedulerConfig::default_timeout_seconds`](crate::SchedulerConfig::default_timeout_seconds).

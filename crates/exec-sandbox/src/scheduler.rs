@@ -29,6 +29,7 @@ use crate::snapshot::{self, Templates};
 use crate::validate::{self, ValidationError};
 use crate::vm::accel::{self, AccelConfig, AcceleratorChoice, HostVerdict};
 use crate::vm::migration::Warmup;
+use crate::vm::Qemu;
 use crate::vm::qemu::VmSpec;
 use crate::vm::{OutputCallback, Vm, VmError};
 use sbx_net::policy::Allowlist;
@@ -43,6 +44,8 @@ pub struct Scheduler {
 
 struct Inner {
     config: SchedulerConfig,
+    /// The QEMU binary and the jail it runs in.
+    qemu: Qemu,
     /// Shared with the VMs' owners: a session holds its slot for its whole life.
     slots: Arc<Semaphore>,
     assets: AssetStore,
@@ -105,6 +108,7 @@ impl Scheduler {
         tracing::debug!(budget = %policy.budget, "admission budget");
         let scheduler = Self {
             inner: Arc::new(Inner {
+                qemu: Qemu::new(config.qemu_binary.clone(), config.qemu_user.clone()),
                 slots: Arc::new(Semaphore::new(config.max_concurrent_vms)),
                 assets: AssetStore::new(&config.asset_config()),
                 host: OnceCell::new(),
@@ -468,7 +472,7 @@ impl Scheduler {
                 let config = &self.inner.config;
                 let accel = AccelConfig {
                     force_emulation: config.force_emulation,
-                    qemu: config.qemu_binary.clone(),
+                    qemu: self.inner.qemu.clone(),
                     cache_dir: config.cache_dir.clone(),
                 };
                 async move { accel::decide(&accel, &assets.kernel, &assets.initramfs).await }
@@ -524,7 +528,7 @@ impl Scheduler {
             .inner
             .templates
             .ensure(
-                &self.inner.config.qemu_binary,
+                &self.inner.qemu,
                 &spec,
                 &warmup,
                 &key,
@@ -668,8 +672,8 @@ struct QemuFactory<'a> {
 }
 
 impl QemuFactory<'_> {
-    fn qemu(&self) -> &Path {
-        &self.inner.config.qemu_binary
+    fn qemu(&self) -> &Qemu {
+        &self.inner.qemu
     }
 }
 
@@ -746,6 +750,7 @@ impl VmFactory for QemuFactory<'_> {
             boot_deadline(self.host),
             on_console,
             gateway,
+            Vec::new(),
         )
         .await
     }
@@ -762,7 +767,7 @@ impl VmFactory for QemuFactory<'_> {
             return;
         };
         self.inner.templates.build_in_background(
-            self.qemu().to_path_buf(),
+            self.qemu().clone(),
             spec,
             warmup,
             key,

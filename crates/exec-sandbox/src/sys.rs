@@ -1,7 +1,8 @@
 //! The few raw system calls the host library needs. Every `unsafe` block lives here.
 
+use std::ffi::{CStr, CString, c_char};
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 /// Asks the kernel to SIGKILL the calling process when its parent thread exits.
 ///
@@ -11,61 +12,6 @@ fn set_parent_death_signal() -> io::Result<()> {
     let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// The parent process id of the caller.
-fn parent_pid() -> i32 {
-    // SAFETY: getppid has no preconditions and cannot fail.
-    unsafe { libc::getppid() }
-}
-
-/// Moves `fd` to `target` in the calling process, leaving `target` open across exec.
-///
-/// Meant for `pre_exec`: it only calls async-signal-safe functions.
-fn move_fd_for_exec(fd: RawFd, target: RawFd) -> io::Result<()> {
-    if fd == target {
-        // SAFETY: F_GETFD/F_SETFD on an fd we own; no memory is passed.
-        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-        if flags < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: as above.
-        if unsafe { libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        return Ok(());
-    }
-    // SAFETY: dup2 onto a descriptor number; dup2 clears FD_CLOEXEC on the new descriptor.
-    if unsafe { libc::dup2(fd, target) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Moves each `(fd, target)` pair into place in the calling process, leaving the targets open
-/// across exec. Sources are first copied above every target so that placing one cannot
-/// clobber another that is still to be moved.
-///
-/// Meant for `pre_exec`: it only calls async-signal-safe functions and allocates nothing.
-fn move_fds_for_exec(moves: &[(RawFd, RawFd)]) -> io::Result<()> {
-    const MAX: usize = 8;
-    if moves.len() > MAX {
-        return Err(io::Error::from(io::ErrorKind::InvalidInput));
-    }
-    let above = moves.iter().map(|&(_, t)| t).max().unwrap_or(0) + 1;
-    let mut copies = [-1; MAX];
-    for (i, &(fd, _)) in moves.iter().enumerate() {
-        // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller keeps open; no memory is passed.
-        let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, above) };
-        if copy < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        copies[i] = copy;
-    }
-    for (i, &(_, target)) in moves.iter().enumerate() {
-        move_fd_for_exec(copies[i], target)?;
     }
     Ok(())
 }
@@ -145,30 +91,6 @@ pub(crate) fn flock_exclusive(file: &std::fs::File, wait: bool) -> io::Result<bo
     }
 }
 
-/// Makes `command`'s child receive SIGKILL when the spawning thread exits (and refuse to start
-/// if `parent` died before it could ask), and places the first `count` descriptors of `moves`
-/// at their target numbers, open across exec.
-pub(crate) fn die_with_parent_and_inherit(
-    command: &mut std::process::Command,
-    parent: i32,
-    moves: [(RawFd, RawFd); 8],
-    count: usize,
-) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
-    // functions (prctl, getppid, fcntl, dup2); it allocates nothing (`moves` is copied in).
-    unsafe {
-        command.pre_exec(move || {
-            set_parent_death_signal()?;
-            // The parent may have died between fork and prctl: then nobody will signal us.
-            if parent_pid() != parent {
-                return Err(io::Error::other("parent exited during spawn"));
-            }
-            move_fds_for_exec(&moves[..count.min(moves.len())])
-        });
-    }
-}
-
 /// Makes `command`'s child receive SIGKILL when the spawning thread exits, so a build script
 /// does not outlive a killed `sbx`.
 pub(crate) fn kill_child_with_parent(command: &mut std::process::Command) {
@@ -177,5 +99,160 @@ pub(crate) fn kill_child_with_parent(command: &mut std::process::Command) {
     // async-signal-safe, touches no memory and takes no lock.
     unsafe {
         command.pre_exec(set_parent_death_signal);
+    }
+}
+
+/// A child process created by [`clone_process`], as its parent sees it.
+pub(crate) struct Cloned {
+    /// Its pid in our PID namespace.
+    pub(crate) pid: u32,
+    /// A pidfd of it.
+    pub(crate) pidfd: OwnedFd,
+}
+
+/// Creates a child with `clone(flags | CLONE_PIDFD | SIGCHLD)`: like `fork`, in the new
+/// namespaces `flags` asks for. The child runs `child` and exits with the code it returns.
+///
+/// `child` runs in a copy of this multithreaded process, so like a `pre_exec` closure it may
+/// only make raw system calls on memory prepared before the call: no allocation, no lock, no
+/// panic (`vm::jail::run_child` is written that way).
+pub(crate) fn clone_process(flags: i32, child: &dyn Fn() -> i32) -> io::Result<Cloned> {
+    let mut pidfd: libc::c_int = -1;
+    let flags = (flags | libc::CLONE_PIDFD | libc::SIGCHLD) as libc::c_ulong;
+    // SAFETY: without CLONE_VM the child gets a copy of the address space and continues on its
+    // copy of this stack, as after fork. It only runs `child` (whose contract is above) and
+    // leaves through `_exit`, never returning into the frames it shares with the parent. The
+    // kernel writes the pidfd into `pidfd`, which outlives the call; the other pointer
+    // arguments are null (no new stack, no TID or TLS pointers).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            flags,
+            std::ptr::null_mut::<libc::c_void>(),
+            &mut pidfd as *mut libc::c_int,
+            std::ptr::null_mut::<libc::c_int>(),
+            0 as libc::c_ulong,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if rc == 0 {
+        reset_signals();
+        let code = child();
+        // SAFETY: _exit ends the child at once, running none of the parent's atexit handlers
+        // or destructors.
+        unsafe { libc::_exit(code) }
+    }
+    // SAFETY: CLONE_PIDFD made the kernel store a new descriptor that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    Ok(Cloned {
+        pid: rc as u32,
+        pidfd,
+    })
+}
+
+/// In a new child: no blocked signals and SIGPIPE back to its default (Rust ignores it, and an
+/// ignored signal stays ignored across exec), as `std::process::Command` does.
+fn reset_signals() {
+    // SAFETY: sigemptyset initialises the set on our stack; sigprocmask and signal are
+    // async-signal-safe and take no other memory.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// A null-terminated array of C strings for `execve`, owning the strings it points at.
+pub(crate) struct CStrings {
+    _strings: Vec<CString>,
+    pointers: Vec<*const c_char>,
+}
+
+impl CStrings {
+    /// The array of `strings`.
+    pub(crate) fn new(strings: Vec<CString>) -> Self {
+        // The pointers stay valid when `strings` moves: each CString's bytes are on the heap.
+        let mut pointers: Vec<*const c_char> = strings.iter().map(|s| s.as_ptr()).collect();
+        pointers.push(std::ptr::null());
+        Self {
+            _strings: strings,
+            pointers,
+        }
+    }
+}
+
+/// `execve(program, argv, envp)`; returns only on failure.
+///
+/// Meant for a new child: async-signal-safe, allocates nothing.
+pub(crate) fn exec(program: &CStr, argv: &CStrings, envp: &CStrings) -> io::Error {
+    // SAFETY: `program` is NUL-terminated; `argv` and `envp` are null-terminated arrays of
+    // pointers to NUL-terminated strings they own, alive for the call.
+    unsafe { libc::execve(program.as_ptr(), argv.pointers.as_ptr(), envp.pointers.as_ptr()) };
+    io::Error::last_os_error()
+}
+
+/// Places each `(source, target)` of `moves` at its target number, open across exec; closes
+/// every other descriptor below `floor` except stdio, and makes everything from `floor` up
+/// close-on-exec. Sources are first copied to `floor` or above (above every target), so placing
+/// one cannot clobber another still to be placed; `floor` must exceed every target.
+///
+/// Meant for a new child: async-signal-safe, allocates nothing.
+pub(crate) fn place_fds(moves: &[(RawFd, RawFd)], floor: RawFd) -> io::Result<()> {
+    const MAX: usize = 16;
+    let last_error = || Err(io::Error::last_os_error());
+    if moves.len() > MAX || moves.iter().any(|&(_, target)| target >= floor || target < 0) {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    let mut copies = [-1; MAX];
+    for (copy, &(fd, _)) in copies.iter_mut().zip(moves) {
+        // SAFETY: F_DUPFD_CLOEXEC on a descriptor number; no memory is passed.
+        *copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, floor) };
+        if *copy < 0 {
+            return last_error();
+        }
+    }
+    for (&copy, &(_, target)) in copies.iter().zip(moves) {
+        // SAFETY: dup2 onto a descriptor number (clearing FD_CLOEXEC on it); no memory.
+        if unsafe { libc::dup2(copy, target) } < 0 {
+            return last_error();
+        }
+    }
+    for fd in 3..floor {
+        if !moves.iter().any(|&(_, target)| target == fd) {
+            // SAFETY: closing a descriptor number of this (single-threaded) child; EBADF for
+            // a number not open is fine.
+            unsafe { libc::close(fd) };
+        }
+    }
+    // SAFETY: close_range takes two numbers and flags; no memory.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            floor as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    // Kernels before 5.11: every descriptor of ours is close-on-exec already.
+    if rc < 0 && !matches!(io::Error::last_os_error().raw_os_error(), Some(libc::ENOSYS | libc::EINVAL)) {
+        return last_error();
+    }
+    Ok(())
+}
+
+/// Registers `fd` with the tokio runtime of the caller, for readiness to read (a pidfd: its
+/// process exited).
+pub(crate) fn watch_readable(
+    fd: OwnedFd,
+) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd is a valid open descriptor that only it closes, and it stays inside
+    // the AsyncFd (so open and the same file) for as long as the registration lasts; its
+    // `as_raw_fd` always returns that descriptor.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+            .map_err(|e| e.into_parts().1)
     }
 }

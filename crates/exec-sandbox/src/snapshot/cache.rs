@@ -6,6 +6,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -87,6 +88,10 @@ pub(crate) enum VerifyError {
         /// The recorded size.
         expected: u64,
     },
+    /// The RAM file was written, truncated, replaced or had its owner or mode changed since it
+    /// was published (a clone's QEMU can open it read-write: see `SECURITY.md`).
+    #[error("{RAM} changed since it was published")]
+    RamChanged,
     /// The device state does not match its recorded size and checksum.
     #[error("{VMSTATE} does not match its checksum ({bytes} bytes)")]
     Vmstate {
@@ -110,12 +115,39 @@ pub(crate) struct Meta {
     pub(crate) vmstate_bytes: u64,
     /// Size of `ram` (the guest memory size).
     pub(crate) ram_bytes: u64,
+    /// `ram` as published: any later write, truncation, `chmod` or replacement changes it.
+    pub(crate) ram_stamp: RamStamp,
     /// When it was saved (ms since the Unix epoch).
     pub(crate) created_unix_ms: u64,
     /// The template agent's version and protocol, given to clones as their hello.
     pub(crate) agent_version: String,
     /// The template agent's protocol version.
     pub(crate) protocol_version: u8,
+}
+
+/// What identifies a file's contents without reading them: device, inode, size, and the
+/// modification and change times. The change time cannot be set back by an unprivileged
+/// process: any write, truncation, `chmod`, `chown` or `utimes` moves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct RamStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl RamStamp {
+    /// The stamp of the file `meta` describes.
+    pub(crate) fn of(meta: &fs::Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
 }
 
 /// A verified entry, ready to restore. Its files are open: a concurrent replacement of the
@@ -176,6 +208,23 @@ impl Pending {
     /// The template's RAM file, for QEMU (created empty by [`Cache::begin`]: QEMU sizes it).
     pub(crate) fn ram(&self) -> PathBuf {
         self.dir.join(RAM)
+    }
+
+    /// The template's RAM file (created empty by [`Cache::begin`]), open read-write for QEMU,
+    /// which sizes it and maps it shared. QEMU 7.2 reopens it by path (`/proc/self/fd/N`) with
+    /// its own user's permissions, so a QEMU running as `owner` (not the cache's owner) gets
+    /// the file: still 0600, still opened here without following a link.
+    pub(crate) fn ram_for_qemu(&self, owner: Option<(u32, u32)>) -> Result<File, SnapshotError> {
+        let path = self.ram();
+        let file = self
+            .handle
+            .open_read_write(RAM)
+            .map_err(io_error("open", &path))?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
+                .map_err(io_error("chown", &path))?;
+        }
+        Ok(file)
     }
 
     /// Where the device state goes.
@@ -333,7 +382,10 @@ impl Cache {
             .open_file(RAM)
             .map_err(io_error("open", &ram_path))?;
         ram.sync_all().map_err(io_error("sync", &ram_path))?;
-        let ram_bytes = ram.metadata().map_err(io_error("stat", &ram_path))?.len();
+        // Stamped after the sync and after QEMU is gone: nothing writes it any more.
+        let ram_meta = ram.metadata().map_err(io_error("stat", &ram_path))?;
+        let ram_bytes = ram_meta.len();
+        let ram_stamp = RamStamp::of(&ram_meta);
         let meta = Meta {
             format: FORMAT,
             key: pending.key.clone(),
@@ -341,6 +393,7 @@ impl Cache {
             vmstate_sha256,
             vmstate_bytes,
             ram_bytes,
+            ram_stamp,
             created_unix_ms: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
@@ -444,12 +497,16 @@ pub(crate) fn verify(dir: &Dir, key: &str) -> Result<Entry, VerifyError> {
         });
     }
     let ram = dir.open_file(RAM).map_err(read(RAM))?;
-    let ram_bytes = ram.metadata().map_err(read(RAM))?.len();
-    if ram_bytes != meta.ram_bytes {
+    // Checked on the open file: what is checked is what QEMU gets.
+    let ram_meta = ram.metadata().map_err(read(RAM))?;
+    if ram_meta.len() != meta.ram_bytes {
         return Err(VerifyError::RamSize {
-            found: ram_bytes,
+            found: ram_meta.len(),
             expected: meta.ram_bytes,
         });
+    }
+    if RamStamp::of(&ram_meta) != meta.ram_stamp {
+        return Err(VerifyError::RamChanged);
     }
     let mut vmstate = dir.open_file(VMSTATE).map_err(read(VMSTATE))?;
     let (sha256, bytes) = crate::disk::sha256_reader(&mut vmstate).map_err(read(VMSTATE))?;

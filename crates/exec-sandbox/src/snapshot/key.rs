@@ -7,7 +7,7 @@ use std::path::Path;
 use sbx_protocol::Language;
 use sha2::{Digest, Sha256};
 
-use super::{FORMAT, RAM};
+use super::FORMAT;
 use crate::vm::qemu::{Launch, RamFile, VmSpec};
 
 /// Everything a clone must share with its template, hashed into a cache key.
@@ -56,10 +56,7 @@ pub(crate) fn cache_key(inputs: &KeyInputs<'_>) -> String {
     let mut spec = inputs.spec.clone();
     spec.name = "template".into();
     let launch = Launch {
-        ram_file: Some(RamFile {
-            path: RAM.into(),
-            shared: true,
-        }),
+        ram_file: Some(RamFile { shared: true }),
         qmp: true,
         incoming: false,
     };

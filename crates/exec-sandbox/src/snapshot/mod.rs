@@ -10,7 +10,7 @@
 //! Layout under the cache directory, one directory per key:
 //!
 //! ```text
-//! <key>/ram        guest RAM (sparse; never modified once published: clones map it)
+//! <key>/ram        guest RAM (sparse; 0600, owned by the QEMU user; stamped when published)
 //! <key>/vmstate    QEMU's device state stream
 //! <key>/meta.json  sizes and the vmstate's sha256; its mtime is the last use (LRU)
 //! <key>.lock       held while one process builds the template
@@ -21,6 +21,12 @@
 //! is renamed away and deleted, never loaded, and rebuilt later under the same key but as new
 //! files (clones still running keep the old inodes). The cache is kept under a size bound by
 //! evicting least recently used entries.
+//!
+//! QEMU 7.2 opens a clone's RAM file read-write even though it maps it privately, through
+//! `/proc/self/fd` with its own (unprivileged) user's permissions, so the RAM file belongs to
+//! the QEMU user. A compromised clone could therefore write to it: every entry records the RAM
+//! file's stamp (inode, size, modification and change times) when it is published, and an
+//! entry whose RAM no longer matches is discarded before any restore.
 
 pub(crate) mod cache;
 pub(crate) mod key;
@@ -30,7 +36,7 @@ pub(crate) use cache::Cache;
 pub(crate) use templates::Templates;
 
 /// Version of the on-disk layout and of what goes into a key.
-pub(crate) const FORMAT: u32 = 1;
+pub(crate) const FORMAT: u32 = 2;
 const META: &str = "meta.json";
 const RAM: &str = "ram";
 const VMSTATE: &str = "vmstate";

@@ -19,8 +19,9 @@ use sbx_protocol::Language;
 use super::cache::{Cache, SnapshotError};
 use super::key::{KeyInputs, cache_key, qemu_identity};
 use crate::vm::migration::Warmup;
+use crate::vm::jail::Credentials;
 use crate::vm::qemu::VmSpec;
-use crate::vm::{Vm, VmError};
+use crate::vm::{Qemu, Vm, VmError};
 
 /// Deadline of a restore, from QEMU's start to the reseeded guest.
 pub(crate) const RESTORE_DEADLINE: Duration = Duration::from_secs(10);
@@ -36,7 +37,7 @@ pub(crate) const MAX_RESTORE_FAILURES: u32 = 2;
 /// `key`. `Ok(None)` when another process is building the same key.
 pub(crate) async fn build(
     cache: &Cache,
-    qemu: &Path,
+    qemu: &Qemu,
     spec: &VmSpec,
     warmup: &Warmup,
     key: &str,
@@ -53,7 +54,29 @@ pub(crate) async fn build(
         std::process::id(),
         TEMPLATES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
-    let vm = Vm::boot_template(qemu, &spec, &pending.ram(), boot_deadline)
+    // The RAM file belongs to QEMU's user: QEMU reopens it read-write through /proc/self/fd.
+    let jail = qemu.jail.clone();
+    let credentials = tokio::task::spawn_blocking(move || jail.credentials())
+        .await
+        .map_err(|e| SnapshotError::Vm(VmError::Jail {
+            name: spec.name.clone(),
+            source: crate::vm::jail::JailError::Host {
+                action: "resolve the QEMU user".into(),
+                source: std::io::Error::other(e),
+            },
+        }))?
+        .map_err(|source| {
+            SnapshotError::Vm(VmError::Jail {
+                name: spec.name.clone(),
+                source,
+            })
+        })?;
+    let owner = match credentials {
+        Credentials::Switch(id) => Some((id.uid, id.gid)),
+        Credentials::Caller(_) => None,
+    };
+    let ram = pending.ram_for_qemu(owner)?;
+    let vm = Vm::boot_template(qemu, &spec, ram, boot_deadline, Vec::new())
         .await
         .map_err(SnapshotError::Vm)?;
     let deadline = if warmup.modules.is_empty() {
@@ -113,12 +136,12 @@ impl Templates {
     /// The cache key of a template for `language` shaped like `spec`.
     pub(crate) fn key(
         &self,
-        qemu: &Path,
+        qemu: &Qemu,
         language: Language,
         spec: &VmSpec,
         asset_version: &str,
     ) -> String {
-        let identity = self.qemu_identity.get_or_init(|| qemu_identity(qemu));
+        let identity = self.qemu_identity.get_or_init(|| qemu_identity(&qemu.binary));
         cache_key(&KeyInputs {
             language,
             spec,
@@ -132,7 +155,7 @@ impl Templates {
     /// `nic` is the NIC backend socket of a networked clone.
     pub(crate) async fn restore(
         &self,
-        qemu: &Path,
+        qemu: &Qemu,
         spec: &VmSpec,
         key: &str,
         nic: Option<OwnedFd>,
@@ -142,7 +165,7 @@ impl Templates {
             return None;
         }
         let (saved, dir) = cache.open(key)?.into_saved();
-        match Vm::restore(qemu, spec, saved, nic, RESTORE_DEADLINE).await {
+        match Vm::restore(qemu, spec, saved, nic, RESTORE_DEADLINE, Vec::new()).await {
             Ok(vm) => Some(vm),
             Err(e) => {
                 tracing::warn!(key, error = %crate::vm::error_chain(&e), "restoring a memory snapshot failed; booting cold");
@@ -155,7 +178,10 @@ impl Templates {
     /// Records a failed restore: the entry is discarded unless QEMU never started (then the
     /// entry is not to blame), and the key counts one more failure.
     fn restore_failed(&self, cache: &Cache, key: &str, dir: &Path, error: &VmError) {
-        if !matches!(error, VmError::Spawn { .. } | VmError::Prepare { .. }) {
+        if !matches!(
+            error,
+            VmError::Spawn { .. } | VmError::Prepare { .. } | VmError::Jail { .. }
+        ) {
             cache.discard(dir);
         }
         if let Ok(mut failed) = self.failed.lock() {
@@ -175,7 +201,7 @@ impl Templates {
     /// process gave up on it.
     pub(crate) fn build_in_background(
         &self,
-        qemu: PathBuf,
+        qemu: Qemu,
         spec: VmSpec,
         warmup: Warmup,
         key: String,
@@ -224,7 +250,7 @@ impl Templates {
     /// Builds `key`'s template now unless a valid one exists. True when one is ready after.
     pub(crate) async fn ensure(
         &self,
-        qemu: &Path,
+        qemu: &Qemu,
         spec: &VmSpec,
         warmup: &Warmup,
         key: &str,
@@ -309,12 +335,16 @@ mod tests {
     /// `false` stands in for a QEMU that dies while loading the snapshot.
     const DYING_QEMU: &str = "/bin/false";
 
+    fn qemu(binary: &str) -> Qemu {
+        Qemu::new(binary.into(), None)
+    }
+
     #[tokio::test]
     async fn a_failed_restore_discards_the_entry_and_allows_one_rebuild() {
         let tmp = tempfile::tempdir().unwrap();
         let cache = Cache::new(tmp.path().to_path_buf(), u64::MAX);
         let templates = Templates::new(Some(cache.clone()));
-        let qemu = Path::new(DYING_QEMU);
+        let qemu = &qemu(DYING_QEMU);
         let spec = unbootable_spec();
 
         let dir = publish(&cache, "k", b"device state");
@@ -350,7 +380,7 @@ mod tests {
         let cache = Cache::new(tmp.path().to_path_buf(), u64::MAX);
         let templates = Templates::new(Some(cache.clone()));
         let dir = publish(&cache, "k", b"device state");
-        let missing = Path::new("/nonexistent/qemu");
+        let missing = &qemu("/nonexistent/qemu");
         assert!(
             templates
                 .restore(missing, &unbootable_spec(), "k", None)
@@ -371,7 +401,7 @@ mod tests {
             .unwrap()
             .insert("k".into(), MAX_RESTORE_FAILURES);
         templates.build_in_background(
-            DYING_QEMU.into(),
+            qemu(DYING_QEMU),
             unbootable_spec(),
             Language::Python.into(),
             "k".into(),
@@ -385,7 +415,7 @@ mod tests {
         );
         // A key not given up does start a build (which fails: `false` is no QEMU).
         templates.build_in_background(
-            DYING_QEMU.into(),
+            qemu(DYING_QEMU),
             unbootable_spec(),
             Language::Python.into(),
             "fresh".into(),

@@ -51,8 +51,8 @@ pub struct AcceleratorChoice {
 pub(crate) struct AccelConfig {
     /// Never use KVM.
     pub force_emulation: bool,
-    /// The QEMU binary (part of the host fingerprint, and runs the probe).
-    pub qemu: PathBuf,
+    /// The QEMU binary (part of the host fingerprint) and its jail (runs the probe).
+    pub qemu: super::Qemu,
     /// Where verdicts are remembered (`<dir>/host/`).
     pub cache_dir: PathBuf,
 }
@@ -216,7 +216,7 @@ pub(crate) fn store_verdict(path: &Path, verdict: &HostVerdict) -> std::io::Resu
 /// (with a probe boot of `kernel` and `initramfs` where `/dev/kvm` opens) and remembered.
 pub(crate) async fn decide(config: &AccelConfig, kernel: &Path, initramfs: &Path) -> HostVerdict {
     let precheck = precheck(config.force_emulation, &RealHost);
-    let fingerprint = host::fingerprint(&config.qemu);
+    let fingerprint = host::fingerprint(&config.qemu.binary);
     let path = verdict_path(&config.cache_dir, &fingerprint);
     let choice = match precheck {
         Precheck::Decided(choice) => choice,
@@ -246,7 +246,11 @@ pub(crate) async fn decide(config: &AccelConfig, kernel: &Path, initramfs: &Path
 }
 
 /// Boots the kernel and agent (no disk) under KVM and waits for the agent's hello.
-async fn probe_kvm(qemu: &Path, kernel: &Path, initramfs: &Path) -> Result<Duration, ProbeFailure> {
+async fn probe_kvm(
+    qemu: &super::Qemu,
+    kernel: &Path,
+    initramfs: &Path,
+) -> Result<Duration, ProbeFailure> {
     let spec = VmSpec {
         name: format!("sbx-kvm-probe-{}", std::process::id()),
         kernel: kernel.to_path_buf(),
@@ -263,7 +267,15 @@ async fn probe_kvm(qemu: &Path, kernel: &Path, initramfs: &Path) -> Result<Durat
         nic: false,
     };
     let started = Instant::now();
-    let vm = Vm::boot(qemu, &spec, limits::KVM_PROBE_DEADLINE, None, None).await?;
+    let vm = Vm::boot(
+        qemu,
+        &spec,
+        limits::KVM_PROBE_DEADLINE,
+        None,
+        None,
+        Vec::new(),
+    )
+    .await?;
     let elapsed = started.elapsed();
     vm.destroy().await;
     Ok(elapsed)

@@ -23,7 +23,7 @@ use serde_json::json;
 
 use super::qemu::{self, INCOMING_FD, Launch, RAM_FD, RamFile, VmSpec};
 use super::qmp::Qmp;
-use super::{Started, Vm, VmError, exit_text, settle_logs, start};
+use super::{Qemu, Started, Vm, VmError, exit_text, settle_logs, start};
 use crate::gateway::{Gateway, GatewayConfig};
 
 /// Deadline of each monitor exchange of a template save.
@@ -59,25 +59,24 @@ impl From<sbx_protocol::Language> for Warmup {
 }
 
 impl Vm {
-    /// Boots a template: guest RAM in `ram` (shared, so it holds the guest's memory when saved)
-    /// and a QMP monitor, for [`Vm::save_template`]. A template with a NIC (`spec.nic`) gets a
-    /// gateway that allows nothing: the guest configures its NIC at boot, and its clones are
-    /// given their own gateways when restored.
+    /// Boots a template: guest RAM in `ram` (an empty file the QEMU user can open read-write,
+    /// shared, so it holds the guest's memory when saved) and a QMP monitor, for
+    /// [`Vm::save_template`]. A template with a NIC (`spec.nic`) gets a gateway that allows
+    /// nothing: the guest configures its NIC at boot, and its clones are given their own
+    /// gateways when restored.
     pub(crate) async fn boot_template(
-        qemu: &Path,
+        qemu: &Qemu,
         spec: &VmSpec,
-        ram: &Path,
+        ram: std::fs::File,
         deadline: Duration,
+        join_cgroups: Vec<OwnedFd>,
     ) -> Result<Vm, VmError> {
         let launch = Launch {
-            ram_file: Some(RamFile {
-                path: ram.to_path_buf(),
-                shared: true,
-            }),
+            ram_file: Some(RamFile { shared: true }),
             qmp: true,
             incoming: false,
         };
-        let mut fds = Vec::new();
+        let mut fds = vec![(OwnedFd::from(ram), RAM_FD)];
         let mut gateway = None;
         if spec.nic {
             let mut closed =
@@ -90,7 +89,8 @@ impl Vm {
             }
             gateway = Some(closed);
         }
-        let (mut vm, qmp) = Self::boot_with(qemu, spec, &launch, fds, deadline, None).await?;
+        let (mut vm, qmp) =
+            Self::boot_with(qemu, spec, &launch, fds, join_cgroups, deadline, None).await?;
         vm.gateway = gateway;
         if let Some(stream) = qmp {
             let qmp = Qmp::handshake(stream, tokio::time::Instant::now() + QMP_DEADLINE)
@@ -194,27 +194,27 @@ impl Vm {
     /// Starts a clone of a template: its RAM file mapped copy-on-write (`share=off`, the file
     /// is never modified), its device state read from the saved vmstate, then the guest
     /// resumed and told it is a clone (fresh entropy, clock, interpreter generators) before it
-    /// is handed out. `nic` is the NIC backend socket of a networked clone.
+    /// is handed out. `nic` is the NIC backend socket of a networked clone; QEMU joins the
+    /// cgroups of `join_cgroups`.
     pub(crate) async fn restore(
-        qemu: &Path,
+        qemu: &Qemu,
         spec: &VmSpec,
         saved: Saved,
         nic: Option<OwnedFd>,
         deadline: Duration,
+        join_cgroups: Vec<OwnedFd>,
     ) -> Result<Vm, VmError> {
         let name = spec.name.clone();
         let launch = Launch {
-            ram_file: Some(RamFile {
-                // The open file, not a path: nothing can swap it between check and use.
-                path: format!("/proc/self/fd/{RAM_FD}").into(),
-                shared: false,
-            }),
+            // The open file, not a path: nothing can swap it between check and use.
+            ram_file: Some(RamFile { shared: false }),
             qmp: true,
             incoming: true,
         };
         let started_at = Instant::now();
         let Started {
             mut child,
+            isolation,
             channel,
             log,
             qmp,
@@ -230,6 +230,7 @@ impl Vm {
             .into_iter()
             .chain(nic.map(|fd| (fd, qemu::NIC_FD)))
             .collect(),
+            join_cgroups,
             None,
         )
         .await?;
@@ -289,6 +290,7 @@ impl Vm {
         let vm = Vm {
             name,
             child,
+            isolation,
             channel,
             hello: saved.hello,
             qmp: Some(qmp),

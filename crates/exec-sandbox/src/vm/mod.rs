@@ -12,6 +12,7 @@ pub(crate) mod channel;
 pub(crate) mod fake;
 pub(crate) mod handle;
 pub(crate) mod host;
+pub mod jail;
 pub(crate) mod migration;
 pub(crate) mod process;
 pub(crate) mod procfs;
@@ -27,11 +28,13 @@ use std::time::{Duration, Instant};
 use sbx_protocol::layer::LayerStatus;
 use sbx_protocol::{AgentHello, Event, Request};
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::process::Child;
 
 pub use self::channel::{AckError, ChannelError};
 pub(crate) use self::channel::{Channel, Link};
 pub(crate) use self::handle::VmHandle;
+use self::jail::{IsolationReport, JailError};
+pub(crate) use self::process::Qemu;
+use self::process::QemuProcess;
 use self::qemu::{Launch, QMP_SOCKET_FD, VmSpec};
 use self::qmp::{Qmp, QmpError};
 use crate::error_kind::ErrorKind;
@@ -63,6 +66,15 @@ pub enum VmError {
         /// Cause.
         #[source]
         source: std::io::Error,
+    },
+    /// QEMU could not be put in its jail.
+    #[error("cannot start VM {name} in its jail")]
+    Jail {
+        /// VM name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: JailError,
     },
     /// QEMU exited before the agent said hello.
     #[error("VM {name} exited during boot ({status}); last output:\n{log_tail}")]
@@ -194,6 +206,7 @@ impl VmError {
             }
             // The same image fails the same way again.
             VmError::ProtocolVersion { .. } | VmError::PackageLayer { .. } => ErrorKind::Permanent,
+            VmError::Jail { source, .. } if source.hint().is_some() => ErrorKind::Permanent,
             VmError::Gateway { source, .. } => source.kind(),
             _ => ErrorKind::Transient,
         }
@@ -208,6 +221,7 @@ impl VmError {
             VmError::ProtocolVersion { .. } => {
                 Some("the cached guest assets are from another version: run `sbx prefetch`".into())
             }
+            VmError::Jail { source, .. } => source.hint(),
             VmError::PackageLayer { .. } => Some(
                 "the layer image is damaged or not an EROFS image the guest can mount: rebuild it"
                     .into(),
@@ -252,7 +266,9 @@ impl LogTail {
 /// A running microVM whose agent has said hello.
 pub(crate) struct Vm {
     name: String,
-    child: Child,
+    child: QemuProcess,
+    /// What the jail around QEMU could build.
+    isolation: IsolationReport,
     channel: Channel,
     hello: AgentHello,
     /// QEMU's monitor, for templates and clones.
@@ -264,7 +280,8 @@ pub(crate) struct Vm {
 
 /// A QEMU process just started, before its guest is known to be ready.
 struct Started {
-    child: Child,
+    child: QemuProcess,
+    isolation: IsolationReport,
     channel: Channel,
     log: LogTail,
     qmp: Option<tokio::net::UnixStream>,
@@ -289,15 +306,21 @@ fn listen_and_connect(path: &Path) -> Result<(OwnedFd, tokio::net::UnixStream), 
     Ok((OwnedFd::from(listener), stream))
 }
 
-/// Starts QEMU for `spec` and `launch`, with the control socket (and QMP socket) pre-bound and
-/// connected, and `extra_fds` inherited.
+/// Starts QEMU for `spec` and `launch` in its jail, with the control socket (and QMP socket)
+/// pre-bound and connected, its files open, `extra_fds` inherited, and the cgroups of
+/// `join_cgroups` joined.
 async fn start(
-    qemu: &Path,
+    qemu: &Qemu,
     spec: &VmSpec,
     launch: &Launch,
     extra_fds: Vec<(OwnedFd, i32)>,
+    join_cgroups: Vec<OwnedFd>,
     on_console: Option<OutputCallback>,
 ) -> Result<Started, VmError> {
+    let program = qemu.resolve().map_err(|source| VmError::Spawn {
+        qemu: qemu.binary.clone(),
+        source,
+    })?;
     let dir = tempfile::Builder::new()
         .prefix("sbx-vm-")
         .tempdir()
@@ -314,21 +337,38 @@ async fn start(
         qmp = Some(stream);
     }
     fds.extend(extra_fds);
-    let mut child = process::spawn_qemu(qemu.to_path_buf(), spec.args_for(launch), fds)
+    for (path, number) in spec.files(launch) {
+        let file = std::fs::File::open(path).map_err(|source| VmError::Prepare {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        fds.push((file.into(), number));
+    }
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).map_err(|source| VmError::Prepare {
+        path: root.clone(),
+        source,
+    })?;
+    let request = process::Request {
+        program,
+        args: spec.args_for(launch),
+        fds,
+        join_cgroups,
+        kvm: spec.accelerator == accel::Accelerator::Kvm,
+        root,
+    };
+    let spawned = process::spawn_qemu(qemu, request)
         .await
-        .map_err(|source| VmError::Spawn {
-            qemu: qemu.to_path_buf(),
+        .map_err(|source| VmError::Jail {
+            name: spec.name.clone(),
             source,
         })?;
     let log = LogTail::default();
-    if let Some(stdout) = child.stdout.take() {
-        tokio::spawn(forward(stdout, log.clone(), on_console));
-    }
-    if let Some(stderr) = child.stderr.take() {
-        tokio::spawn(forward(stderr, log.clone(), None));
-    }
+    tokio::spawn(forward(spawned.stdout, log.clone(), on_console));
+    tokio::spawn(forward(spawned.stderr, log.clone(), None));
     Ok(Started {
-        child,
+        child: spawned.process,
+        isolation: spawned.isolation,
         channel: Channel::new(stream),
         log,
         qmp,
@@ -371,13 +411,15 @@ fn exit_text(status: std::io::Result<std::process::ExitStatus>) -> String {
 impl Vm {
     /// Starts QEMU for `spec` and waits until the guest agent says hello or `deadline` passes.
     /// Console output goes to `on_console` as it arrives. With a `gateway` the VM gets a NIC
-    /// whose backend it is (`spec.nic` must be set); the VM then owns the gateway.
+    /// whose backend it is (`spec.nic` must be set); the VM then owns the gateway. QEMU joins
+    /// the cgroups of `join_cgroups` (their `cgroup.procs` files, open for writing).
     pub(crate) async fn boot(
-        qemu: &Path,
+        qemu: &Qemu,
         spec: &VmSpec,
         deadline: Duration,
         on_console: Option<OutputCallback>,
         gateway: Option<Gateway>,
+        join_cgroups: Vec<OwnedFd>,
     ) -> Result<Vm, VmError> {
         let mut gateway = gateway;
         let mut fds = Vec::new();
@@ -390,8 +432,16 @@ impl Vm {
                 })?;
             fds.push((nic, qemu::NIC_FD));
         }
-        let (mut vm, _) =
-            Self::boot_with(qemu, spec, &Launch::default(), fds, deadline, on_console).await?;
+        let (mut vm, _) = Self::boot_with(
+            qemu,
+            spec,
+            &Launch::default(),
+            fds,
+            join_cgroups,
+            deadline,
+            on_console,
+        )
+        .await?;
         vm.gateway = gateway;
         Ok(vm)
     }
@@ -406,21 +456,23 @@ impl Vm {
 
     /// Boots and waits for the hello; also returns the QMP socket when `launch` asks for one.
     async fn boot_with(
-        qemu: &Path,
+        qemu: &Qemu,
         spec: &VmSpec,
         launch: &Launch,
         extra_fds: Vec<(OwnedFd, i32)>,
+        join_cgroups: Vec<OwnedFd>,
         deadline: Duration,
         on_console: Option<OutputCallback>,
     ) -> Result<(Vm, Option<tokio::net::UnixStream>), VmError> {
         let name = spec.name.clone();
         let Started {
             mut child,
+            isolation,
             channel,
             log,
             qmp,
             dir,
-        } = start(qemu, spec, launch, extra_fds, on_console).await?;
+        } = start(qemu, spec, launch, extra_fds, join_cgroups, on_console).await?;
         let started = Instant::now();
         let exited = |status, log: &LogTail| VmError::ExitedDuringBoot {
             name: name.clone(),
@@ -461,6 +513,7 @@ impl Vm {
         let vm = Vm {
             name,
             child,
+            isolation,
             channel,
             hello,
             qmp: None,
@@ -504,6 +557,11 @@ impl Vm {
             channel: &self.channel,
             name: &self.name,
         }
+    }
+
+    /// What the jail around QEMU could build (the cgroup is reported apart).
+    pub(crate) fn isolation(&self) -> &IsolationReport {
+        &self.isolation
     }
 
     /// QEMU's process id, while it runs.
@@ -642,11 +700,12 @@ pub(crate) mod tests {
     async fn missing_qemu_is_a_permanent_spawn_error() {
         let spec = unbootable_spec();
         let err = Vm::boot(
-            Path::new("/nonexistent/qemu"),
+            &Qemu::new("/nonexistent/qemu".into(), None),
             &spec,
             Duration::from_secs(1),
             None,
             None,
+            Vec::new(),
         )
         .await
         .err()
@@ -659,13 +718,16 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn qemu_that_exits_at_once_is_a_boot_error_with_its_output() {
         // `false` stands in for a QEMU that exits at once, as with a bad option.
-        let spec_args_ignored = unbootable_spec();
+        let mut spec_args_ignored = unbootable_spec();
+        spec_args_ignored.kernel = "/dev/null".into();
+        spec_args_ignored.initramfs = "/dev/null".into();
         let err = Vm::boot(
-            Path::new("/bin/false"),
+            &Qemu::new("/bin/false".into(), None),
             &spec_args_ignored,
             Duration::from_secs(10),
             None,
             None,
+            Vec::new(),
         )
         .await
         .err()
@@ -681,11 +743,12 @@ pub(crate) mod tests {
         let mut spec = unbootable_spec();
         spec.nic = true;
         let err = Vm::boot(
-            Path::new("/nonexistent/qemu"),
+            &Qemu::new("/nonexistent/qemu".into(), None),
             &spec,
             Duration::from_secs(1),
             None,
             Some(gateway),
+            Vec::new(),
         )
         .await
         .err()

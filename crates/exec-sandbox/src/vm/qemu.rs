@@ -1,7 +1,7 @@
 //! Builds the QEMU command line for one microVM. Pure: no I/O, unit-tested.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::accel::Accelerator;
 
@@ -16,14 +16,24 @@ pub const INCOMING_FD: i32 = 5;
 pub const RAM_FD: i32 = 6;
 /// File descriptor at which QEMU inherits its end of the gateway's NIC socket pair.
 pub const NIC_FD: i32 = 7;
+/// File descriptors at which QEMU inherits the kernel, the initramfs, the root filesystem and
+/// the package layer: it opens every file through `/proc/self/fd/N`, none by path (its jail
+/// has no view of them).
+pub const KERNEL_FD: i32 = 8;
+/// See [`KERNEL_FD`].
+pub const INITRAMFS_FD: i32 = 9;
+/// See [`KERNEL_FD`].
+pub const ROOTFS_FD: i32 = 10;
+/// See [`KERNEL_FD`].
+pub const PACKAGES_FD: i32 = 11;
 /// Id of the file memory backend; a clone's must match its template's.
 const MEMORY_BACKEND_ID: &str = "mem0";
 
-/// Guest RAM kept in a file, for memory snapshots (`docs/measurements.md`, "L1 memory snapshots").
+/// Guest RAM kept in a file inherited at [`RAM_FD`], for memory snapshots
+/// (`docs/measurements.md`, "L1 memory snapshots"): created by the host for a template, the
+/// template's saved RAM for a clone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RamFile {
-    /// The file (created by QEMU for a template, its saved RAM for a clone).
-    pub path: PathBuf,
     /// `share=on` (a template: guest writes reach the file) or `share=off` (a clone: a private
     /// copy-on-write mapping; the file is never modified).
     pub shared: bool,
@@ -107,6 +117,23 @@ impl VmSpec {
         parts.join(" ")
     }
 
+    /// The files QEMU reads for `launch`, each with the descriptor number it inherits the open
+    /// file at (read-only). The command line refers to them as `/proc/self/fd/N`.
+    pub fn files(&self, launch: &Launch) -> Vec<(&Path, i32)> {
+        let mut files = Vec::new();
+        if !launch.incoming {
+            files.push((self.kernel.as_path(), KERNEL_FD));
+            files.push((self.initramfs.as_path(), INITRAMFS_FD));
+        }
+        if let Some(rootfs) = &self.rootfs {
+            files.push((rootfs.as_path(), ROOTFS_FD));
+        }
+        if let Some(packages) = &self.packages {
+            files.push((packages.as_path(), PACKAGES_FD));
+        }
+        files
+    }
+
     /// QEMU's arguments (without the program name) for a cold boot.
     #[cfg(test)]
     pub fn args(&self) -> Vec<OsString> {
@@ -141,14 +168,17 @@ impl VmSpec {
         push(&["-m", &self.memory_mb.to_string()]);
         if let Some(ram) = &launch.ram_file {
             // Never `readonly=on`: guest RAM would be read-only and the guest die silently.
-            let mut object = OsString::from(format!(
-                "memory-backend-file,id={MEMORY_BACKEND_ID},size={}M,share={},mem-path=",
-                self.memory_mb,
-                if ram.shared { "on" } else { "off" }
-            ));
-            object.push(escape_option_value(&ram.path));
+            // QEMU 7.2 reopens the file read-write even with `share=off`.
             a.push("-object".into());
-            a.push(object);
+            a.push(
+                format!(
+                    "memory-backend-file,id={MEMORY_BACKEND_ID},size={}M,share={},mem-path={}",
+                    self.memory_mb,
+                    if ram.shared { "on" } else { "off" },
+                    fd_path(RAM_FD)
+                )
+                .into(),
+            );
         }
         let mut push = |items: &[&str]| a.extend(items.iter().map(OsString::from));
         push(&["-smp", &self.vcpus.to_string()]);
@@ -208,25 +238,33 @@ impl VmSpec {
             a.push("defer".into());
         } else {
             a.push("-kernel".into());
-            a.push(self.kernel.clone().into_os_string());
+            a.push(fd_path(KERNEL_FD).into());
             a.push("-initrd".into());
-            a.push(self.initramfs.clone().into_os_string());
+            a.push(fd_path(INITRAMFS_FD).into());
             a.push("-append".into());
             a.push(self.kernel_cmdline().into());
         }
-        if let Some(rootfs) = &self.rootfs {
-            let mut drive = OsString::from("id=root,format=raw,if=none,readonly=on,file=");
-            drive.push(escape_option_value(rootfs));
+        if self.rootfs.is_some() {
             a.push("-drive".into());
-            a.push(drive);
+            a.push(
+                format!(
+                    "id=root,format=raw,if=none,readonly=on,file={}",
+                    fd_path(ROOTFS_FD)
+                )
+                .into(),
+            );
             a.push("-device".into());
             a.push("virtio-blk-device,drive=root".into());
         }
-        if let Some(packages) = &self.packages {
-            let mut drive = OsString::from("id=packages,format=raw,if=none,readonly=on,file=");
-            drive.push(escape_option_value(packages));
+        if self.packages.is_some() {
             a.push("-drive".into());
-            a.push(drive);
+            a.push(
+                format!(
+                    "id=packages,format=raw,if=none,readonly=on,file={}",
+                    fd_path(PACKAGES_FD)
+                )
+                .into(),
+            );
             // The agent finds the layer by this serial, never by its device name.
             a.push("-device".into());
             a.push(
@@ -241,17 +279,9 @@ impl VmSpec {
     }
 }
 
-/// QEMU option values separate fields with commas; a literal comma is written twice.
-fn escape_option_value(path: &std::path::Path) -> OsString {
-    use std::os::unix::ffi::{OsStrExt, OsStringExt};
-    let mut out = Vec::new();
-    for &b in path.as_os_str().as_bytes() {
-        out.push(b);
-        if b == b',' {
-            out.push(b',');
-        }
-    }
-    OsString::from_vec(out)
+/// How QEMU names the file it inherited at descriptor `fd`.
+fn fd_path(fd: i32) -> String {
+    format!("/proc/self/fd/{fd}")
 }
 
 #[cfg(test)]
@@ -311,9 +341,10 @@ mod tests {
         assert!(!args.contains("netdev"), "{args}");
         assert!(!args.contains("virtio-net"), "{args}");
         assert!(
-            args.contains("readonly=on,file=/a/root,,fs.erofs"),
+            args.contains("id=root,format=raw,if=none,readonly=on,file=/proc/self/fd/10"),
             "{args}"
         );
+        assert!(!args.contains("/a/"), "no host path on the command line: {args}");
         assert!(args.contains("virtio-rng-device"));
         assert!(args.contains(&format!("name={}", sbx_protocol::CONTROL_PORT_NAME)));
     }
@@ -322,18 +353,12 @@ mod tests {
     fn template_and_clone_differ_only_where_qemu_allows() {
         let s = spec(Accelerator::Tcg);
         let template = Launch {
-            ram_file: Some(RamFile {
-                path: "/c/t/ram".into(),
-                shared: true,
-            }),
+            ram_file: Some(RamFile { shared: true }),
             qmp: true,
             incoming: false,
         };
         let clone = Launch {
-            ram_file: Some(RamFile {
-                path: "/c/t/ram".into(),
-                shared: false,
-            }),
+            ram_file: Some(RamFile { shared: false }),
             qmp: true,
             incoming: true,
         };
@@ -350,8 +375,8 @@ mod tests {
             .collect::<Vec<_>>()
             .join(" ");
         assert!(t.contains("acpi=off,memory-backend=mem0 "), "{t}");
-        assert!(t.contains("memory-backend-file,id=mem0,size=256M,share=on,mem-path=/c/t/ram"));
-        assert!(c.contains("share=off,mem-path=/c/t/ram"), "{c}");
+        assert!(t.contains("memory-backend-file,id=mem0,size=256M,share=on,mem-path=/proc/self/fd/6"));
+        assert!(c.contains("share=off,mem-path=/proc/self/fd/6"), "{c}");
         assert!(!t.contains("readonly=on,mem") && !c.contains("-kernel"));
         assert!(c.contains("-incoming defer") && !t.contains("-incoming"));
         assert!(c.contains("-mon chardev=qmp,mode=control"));
@@ -379,9 +404,9 @@ mod tests {
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
         let at = |wanted: &str| args.iter().position(|a| a == wanted).expect(wanted);
-        let root_drive = at("id=root,format=raw,if=none,readonly=on,file=/a/root,,fs.erofs");
+        let root_drive = at("id=root,format=raw,if=none,readonly=on,file=/proc/self/fd/10");
         let root_device = at("virtio-blk-device,drive=root");
-        let drive = at("id=packages,format=raw,if=none,readonly=on,file=/l/layer,,1.erofs");
+        let drive = at("id=packages,format=raw,if=none,readonly=on,file=/proc/self/fd/11");
         let device = at("virtio-blk-device,drive=packages,serial=sbx-packages");
         assert_eq!(args[drive - 1], "-drive");
         assert_eq!(args[device - 1], "-device");
@@ -391,6 +416,60 @@ mod tests {
             args.iter().filter(|a| a.starts_with("virtio-blk")).count(),
             2
         );
+    }
+
+    #[test]
+    fn every_file_is_an_inherited_descriptor_at_its_own_number() {
+        let mut s = spec(Accelerator::Tcg);
+        s.packages = Some("/l/layer.erofs".into());
+        let files = |launch: &Launch| -> Vec<(String, i32)> {
+            s.files(launch)
+                .into_iter()
+                .map(|(p, fd)| (p.display().to_string(), fd))
+                .collect()
+        };
+        let boot = Launch::default();
+        assert_eq!(
+            files(&boot),
+            [
+                ("/a/vmlinux".to_string(), KERNEL_FD),
+                ("/a/init.cpio".to_string(), INITRAMFS_FD),
+                ("/a/root,fs.erofs".to_string(), ROOTFS_FD),
+                ("/l/layer.erofs".to_string(), PACKAGES_FD),
+            ]
+        );
+        let args = s.args_for(&boot);
+        let joined: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        let after = |flag: &str| joined[joined.iter().position(|a| a == flag).unwrap() + 1].clone();
+        assert_eq!(after("-kernel"), format!("/proc/self/fd/{KERNEL_FD}"));
+        assert_eq!(after("-initrd"), format!("/proc/self/fd/{INITRAMFS_FD}"));
+        // A clone has no kernel: its RAM holds it.
+        let clone = Launch {
+            ram_file: Some(RamFile { shared: false }),
+            qmp: true,
+            incoming: true,
+        };
+        assert_eq!(
+            files(&clone).iter().map(|(_, fd)| *fd).collect::<Vec<_>>(),
+            [ROOTFS_FD, PACKAGES_FD]
+        );
+        // Every number is distinct, above stdio, and clear of the sockets and snapshot files.
+        let mut numbers = vec![
+            CONTROL_SOCKET_FD,
+            QMP_SOCKET_FD,
+            INCOMING_FD,
+            RAM_FD,
+            NIC_FD,
+            KERNEL_FD,
+            INITRAMFS_FD,
+            ROOTFS_FD,
+            PACKAGES_FD,
+        ];
+        numbers.sort_unstable();
+        numbers.dedup();
+        assert_eq!(numbers.len(), 9);
+        assert!(numbers[0] > 2);
+        assert!(numbers.len() <= crate::vm::process::MAX_FDS);
     }
 
     #[test]
