@@ -448,27 +448,27 @@ impl SchedulerConfig {
 
     /// The QEMU user, when named, is a portable user name and not root.
     fn validate_qemu_user(&self) -> Result<(), ValidationError> {
-    if let Some(user) = &self.qemu_user {
-        // A portable user name (it goes to the passwd lookup as is).
-        let valid = !user.is_empty()
-            && user.len() <= 32
-            && !user.starts_with('-')
-            && user
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
-        if !valid {
-            return Err(ValidationError::Config {
-                field: "qemu_user",
-                reason: format!("`{user}` is not a user name"),
-            });
+        if let Some(user) = &self.qemu_user {
+            // A portable user name (it goes to the passwd lookup as is).
+            let valid = !user.is_empty()
+                && user.len() <= 32
+                && !user.starts_with('-')
+                && user
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+            if !valid {
+                return Err(ValidationError::Config {
+                    field: "qemu_user",
+                    reason: format!("`{user}` is not a user name"),
+                });
+            }
+            if user == "root" {
+                return Err(ValidationError::Config {
+                    field: "qemu_user",
+                    reason: "QEMU never runs as root".into(),
+                });
+            }
         }
-        if user == "root" {
-            return Err(ValidationError::Config {
-                field: "qemu_user",
-                reason: "QEMU never runs as root".into(),
-            });
-        }
-    }
         Ok(())
     }
 

@@ -67,5 +67,6 @@ pub use session::{ExecOptions, Session, SessionCloseReason, SessionOptions};
 pub use trust::TrustError;
 pub use validate::ValidationError;
 pub use vm::accel::{Accelerator, AcceleratorChoice};
+pub use vm::jail::{IsolationReport, JailError};
 pub use vm::qmp::QmpError;
 pub use vm::{AckError, ChannelError, OutputCallback, VmError};

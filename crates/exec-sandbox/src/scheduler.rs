@@ -27,9 +27,9 @@ use crate::result::{
 use crate::run::RunOptions;
 use crate::snapshot::{self, Templates};
 use crate::validate::{self, ValidationError};
+use crate::vm::Qemu;
 use crate::vm::accel::{self, AccelConfig, AcceleratorChoice, HostVerdict};
 use crate::vm::migration::Warmup;
-use crate::vm::Qemu;
 use crate::vm::qemu::VmSpec;
 use crate::vm::{OutputCallback, Vm, VmError};
 use sbx_net::policy::Allowlist;

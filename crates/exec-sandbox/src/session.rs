@@ -639,6 +639,15 @@ impl Session {
         &self.inner.vm_name
     }
 
+    /// What the jail around the session's QEMU could build; `None` once closed. Testing only
+    /// (feature `testing`).
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub async fn isolation(&self) -> Option<crate::IsolationReport> {
+        let live = self.inner.live.read().await;
+        live.as_ref().map(|live| live.vm.isolation().clone())
+    }
+
     /// Closes the session and destroys its VM, after the operations in progress. Later calls
     /// fail with [`Error::SessionClosed`]. Closing a closed session does nothing.
     pub async fn close(&self) {

@@ -190,7 +190,13 @@ impl CStrings {
 pub(crate) fn exec(program: &CStr, argv: &CStrings, envp: &CStrings) -> io::Error {
     // SAFETY: `program` is NUL-terminated; `argv` and `envp` are null-terminated arrays of
     // pointers to NUL-terminated strings they own, alive for the call.
-    unsafe { libc::execve(program.as_ptr(), argv.pointers.as_ptr(), envp.pointers.as_ptr()) };
+    unsafe {
+        libc::execve(
+            program.as_ptr(),
+            argv.pointers.as_ptr(),
+            envp.pointers.as_ptr(),
+        )
+    };
     io::Error::last_os_error()
 }
 
@@ -203,7 +209,11 @@ pub(crate) fn exec(program: &CStr, argv: &CStrings, envp: &CStrings) -> io::Erro
 pub(crate) fn place_fds(moves: &[(RawFd, RawFd)], floor: RawFd) -> io::Result<()> {
     const MAX: usize = 16;
     let last_error = || Err(io::Error::last_os_error());
-    if moves.len() > MAX || moves.iter().any(|&(_, target)| target >= floor || target < 0) {
+    if moves.len() > MAX
+        || moves
+            .iter()
+            .any(|&(_, target)| target >= floor || target < 0)
+    {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
     }
     let mut copies = [-1; MAX];
@@ -237,7 +247,12 @@ pub(crate) fn place_fds(moves: &[(RawFd, RawFd)], floor: RawFd) -> io::Result<()
         )
     };
     // Kernels before 5.11: every descriptor of ours is close-on-exec already.
-    if rc < 0 && !matches!(io::Error::last_os_error().raw_os_error(), Some(libc::ENOSYS | libc::EINVAL)) {
+    if rc < 0
+        && !matches!(
+            io::Error::last_os_error().raw_os_error(),
+            Some(libc::ENOSYS | libc::EINVAL)
+        )
+    {
         return last_error();
     }
     Ok(())
@@ -245,9 +260,7 @@ pub(crate) fn place_fds(moves: &[(RawFd, RawFd)], floor: RawFd) -> io::Result<()
 
 /// Registers `fd` with the tokio runtime of the caller, for readiness to read (a pidfd: its
 /// process exited).
-pub(crate) fn watch_readable(
-    fd: OwnedFd,
-) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+pub(crate) fn watch_readable(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
     // SAFETY: an OwnedFd is a valid open descriptor that only it closes, and it stays inside
     // the AsyncFd (so open and the same file) for as long as the registration lasts; its
     // `as_raw_fd` always returns that descriptor.

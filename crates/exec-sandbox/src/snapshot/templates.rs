@@ -18,8 +18,8 @@ use sbx_protocol::Language;
 
 use super::cache::{Cache, SnapshotError};
 use super::key::{KeyInputs, cache_key, qemu_identity};
-use crate::vm::migration::Warmup;
 use crate::vm::jail::Credentials;
+use crate::vm::migration::Warmup;
 use crate::vm::qemu::VmSpec;
 use crate::vm::{Qemu, Vm, VmError};
 
@@ -58,13 +58,15 @@ pub(crate) async fn build(
     let jail = qemu.jail.clone();
     let credentials = tokio::task::spawn_blocking(move || jail.credentials())
         .await
-        .map_err(|e| SnapshotError::Vm(VmError::Jail {
-            name: spec.name.clone(),
-            source: crate::vm::jail::JailError::Host {
-                action: "resolve the QEMU user".into(),
-                source: std::io::Error::other(e),
-            },
-        }))?
+        .map_err(|e| {
+            SnapshotError::Vm(VmError::Jail {
+                name: spec.name.clone(),
+                source: crate::vm::jail::JailError::Host {
+                    action: "resolve the QEMU user".into(),
+                    source: std::io::Error::other(e),
+                },
+            })
+        })?
         .map_err(|source| {
             SnapshotError::Vm(VmError::Jail {
                 name: spec.name.clone(),
@@ -141,7 +143,9 @@ impl Templates {
         spec: &VmSpec,
         asset_version: &str,
     ) -> String {
-        let identity = self.qemu_identity.get_or_init(|| qemu_identity(&qemu.binary));
+        let identity = self
+            .qemu_identity
+            .get_or_init(|| qemu_identity(&qemu.binary));
         cache_key(&KeyInputs {
             language,
             spec,

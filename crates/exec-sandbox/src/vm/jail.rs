@@ -363,10 +363,7 @@ pub(crate) enum Op {
     /// Every mount private: nothing done here reaches the host.
     Private,
     /// The new root: a small tmpfs on `target`.
-    Tmpfs {
-        target: CString,
-        flags: MountFlags,
-    },
+    Tmpfs { target: CString, flags: MountFlags },
     /// An empty directory.
     Dir { path: CString },
     /// An empty file, to bind a file or device onto.
@@ -593,7 +590,13 @@ fn cstring(path: &Path) -> Result<CString, JailError> {
 /// Targets must be distinct; sources are copied above every target before any is placed.
 /// Returns the lowest number above every target (where the child's own descriptors go).
 pub(crate) fn fd_floor(moves: &[(RawFd, RawFd)]) -> RawFd {
-    moves.iter().map(|&(_, target)| target).max().unwrap_or(2).max(2) + 1
+    moves
+        .iter()
+        .map(|&(_, target)| target)
+        .max()
+        .unwrap_or(2)
+        .max(2)
+        + 1
 }
 
 /// The steps of the child, as reported through the pipe.
@@ -769,8 +772,12 @@ fn jail_and_exec(plan: &ChildPlan<'_>) -> Result<std::convert::Infallible, Failu
         .at(Step::ParentDeathSignal)?;
     // Our own stat file as the host sees it, kept open: after the pivot the only /proc is the
     // new PID namespace's, where the parent has no pid.
-    let stat = rustix::fs::open(c"/proc/self/stat", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
-        .at(Step::ParentGone)?;
+    let stat = rustix::fs::open(
+        c"/proc/self/stat",
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .at(Step::ParentGone)?;
     let stat = rustix::io::fcntl_dupfd_cloexec(&stat, plan.floor).at(Step::ParentGone)?;
     check_parent(&stat, plan.parent)?;
     for (i, cgroup) in plan.cgroups.iter().enumerate() {
@@ -859,9 +866,13 @@ fn apply(op: &Op) -> rustix::io::Result<()> {
             c"/",
             MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
         ),
-        Op::Tmpfs { target, flags } => {
-            mount::mount(c"tmpfs", target.as_c_str(), c"tmpfs", *flags, ROOT_TMPFS_OPTIONS)
-        }
+        Op::Tmpfs { target, flags } => mount::mount(
+            c"tmpfs",
+            target.as_c_str(),
+            c"tmpfs",
+            *flags,
+            ROOT_TMPFS_OPTIONS,
+        ),
         Op::Dir { path } => rustix::fs::mkdir(path.as_c_str(), Mode::from_raw_mode(0o755)),
         Op::File { path } => rustix::fs::open(
             path.as_c_str(),
@@ -962,10 +973,7 @@ mod tests {
 
     use super::*;
 
-    const QEMU_USER: Identity = Identity {
-        uid: 990,
-        gid: 990,
-    };
+    const QEMU_USER: Identity = Identity { uid: 990, gid: 990 };
 
     /// A merged-/usr host like Debian 12's.
     fn debian() -> HashMap<PathBuf, Entry> {
@@ -990,7 +998,12 @@ mod tests {
         .collect()
     }
 
-    fn plan(host: &HashMap<PathBuf, Entry>, qemu: &str, kvm: bool, credentials: Credentials) -> Vec<Op> {
+    fn plan(
+        host: &HashMap<PathBuf, Entry>,
+        qemu: &str,
+        kvm: bool,
+        credentials: Credentials,
+    ) -> Vec<Op> {
         mount_plan(
             &ViewRequest {
                 root: Path::new("/tmp/sbx-vm-1/root"),
@@ -1009,7 +1022,12 @@ mod tests {
 
     #[test]
     fn the_view_holds_only_what_qemu_opens() {
-        let ops = plan(&debian(), "/usr/bin/qemu-system-x86_64", false, Credentials::Switch(QEMU_USER));
+        let ops = plan(
+            &debian(),
+            "/usr/bin/qemu-system-x86_64",
+            false,
+            Credentials::Switch(QEMU_USER),
+        );
         let text = described(&ops);
         let r = "/tmp/sbx-vm-1/root";
         assert_eq!(text[0], "make every mount private");
@@ -1028,22 +1046,37 @@ mod tests {
         }
         assert_eq!(text[text.len() - 2], format!("pivot_root into {r}"));
         assert_eq!(text[text.len() - 1], "remount the jail's root read-only");
-        let proc = text.iter().position(|t| t.starts_with("mount proc")).unwrap();
+        let proc = text
+            .iter()
+            .position(|t| t.starts_with("mount proc"))
+            .unwrap();
         assert!(proc < text.len() - 2, "proc is mounted before the pivot");
         // Nothing of the host's home, temp, cache or devices beyond these.
         for absent in ["/home", "/tmp ", "/root", ".cache", "/dev/kvm", "/opt"] {
             assert!(
-                !text.iter().skip(2).any(|t| t.contains(&format!(" {absent}")) || t.starts_with(&format!("bind {absent}"))),
+                !text
+                    .iter()
+                    .skip(2)
+                    .any(|t| t.contains(&format!(" {absent}"))
+                        || t.starts_with(&format!("bind {absent}"))),
                 "{absent} in {text:#?}"
             );
         }
-        let binds: Vec<&Op> = ops.iter().filter(|op| matches!(op, Op::Bind { .. })).collect();
+        let binds: Vec<&Op> = ops
+            .iter()
+            .filter(|op| matches!(op, Op::Bind { .. }))
+            .collect();
         assert_eq!(binds.len(), 4, "{text:#?}");
     }
 
     #[test]
     fn binds_are_read_only_nosuid_and_only_devices_keep_dev() {
-        let ops = plan(&debian(), "/usr/bin/qemu-system-x86_64", true, Credentials::Caller(QEMU_USER));
+        let ops = plan(
+            &debian(),
+            "/usr/bin/qemu-system-x86_64",
+            true,
+            Credentials::Caller(QEMU_USER),
+        );
         for op in &ops {
             if let Op::Bind { source, flags, .. } = op {
                 assert!(flags.contains(MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID));
@@ -1061,7 +1094,12 @@ mod tests {
     #[test]
     fn kvm_is_a_node_of_the_qemu_user_for_root_and_a_bind_otherwise() {
         let r = "/tmp/sbx-vm-1/root";
-        let as_root = plan(&debian(), "/usr/bin/qemu-system-x86_64", true, Credentials::Switch(QEMU_USER));
+        let as_root = plan(
+            &debian(),
+            "/usr/bin/qemu-system-x86_64",
+            true,
+            Credentials::Switch(QEMU_USER),
+        );
         let node = as_root
             .iter()
             .find(|op| matches!(op, Op::Device { .. }))
@@ -1078,21 +1116,52 @@ mod tests {
             panic!("tmpfs second");
         };
         assert!(!flags.contains(MountFlags::NODEV), "the node must work");
-        let unprivileged = plan(&debian(), "/usr/bin/qemu-system-x86_64", true, Credentials::Caller(QEMU_USER));
-        assert!(described(&unprivileged).contains(&format!("bind /dev/kvm read-only on {r}/dev/kvm")));
-        assert!(!unprivileged.iter().any(|op| matches!(op, Op::Device { .. })));
+        let unprivileged = plan(
+            &debian(),
+            "/usr/bin/qemu-system-x86_64",
+            true,
+            Credentials::Caller(QEMU_USER),
+        );
+        assert!(
+            described(&unprivileged).contains(&format!("bind /dev/kvm read-only on {r}/dev/kvm"))
+        );
+        assert!(
+            !unprivileged
+                .iter()
+                .any(|op| matches!(op, Op::Device { .. }))
+        );
     }
 
     #[test]
     fn real_library_directories_and_a_qemu_elsewhere_are_bound() {
         let mut host = debian();
-        host.insert("/lib64".into(), Entry::Dir(Locked { nodev: true, noexec: false }));
-        let ops = plan(&host, "/opt/qemu/bin/qemu-system-x86_64", false, Credentials::Switch(QEMU_USER));
+        host.insert(
+            "/lib64".into(),
+            Entry::Dir(Locked {
+                nodev: true,
+                noexec: false,
+            }),
+        );
+        let ops = plan(
+            &host,
+            "/opt/qemu/bin/qemu-system-x86_64",
+            false,
+            Credentials::Switch(QEMU_USER),
+        );
         let text = described(&ops);
         let r = "/tmp/sbx-vm-1/root";
-        assert!(text.contains(&format!("bind /lib64 read-only on {r}/lib64")), "{text:#?}");
-        assert!(text.contains(&format!("create directory {r}/opt")), "{text:#?}");
-        assert!(text.contains(&format!("bind /opt/qemu read-only on {r}/opt/qemu")), "{text:#?}");
+        assert!(
+            text.contains(&format!("bind /lib64 read-only on {r}/lib64")),
+            "{text:#?}"
+        );
+        assert!(
+            text.contains(&format!("create directory {r}/opt")),
+            "{text:#?}"
+        );
+        assert!(
+            text.contains(&format!("bind /opt/qemu read-only on {r}/opt/qemu")),
+            "{text:#?}"
+        );
         // A QEMU straight under / would bring the whole root: refused.
         let err = mount_plan(
             &ViewRequest {
@@ -1109,7 +1178,12 @@ mod tests {
 
     #[test]
     fn each_directory_is_created_once_before_use() {
-        let ops = plan(&debian(), "/usr/bin/qemu-system-x86_64", true, Credentials::Caller(QEMU_USER));
+        let ops = plan(
+            &debian(),
+            "/usr/bin/qemu-system-x86_64",
+            true,
+            Credentials::Caller(QEMU_USER),
+        );
         let dirs: Vec<&CString> = ops
             .iter()
             .filter_map(|op| match op {
@@ -1127,27 +1201,49 @@ mod tests {
                 .unwrap_or_else(|| panic!("{wanted}"))
         };
         let r = "/tmp/sbx-vm-1/root";
-        assert!(position(&format!("create directory {r}/dev")) < position(&format!("create file {r}/dev/null")));
-        assert!(position(&format!("create file {r}/dev/null")) < position(&format!("bind /dev/null read-only on {r}/dev/null")));
+        assert!(
+            position(&format!("create directory {r}/dev"))
+                < position(&format!("create file {r}/dev/null"))
+        );
+        assert!(
+            position(&format!("create file {r}/dev/null"))
+                < position(&format!("bind /dev/null read-only on {r}/dev/null"))
+        );
     }
 
     #[test]
     fn namespaces_and_report_follow_the_credentials() {
         let (flags, names) = namespaces_for(Credentials::Switch(QEMU_USER), None);
         assert_eq!(names, ["mount", "pid", "ipc", "uts", "net"]);
-        assert_eq!(flags & libc::CLONE_NEWUSER, 0, "root needs no user namespace");
+        assert_eq!(
+            flags & libc::CLONE_NEWUSER,
+            0,
+            "root needs no user namespace"
+        );
         let (flags, names) = namespaces_for(Credentials::Caller(QEMU_USER), None);
         assert_eq!(names, ["user", "mount", "pid", "ipc", "uts", "net"]);
         assert_ne!(flags & libc::CLONE_NEWUSER, 0);
-        assert_eq!(namespaces_for(Credentials::Caller(QEMU_USER), Some("no")), (0, Vec::new()));
-        let report = report(Credentials::Switch(QEMU_USER), Vec::new(), Some("why".into()));
+        assert_eq!(
+            namespaces_for(Credentials::Caller(QEMU_USER), Some("no")),
+            (0, Vec::new())
+        );
+        let report = report(
+            Credentials::Switch(QEMU_USER),
+            Vec::new(),
+            Some("why".into()),
+        );
         assert!(report.unprivileged);
         assert_eq!(report.reason.as_deref(), Some("why"));
     }
 
     #[test]
     fn a_child_failure_names_its_step() {
-        let ops = plan(&debian(), "/usr/bin/qemu-system-x86_64", false, Credentials::Switch(QEMU_USER));
+        let ops = plan(
+            &debian(),
+            "/usr/bin/qemu-system-x86_64",
+            false,
+            Credentials::Switch(QEMU_USER),
+        );
         let mut record = [0u8; REPORT_BYTES];
         record[..4].copy_from_slice(&(Step::Mount as u32).to_le_bytes());
         record[4..8].copy_from_slice(&1u32.to_le_bytes());
@@ -1166,7 +1262,10 @@ mod tests {
         record[8..].copy_from_slice(&libc::ENOENT.to_le_bytes());
         let (step, error) = child_error(&record, &ops, c"/usr/bin/qemu");
         assert!(!step.unwrap().is_namespace_setup());
-        assert!(error.to_string().contains("execute /usr/bin/qemu"), "{error}");
+        assert!(
+            error.to_string().contains("execute /usr/bin/qemu"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -560,6 +560,10 @@ impl Vm {
     }
 
     /// What the jail around QEMU could build (the cgroup is reported apart).
+    #[cfg_attr(
+        not(feature = "testing"),
+        expect(dead_code, reason = "tests read it; the run's result will")
+    )]
     pub(crate) fn isolation(&self) -> &IsolationReport {
         &self.isolation
     }

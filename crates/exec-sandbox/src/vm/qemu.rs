@@ -344,7 +344,10 @@ mod tests {
             args.contains("id=root,format=raw,if=none,readonly=on,file=/proc/self/fd/10"),
             "{args}"
         );
-        assert!(!args.contains("/a/"), "no host path on the command line: {args}");
+        assert!(
+            !args.contains("/a/"),
+            "no host path on the command line: {args}"
+        );
         assert!(args.contains("virtio-rng-device"));
         assert!(args.contains(&format!("name={}", sbx_protocol::CONTROL_PORT_NAME)));
     }
@@ -375,7 +378,9 @@ mod tests {
             .collect::<Vec<_>>()
             .join(" ");
         assert!(t.contains("acpi=off,memory-backend=mem0 "), "{t}");
-        assert!(t.contains("memory-backend-file,id=mem0,size=256M,share=on,mem-path=/proc/self/fd/6"));
+        assert!(
+            t.contains("memory-backend-file,id=mem0,size=256M,share=on,mem-path=/proc/self/fd/6")
+        );
         assert!(c.contains("share=off,mem-path=/proc/self/fd/6"), "{c}");
         assert!(!t.contains("readonly=on,mem") && !c.contains("-kernel"));
         assert!(c.contains("-incoming defer") && !t.contains("-incoming"));
@@ -439,7 +444,10 @@ mod tests {
             ]
         );
         let args = s.args_for(&boot);
-        let joined: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        let joined: Vec<String> = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
         let after = |flag: &str| joined[joined.iter().position(|a| a == flag).unwrap() + 1].clone();
         assert_eq!(after("-kernel"), format!("/proc/self/fd/{KERNEL_FD}"));
         assert_eq!(after("-initrd"), format!("/proc/self/fd/{INITRAMFS_FD}"));

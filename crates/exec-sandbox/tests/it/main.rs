@@ -7,6 +7,7 @@ mod support;
 mod vm_admission;
 mod vm_exec;
 mod vm_files;
+mod vm_jail;
 mod vm_limits;
 mod vm_network;
 mod vm_package_index;
