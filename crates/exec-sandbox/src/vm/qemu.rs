@@ -245,11 +245,15 @@ impl VmSpec {
             a.push(self.kernel_cmdline().into());
         }
         if self.rootfs.is_some() {
+            // The block layer takes the descriptor itself (an fd set), never reopening the
+            // file: QEMU's user needs no permission on it.
+            a.push("-add-fd".into());
+            a.push(format!("fd={ROOTFS_FD},set={ROOTFS_FD}").into());
             a.push("-drive".into());
             a.push(
                 format!(
                     "id=root,format=raw,if=none,readonly=on,file={}",
-                    fd_path(ROOTFS_FD)
+                    fd_set(ROOTFS_FD)
                 )
                 .into(),
             );
@@ -257,11 +261,15 @@ impl VmSpec {
             a.push("virtio-blk-device,drive=root".into());
         }
         if self.packages.is_some() {
+            // The block layer takes the descriptor itself (an fd set), never reopening the
+            // file: QEMU's user needs no permission on it.
+            a.push("-add-fd".into());
+            a.push(format!("fd={PACKAGES_FD},set={PACKAGES_FD}").into());
             a.push("-drive".into());
             a.push(
                 format!(
                     "id=packages,format=raw,if=none,readonly=on,file={}",
-                    fd_path(PACKAGES_FD)
+                    fd_set(PACKAGES_FD)
                 )
                 .into(),
             );
@@ -282,6 +290,12 @@ impl VmSpec {
 /// How QEMU names the file it inherited at descriptor `fd`.
 fn fd_path(fd: i32) -> String {
     format!("/proc/self/fd/{fd}")
+}
+
+/// The fd set `-add-fd fd=<fd>,set=<fd>` made of inherited descriptor `fd`: QEMU duplicates the
+/// descriptor instead of opening a path.
+fn fd_set(fd: i32) -> String {
+    format!("/dev/fdset/{fd}")
 }
 
 #[cfg(test)]
@@ -341,7 +355,7 @@ mod tests {
         assert!(!args.contains("netdev"), "{args}");
         assert!(!args.contains("virtio-net"), "{args}");
         assert!(
-            args.contains("id=root,format=raw,if=none,readonly=on,file=/proc/self/fd/10"),
+            args.contains("id=root,format=raw,if=none,readonly=on,file=/dev/fdset/10"),
             "{args}"
         );
         assert!(
@@ -409,11 +423,18 @@ mod tests {
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
         let at = |wanted: &str| args.iter().position(|a| a == wanted).expect(wanted);
-        let root_drive = at("id=root,format=raw,if=none,readonly=on,file=/proc/self/fd/10");
+        let root_drive = at("id=root,format=raw,if=none,readonly=on,file=/dev/fdset/10");
         let root_device = at("virtio-blk-device,drive=root");
-        let drive = at("id=packages,format=raw,if=none,readonly=on,file=/proc/self/fd/11");
+        let drive = at("id=packages,format=raw,if=none,readonly=on,file=/dev/fdset/11");
         let device = at("virtio-blk-device,drive=packages,serial=sbx-packages");
         assert_eq!(args[drive - 1], "-drive");
+        assert_eq!(
+            args[drive - 2],
+            "fd=11,set=11",
+            "the layer's descriptor is its fd set"
+        );
+        assert_eq!(args[drive - 3], "-add-fd");
+        assert_eq!(args[root_drive - 2], "fd=10,set=10");
         assert_eq!(args[device - 1], "-device");
         assert!(root_drive < root_device && root_device < drive && drive < device);
         assert_eq!(device, args.len() - 1, "the last device");
