@@ -1,4 +1,5 @@
-//! `kill -9` of `sbx` mid-run leaves no QEMU behind: QEMU carries a parent-death signal.
+//! `kill -9` of `sbx` mid-run leaves no QEMU behind: the jailed QEMU carries a parent-death
+//! signal (set before and again after it drops privileges) and is PID 1 of its own namespace.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -61,11 +62,49 @@ fn sigkill_of_sbx_mid_run_leaves_no_qemu() {
     };
     // Let the VM get going, then kill sbx without giving it any chance to clean up.
     std::thread::sleep(Duration::from_millis(500));
+    let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("NSpid:") && l.ends_with("\t1")),
+        "the QEMU killed here is the jailed one (PID 1 of its namespace): {status}"
+    );
+    let name = vm_name(qemu);
     sbx.kill().unwrap();
     sbx.wait().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while alive(qemu) {
-        assert!(Instant::now() < deadline, "QEMU {qemu} outlived sbx by 5 s");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(qemu) || !with_name(&name).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "QEMU {qemu} (VM {name}: {:?}) outlived sbx by 10 s",
+            with_name(&name)
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The `-name` argument of QEMU `pid`.
+fn vm_name(pid: u32) -> String {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let at = args.iter().position(|a| *a == b"-name").expect("-name");
+    String::from_utf8_lossy(args[at + 1]).into_owned()
+}
+
+/// Live processes (of any parent) whose command line holds `-name <name>`.
+fn with_name(name: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let mut args = cmdline.split(|b| *b == 0);
+        if args.any(|a| a == b"-name") && args.next() == Some(name.as_bytes()) && alive(pid) {
+            found.push(pid);
+        }
+    }
+    found
 }
