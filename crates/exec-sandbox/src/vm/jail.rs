@@ -1212,6 +1212,47 @@ mod tests {
     }
 
     #[test]
+    fn a_named_user_must_exist_and_the_caller_runs_qemu_when_unprivileged() {
+        let jail = Jail::new(Some("sbx-no-such-user-for-tests".into()));
+        match jail.credentials() {
+            // As root: a named user is looked up, never created, never replaced by root.
+            Err(JailError::NoSuchUser { user }) => {
+                assert!(rustix::process::geteuid().is_root());
+                assert_eq!(user, "sbx-no-such-user-for-tests");
+                assert!(jail.credentials().is_err(), "and not cached as a success");
+            }
+            // Unprivileged: QEMU runs as the caller, whatever user was named.
+            Ok(Credentials::Caller(id)) => {
+                assert_eq!(id.uid, rustix::process::geteuid().as_raw());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_qemu_user_setting_refuses_root_and_non_names() {
+        let base = crate::SchedulerConfig::from_env().unwrap();
+        for (user, wanted) in [
+            ("root", "QEMU never runs as root"),
+            ("-o", "is not a user name"),
+            ("a b", "is not a user name"),
+            ("", "is not a user name"),
+        ] {
+            let config = crate::SchedulerConfig {
+                qemu_user: Some(user.into()),
+                ..base.clone()
+            };
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(wanted), "{user:?}: {err}");
+        }
+        let config = crate::SchedulerConfig {
+            qemu_user: Some("qemu_runner-1".into()),
+            ..base
+        };
+        config.validate().unwrap();
+    }
+
+    #[test]
     fn namespaces_and_report_follow_the_credentials() {
         let (flags, names) = namespaces_for(Credentials::Switch(QEMU_USER), None);
         assert_eq!(names, ["mount", "pid", "ipc", "uts", "net"]);
