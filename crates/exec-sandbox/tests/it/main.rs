@@ -2,6 +2,7 @@
 //! hosts without usable KVM); they build or verify the guest images on first use.
 
 mod assets;
+mod attack_env;
 mod cache_trust;
 mod support;
 mod vm_admission;

@@ -10,9 +10,10 @@
 # `eval` and back on as the first command inside it, so neither the loop nor `eval` itself is
 # ever traced. (Commands inside eval are one level deeper: with the default PS4 their trace
 # lines start with `++`.)
-__sbx_nl=$'\n'
 builtin printf 'ready\n' >&4
 while {
+    # Reset on every command: user code runs in this shell and may have changed them.
+    __sbx_nl=$'\n' __sbx_name='^[A-Za-z_][A-Za-z0-9_]*$'
     LC_ALL=C IFS=' ' builtin read -r __sbx_nonce __sbx_elen __sbx_clen <&3 || builtin exit 0
     __sbx_env='' __sbx_code=''
     if ((__sbx_elen > 0)); then
@@ -30,13 +31,18 @@ while {
             __sbx_env=''
         fi
         __sbx_k=${__sbx_kv%%=*}
+        # Names are data: the agent has refused any name that is not an identifier or is
+        # reserved, and one that slipped through is skipped, never evaluated.
+        if ! [[ $__sbx_k =~ $__sbx_name && ${__sbx_k^^} != __SBX* ]]; then
+            continue
+        fi
         __sbx_keys+=("$__sbx_k")
         if [[ -v $__sbx_k ]]; then
             __sbx_had+=(1) && __sbx_old+=("${!__sbx_k}")
         else
             __sbx_had+=(0) && __sbx_old+=('')
         fi
-        builtin export "$__sbx_kv"
+        builtin export -- "$__sbx_k=${__sbx_kv#*=}"
     done
     __sbx_xtrace=''
     if [[ $- == *x* ]]; then

@@ -868,3 +868,44 @@ fn javascript_timeout_and_relative_imports() {
     assert!(r.outcome.timed_out);
     assert_eq!(agent.exec(JS, "console.log('back')").stdout(), "back\n");
 }
+
+#[test]
+fn env_names_that_hijack_are_refused_and_names_stay_data() {
+    let mut agent = started();
+    // The review's attacks, as the host would send them had it not refused them first.
+    let attacks: [&[(&str, &str)]; 4] = [
+        &[("__sbx_code", "echo HIJACKED")],
+        &[("__sbx_nl", "@"), ("A", "x@PATH=/nonexistent@B=1")],
+        &[("PS4", "$(echo HIJACKED >&2)")],
+        &[("http_proxy", "http://127.0.0.1:9")],
+    ];
+    for env in attacks {
+        let mut request = Agent::request(SH, "set -x; echo original");
+        request.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let e = agent.exec_error(request);
+        assert_eq!(e.kind, GuestErrorKind::InvalidRequest, "{env:?}");
+        assert!(e.message.contains(env[0].0), "{env:?}: {}", e.message);
+        assert!(e.message.contains("not allowed: it "), "{}", e.message);
+    }
+    let mut request = Agent::request(SH, "echo original");
+    request.env = vec![("a[$(echo HIJACKED >&2)]".into(), "x".into())];
+    assert_eq!(
+        agent.exec_error(request).kind,
+        GuestErrorKind::InvalidRequest
+    );
+    // User code may change the driver's variables in its own shell; the next command's
+    // environment is still applied as data.
+    agent.exec(SH, "__sbx_nl=@; __sbx_name=.; __sbx_env='X=1'");
+    let mut request = Agent::request(SH, "echo \"$A|$B|$PATH\"");
+    request.env = vec![
+        ("A".into(), "x@PATH=/nonexistent".into()),
+        ("B".into(), "1".into()),
+    ];
+    let r = agent.exec_request(request);
+    let path = agent.exec(SH, "echo \"$PATH\"").stdout();
+    assert_eq!(r.stdout(), format!("x@PATH=/nonexistent|1|{path}"));
+    assert_eq!(agent.exec(SH, "echo \"${X-unset}\"").stdout(), "unset\n");
+}
