@@ -274,6 +274,7 @@ impl Stack {
                 outbound: config.outbound,
                 allowlist: config.allowlist.clone(),
                 allow_internal: config.allow_internal,
+                host_addrs: super::host_addrs::current(),
             },
             config: Arc::new(config),
             iface,
@@ -402,6 +403,8 @@ impl Stack {
             return;
         }
         let dst = SocketAddrV4::new(dst, port);
+        // Refreshes the handle `self.policy` shares when it is stale.
+        super::host_addrs::current();
         let (label, phase, connect) =
             match verdict::tcp_syn(&self.policy, &self.names, dst, self.conns.len()) {
                 TcpVerdict::Refuse(refusal) => {
@@ -580,7 +583,10 @@ impl Stack {
             Event::Resolved { query, peer, found } => {
                 self.lookups = self.lookups.saturating_sub(1);
                 let lookup = match found {
-                    Ok(addrs) => verdict::usable_addrs(addrs, self.policy.allow_internal),
+                    Ok(addrs) => {
+                        super::host_addrs::current();
+                        verdict::usable_addrs(addrs, &self.policy)
+                    }
                     Err(e) => {
                         tracing::info!(
                             target: "sbx::network",
