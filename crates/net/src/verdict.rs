@@ -34,6 +34,7 @@ use std::time::Duration;
 use sbx_protocol::net::GATEWAY_IPV4;
 
 use crate::dns::{self, DnsError, Query, Rcode};
+use crate::framing::{FramingStop, RequestFramer};
 use crate::policy::{
     AddressClass, Allowlist, Binding, HostAddrs, NameTable, classify, host_may_connect, same_name,
 };
@@ -193,6 +194,9 @@ pub enum TcpRefusal {
         /// The name the virtual address is bound to.
         bound: String,
     },
+    /// A later request on a plain-HTTP connection named another host, or could not be framed.
+    #[error("{0}")]
+    LaterRequest(FramingStop),
     /// The client presented the bound name, but the allowlist does not permit it.
     #[error("the client named \"{0}\", which is not in the allowlist")]
     NotAllowed(String),
@@ -321,8 +325,12 @@ pub struct SniffProgress<'a> {
 pub enum SniffVerdict {
     /// Not decided: read more.
     Wait,
-    /// The bound name: connect to the binding's addresses and replay the bytes read.
-    Connect,
+    /// The bound name: connect to the binding's addresses and replay the bytes read, through
+    /// `framer` when the connection is plain HTTP (every later request's `Host` is checked).
+    Connect {
+        /// For plain HTTP: the framer the bytes read, and every later byte, go through.
+        framer: Option<RequestFramer>,
+    },
     /// Reset the connection.
     Refuse(Refusal),
 }
@@ -347,6 +355,20 @@ pub fn sniffed(
         })
     };
     let in_time = progress.elapsed < SNIFF_DEADLINE;
+    let named = |name: String, http: bool| {
+        if !same_name(&name, &binding.name) {
+            refuse(TcpRefusal::OtherName {
+                presented: name,
+                bound: binding.name.clone(),
+            })
+        } else if !policy.allowlist.permits(&name) {
+            refuse(TcpRefusal::NotAllowed(name))
+        } else {
+            SniffVerdict::Connect {
+                framer: http.then(|| RequestFramer::new(&binding.name)),
+            }
+        }
+    };
     match sniff(progress.bytes) {
         Presented::NeedMore
             if progress.bytes.len() < MAX_SNIFF_BYTES && in_time && progress.client_open =>
@@ -358,18 +380,19 @@ pub fn sniffed(
         }
         Presented::NeedMore => refuse(TcpRefusal::NoNameInTime),
         Presented::Unnamed(why) => refuse(TcpRefusal::Unnamed(why)),
-        Presented::Tls(name) | Presented::Http(name) => {
-            if !same_name(&name, &binding.name) {
-                refuse(TcpRefusal::OtherName {
-                    presented: name,
-                    bound: binding.name.clone(),
-                })
-            } else if !policy.allowlist.permits(&name) {
-                refuse(TcpRefusal::NotAllowed(name))
-            } else {
-                SniffVerdict::Connect
-            }
-        }
+        Presented::Tls(name) => named(name, false),
+        Presented::Http(name) => named(name, true),
+    }
+}
+
+/// The refusal for a plain-HTTP connection to `binding` (at `port`) whose framer stopped.
+pub fn later_request(binding: &str, port: u16, stop: FramingStop) -> Refusal {
+    Refusal::Tcp {
+        dest: Destination::Name {
+            name: binding.to_string(),
+            port,
+        },
+        reason: TcpRefusal::LaterRequest(stop),
     }
 }
 

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sbx_net::dns::Query;
+use sbx_net::framing::RequestFramer;
 use sbx_net::policy::{Binding, NameTable};
 use sbx_net::sniff::MAX_SNIFF_BYTES;
 use sbx_net::verdict::{
@@ -139,6 +140,9 @@ struct Conn {
     credit: Arc<Semaphore>,
     task: Option<AbortHandle>,
     label: String,
+    /// A plain-HTTP connection's framer, with the bound name and port for its refusal: every
+    /// guest byte goes through it.
+    http: Option<(RequestFramer, String, u16)>,
 }
 
 struct UdpForward {
@@ -489,6 +493,7 @@ impl Stack {
                 credit: Arc::new(Semaphore::new(CREDIT)),
                 task: None,
                 label,
+                http: None,
             },
         );
         id
@@ -744,9 +749,22 @@ impl Stack {
             };
             match verdict::sniffed(&self.policy, binding, *port, progress) {
                 SniffVerdict::Wait => {}
-                SniffVerdict::Connect => {
-                    let (initial, addrs, port) =
+                SniffVerdict::Connect { framer } => {
+                    let (mut initial, addrs, port) =
                         (std::mem::take(buf), binding.addrs.clone(), *port);
+                    if let Some(mut framer) = framer {
+                        // The first request is checked again with any pipelined behind it.
+                        match framer.push(&initial) {
+                            Ok(pass) => initial = pass,
+                            Err(stop) => {
+                                let refusal = verdict::later_request(&binding.name, port, stop);
+                                self.refusals.record(refusal);
+                                self.reset(id);
+                                return;
+                            }
+                        }
+                        conn.http = Some((framer, binding.name.clone(), port));
+                    }
                     conn.phase = Phase::Open;
                     self.spawn_connect(id, addrs, port, initial);
                 }
@@ -759,16 +777,26 @@ impl Stack {
         }
 
         // Guest → host.
+        let mut stopped = None;
         if let Some(tx) = &conn.to_host {
             while socket.can_recv() {
                 match tx.try_reserve() {
                     Ok(permit) => {
-                        let chunk = socket
+                        let mut chunk = socket
                             .recv(|data| {
                                 let n = data.len().min(CHUNK);
                                 (n, data[..n].to_vec())
                             })
                             .unwrap_or_default();
+                        if let Some((framer, name, port)) = &mut conn.http {
+                            match framer.push(&chunk) {
+                                Ok(pass) => chunk = pass,
+                                Err(stop) => {
+                                    stopped = Some(verdict::later_request(name, *port, stop));
+                                    break;
+                                }
+                            }
+                        }
                         permit.send(chunk);
                     }
                     Err(mpsc::error::TrySendError::Full(())) => {
@@ -782,6 +810,11 @@ impl Stack {
                 // The guest sent FIN: the relay shuts the host side's write half.
                 conn.to_host = None;
             }
+        }
+        if let Some(refusal) = stopped {
+            self.refusals.record(refusal);
+            self.reset(id);
+            return;
         }
         // Host → guest.
         while conn.pending_from < conn.pending.len() && socket.can_send() {

@@ -3,6 +3,7 @@
 
 mod assets;
 mod attack_env;
+mod attack_gateway;
 mod cache_trust;
 mod support;
 mod vm_admission;

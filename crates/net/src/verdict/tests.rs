@@ -294,7 +294,7 @@ fn presented_names() {
         };
         let got = match sniffed(&allowlist, &binding, 8080, progress) {
             SniffVerdict::Wait => Wait,
-            SniffVerdict::Connect => Connect,
+            SniffVerdict::Connect { .. } => Connect,
             SniffVerdict::Refuse(Refusal::Tcp {
                 dest: Destination::Name { name, port: 8080 },
                 reason,
@@ -827,10 +827,14 @@ proptest! {
         let verdict = sniffed(&allowlist, &binding, 443, SniffProgress { bytes: &bytes, elapsed, client_open });
         match verdict {
             SniffVerdict::Wait => prop_assert!(elapsed < SNIFF_DEADLINE && client_open),
-            SniffVerdict::Connect => prop_assert!(matches!(
-                sniff(&bytes),
-                Presented::Tls(name) | Presented::Http(name) if name == "fixture.test"
-            )),
+            SniffVerdict::Connect { framer } => {
+                let consistent = match sniff(&bytes) {
+                    Presented::Tls(name) => name == "fixture.test" && framer.is_none(),
+                    Presented::Http(name) => name == "fixture.test" && framer.is_some(),
+                    _ => false,
+                };
+                prop_assert!(consistent);
+            }
             SniffVerdict::Refuse(_) => {}
         }
     }
@@ -853,7 +857,8 @@ proptest! {
             format!("GET / HTTP/1.1\r\nHost: {name}\r\n\r\n").into_bytes()
         };
         let shown = if upper { bound.to_ascii_uppercase() } else { bound.clone() };
-        prop_assert_eq!(progress(&present(&shown)), SniffVerdict::Connect);
+        let framed = matches!(progress(&present(&shown)), SniffVerdict::Connect { framer } if framer.is_some() != tls);
+        prop_assert!(framed);
         let sub = format!("www.{bound}");
         prop_assert!(matches!(progress(&present(&sub)), SniffVerdict::Refuse(_)));
         let glued = format!("x{bound}");
