@@ -36,7 +36,7 @@ use tokio::task::{AbortHandle, JoinSet};
 
 use super::device::{Queues, read_frame, write_frame};
 use super::relay::{self, CHUNK, CREDIT, RelayError, RelayIo, TO_HOST_CHUNKS};
-use super::resolve::{self, ResolveError};
+use super::resolve::{HostResolver, ResolveError};
 use super::{GatewayConfig, HostSocket, Refusals};
 
 /// Identifies one relayed connection.
@@ -167,6 +167,8 @@ struct Stack {
     next_id: ConnId,
     next_inbound_port: u16,
     lookups: usize,
+    /// The host resolver, made at the first lookup (its cache is this VM's alone).
+    resolver: Option<Arc<HostResolver>>,
     blocked: bool,
     events: mpsc::Sender<Event>,
     tasks: JoinSet<()>,
@@ -293,6 +295,7 @@ impl Stack {
             next_id: 0,
             next_inbound_port: INBOUND_PORTS.start,
             lookups: 0,
+            resolver: None,
             blocked: false,
             events,
             tasks: JoinSet::new(),
@@ -686,8 +689,12 @@ impl Stack {
         self.lookups += 1;
         let config = self.config.clone();
         let events = self.events.clone();
+        let resolver = self
+            .resolver
+            .get_or_insert_with(|| Arc::new(HostResolver::system()))
+            .clone();
         self.tasks.spawn(async move {
-            let found = resolve::resolve(&query.name, &config.hosts).await;
+            let found = resolver.resolve(&query.name, &config.hosts).await;
             let _ = events.send(Event::Resolved { query, peer, found }).await;
         });
     }
