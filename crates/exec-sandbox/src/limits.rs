@@ -68,6 +68,23 @@ pub const QEMU_OVERHEAD_MB: u64 = 30;
 /// QEMU's translation-block cache under TCG (`-accel tcg,tb-size=`), passed to QEMU and charged
 /// by admission control.
 pub const TCG_TRANSLATION_CACHE_MB: u64 = 64;
+/// Memory a VM's cgroup allows beyond what admission charges it ([`crate::Cost::vm`]: guest
+/// memory, [`QEMU_OVERHEAD_MB`], [`TCG_TRANSLATION_CACHE_MB`]). A guest holding all its memory
+/// under TCG makes QEMU's cgroup peak at 159 MB above guest memory: ~10 MB of QEMU heap and
+/// kernel memory beyond the charged figures, and the page cache of the disks and QEMU's own
+/// binaries (reclaimable, but QEMU's code pages are in use: a limit without room for them
+/// thrashes) (`docs/measurements.md`, "A cgroup per VM").
+pub const VM_CGROUP_MEMORY_HEADROOM_MB: u64 = 64;
+/// Most tasks (processes and threads) in a VM's cgroup. QEMU runs 5 threads idle and up to
+/// ~15 during boot and snapshots; its block I/O thread pool may add up to 64 under load. A
+/// QEMU that cannot start a thread aborts, so the limit stays well above what it can use.
+pub const VM_PIDS_MAX: u32 = 128;
+/// Default CPU quota of a VM's cgroup, in percent of one core per vCPU.
+pub const DEFAULT_VM_CPU_QUOTA_PERCENT: u32 = 100;
+/// Smallest CPU quota a scheduler may be configured for (0 = no quota is accepted too).
+pub const MIN_VM_CPU_QUOTA_PERCENT: u32 = 10;
+/// Largest CPU quota a scheduler may be configured for.
+pub const MAX_VM_CPU_QUOTA_PERCENT: u32 = 1000;
 /// Default host memory kept out of the VM memory budget.
 pub const DEFAULT_HOST_MEMORY_RESERVE_MB: u64 = 1024;
 /// Default ratio of the VM memory budget to the host's memory (less its reserve). Above 1 because

@@ -20,7 +20,7 @@ use crate::execute::{Execution, VmOrigin, execute};
 use crate::limits;
 use crate::network::{ExposedPort, NetworkOptions};
 use crate::packages::PackageSource;
-use crate::result::{ExecutionResult, Timing};
+use crate::result::{ExecutionResult, Isolation, Timing};
 use crate::scheduler::{Layer, ReadyPackages, Scheduler, StartedVm, VmRequest};
 use crate::validate;
 use crate::vm::accel::AcceleratorChoice;
@@ -202,6 +202,7 @@ struct Inner<V: VmHandle> {
     packages: (PackageSource, Option<u64>),
     vm_name: String,
     exposed_ports: Vec<ExposedPort>,
+    isolation: Isolation,
     /// `None` once closed. Operations hold a read guard, so they may overlap (a file transfer
     /// during an exec); closing takes the write guard, after the operations in progress.
     live: RwLock<Option<Live<V>>>,
@@ -285,6 +286,7 @@ impl<V: VmHandle> Inner<V> {
             packages,
             vm_name: live.vm.name().to_string(),
             exposed_ports: live.vm.exposed_ports().to_vec(),
+            isolation: live.vm.isolation(),
             live: RwLock::new(Some(live)),
             exec_turn: Mutex::new(()),
             activity: std::sync::Mutex::new(Activity {
@@ -448,6 +450,7 @@ impl<V: VmHandle> Inner<V> {
             self.origin,
         );
         result.exposed_ports = self.exposed_ports.clone();
+        result.isolation = self.isolation.clone();
         result.network_refusals = refusals;
         (result.packages_source, result.packages_install_ms) = self.packages;
         Ok(result)

@@ -169,6 +169,49 @@ pub(crate) fn die_with_parent_and_inherit(
     }
 }
 
+/// Makes `command`'s child write itself (`"0\n"`) into the cgroup of each of the first `count`
+/// descriptors of `procs` (open `cgroup.procs` files) between fork and exec, before the
+/// closures registered after this one run. A failed write fails the spawn.
+pub(crate) fn join_cgroups_before_exec(
+    command: &mut std::process::Command,
+    procs: [RawFd; 8],
+    count: usize,
+) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and calls only write(2), which is
+    // async-signal-safe; it allocates nothing (`procs` is copied in).
+    unsafe {
+        command.pre_exec(move || {
+            for &fd in &procs[..count.min(procs.len())] {
+                write_for_exec(fd, b"0\n")?;
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Writes all of `bytes` to `fd` in one write(2) (retried on EINTR).
+///
+/// Meant for `pre_exec`: it only calls async-signal-safe functions.
+fn write_for_exec(fd: RawFd, bytes: &[u8]) -> io::Result<()> {
+    loop {
+        // SAFETY: `bytes` is valid for its length for the duration of the call; the kernel
+        // only reads it.
+        let written = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+        if written == bytes.len() as isize {
+            return Ok(());
+        }
+        if written < 0 {
+            let error = io::Error::last_os_error();
+            if error.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(error);
+        }
+        return Err(io::Error::from(io::ErrorKind::WriteZero));
+    }
+}
+
 /// Makes `command`'s child receive SIGKILL when the spawning thread exits, so a build script
 /// does not outlive a killed `sbx`.
 pub(crate) fn kill_child_with_parent(command: &mut std::process::Command) {
@@ -178,4 +221,25 @@ pub(crate) fn kill_child_with_parent(command: &mut std::process::Command) {
     unsafe {
         command.pre_exec(set_parent_death_signal);
     }
+}
+
+/// Whether the calling process may create entries in the directory `path`, by its effective
+/// ids (`EACCES`, `EROFS`, ... otherwise).
+pub(crate) fn may_write(path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `path` is a NUL-terminated string that outlives the call; faccessat only reads it.
+    let rc = unsafe {
+        libc::faccessat(
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::W_OK | libc::X_OK,
+            libc::AT_EACCESS,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -25,6 +25,7 @@ pub fn sample_result() -> crate::ExecutionResult {
         execution_time_ms: Some(12),
         external_cpu_time_ms: Some(900),
         external_memory_peak_mb: Some(140),
+        external_cpu_nr_throttled: Some(3),
         timing: Timing {
             setup_ms: 3,
             boot_ms: 700,
@@ -41,6 +42,13 @@ pub fn sample_result() -> crate::ExecutionResult {
         network_refusals: Vec::new(),
         packages_source: crate::PackageSource::None,
         packages_install_ms: None,
+        isolation: crate::Isolation {
+            cgroup: true,
+            cgroup_version: Some(crate::CgroupVersion::V1),
+            namespaces: None,
+            unprivileged: None,
+            reason: None,
+        },
     }
 }
 

@@ -261,6 +261,7 @@ async fn probe_kvm(qemu: &Path, kernel: &Path, initramfs: &Path) -> Result<Durat
         tmpfs_mb: 16,
         qemu_sandbox: true,
         nic: false,
+        cpu_quota_percent: limits::DEFAULT_VM_CPU_QUOTA_PERCENT,
     };
     let started = Instant::now();
     let vm = Vm::boot(qemu, &spec, limits::KVM_PROBE_DEADLINE, None, None).await?;

@@ -215,6 +215,8 @@ impl Vm {
         let started_at = Instant::now();
         let Started {
             mut child,
+            cgroup,
+            cgroup_status,
             channel,
             log,
             qmp,
@@ -289,6 +291,8 @@ impl Vm {
         let vm = Vm {
             name,
             child,
+            cgroup,
+            cgroup_status,
             channel,
             hello: saved.hello,
             qmp: Some(qmp),

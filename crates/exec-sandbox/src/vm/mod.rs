@@ -34,6 +34,7 @@ pub(crate) use self::channel::{Channel, Link};
 pub(crate) use self::handle::VmHandle;
 use self::qemu::{Launch, QMP_SOCKET_FD, VmSpec};
 use self::qmp::{Qmp, QmpError};
+use crate::cgroup::{self, CgroupStatus, VmCgroup};
 use crate::error_kind::ErrorKind;
 use crate::gateway::{Gateway, GatewayError};
 use crate::limits;
@@ -217,13 +218,27 @@ impl VmError {
     }
 }
 
-/// Host-side measurements of a finished VM.
+/// Host-side measurements of a finished VM: from its cgroup where it has one (and the figure
+/// is kept there), else from `/proc`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct VmStats {
     /// QEMU's user + system CPU time.
     pub cpu_time_ms: Option<u64>,
-    /// QEMU's peak resident set.
+    /// The peak memory charged to QEMU's cgroup, else QEMU's peak resident set.
     pub memory_peak_mb: Option<u64>,
+    /// Periods in which QEMU's CPU quota stopped it.
+    pub cpu_nr_throttled: Option<u64>,
+}
+
+impl VmStats {
+    /// The cgroup's figures, each missing one from `/proc`.
+    fn merge(cgroup: cgroup::Usage, proc: VmStats) -> VmStats {
+        VmStats {
+            cpu_time_ms: cgroup.cpu_time_ms.or(proc.cpu_time_ms),
+            memory_peak_mb: cgroup.memory_peak_mb.or(proc.memory_peak_mb),
+            cpu_nr_throttled: cgroup.cpu_nr_throttled,
+        }
+    }
 }
 
 /// The last bytes QEMU printed (console and stderr), kept for error messages.
@@ -252,7 +267,12 @@ impl LogTail {
 /// A running microVM whose agent has said hello.
 pub(crate) struct Vm {
     name: String,
+    /// Killed on drop before `cgroup` is removed.
     child: Child,
+    /// QEMU's cgroup (removed on drop, once QEMU is gone), when it has one.
+    cgroup: Option<VmCgroup>,
+    /// Whether it has one, and why not.
+    cgroup_status: CgroupStatus,
     channel: Channel,
     hello: AgentHello,
     /// QEMU's monitor, for templates and clones.
@@ -265,6 +285,8 @@ pub(crate) struct Vm {
 /// A QEMU process just started, before its guest is known to be ready.
 struct Started {
     child: Child,
+    cgroup: Option<VmCgroup>,
+    cgroup_status: CgroupStatus,
     channel: Channel,
     log: LogTail,
     qmp: Option<tokio::net::UnixStream>,
@@ -314,7 +336,8 @@ async fn start(
         qmp = Some(stream);
     }
     fds.extend(extra_fds);
-    let mut child = process::spawn_qemu(qemu.to_path_buf(), spec.args_for(launch), fds)
+    let (cgroup, cgroup_status, joins) = vm_cgroup(spec);
+    let mut child = process::spawn_qemu(qemu.to_path_buf(), spec.args_for(launch), fds, joins)
         .await
         .map_err(|source| VmError::Spawn {
             qemu: qemu.to_path_buf(),
@@ -329,11 +352,37 @@ async fn start(
     }
     Ok(Started {
         child,
+        cgroup,
+        cgroup_status,
         channel: Channel::new(stream),
         log,
         qmp,
         dir,
     })
+}
+
+/// The cgroup of the VM of `spec` with its limits, its status, and the descriptors QEMU joins
+/// it through; no cgroup (and the reason) when one cannot be made or opened.
+fn vm_cgroup(spec: &VmSpec) -> (Option<VmCgroup>, CgroupStatus, Vec<OwnedFd>) {
+    let limits = cgroup::Limits::for_vm(
+        spec.memory_mb,
+        spec.vcpus,
+        spec.accelerator,
+        spec.cpu_quota_percent,
+    );
+    let made = cgroup::for_vm(&spec.name, &limits).and_then(|cgroup| {
+        let joins = cgroup.join_fds().map_err(|e| {
+            CgroupStatus::inactive(format!("cannot open the VM's cgroup.procs: {e}"))
+        })?;
+        Ok((cgroup, joins))
+    });
+    match made {
+        Ok((cgroup, joins)) => {
+            let status = cgroup.status();
+            (Some(cgroup), status, joins)
+        }
+        Err(status) => (None, status, Vec::new()),
+    }
 }
 
 /// Whether the agent mounted the layer `layer` of VM `name`, as its hello says.
@@ -416,6 +465,8 @@ impl Vm {
         let name = spec.name.clone();
         let Started {
             mut child,
+            cgroup,
+            cgroup_status,
             channel,
             log,
             qmp,
@@ -461,6 +512,8 @@ impl Vm {
         let vm = Vm {
             name,
             child,
+            cgroup,
+            cgroup_status,
             channel,
             hello,
             qmp: None,
@@ -532,9 +585,22 @@ impl Vm {
             .unwrap_or_default()
     }
 
-    /// Kills QEMU and waits for it, returning what the host measured.
+    /// The host walls around this VM's QEMU.
+    pub(crate) fn isolation(&self) -> crate::result::Isolation {
+        crate::result::Isolation::from_cgroup(&self.cgroup_status)
+    }
+
+    /// The directories of the VM's cgroup, when it has one.
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) fn cgroup_dirs(&self) -> Vec<PathBuf> {
+        self.cgroup.as_ref().map(VmCgroup::dirs).unwrap_or_default()
+    }
+
+    /// Kills QEMU and waits for it, returning what the host measured; its cgroup (read once
+    /// QEMU is reaped, so it holds all of QEMU's time) is removed with the VM.
     pub(crate) async fn destroy(mut self) -> VmStats {
-        let stats = self.child.id().map(procfs::stats).unwrap_or_default();
+        // `/proc` is the fallback, and is gone once QEMU is reaped.
+        let proc = self.child.id().map(procfs::stats).unwrap_or_default();
         let _ = self.child.start_kill();
         if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
             .await
@@ -542,7 +608,12 @@ impl Vm {
         {
             tracing::warn!(vm = %self.name, "QEMU did not exit 5 s after SIGKILL");
         }
-        stats
+        let usage = self
+            .cgroup
+            .as_ref()
+            .map(VmCgroup::usage)
+            .unwrap_or_default();
+        VmStats::merge(usage, proc)
     }
 }
 
@@ -635,6 +706,7 @@ pub(crate) mod tests {
             tmpfs_mb: 16,
             qemu_sandbox: false,
             nic: false,
+            cpu_quota_percent: crate::limits::DEFAULT_VM_CPU_QUOTA_PERCENT,
         }
     }
 

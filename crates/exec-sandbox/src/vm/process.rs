@@ -31,15 +31,17 @@ fn spawner() -> &'static mpsc::Sender<Job> {
 
 /// Spawns `program args` with each `(fd, number)` of `fds` inherited at that number (at most
 /// 8), stdin from /dev/null and piped stdout/stderr, killed when this process dies or when the
-/// returned child is dropped.
+/// returned child is dropped. The child first writes itself into each cgroup whose open
+/// `cgroup.procs` is in `cgroups` (at most 8; see `VmCgroup::join_fds`).
 pub(crate) async fn spawn_qemu(
     program: std::path::PathBuf,
     args: Vec<std::ffi::OsString>,
     fds: Vec<(OwnedFd, i32)>,
+    cgroups: Vec<OwnedFd>,
 ) -> std::io::Result<Child> {
-    if fds.len() > 8 {
+    if fds.len() > 8 || cgroups.len() > 8 {
         return Err(std::io::Error::other(
-            "at most 8 descriptors can be passed to QEMU",
+            "at most 8 descriptors and 8 cgroups can be passed to QEMU",
         ));
     }
     let runtime = tokio::runtime::Handle::current();
@@ -58,9 +60,16 @@ pub(crate) async fn spawn_qemu(
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        // Joining the cgroups comes first: the descriptor moves below may reuse their numbers.
+        let mut joins = [-1; 8];
+        for (slot, fd) in joins.iter_mut().zip(&cgroups) {
+            *slot = fd.as_raw_fd();
+        }
+        crate::sys::join_cgroups_before_exec(cmd.as_std_mut(), joins, cgroups.len());
         crate::sys::die_with_parent_and_inherit(cmd.as_std_mut(), parent, moves, count);
         let result = cmd.spawn();
         drop(fds);
+        drop(cgroups);
         let _ = tx.send(result);
     });
     spawner()

@@ -70,6 +70,9 @@ pub struct VmSpec {
     pub qemu_sandbox: bool,
     /// A virtio-net NIC whose backend is the socket inherited at [`NIC_FD`] (the gateway's).
     pub nic: bool,
+    /// CPU quota of QEMU's cgroup, in percent of one core per vCPU (0: none). Host side: not
+    /// on the command line.
+    pub cpu_quota_percent: u32,
 }
 
 impl VmSpec {
@@ -273,6 +276,7 @@ mod tests {
             tmpfs_mb: 64,
             qemu_sandbox: true,
             nic: false,
+            cpu_quota_percent: 100,
         }
     }
 
