@@ -384,7 +384,8 @@ impl SchedulerConfig {
         }
         let quota = self.vm_cpu_quota_percent;
         if quota != 0
-            && !(limits::MIN_VM_CPU_QUOTA_PERCENT..=limits::MAX_VM_CPU_QUOTA_PERCENT).contains(&quota)
+            && !(limits::MIN_VM_CPU_QUOTA_PERCENT..=limits::MAX_VM_CPU_QUOTA_PERCENT)
+                .contains(&quota)
         {
             return bad(
                 "vm_cpu_quota_percent",
@@ -756,7 +757,11 @@ mod tests {
             ),
             (EnvVars::MAX_MEMORY_PRESSURE, "101", "max_memory_pressure"),
             (EnvVars::VM_CPU_QUOTA_PERCENT, "5", "vm_cpu_quota_percent"),
-            (EnvVars::VM_CPU_QUOTA_PERCENT, "1001", "vm_cpu_quota_percent"),
+            (
+                EnvVars::VM_CPU_QUOTA_PERCENT,
+                "1001",
+                "vm_cpu_quota_percent",
+            ),
             (
                 EnvVars::VM_CPU_QUOTA_PERCENT,
                 "-1",

@@ -11,6 +11,18 @@ pub fn pss_mb(pid: u32) -> Option<f64> {
     crate::vm::procfs::pss_mb(pid)
 }
 
+/// Where the cgroup of this process's VM `name` is (or would be) on this host, one directory
+/// per hierarchy (empty where VMs get no cgroup).
+pub fn vm_cgroup_dirs(name: &str) -> Vec<std::path::PathBuf> {
+    crate::cgroup::vm_dirs(name)
+}
+
+/// Where the cgroup directory of process `pid` (the parent of its VMs' cgroups) is (or would
+/// be) on this host, one per hierarchy.
+pub fn process_cgroup_dirs(pid: u32) -> Vec<std::path::PathBuf> {
+    crate::cgroup::process_dirs(pid)
+}
+
 /// A result with every field set, as a cold Python run printing `42` with one forwarded port
 /// would return it (for tests of what front ends print).
 pub fn sample_result() -> crate::ExecutionResult {

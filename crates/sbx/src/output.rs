@@ -246,6 +246,7 @@ mod tests {
             "execution_time_ms",
             "external_cpu_time_ms",
             "external_memory_peak_mb",
+            "external_cpu_nr_throttled",
             "timing",
             "accelerator",
             "warm_pool_hit",
@@ -254,10 +255,13 @@ mod tests {
             "network_refusals",
             "packages_source",
             "packages_install_ms",
+            "isolation",
         ] {
             assert!(keys.iter().any(|k| k == key), "missing {key}: {keys:?}");
         }
         assert_eq!(value["accelerator"]["name"], "tcg");
+        assert_eq!(value["isolation"]["cgroup"], true);
+        assert_eq!(value["isolation"]["cgroup_version"], "v1");
         assert_eq!(value["language"], "python");
         assert_eq!(value["timing"]["total_ms"], 745);
         assert_eq!(

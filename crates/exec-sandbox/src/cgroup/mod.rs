@@ -113,7 +113,11 @@ impl Layout {
 /// Decides where VM cgroups go, from mountinfo text, `/proc/self/cgroup` text and the cgroup
 /// files themselves: the unified hierarchy for the controllers its `cgroup.controllers` (at
 /// the base) offers, v1 hierarchies for the others. `Err` says why no cgroup can be made.
-pub(crate) fn detect(mountinfo: &str, self_cgroup: &str, fs: &dyn CgroupFs) -> Result<Layout, String> {
+pub(crate) fn detect(
+    mountinfo: &str,
+    self_cgroup: &str,
+    fs: &dyn CgroupFs,
+) -> Result<Layout, String> {
     let mounts = cgroup_mounts(mountinfo);
     let ours = memberships(self_cgroup);
     let mut layout = Layout::default();
@@ -170,10 +174,10 @@ pub(crate) fn detect(mountinfo: &str, self_cgroup: &str, fs: &dyn CgroupFs) -> R
     }
 
     let served_by_v2 = |layout: &Layout, c: Controller| {
-        layout
-            .hierarchies
-            .iter()
-            .any(|h| h.v2 && (h.controllers.contains(&c) || c == Controller::CpuAcct && h.controllers.contains(&Controller::Cpu)))
+        layout.hierarchies.iter().any(|h| {
+            h.v2 && (h.controllers.contains(&c)
+                || c == Controller::CpuAcct && h.controllers.contains(&Controller::Cpu))
+        })
     };
     for controller in [
         Controller::Memory,
@@ -400,7 +404,11 @@ impl Parent {
     }
 
     /// A cgroup named `name` in every hierarchy, with `limits` set.
-    pub(crate) fn vm(self: &Arc<Self>, name: &str, limits: &Limits) -> Result<VmCgroup, CgroupError> {
+    pub(crate) fn vm(
+        self: &Arc<Self>,
+        name: &str,
+        limits: &Limits,
+    ) -> Result<VmCgroup, CgroupError> {
         let name = dir_name(name);
         let mut vm = VmCgroup {
             parent: self.clone(),
@@ -447,6 +455,15 @@ impl Parent {
 
 impl Drop for Parent {
     fn drop(&mut self) {
+        // A scheduler started while this one was being dropped has made its own parent, in
+        // the same directories: they are its now.
+        let slot = PARENT.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot
+            .upgrade()
+            .is_some_and(|live| live.pid == self.pid && live.layout == self.layout)
+        {
+            return;
+        }
         for h in &self.layout.hierarchies {
             let dir = self.dir(h);
             if !remove_tree(&*self.fs, &dir) {
@@ -531,7 +548,12 @@ fn write(fs: &dyn CgroupFs, path: &Path, value: &str) -> Result<(), CgroupError>
 
 /// Writes `value` to `file` in `dir` if the kernel offers that file (swap accounting, for
 /// one, is a boot option).
-fn write_if_offered(fs: &dyn CgroupFs, dir: &Path, file: &str, value: &str) -> Result<(), CgroupError> {
+fn write_if_offered(
+    fs: &dyn CgroupFs,
+    dir: &Path,
+    file: &str,
+    value: &str,
+) -> Result<(), CgroupError> {
     let path = dir.join(file);
     if fs.exists(&path) {
         write(fs, &path, value)?;
@@ -540,7 +562,12 @@ fn write_if_offered(fs: &dyn CgroupFs, dir: &Path, file: &str, value: &str) -> R
 }
 
 /// Sets `limits` on the VM cgroup `dir` of hierarchy `h`.
-fn set_limits(fs: &dyn CgroupFs, h: &Hierarchy, dir: &Path, limits: &Limits) -> Result<(), CgroupError> {
+fn set_limits(
+    fs: &dyn CgroupFs,
+    h: &Hierarchy,
+    dir: &Path,
+    limits: &Limits,
+) -> Result<(), CgroupError> {
     let memory = limits.memory_bytes.to_string();
     for controller in &h.controllers {
         match (controller, h.v2) {
@@ -558,10 +585,18 @@ fn set_limits(fs: &dyn CgroupFs, h: &Hierarchy, dir: &Path, limits: &Limits) -> 
                 let quota = limits
                     .cpu_quota_us
                     .map_or_else(|| "max".to_string(), |q| q.to_string());
-                write(fs, &dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
+                write(
+                    fs,
+                    &dir.join("cpu.max"),
+                    &format!("{quota} {CPU_PERIOD_US}"),
+                )?;
             }
             (Controller::Cpu, false) => {
-                write(fs, &dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                write(
+                    fs,
+                    &dir.join("cpu.cfs_period_us"),
+                    &CPU_PERIOD_US.to_string(),
+                )?;
                 let quota = limits.cpu_quota_us.map_or(-1, |q| q as i64);
                 write(fs, &dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
             }
@@ -643,7 +678,7 @@ impl VmCgroup {
     }
 
     /// The VM's cgroup directories.
-    #[cfg(any(test, feature = "testing"))]
+    #[cfg(test)]
     pub(crate) fn dirs(&self) -> Vec<PathBuf> {
         self.dirs.iter().map(|d| d.path.clone()).collect()
     }
@@ -694,7 +729,11 @@ fn removed(result: io::Result<()>) -> bool {
 
 /// Retries removing `dirs` (backing off from 5 ms to 200 ms) until they are gone or `patience`
 /// has passed; returns what is left.
-fn remove_when_empty(fs: &dyn CgroupFs, mut dirs: Vec<PathBuf>, patience: Duration) -> Vec<PathBuf> {
+fn remove_when_empty(
+    fs: &dyn CgroupFs,
+    mut dirs: Vec<PathBuf>,
+    patience: Duration,
+) -> Vec<PathBuf> {
     let started = Instant::now();
     let mut delay = Duration::from_millis(5);
     while !dirs.is_empty() && started.elapsed() < patience {

@@ -48,7 +48,9 @@ impl FakeFs {
     }
 
     fn real(&self, path: &Path) -> PathBuf {
-        self.root.path().join(path.strip_prefix("/").unwrap_or(path))
+        self.root
+            .path()
+            .join(path.strip_prefix("/").unwrap_or(path))
     }
 
     fn mount_of(&self, path: &Path) -> (&Path, &Kind) {
@@ -90,7 +92,10 @@ impl FakeFs {
                         "cpu" => &[
                             ("cpu.cfs_period_us", "100000"),
                             ("cpu.cfs_quota_us", "-1"),
-                            ("cpu.stat", "nr_periods 0\nnr_throttled 0\nthrottled_time 0\n"),
+                            (
+                                "cpu.stat",
+                                "nr_periods 0\nnr_throttled 0\nthrottled_time 0\n",
+                            ),
                         ],
                         "cpuacct" => &[("cpuacct.usage", "0")],
                         "pids" => &[("pids.max", "max")],
@@ -240,10 +245,11 @@ fn hybrid() -> (Arc<FakeFs>, Layout) {
     ]);
     // The unified hierarchy carries none of our controllers here.
     fs.set("/sys/fs/cgroup/unified/cgroup.controllers", "hugetlb");
-    fs.set(
-        "/sys/fs/cgroup/memory/process_api/47d5/cgroup.procs",
-        "1\n",
-    );
+    fs.create_dir(Path::new("/sys/fs/cgroup/memory/process_api"))
+        .unwrap();
+    fs.create_dir(Path::new("/sys/fs/cgroup/memory/process_api/47d5"))
+        .unwrap();
+    fs.set("/sys/fs/cgroup/memory/process_api/47d5/cgroup.procs", "1\n");
     let layout = detect(HYBRID, HYBRID_CGROUP, &*fs).expect("hybrid layout");
     (fs, layout)
 }
@@ -301,7 +307,10 @@ fn detects_this_hosts_hybrid_layout_as_v1_per_controller() {
                 &[Controller::Memory][..]
             ),
             (Path::new("/sys/fs/cgroup/cpu"), &[Controller::Cpu][..]),
-            (Path::new("/sys/fs/cgroup/cpuacct"), &[Controller::CpuAcct][..]),
+            (
+                Path::new("/sys/fs/cgroup/cpuacct"),
+                &[Controller::CpuAcct][..]
+            ),
             (Path::new("/sys/fs/cgroup/pids"), &[Controller::Pids][..]),
         ]
     );
@@ -456,7 +465,10 @@ fn a_v1_vm_cgroup_gets_its_limits_and_goes_with_its_guard() {
 
     drop(vm);
     assert!(!fs.has(memory) && !fs.has(cpu) && !fs.has(pids));
-    assert!(fs.has("/sys/fs/cgroup/pids/exec-sandbox/4242"), "the parent stays");
+    assert!(
+        fs.has("/sys/fs/cgroup/pids/exec-sandbox/4242"),
+        "the parent stays"
+    );
     drop(parent);
     for base in [
         "/sys/fs/cgroup/memory/process_api/47d5",
@@ -482,7 +494,10 @@ fn a_v2_vm_cgroup_gets_its_controllers_handed_down_and_its_limits() {
             },
         )
         .unwrap();
-    for dir in ["/sys/fs/cgroup/exec-sandbox", "/sys/fs/cgroup/exec-sandbox/5"] {
+    for dir in [
+        "/sys/fs/cgroup/exec-sandbox",
+        "/sys/fs/cgroup/exec-sandbox/5",
+    ] {
         assert_eq!(
             fs.get(Path::new(dir).join("cgroup.subtree_control")),
             "memory cpu pids",
@@ -572,7 +587,9 @@ fn without_swap_accounting_the_swap_files_are_skipped() {
         (v2, v2_layout.unwrap(), "memory.max"),
     ] {
         let parent = Arc::new(Parent::create(Arc::new(NoSwap(fs.clone())), layout, 11).unwrap());
-        let vm = parent.vm("sbx-11-0", &VM_LIMITS).expect("no swap files, no failure");
+        let vm = parent
+            .vm("sbx-11-0", &VM_LIMITS)
+            .expect("no swap files, no failure");
         let memory = vm.dirs()[0].clone();
         assert_eq!(fs.get(memory.join(limit_file)), (414 * MIB).to_string());
         assert!(!fs.has(memory.join("memory.memsw.limit_in_bytes")));
@@ -649,7 +666,11 @@ fn sweeping_removes_only_what_dead_processes_left() {
     std::mem::forget((dead, dead_vm, busy, busy_vm));
 
     let own = 400;
-    assert_eq!(sweep(&*fs, &layout, own), 3, "process 100 in 3 hierarchies");
+    assert_eq!(
+        sweep(&*fs, &layout, own),
+        4 + 3,
+        "process 100 in all 4 hierarchies, process 300 in the 3 where its VM holds no task"
+    );
     for h in &layout.hierarchies {
         let top = h.base.join(DIR_NAME);
         assert!(!fs.has(top.join("100")), "{}", top.display());
@@ -659,7 +680,10 @@ fn sweeping_removes_only_what_dead_processes_left() {
     assert!(!fs.has("/sys/fs/cgroup/memory/process_api/47d5/exec-sandbox/300"));
     assert!(fs.has("/sys/fs/cgroup/cpu/exec-sandbox/not-a-pid"));
     // Once the straggler is gone, the next sweep takes it.
-    fs.set("/sys/fs/cgroup/cpu/exec-sandbox/300/sbx-300-0/cgroup.procs", "");
+    fs.set(
+        "/sys/fs/cgroup/cpu/exec-sandbox/300/sbx-300-0/cgroup.procs",
+        "",
+    );
     assert_eq!(sweep(&*fs, &layout, own), 1);
     assert!(!fs.has("/sys/fs/cgroup/cpu/exec-sandbox/300"));
 }
@@ -750,7 +774,10 @@ fn limits_follow_what_admission_charges() {
         (512 + 30 + limits::VM_CGROUP_MEMORY_HEADROOM_MB) * MIB
     );
     assert_eq!(kvm.cpu_quota_us, Some(40_000), "20 % of a core per vCPU");
-    assert_eq!(Limits::for_vm(256, 1, Accelerator::Kvm, 0).cpu_quota_us, None);
+    assert_eq!(
+        Limits::for_vm(256, 1, Accelerator::Kvm, 0).cpu_quota_us,
+        None
+    );
 }
 
 #[test]

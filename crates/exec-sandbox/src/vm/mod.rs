@@ -590,12 +590,6 @@ impl Vm {
         crate::result::Isolation::from_cgroup(&self.cgroup_status)
     }
 
-    /// The directories of the VM's cgroup, when it has one.
-    #[cfg(any(test, feature = "testing"))]
-    pub(crate) fn cgroup_dirs(&self) -> Vec<PathBuf> {
-        self.cgroup.as_ref().map(VmCgroup::dirs).unwrap_or_default()
-    }
-
     /// Kills QEMU and waits for it, returning what the host measured; its cgroup (read once
     /// QEMU is reaped, so it holds all of QEMU's time) is removed with the VM.
     pub(crate) async fn destroy(mut self) -> VmStats {

@@ -7,6 +7,7 @@ mod attack_gateway;
 mod cache_trust;
 mod support;
 mod vm_admission;
+mod vm_cgroup;
 mod vm_exec;
 mod vm_files;
 mod vm_limits;
