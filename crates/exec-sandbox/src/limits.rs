@@ -69,11 +69,11 @@ pub const QEMU_OVERHEAD_MB: u64 = 30;
 /// by admission control.
 pub const TCG_TRANSLATION_CACHE_MB: u64 = 64;
 /// Memory a VM's cgroup allows beyond what admission charges it ([`crate::Cost::vm`]: guest
-/// memory, [`QEMU_OVERHEAD_MB`], [`TCG_TRANSLATION_CACHE_MB`]). A guest holding all its memory
-/// under TCG makes QEMU's cgroup peak at 159 MB above guest memory: ~10 MB of QEMU heap and
-/// kernel memory beyond the charged figures, and the page cache of the disks and QEMU's own
-/// binaries (reclaimable, but QEMU's code pages are in use: a limit without room for them
-/// thrashes) (`docs/measurements.md`, "A cgroup per VM").
+/// memory, [`QEMU_OVERHEAD_MB`], [`TCG_TRANSLATION_CACHE_MB`]): QEMU's heap and kernel memory
+/// beyond the charged figures, and the page cache of the disks and QEMU's own binaries
+/// (reclaimable, but QEMU's code pages are in use: a limit without room for them thrashes). A
+/// guest that fills its memory brings the cgroup to this limit and no further: the cache is
+/// reclaimed and QEMU keeps running (`docs/measurements.md`, "A cgroup per VM").
 pub const VM_CGROUP_MEMORY_HEADROOM_MB: u64 = 64;
 /// Most tasks (processes and threads) in a VM's cgroup. QEMU runs 5 threads idle and up to
 /// ~15 during boot and snapshots; its block I/O thread pool may add up to 64 under load. A
