@@ -413,6 +413,7 @@ impl Parent {
         let mut vm = VmCgroup {
             parent: self.clone(),
             dirs: Vec::new(),
+            swap_unaccounted: false,
         };
         for h in &self.layout.hierarchies {
             let path = self.dir(h).join(&name);
@@ -438,7 +439,7 @@ impl Parent {
                 v2: h.v2,
                 controllers: h.controllers.clone(),
             });
-            set_limits(&*self.fs, h, &path, limits)?;
+            vm.swap_unaccounted |= !set_limits(&*self.fs, h, &path, limits)?;
         }
         Ok(vm)
     }
@@ -547,38 +548,42 @@ fn write(fs: &dyn CgroupFs, path: &Path, value: &str) -> Result<(), CgroupError>
 }
 
 /// Writes `value` to `file` in `dir` if the kernel offers that file (swap accounting, for
-/// one, is a boot option).
+/// one, is a boot option); whether it did.
 fn write_if_offered(
     fs: &dyn CgroupFs,
     dir: &Path,
     file: &str,
     value: &str,
-) -> Result<(), CgroupError> {
+) -> Result<bool, CgroupError> {
     let path = dir.join(file);
-    if fs.exists(&path) {
-        write(fs, &path, value)?;
+    if !fs.exists(&path) {
+        return Ok(false);
     }
-    Ok(())
+    write(fs, &path, value)?;
+    Ok(true)
 }
 
-/// Sets `limits` on the VM cgroup `dir` of hierarchy `h`.
+/// Sets `limits` on the VM cgroup `dir` of hierarchy `h`; false when it holds memory but the
+/// kernel accounts no swap there (then only `memory.swappiness=0` keeps QEMU out of swap on
+/// v1, and nothing on v2).
 fn set_limits(
     fs: &dyn CgroupFs,
     h: &Hierarchy,
     dir: &Path,
     limits: &Limits,
-) -> Result<(), CgroupError> {
+) -> Result<bool, CgroupError> {
     let memory = limits.memory_bytes.to_string();
+    let mut swap_held = true;
     for controller in &h.controllers {
         match (controller, h.v2) {
             (Controller::Memory, true) => {
                 write(fs, &dir.join("memory.max"), &memory)?;
-                write_if_offered(fs, dir, "memory.swap.max", "0")?;
+                swap_held = write_if_offered(fs, dir, "memory.swap.max", "0")?;
             }
             (Controller::Memory, false) => {
                 write(fs, &dir.join("memory.limit_in_bytes"), &memory)?;
                 // Memory + swap held at the memory limit: nothing can be swapped out.
-                write_if_offered(fs, dir, "memory.memsw.limit_in_bytes", &memory)?;
+                swap_held = write_if_offered(fs, dir, "memory.memsw.limit_in_bytes", &memory)?;
                 write_if_offered(fs, dir, "memory.swappiness", "0")?;
             }
             (Controller::Cpu, true) => {
@@ -604,7 +609,7 @@ fn set_limits(
             (Controller::CpuAcct, _) => {}
         }
     }
-    Ok(())
+    Ok(swap_held)
 }
 
 /// One directory of a VM's cgroup.
@@ -619,6 +624,8 @@ struct VmDir {
 pub(crate) struct VmCgroup {
     parent: Arc<Parent>,
     dirs: Vec<VmDir>,
+    /// The kernel accounts no swap in its memory cgroup: swap could not be held at zero.
+    swap_unaccounted: bool,
 }
 
 impl VmCgroup {
@@ -674,7 +681,15 @@ impl VmCgroup {
 
     /// Active, with the version and what is missing.
     pub(crate) fn status(&self) -> CgroupStatus {
-        self.parent.status()
+        let mut status = self.parent.status();
+        if self.swap_unaccounted {
+            let note = "no swap accounting: swap is not held at zero (memory.swappiness=0 on v1)";
+            status.reason = Some(match status.reason {
+                Some(reason) => format!("{reason}; {note}"),
+                None => note.to_string(),
+            });
+        }
+        status
     }
 
     /// The VM's cgroup directories.

@@ -594,7 +594,19 @@ fn without_swap_accounting_the_swap_files_are_skipped() {
         assert_eq!(fs.get(memory.join(limit_file)), (414 * MIB).to_string());
         assert!(!fs.has(memory.join("memory.memsw.limit_in_bytes")));
         assert!(!fs.has(memory.join("memory.swap.max")));
+        // And the result says so.
+        let reason = vm.status().reason.unwrap_or_default();
+        assert!(reason.contains("no swap accounting"), "{reason}");
     }
+    // Where swap is accounted, nothing is said about it.
+    let (fs, layout) = hybrid();
+    let parent = Arc::new(Parent::create(fs, layout, 12).unwrap());
+    let vm = parent.vm("sbx-12-0", &VM_LIMITS).unwrap();
+    assert!(
+        !vm.status().reason.unwrap_or_default().contains("swap"),
+        "{:?}",
+        vm.status()
+    );
 }
 
 #[test]
