@@ -686,8 +686,11 @@ pub(crate) mod tests {
 
     /// A spec whose paths don't exist: for tests where QEMU never gets that far.
     pub(crate) fn unbootable_spec() -> VmSpec {
+        // Unique like real VM names: tests run at once, and a VM's cgroup is named after it.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         VmSpec {
-            name: "t".into(),
+            name: format!("t-{n}"),
             kernel: "/nonexistent/vmlinux".into(),
             initramfs: "/nonexistent/initramfs".into(),
             rootfs: None,
