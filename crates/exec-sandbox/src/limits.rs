@@ -65,6 +65,11 @@ pub const DEFAULT_ADMISSION_TIMEOUT_SECONDS: u64 = 60;
 pub const MAX_ADMISSION_TIMEOUT_SECONDS: u64 = 3600;
 /// QEMU's own resident memory per VM besides guest RAM (device model, buffers, libraries).
 pub const QEMU_OVERHEAD_MB: u64 = 30;
+/// What a VM's network gateway (in this process) can hold at most, charged by admission
+/// control to every VM with a NIC: 128 connections' socket buffers and relay queues, the DNS
+/// and forwarded-port sockets, the frame queues (`gateway::stack::MAX_BYTES`, checked against
+/// this by a test).
+pub const GATEWAY_MEMORY_MB: u64 = 52;
 /// QEMU's translation-block cache under TCG (`-accel tcg,tb-size=`), passed to QEMU and charged
 /// by admission control.
 pub const TCG_TRANSLATION_CACHE_MB: u64 = 64;

@@ -717,7 +717,8 @@ impl VmFactory for QemuFactory<'_> {
     }
 
     fn cost(&self, spec: &VmSpec) -> Cost {
-        Cost::vm(spec.memory_mb, spec.vcpus, spec.accelerator)
+        let vm = Cost::vm(spec.memory_mb, spec.vcpus, spec.accelerator);
+        if spec.nic { vm.with_gateway() } else { vm }
     }
 
     async fn restore(

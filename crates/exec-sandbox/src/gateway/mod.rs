@@ -287,4 +287,22 @@ mod tests {
         assert_eq!(taken.last().unwrap(), "... and 4 more");
         assert!(refusals.take().is_empty());
     }
+
+    #[test]
+    fn gateway_buffers_fit_what_admission_charges() {
+        // The real sockets' buffers are what the bound assumes.
+        let socket = stack::tests::tcp_socket_for_test();
+        let socket_bytes = socket.recv_capacity() + socket.send_capacity();
+        assert!(
+            socket_bytes + relay::TO_HOST_CHUNKS * relay::CHUNK + relay::CREDIT
+                <= stack::CONNECTION_BYTES,
+            "{socket_bytes}"
+        );
+        // `MAX_BYTES` within `GATEWAY_MEMORY_MB` is checked at build time (stack.rs).
+        let vm = crate::admission::Cost::vm(256, 1, crate::vm::accel::Accelerator::Tcg);
+        assert_eq!(
+            vm.with_gateway().memory_mb,
+            vm.memory_mb + crate::limits::GATEWAY_MEMORY_MB
+        );
+    }
 }

@@ -99,7 +99,42 @@ pub enum Event {
 }
 
 /// TCP buffer size per direction per connection.
-const SOCKET_BUFFER: usize = 128 * 1024;
+const SOCKET_BUFFER: usize = 64 * 1024;
+/// Buffer size per direction of a forwarded UDP port's socket on the gateway.
+const UDP_FORWARD_BUFFER: usize = 64 * 1024;
+/// Frames queued from QEMU to the stack (a full queue stops reading QEMU's socket).
+const FRAMES_IN: usize = 64;
+/// Frames queued from the stack to QEMU (a frame beyond is dropped; TCP resends it): about
+/// one full-size segment per connection's window.
+const FRAMES_OUT: usize = 128;
+/// Events (relay data, lookups, datagrams) queued toward the stack.
+const EVENTS: usize = 1024;
+
+/// Most bytes one TCP connection holds in the gateway: its socket's two buffers, the guest
+/// chunks queued toward the host, the host bytes read ahead under its credit (the data events
+/// and the pending bytes toward the guest), and a name being sniffed or a request head being
+/// framed (with the chunk that completes it).
+pub(crate) const CONNECTION_BYTES: usize = 2 * SOCKET_BUFFER
+    + TO_HOST_CHUNKS * CHUNK
+    + CREDIT
+    + MAX_SNIFF_BYTES
+    + sbx_net::http::MAX_REQUEST_HEAD_BYTES
+    + CHUNK;
+/// Most bytes a gateway holds besides its connections: the DNS socket, the forwarded UDP
+/// ports' sockets, and the frame queues (each frame at most [`super::device::MAX_FRAME`]).
+pub(crate) const FIXED_BYTES: usize = 2 * DNS_SOCKET_BYTES
+    + crate::limits::MAX_EXPOSED_PORTS * 2 * UDP_FORWARD_BUFFER
+    + (FRAMES_IN + FRAMES_OUT) * super::device::MAX_FRAME;
+/// Most bytes a gateway holds: what admission charges a VM with a NIC
+/// ([`crate::limits::GATEWAY_MEMORY_MB`], checked by a test).
+pub(crate) const MAX_BYTES: usize =
+    sbx_net::verdict::MAX_CONNECTIONS * CONNECTION_BYTES + FIXED_BYTES;
+// What admission charges covers the bound, and stays far below the ~100 MiB 128 connections
+// could hold before the buffers were bounded: checked when the crate is built.
+const _: () = assert!(MAX_BYTES as u64 <= crate::limits::GATEWAY_MEMORY_MB * 1024 * 1024);
+const _: () = assert!(crate::limits::GATEWAY_MEMORY_MB <= 64);
+/// Buffer size per direction of the DNS socket.
+const DNS_SOCKET_BYTES: usize = 32 * 1024;
 /// Longest the loop sleeps (bounds how late deadlines are noticed).
 const MAX_SLEEP: Duration = Duration::from_millis(500);
 /// Sleep while a connection waits for room toward its host.
@@ -191,9 +226,9 @@ pub async fn run(
     host_sockets: Vec<HostSocket>,
     refusals: Refusals,
 ) {
-    let (events_tx, mut events) = mpsc::channel::<Event>(1024);
-    let (frames_in_tx, mut frames_in) = mpsc::channel::<Vec<u8>>(256);
-    let (frames_out_tx, mut frames_out) = mpsc::channel::<Vec<u8>>(1024);
+    let (events_tx, mut events) = mpsc::channel::<Event>(EVENTS);
+    let (frames_in_tx, mut frames_in) = mpsc::channel::<Vec<u8>>(FRAMES_IN);
+    let (frames_out_tx, mut frames_out) = mpsc::channel::<Vec<u8>>(FRAMES_OUT);
     let (mut nic_rx, mut nic_tx) = nic.into_split();
     let mut stack = Stack::new(config, events_tx, refusals);
     stack.tasks.spawn(async move {
@@ -269,7 +304,7 @@ impl Stack {
         let _ = iface.routes_mut().add_default_ipv4_route(gateway());
 
         let mut sockets = SocketSet::new(Vec::new());
-        let mut dns_socket = udp_socket(32, 32 * 1024);
+        let mut dns_socket = udp_socket(32, DNS_SOCKET_BYTES);
         let _ = dns_socket.bind(IpListenEndpoint {
             addr: Some(IpAddress::Ipv4(gateway())),
             port: DNS_PORT,
@@ -339,7 +374,7 @@ impl Stack {
                         continue;
                     };
                     let host = Arc::new(host);
-                    let mut guest_side = udp_socket(64, 256 * 1024);
+                    let mut guest_side = udp_socket(64, UDP_FORWARD_BUFFER);
                     let _ = guest_side.bind(IpListenEndpoint {
                         addr: Some(IpAddress::Ipv4(gateway())),
                         port: UDP_FORWARD_BASE + index as u16,
@@ -906,4 +941,12 @@ fn random_seed() -> u64 {
             .unwrap_or(0),
     );
     hasher.finish()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    /// A connection's socket, as the stack makes it.
+    pub(crate) fn tcp_socket_for_test() -> smoltcp::socket::tcp::Socket<'static> {
+        super::tcp_socket()
+    }
 }
