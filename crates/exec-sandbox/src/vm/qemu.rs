@@ -130,15 +130,16 @@ impl VmSpec {
             machine.push_str(MEMORY_BACKEND_ID);
         }
         push(&["-M", &machine]);
+        // Nested virtualization is never offered: `vmx`/`svm` are hidden from the guest.
         match self.accelerator {
-            Accelerator::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+            Accelerator::Kvm => push(&["-accel", "kvm", "-cpu", "host,-vmx,-svm"]),
             // A 64 MB translation cache halves QEMU's resident memory with no measurable
             // slowdown (`docs/measurements.md`); admission control charges the same figure per VM.
             Accelerator::Tcg => push(&[
                 "-accel",
                 &format!("tcg,tb-size={}", crate::limits::TCG_TRANSLATION_CACHE_MB),
                 "-cpu",
-                "max",
+                "max,-vmx,-svm",
             ]),
         }
         push(&["-m", &self.memory_mb.to_string()]);
@@ -297,7 +298,7 @@ mod tests {
         assert!(cmdline.contains("lapic_timer_period=10000000"));
         assert!(cmdline.contains("quiet"));
         let args = joined(&s);
-        assert!(args.contains("-accel tcg,tb-size=64 -cpu max"));
+        assert!(args.contains("-accel tcg,tb-size=64 -cpu max,-vmx,-svm"));
         assert!(args.contains("acpi=off"));
     }
 
@@ -306,7 +307,7 @@ mod tests {
         let s = spec(Accelerator::Kvm);
         assert!(!s.kernel_cmdline().contains("tsc_early_khz"));
         assert!(!s.kernel_cmdline().contains("lapic_timer_period"));
-        assert!(joined(&s).contains("-accel kvm -cpu host"));
+        assert!(joined(&s).contains("-accel kvm -cpu host,-vmx,-svm"));
     }
 
     #[test]

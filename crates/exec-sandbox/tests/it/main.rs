@@ -2,6 +2,7 @@
 //! hosts without usable KVM); they build or verify the guest images on first use.
 
 mod assets;
+mod attack_cpu;
 mod attack_env;
 mod attack_gateway;
 mod cache_trust;
