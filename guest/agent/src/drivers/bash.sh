@@ -1,7 +1,8 @@
 # exec-sandbox bash driver, run as `bash --noprofile --norc -c <this file>` by the guest agent.
 #
 # Commands arrive on fd 3: "<nonce> <env_len> <code_len>\n" <env: "NAME=VALUE\n"...> <code>.
-# Each is answered on fd 4 with "<nonce> <status>\n" ("ready\n" once at start). Code runs with
+# Each is answered on fd 4 with "<nonce> <status>\n" ("ready\n" once at start); an empty command
+# is the agent's barrier, answered "<nonce> 0" from the loop. Code runs with
 # eval in this shell, so variables, functions and the working directory persist. Lengths are in
 # bytes, hence LC_ALL=C for the reads.
 #
@@ -50,6 +51,14 @@ while {
         builtin set +x
     fi
 } 2>/dev/null; do
+    # An empty command is the agent's barrier: answered from the loop, nothing evaluated.
+    if ((__sbx_elen == 0 && __sbx_clen == 0)); then
+        {
+            builtin printf '%s 0\n' "$__sbx_nonce" >&4
+            [[ -n $__sbx_xtrace ]] && builtin set -x
+            builtin continue
+        } 2>/dev/null
+    fi
     eval "$__sbx_xtrace$__sbx_code" 3<&- 4>&-
     {
         __sbx_st=$?

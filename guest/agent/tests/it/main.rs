@@ -539,6 +539,38 @@ fn env_applies_to_one_execution() {
 }
 
 #[test]
+fn a_completion_line_forged_with_the_real_nonce_does_not_end_execution() {
+    let mut agent = started();
+    // The review's attack: the driver's nonce is on the interpreter's stack.
+    let code = "import os, sys, time\n\
+        f = sys._getframe()\n\
+        while f is not None and 'nonce' not in f.f_locals:\n    f = f.f_back\n\
+        os.write(4, (f.f_locals['nonce'] + ' 0\\n').encode())\n\
+        time.sleep(0.3)\n\
+        print('after', flush=True)\n\
+        sys.exit(3)";
+    let r = agent.exec(PY, code);
+    assert_eq!(r.outcome.exit_code, 3, "stderr: {}", r.stderr());
+    assert_eq!(r.stdout(), "after\n");
+    assert!(
+        r.stderr()
+            .contains("wrote the driver's completion line itself"),
+        "{}",
+        r.stderr()
+    );
+    // The shell's user code runs with the driver's descriptors closed: it cannot even try.
+    let r = agent.exec(SH, "echo \"$__sbx_nonce 0\" >&4; echo after; (exit 5)");
+    assert_eq!(r.outcome.exit_code, 5, "stderr: {}", r.stderr());
+    assert_eq!(r.stdout(), "after\n");
+    assert!(r.stderr().contains("Bad file descriptor"), "{}", r.stderr());
+    // And the interpreters keep working, without the note.
+    let r = agent.exec(PY, "print(1)");
+    assert_eq!((r.stdout().as_str(), r.stderr().as_str()), ("1\n", ""));
+    let r = agent.exec(SH, "echo 2");
+    assert_eq!((r.stdout().as_str(), r.stderr().as_str()), ("2\n", ""));
+}
+
+#[test]
 fn forged_status_lines_do_not_end_execution() {
     let mut agent = started();
     let code = "import os, sys, time\n\
