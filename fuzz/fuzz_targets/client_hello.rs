@@ -43,6 +43,7 @@ fuzz_target!(|data: &[u8]| {
         outbound: true,
         allowlist: Allowlist::Only(vec!["example.com".into()]),
         allow_internal: false,
+        host_addrs: Default::default(),
     };
     let binding = Binding {
         name: "example.com".into(),
@@ -53,7 +54,11 @@ fuzz_target!(|data: &[u8]| {
         elapsed: Duration::ZERO,
         client_open: true,
     };
-    if sniffed(&policy, &binding, 443, progress) == SniffVerdict::Connect {
-        assert!(matches!(presented, Presented::Tls(n) | Presented::Http(n) if n == "example.com"));
+    if let SniffVerdict::Connect { framer } = sniffed(&policy, &binding, 443, progress) {
+        match presented {
+            Presented::Tls(n) => assert!(n == "example.com" && framer.is_none()),
+            Presented::Http(n) => assert!(n == "example.com" && framer.is_some()),
+            other => panic!("connected on {other:?}"),
+        }
     }
 });

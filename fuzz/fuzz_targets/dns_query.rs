@@ -21,6 +21,7 @@ fuzz_target!(|data: &[u8]| {
             outbound,
             allowlist,
             allow_internal: false,
+            host_addrs: Default::default(),
         };
         let verdict = dns_query(&policy, data, 0);
         if let Some(reply) = verdict.reply() {

@@ -4,7 +4,9 @@
 //! started all at once (admission queues what the host budget cannot take yet), mixing languages
 //! and endings (a normal exit, a program error, a
 //! timeout, a program that kills itself with SIGKILL, an execution that prints a lot), and prints
-//! what is left afterwards: QEMU processes of this process, per-VM cgroups, open file
+//! what is left afterwards: QEMU processes of this process, per-VM cgroups
+//! (`exec-sandbox/<pid>/sbx-<pid>-N`) and, once the scheduler is dropped, the process's own
+//! (`exec-sandbox/<pid>`), open file
 //! descriptors, the library's temporary directories, and how much the host process's resident
 //! memory grew. Every count must be zero and the growth flat; the numbers are printed, never
 //! asserted: this is a measurement command.
@@ -129,6 +131,16 @@ async fn main() {
         "  per-VM cgroups of this process: {}",
         after.cgroups.saturating_sub(baseline.cgroups)
     );
+    // The process's parent cgroup (`exec-sandbox/<pid>`) goes with the last scheduler and
+    // VM cgroup of the process (a VM cgroup still draining is removed by a helper thread).
+    drop(scheduler);
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    let mut process_cgroups = process_cgroup_dirs();
+    while process_cgroups > 0 && Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        process_cgroups = process_cgroup_dirs();
+    }
+    println!("  cgroups of this process after its scheduler is dropped: {process_cgroups}");
     println!(
         "  open file descriptors: {} (before {}, after {})",
         after.fds as i64 - baseline.fds as i64,
@@ -218,6 +230,33 @@ fn qemu_processes(marker: &str) -> usize {
                         .is_some_and(|n| n.starts_with(marker.as_bytes()))
             })
             .count()
+    })
+}
+
+/// This process's parent cgroups of VMs (`exec-sandbox/<pid>`), in every hierarchy.
+fn process_cgroup_dirs() -> usize {
+    let me = std::process::id().to_string();
+    cgroup_mounts()
+        .iter()
+        .map(|mount| count_children_named(mount, "exec-sandbox", &me, 5))
+        .sum()
+}
+
+/// Directories `<parent>/<child>` under `dir` (at most `depth` levels down).
+fn count_children_named(dir: &Path, parent: &str, child: &str, depth: usize) -> usize {
+    if depth == 0 {
+        return 0;
+    }
+    std::fs::read_dir(dir).map_or(0, |read| {
+        read.filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| {
+                let own = usize::from(
+                    e.file_name().to_string_lossy() == parent && e.path().join(child).is_dir(),
+                );
+                own + count_children_named(&e.path(), parent, child, depth - 1)
+            })
+            .sum()
     })
 }
 

@@ -89,6 +89,15 @@ impl Cost {
         }
     }
 
+    /// This cost plus a network gateway's buffers ([`limits::GATEWAY_MEMORY_MB`]), for a VM
+    /// with a NIC: the gateway runs in this process, outside the VM's cgroup.
+    pub fn with_gateway(self) -> Cost {
+        Cost {
+            memory_mb: self.memory_mb + limits::GATEWAY_MEMORY_MB,
+            ..self
+        }
+    }
+
     fn fits_in(self, free: Cost) -> bool {
         self.memory_mb <= free.memory_mb && self.cpu_milli <= free.cpu_milli
     }

@@ -89,6 +89,11 @@ pub struct SchedulerConfig {
     /// No VM is admitted while memory pressure (`/proc/pressure/memory`, `some avg10`, percent)
     /// is above this (0-100, default 20; ignored where the host has no PSI).
     pub max_memory_pressure: f64,
+    /// CPU quota of each VM's QEMU (its cgroup's `cpu.max`), in percent of one core per vCPU
+    /// (10-1000, or 0 for none; default 100: one core per vCPU). Where QEMU gets no cgroup,
+    /// nothing enforces it ([`ExecutionResult::isolation`](crate::ExecutionResult::isolation)
+    /// says so).
+    pub vm_cpu_quota_percent: u32,
     /// Let guests reach the host's loopback, private and link-local addresses (cloud metadata
     /// included) through the gateway when their policy otherwise allows the destination
     /// (default off: never). Meant for tests with loopback fixtures and for operators with
@@ -156,6 +161,7 @@ impl Default for SchedulerConfig {
             cpu_overcommit_ratio: limits::DEFAULT_CPU_OVERCOMMIT_RATIO,
             min_available_memory_mb: limits::DEFAULT_MIN_AVAILABLE_MEMORY_MB,
             max_memory_pressure: limits::DEFAULT_MAX_MEMORY_PRESSURE,
+            vm_cpu_quota_percent: limits::DEFAULT_VM_CPU_QUOTA_PERCENT,
             network_allow_internal: false,
             network_hosts: Vec::new(),
             guest_ca_bundle: None,
@@ -340,6 +346,9 @@ impl SchedulerConfig {
         if let Some(v) = get(EnvVars::MAX_MEMORY_PRESSURE) {
             self.max_memory_pressure = parse(EnvVars::MAX_MEMORY_PRESSURE, &v)?;
         }
+        if let Some(v) = get(EnvVars::VM_CPU_QUOTA_PERCENT) {
+            self.vm_cpu_quota_percent = parse(EnvVars::VM_CPU_QUOTA_PERCENT, &v)?;
+        }
         Ok(())
     }
 
@@ -379,6 +388,20 @@ impl SchedulerConfig {
             return bad(
                 "max_memory_pressure",
                 format!("{} is outside 0-100", self.max_memory_pressure),
+            );
+        }
+        let quota = self.vm_cpu_quota_percent;
+        if quota != 0
+            && !(limits::MIN_VM_CPU_QUOTA_PERCENT..=limits::MAX_VM_CPU_QUOTA_PERCENT)
+                .contains(&quota)
+        {
+            return bad(
+                "vm_cpu_quota_percent",
+                format!(
+                    "{quota} is outside {}-{} (0 = no quota)",
+                    limits::MIN_VM_CPU_QUOTA_PERCENT,
+                    limits::MAX_VM_CPU_QUOTA_PERCENT
+                ),
             );
         }
         Ok(())
@@ -736,8 +759,18 @@ mod tests {
             (EnvVars::MEMORY_OVERCOMMIT_RATIO, "1.25"),
             (EnvVars::CPU_OVERCOMMIT_RATIO, "2"),
             (EnvVars::MAX_MEMORY_PRESSURE, "50"),
+            (EnvVars::VM_CPU_QUOTA_PERCENT, "20"),
         ])
         .unwrap();
+        assert_eq!(c.vm_cpu_quota_percent, 20);
+        assert_eq!(d.vm_cpu_quota_percent, 100);
+        assert_eq!(
+            with(&[(EnvVars::VM_CPU_QUOTA_PERCENT, "0")])
+                .unwrap()
+                .vm_cpu_quota_percent,
+            0,
+            "0 turns the quota off"
+        );
         assert_eq!(c.warm_pool_size, 2);
         assert_eq!(c.admission_timeout_seconds, 5);
         assert_eq!(c.memory_budget_mb, Some(800));
@@ -758,6 +791,17 @@ mod tests {
                 "memory_overcommit_ratio",
             ),
             (EnvVars::MAX_MEMORY_PRESSURE, "101", "max_memory_pressure"),
+            (EnvVars::VM_CPU_QUOTA_PERCENT, "5", "vm_cpu_quota_percent"),
+            (
+                EnvVars::VM_CPU_QUOTA_PERCENT,
+                "1001",
+                "vm_cpu_quota_percent",
+            ),
+            (
+                EnvVars::VM_CPU_QUOTA_PERCENT,
+                "-1",
+                EnvVars::VM_CPU_QUOTA_PERCENT,
+            ),
             (EnvVars::MEMORY_BUDGET_MB, "lots", EnvVars::MEMORY_BUDGET_MB),
         ] {
             let e = with(&[(var, value)]).unwrap_err();

@@ -48,6 +48,8 @@ impl EnvVars {
     pub const MIN_AVAILABLE_MEMORY_MB: &'static str = "EXEC_SANDBOX_MIN_AVAILABLE_MEMORY_MB";
     /// Overrides [`SchedulerConfig::max_memory_pressure`](crate::SchedulerConfig::max_memory_pressure).
     pub const MAX_MEMORY_PRESSURE: &'static str = "EXEC_SANDBOX_MAX_MEMORY_PRESSURE";
+    /// Overrides [`SchedulerConfig::vm_cpu_quota_percent`](crate::SchedulerConfig::vm_cpu_quota_percent).
+    pub const VM_CPU_QUOTA_PERCENT: &'static str = "EXEC_SANDBOX_VM_CPU_QUOTA_PERCENT";
     /// `0` switches L1 memory snapshots off ([`SchedulerConfig::l1_snapshots`](crate::SchedulerConfig::l1_snapshots)).
     pub const L1_SNAPSHOTS: &'static str = "EXEC_SANDBOX_L1_SNAPSHOTS";
     /// Overrides [`SchedulerConfig::snapshot_cache_dir`](crate::SchedulerConfig::snapshot_cache_dir).

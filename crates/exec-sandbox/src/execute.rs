@@ -95,6 +95,7 @@ impl Collected {
                 .then_some(self.outcome.execution_time_ms),
             external_cpu_time_ms: stats.cpu_time_ms,
             external_memory_peak_mb: stats.memory_peak_mb,
+            external_cpu_nr_throttled: stats.cpu_nr_throttled,
             timing,
             accelerator,
             warm_pool_hit: origin == VmOrigin::WarmPool,
@@ -103,6 +104,7 @@ impl Collected {
             network_refusals: Vec::new(),
             packages_source: crate::packages::PackageSource::None,
             packages_install_ms: None,
+            isolation: crate::result::Isolation::default(),
         }
     }
 }

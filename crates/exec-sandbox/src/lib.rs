@@ -24,6 +24,7 @@ mod builders;
 mod acquire;
 mod admission;
 pub mod assets;
+mod cgroup;
 mod config;
 mod disk;
 mod env;
@@ -58,7 +59,8 @@ pub use gateway::GatewayError;
 pub use network::{ExposeParseError, ExposePort, ExposedPort, NetworkOptions, PortProtocol};
 pub use packages::{Ecosystem, LayerInfo, PackageError, PackageSource, Rule, SpecError, SpecText};
 pub use result::{
-    CacheReport, CacheUsage, ExecutionResult, PreparedPackages, PruneReport, Timing, WarmVm,
+    CacheReport, CacheUsage, CgroupVersion, ExecutionResult, Isolation, PreparedPackages,
+    PruneReport, Timing, WarmVm,
 };
 pub use run::RunOptions;
 pub use sbx_protocol::{FileEntry, GuestErrorKind, Language};
@@ -67,6 +69,6 @@ pub use session::{ExecOptions, Session, SessionCloseReason, SessionOptions};
 pub use trust::TrustError;
 pub use validate::ValidationError;
 pub use vm::accel::{Accelerator, AcceleratorChoice};
-pub use vm::jail::{IsolationReport, JailError};
+pub use vm::jail::JailError;
 pub use vm::qmp::QmpError;
 pub use vm::{AckError, ChannelError, OutputCallback, VmError};

@@ -65,9 +65,31 @@ pub const DEFAULT_ADMISSION_TIMEOUT_SECONDS: u64 = 60;
 pub const MAX_ADMISSION_TIMEOUT_SECONDS: u64 = 3600;
 /// QEMU's own resident memory per VM besides guest RAM (device model, buffers, libraries).
 pub const QEMU_OVERHEAD_MB: u64 = 30;
+/// What a VM's network gateway (in this process) can hold at most, charged by admission
+/// control to every VM with a NIC: 128 connections' socket buffers and relay queues, the DNS
+/// and forwarded-port sockets, the frame queues (`gateway::stack::MAX_BYTES`, checked against
+/// this by a test).
+pub const GATEWAY_MEMORY_MB: u64 = 52;
 /// QEMU's translation-block cache under TCG (`-accel tcg,tb-size=`), passed to QEMU and charged
 /// by admission control.
 pub const TCG_TRANSLATION_CACHE_MB: u64 = 64;
+/// Memory a VM's cgroup allows beyond what admission charges it ([`crate::Cost::vm`]: guest
+/// memory, [`QEMU_OVERHEAD_MB`], [`TCG_TRANSLATION_CACHE_MB`]): QEMU's heap and kernel memory
+/// beyond the charged figures, and the page cache of the disks and QEMU's own binaries
+/// (reclaimable, but QEMU's code pages are in use: a limit without room for them thrashes). A
+/// guest that fills its memory brings the cgroup to this limit and no further: the cache is
+/// reclaimed and QEMU keeps running (`docs/measurements.md`, "A cgroup per VM").
+pub const VM_CGROUP_MEMORY_HEADROOM_MB: u64 = 64;
+/// Most tasks (processes and threads) in a VM's cgroup. QEMU runs 5 threads idle and up to
+/// ~15 during boot and snapshots; its block I/O thread pool may add up to 64 under load. A
+/// QEMU that cannot start a thread aborts, so the limit stays well above what it can use.
+pub const VM_PIDS_MAX: u32 = 128;
+/// Default CPU quota of a VM's cgroup, in percent of one core per vCPU.
+pub const DEFAULT_VM_CPU_QUOTA_PERCENT: u32 = 100;
+/// Smallest CPU quota a scheduler may be configured for (0 = no quota is accepted too).
+pub const MIN_VM_CPU_QUOTA_PERCENT: u32 = 10;
+/// Largest CPU quota a scheduler may be configured for.
+pub const MAX_VM_CPU_QUOTA_PERCENT: u32 = 1000;
 /// Default host memory kept out of the VM memory budget.
 pub const DEFAULT_HOST_MEMORY_RESERVE_MB: u64 = 1024;
 /// Default ratio of the VM memory budget to the host's memory (less its reserve). Above 1 because

@@ -37,10 +37,16 @@ pub struct ExecutionResult {
     pub stderr_truncated: bool,
     /// Execution wall time measured inside the guest, when the guest reported it.
     pub execution_time_ms: Option<u64>,
-    /// CPU time QEMU used (user + system), measured by the host.
+    /// CPU time QEMU used (user + system), measured by the host: from its cgroup where it
+    /// ran in one, else from `/proc`.
     pub external_cpu_time_ms: Option<u64>,
-    /// QEMU's peak resident memory, measured by the host.
+    /// QEMU's peak memory, measured by the host: the peak its cgroup was charged (its own
+    /// and guest memory, page tables, the page cache it read) where it ran in one with a
+    /// memory peak, else its peak resident set (`VmHWM`).
     pub external_memory_peak_mb: Option<u64>,
+    /// Periods of 100 ms in which QEMU's CPU quota stopped it (its cgroup's
+    /// `cpu.stat nr_throttled`); `None` without a cgroup CPU controller.
+    pub external_cpu_nr_throttled: Option<u64>,
     /// Where the time went.
     pub timing: Timing,
     /// Which accelerator ran the VM and why.
@@ -59,6 +65,73 @@ pub struct ExecutionResult {
     pub packages_source: crate::packages::PackageSource,
     /// How long installing the packages took, when they were built for this run.
     pub packages_install_ms: Option<u64>,
+    /// Which host walls stood around the VM's QEMU process.
+    pub isolation: Isolation,
+}
+
+/// The host walls around a VM's QEMU process, besides the VM itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Isolation {
+    /// QEMU ran in a cgroup of its own, limited in memory (swap off), tasks and CPU.
+    pub cgroup: bool,
+    /// Which cgroup version held those limits, when it ran in one.
+    pub cgroup_version: Option<CgroupVersion>,
+    /// The namespaces QEMU got fresh (`mount`, `pid`, `ipc`, `uts`, `net`, and `user` when the
+    /// library runs unprivileged); empty where the kernel allows none.
+    pub namespaces: Vec<String>,
+    /// QEMU ran as a non-root user, with no capabilities and no-new-privs.
+    pub unprivileged: bool,
+    /// Why a wall is missing or incomplete (`cgroup: ...`, `jail: ...`).
+    pub reason: Option<String>,
+}
+
+/// The cgroup version a VM's limits were set on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub enum CgroupVersion {
+    /// cgroup v1 hierarchies, one per controller or co-mounted.
+    #[serde(rename = "v1")]
+    V1,
+    /// The unified cgroup v2 hierarchy.
+    #[serde(rename = "v2")]
+    V2,
+    /// Some controllers on v2, the others on v1.
+    #[serde(rename = "v1+v2")]
+    Mixed,
+}
+
+impl std::fmt::Display for CgroupVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CgroupVersion::V1 => "v1",
+            CgroupVersion::V2 => "v2",
+            CgroupVersion::Mixed => "v1+v2",
+        })
+    }
+}
+
+impl Isolation {
+    /// The walls of a VM whose cgroup is described by `cgroup` and whose jail by `jail`.
+    pub(crate) fn of(
+        cgroup: &crate::cgroup::CgroupStatus,
+        jail: &crate::vm::jail::IsolationReport,
+    ) -> Self {
+        let reasons: Vec<String> = [
+            cgroup.reason.as_ref().map(|r| format!("cgroup: {r}")),
+            jail.reason.as_ref().map(|r| format!("jail: {r}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        Isolation {
+            cgroup: cgroup.active,
+            cgroup_version: cgroup.version,
+            namespaces: jail.namespaces.iter().map(|n| n.to_string()).collect(),
+            unprivileged: jail.unprivileged,
+            reason: (!reasons.is_empty()).then(|| reasons.join("; ")),
+        }
+    }
 }
 
 /// An idle VM of the warm pool, as the host sees it ([`Scheduler::warm_pool_vms`](crate::Scheduler::warm_pool_vms)).

@@ -61,6 +61,9 @@ struct Inner {
     packages: PackageStore,
     /// The L3 store, when configured (the package store uploads through it).
     s3: Option<Arc<S3Layers>>,
+    /// This process's parent cgroup of VMs, held so it outlives single runs (none where no
+    /// cgroup can be made: each VM then reports why).
+    _cgroups: Option<Arc<crate::cgroup::Parent>>,
 }
 
 impl Drop for Inner {
@@ -104,6 +107,9 @@ impl Scheduler {
             .map(read_ca_bundle)
             .transpose()?
             .map(Arc::new);
+        let cgroups = crate::cgroup::scheduler_started()
+            .inspect_err(|reason| tracing::debug!(%reason, "VMs run without cgroups"))
+            .ok();
         let policy = admission::Policy::new(&config.admission_config(), &admission::ProcHost);
         tracing::debug!(budget = %policy.budget, "admission budget");
         let scheduler = Self {
@@ -124,6 +130,7 @@ impl Scheduler {
                 ca_bundle,
                 packages: PackageStore::with_remote(packages, remote),
                 s3,
+                _cgroups: cgroups,
                 config,
             }),
         };
@@ -279,6 +286,7 @@ impl Scheduler {
         .await;
         let execute_ms = elapsed_ms(execute_started);
         let network_refusals = vm.take_network_refusals();
+        let isolation = vm.isolation();
         let stats = vm.destroy().await;
         let collected = collected?;
 
@@ -295,6 +303,7 @@ impl Scheduler {
         );
         result.exposed_ports = exposed_ports;
         result.network_refusals = network_refusals;
+        result.isolation = isolation;
         (result.packages_source, result.packages_install_ms) = packages.source();
         Ok(result)
     }
@@ -700,6 +709,7 @@ impl VmFactory for QemuFactory<'_> {
             tmpfs_mb: memory_mb * limits::GUEST_TMPFS_PERCENT / 100,
             qemu_sandbox: true,
             nic,
+            cpu_quota_percent: self.inner.config.vm_cpu_quota_percent,
         }
     }
 
@@ -711,7 +721,8 @@ impl VmFactory for QemuFactory<'_> {
     }
 
     fn cost(&self, spec: &VmSpec) -> Cost {
-        Cost::vm(spec.memory_mb, spec.vcpus, spec.accelerator)
+        let vm = Cost::vm(spec.memory_mb, spec.vcpus, spec.accelerator);
+        if spec.nic { vm.with_gateway() } else { vm }
     }
 
     async fn restore(
@@ -750,7 +761,6 @@ impl VmFactory for QemuFactory<'_> {
             boot_deadline(self.host),
             on_console,
             gateway,
-            Vec::new(),
         )
         .await
     }

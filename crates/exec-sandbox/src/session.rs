@@ -20,7 +20,7 @@ use crate::execute::{Execution, VmOrigin, execute};
 use crate::limits;
 use crate::network::{ExposedPort, NetworkOptions};
 use crate::packages::PackageSource;
-use crate::result::{ExecutionResult, Timing};
+use crate::result::{ExecutionResult, Isolation, Timing};
 use crate::scheduler::{Layer, ReadyPackages, Scheduler, StartedVm, VmRequest};
 use crate::validate;
 use crate::vm::accel::AcceleratorChoice;
@@ -202,6 +202,7 @@ struct Inner<V: VmHandle> {
     packages: (PackageSource, Option<u64>),
     vm_name: String,
     exposed_ports: Vec<ExposedPort>,
+    isolation: Isolation,
     /// `None` once closed. Operations hold a read guard, so they may overlap (a file transfer
     /// during an exec); closing takes the write guard, after the operations in progress.
     live: RwLock<Option<Live<V>>>,
@@ -285,6 +286,7 @@ impl<V: VmHandle> Inner<V> {
             packages,
             vm_name: live.vm.name().to_string(),
             exposed_ports: live.vm.exposed_ports().to_vec(),
+            isolation: live.vm.isolation(),
             live: RwLock::new(Some(live)),
             exec_turn: Mutex::new(()),
             activity: std::sync::Mutex::new(Activity {
@@ -448,6 +450,7 @@ impl<V: VmHandle> Inner<V> {
             self.origin,
         );
         result.exposed_ports = self.exposed_ports.clone();
+        result.isolation = self.isolation.clone();
         result.network_refusals = refusals;
         (result.packages_source, result.packages_install_ms) = self.packages;
         Ok(result)
@@ -637,15 +640,6 @@ impl Session {
     /// The VM's name (QEMU's `-name`, as in `ps` and the logs).
     pub fn vm_name(&self) -> &str {
         &self.inner.vm_name
-    }
-
-    /// What the jail around the session's QEMU could build; `None` once closed. Testing only
-    /// (feature `testing`).
-    #[cfg(feature = "testing")]
-    #[doc(hidden)]
-    pub async fn isolation(&self) -> Option<crate::IsolationReport> {
-        let live = self.inner.live.read().await;
-        live.as_ref().map(|live| live.vm.isolation().clone())
     }
 
     /// Closes the session and destroys its VM, after the operations in progress. Later calls

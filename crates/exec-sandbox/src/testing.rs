@@ -11,6 +11,18 @@ pub fn pss_mb(pid: u32) -> Option<f64> {
     crate::vm::procfs::pss_mb(pid)
 }
 
+/// Where the cgroup of this process's VM `name` is (or would be) on this host, one directory
+/// per hierarchy (empty where VMs get no cgroup).
+pub fn vm_cgroup_dirs(name: &str) -> Vec<std::path::PathBuf> {
+    crate::cgroup::vm_dirs(name)
+}
+
+/// Where the cgroup directory of process `pid` (the parent of its VMs' cgroups) is (or would
+/// be) on this host, one per hierarchy.
+pub fn process_cgroup_dirs(pid: u32) -> Vec<std::path::PathBuf> {
+    crate::cgroup::process_dirs(pid)
+}
+
 /// A result with every field set, as a cold Python run printing `42` with one forwarded port
 /// would return it (for tests of what front ends print).
 pub fn sample_result() -> crate::ExecutionResult {
@@ -25,6 +37,7 @@ pub fn sample_result() -> crate::ExecutionResult {
         execution_time_ms: Some(12),
         external_cpu_time_ms: Some(900),
         external_memory_peak_mb: Some(140),
+        external_cpu_nr_throttled: Some(3),
         timing: Timing {
             setup_ms: 3,
             boot_ms: 700,
@@ -41,6 +54,15 @@ pub fn sample_result() -> crate::ExecutionResult {
         network_refusals: Vec::new(),
         packages_source: crate::PackageSource::None,
         packages_install_ms: None,
+        isolation: crate::Isolation {
+            cgroup: true,
+            cgroup_version: Some(crate::CgroupVersion::V1),
+            namespaces: ["mount", "pid", "ipc", "uts", "net"]
+                .map(String::from)
+                .to_vec(),
+            unprivileged: true,
+            reason: None,
+        },
     }
 }
 

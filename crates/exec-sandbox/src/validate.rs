@@ -283,30 +283,6 @@ pub fn idle_timeout(seconds: u64) -> Result<(), ValidationError> {
     }
 }
 
-/// Variable names that would let a program's environment take over the runtime or the shell.
-const FORBIDDEN_NAMES: &[&str] = &[
-    "GLIBC_TUNABLES",
-    "NODE_OPTIONS",
-    "NODE_PATH",
-    "PYTHONPATH",
-    "PYTHONSTARTUP",
-    "PYTHONHOME",
-    "PYTHONINSPECT",
-    "BASH_ENV",
-    "ENV",
-    "PROMPT_COMMAND",
-    "SHELLOPTS",
-    "BASHOPTS",
-    "IFS",
-    "PATH",
-    "TMPDIR",
-    "HOME",
-    "BUN_OPTIONS",
-];
-
-/// Prefixes of names that are refused for the same reason (`LD_PRELOAD`, `MALLOC_ARENA_MAX`, ...).
-const FORBIDDEN_PREFIXES: &[&str] = &["LD_", "MALLOC_", "BASH_FUNC_"];
-
 /// Checks environment variables: count, name syntax and length, value length, control
 /// characters (tab allowed) and names that hijack the runtime.
 pub fn env_vars(vars: &[(String, String)]) -> Result<(), ValidationError> {
@@ -334,19 +310,13 @@ fn env_var(name: &str, value: &str) -> Result<(), ValidationError> {
             limits::MAX_ENV_NAME_BYTES
         )));
     }
-    let valid_start = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_');
-    if !valid_start || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+    if !sbx_protocol::env::is_name(name) {
         return Err(err(
             "name must be letters, digits and `_`, not starting with a digit".into(),
         ));
     }
-    let upper = name.to_ascii_uppercase();
-    if FORBIDDEN_NAMES.contains(&upper.as_str())
-        || FORBIDDEN_PREFIXES.iter().any(|p| upper.starts_with(p))
-    {
-        return Err(err(
-            "this name could take over the runtime and is not allowed".into(),
-        ));
+    if let Some(row) = sbx_protocol::env::denied(name) {
+        return Err(err(format!("not allowed: it {}", row.hijack)));
     }
     if value.len() > limits::MAX_ENV_VALUE_BYTES {
         return Err(err(format!(
@@ -495,7 +465,17 @@ mod tests {
             let e = env_vars(&vars(&[(bad, "x")])).unwrap_err();
             assert!(e.to_string().contains(bad), "{bad}: {e}");
         }
-        for bad_name in ["", "1A", "A-B", "A B", "A=B", "É"] {
+        for row in sbx_protocol::env::DENIED {
+            let name = match row.pattern {
+                sbx_protocol::env::Pattern::Exact(name) => name.to_string(),
+                sbx_protocol::env::Pattern::Prefix(p) => format!("{p}x"),
+                sbx_protocol::env::Pattern::Suffix(s) => format!("x{s}"),
+            };
+            let e = env_vars(&vars(&[(&name, "x")])).unwrap_err().to_string();
+            assert!(e.contains(&name) && e.contains(row.hijack), "{e}");
+        }
+        assert!(env_vars(&vars(&[("NODE_ENV", "production")])).is_ok());
+        for bad_name in ["", "1A", "A-B", "A B", "A=B", "É", "a[$(id)]"] {
             assert!(env_vars(&vars(&[(bad_name, "x")])).is_err(), "{bad_name:?}");
         }
         assert!(

@@ -37,26 +37,150 @@ const MAX_HEADERS: usize = 128;
 /// (`scheme://host[:port]/…`, whose host must be the `Host` name; ports are not compared) or,
 /// for `CONNECT`, authority-form (`host:port`, likewise).
 pub fn parse_request_host(start: &[u8]) -> RequestHost {
+    match parse_head(start) {
+        HeadParse::Complete(head) => head.host,
+        HeadParse::Incomplete => RequestHost::Incomplete,
+        HeadParse::Invalid => RequestHost::Invalid,
+    }
+}
+
+/// How the body of a request is framed (RFC 9112 §6.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Body {
+    /// No body.
+    Empty,
+    /// `Content-Length` bytes.
+    Length(u64),
+    /// `Transfer-Encoding` ending in `chunked`.
+    Chunked,
+    /// The headers frame no body a server would agree on (smuggling territory), and why.
+    Unframeable(&'static str),
+}
+
+/// A complete request head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Head {
+    /// Its length in bytes, the empty line included.
+    pub len: usize,
+    /// What its `Host` says.
+    pub host: RequestHost,
+    /// How its body is framed.
+    pub body: Body,
+    /// `CONNECT`, or an `Upgrade` request: if the server agrees, what follows is not HTTP.
+    pub switches: bool,
+}
+
+/// What the bytes so far are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum HeadParse {
+    /// A complete head.
+    Complete(Head),
+    /// A valid prefix of a head, shorter than [`MAX_REQUEST_HEAD_BYTES`].
+    Incomplete,
+    /// Not an HTTP/1.x request head (or one larger than [`MAX_REQUEST_HEAD_BYTES`]).
+    Invalid,
+}
+
+/// Parses the request head at the start of `start` with `httparse`.
+pub(crate) fn parse_head(start: &[u8]) -> HeadParse {
     if start.is_empty() {
-        return RequestHost::Incomplete;
+        return HeadParse::Incomplete;
     }
     let examined = start.get(..MAX_REQUEST_HEAD_BYTES).unwrap_or(start);
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
-    match request.parse(examined) {
-        Ok(httparse::Status::Complete(_)) => {}
+    let len = match request.parse(examined) {
+        Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if examined.len() >= MAX_REQUEST_HEAD_BYTES => {
-            return RequestHost::Invalid;
+            return HeadParse::Invalid;
         }
-        Ok(httparse::Status::Partial) => return RequestHost::Incomplete,
-        Err(_) => return RequestHost::Invalid,
-    }
-    let (Some(method), Some(target)) = (request.method, request.path) else {
-        return RequestHost::Invalid;
+        Ok(httparse::Status::Partial) => return HeadParse::Incomplete,
+        Err(_) => return HeadParse::Invalid,
     };
+    let (Some(method), Some(target)) = (request.method, request.path) else {
+        return HeadParse::Invalid;
+    };
+    let headers = &*request.headers;
+    let switches = method == "CONNECT"
+        || (header_values(headers, "upgrade").next().is_some()
+            && header_tokens(headers, "connection").any(|t| t.eq_ignore_ascii_case("upgrade")));
+    HeadParse::Complete(Head {
+        len,
+        host: head_host(method, target, headers),
+        body: body(headers),
+        switches,
+    })
+}
 
-    let mut hosts = request
-        .headers
+/// The values of every `name` header, as text (a value that is not UTF-8 is skipped).
+fn header_values<'a>(
+    headers: &'a [httparse::Header<'a>],
+    name: &'a str,
+) -> impl Iterator<Item = &'a str> + 'a {
+    headers
+        .iter()
+        .filter(move |h| h.name.eq_ignore_ascii_case(name))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+}
+
+/// The comma-separated tokens of every `name` header, trimmed.
+fn header_tokens<'a>(
+    headers: &'a [httparse::Header<'a>],
+    name: &'a str,
+) -> impl Iterator<Item = &'a str> + 'a {
+    header_values(headers, name)
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim_matches([' ', '\t']))
+        .filter(|t| !t.is_empty())
+}
+
+/// How the body of a request with `headers` is framed.
+fn body(headers: &[httparse::Header<'_>]) -> Body {
+    let has = |name: &str| headers.iter().any(|h| h.name.eq_ignore_ascii_case(name));
+    let (te, cl) = (has("transfer-encoding"), has("content-length"));
+    if te && cl {
+        return Body::Unframeable("both Transfer-Encoding and Content-Length");
+    }
+    if te {
+        let unreadable = headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("transfer-encoding")
+                && std::str::from_utf8(h.value).is_err()
+        });
+        return match header_tokens(headers, "transfer-encoding").last() {
+            Some(last) if !unreadable && last.eq_ignore_ascii_case("chunked") => Body::Chunked,
+            _ => Body::Unframeable("a transfer coding that does not end with chunked"),
+        };
+    }
+    if !cl {
+        return Body::Empty;
+    }
+    let mut lengths = headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .flat_map(|h| h.value.split(|&b| b == b','))
+        .map(|v| {
+            let v = v.trim_ascii();
+            if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            std::str::from_utf8(v).ok()?.parse::<u64>().ok()
+        });
+    let Some(Some(first)) = lengths.next() else {
+        return Body::Unframeable("an invalid Content-Length");
+    };
+    if lengths.any(|other| other != Some(first)) {
+        return Body::Unframeable("several different Content-Lengths");
+    }
+    if first == 0 {
+        Body::Empty
+    } else {
+        Body::Length(first)
+    }
+}
+
+/// What the `Host` header (and the target) of a head say.
+fn head_host(method: &str, target: &str, headers: &[httparse::Header<'_>]) -> RequestHost {
+    let mut hosts = headers
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("host"));
     let host = match (hosts.next(), hosts.next()) {

@@ -8,6 +8,7 @@
 //! - [`dns`]: the one-question DNS queries the gateway answers, and its answers.
 //! - [`sni`]: the server name of a TLS ClientHello.
 //! - [`http`]: the `Host` of a plain HTTP/1 request.
+//! - [`framing`]: every request of a plain-HTTP connection, framed to check each one's `Host`.
 //! - [`sniff`]: which name the first bytes of a TCP connection present (TLS or HTTP).
 //! - [`policy`]: domain validation, the allowlist, destination address classes, and the table
 //!   binding the addresses handed to a guest to the names they were resolved for.
@@ -16,6 +17,7 @@
 //!   see.
 
 pub mod dns;
+pub mod framing;
 pub mod http;
 pub mod policy;
 pub mod sni;

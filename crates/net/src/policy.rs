@@ -9,6 +9,7 @@
 //! client presents (SNI or `Host`) must be that name.
 
 use std::net::Ipv4Addr;
+use std::sync::{Arc, PoisonError, RwLock};
 
 /// Longest domain name (RFC 1035: 253 characters in text form).
 pub const MAX_DOMAIN_BYTES: usize = 253;
@@ -215,11 +216,69 @@ pub enum AddressClass {
     Private,
     /// 169.254/16, which holds cloud metadata services (169.254.169.254).
     LinkLocal,
+    /// A public address that is a cloud provider's control plane ([`CONTROL_PLANE`]): as
+    /// dangerous as a metadata service, refused like a host-internal address.
+    ControlPlane,
     /// 0/8, 192.0.0/24, 198.18/15, multicast 224/4, reserved 240/4, broadcast: never a
     /// destination. Documentation ranges (192.0.2/24, 198.51.100/24, 203.0.113/24) count as
     /// public.
     Unroutable,
 }
+
+/// Documented cloud control-plane addresses outside the ranges [`classify`] already treats as
+/// internal, with whose they are. (AWS, GCP, Oracle, DigitalOcean, Hetzner and OpenStack
+/// metadata live at 169.254.169.254, AWS's time and ECS endpoints at 169.254.169.123 and
+/// 169.254.170.2, Tencent's at 169.254.0.23: all link-local. Alibaba's 100.100.100.200 is in
+/// the shared 100.64/10 space, Oracle's 192.0.0.192 in 192.0.0/24: internal and unroutable.)
+pub const CONTROL_PLANE: &[(Ipv4Addr, u8, &str)] = &[(
+    Ipv4Addr::new(168, 63, 129, 16),
+    32,
+    "Azure WireServer and HostGAPlugin",
+)];
+
+/// The IPv4 addresses of the host's own interfaces: reaching one from the gateway reaches the
+/// host's services past its firewall, so they are refused like loopback. A shared handle: the
+/// gateway's owner reads the interfaces at run time and keeps it current
+/// ([`HostAddrs::replace`]); every policy holding a clone sees the update.
+#[derive(Debug, Clone, Default)]
+pub struct HostAddrs(Arc<RwLock<Vec<Ipv4Addr>>>);
+
+impl HostAddrs {
+    /// A handle holding `addrs`.
+    pub fn new(addrs: Vec<Ipv4Addr>) -> HostAddrs {
+        HostAddrs(Arc::new(RwLock::new(addrs)))
+    }
+
+    /// Replaces the addresses (for every clone of this handle).
+    pub fn replace(&self, addrs: Vec<Ipv4Addr>) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = addrs;
+    }
+
+    /// Whether `addr` is one of the host's.
+    pub fn contains(&self, addr: Ipv4Addr) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&addr)
+    }
+
+    /// The addresses now.
+    pub fn to_vec(&self) -> Vec<Ipv4Addr> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Two handles are equal when they hold the same addresses now.
+impl PartialEq for HostAddrs {
+    fn eq(&self, other: &HostAddrs) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.to_vec() == other.to_vec()
+    }
+}
+
+impl Eq for HostAddrs {}
 
 /// Whether `addr` is in `net`/`prefix`.
 fn in_net(addr: Ipv4Addr, net: Ipv4Addr, prefix: u8) -> bool {
@@ -242,19 +301,29 @@ pub fn classify(addr: Ipv4Addr) -> AddressClass {
         // Multicast 224/4 and reserved 240/4, which holds the broadcast address.
         (Ipv4Addr::new(224, 0, 0, 0), 3, AddressClass::Unroutable),
     ];
+    if CONTROL_PLANE
+        .iter()
+        .any(|(net, prefix, _)| in_net(addr, *net, *prefix))
+    {
+        return AddressClass::ControlPlane;
+    }
     TABLE
         .iter()
         .find(|(net, prefix, _)| in_net(addr, *net, *prefix))
         .map_or(AddressClass::Public, |(_, _, class)| *class)
 }
 
-/// Whether the gateway may connect to `addr` on the guest's behalf: public addresses always;
-/// loopback, private and link-local only when the operator allows host-internal destinations;
-/// unroutable never.
-pub fn host_may_connect(addr: Ipv4Addr, allow_internal: bool) -> bool {
+/// Whether the gateway may connect to `addr` on the guest's behalf: public addresses that are
+/// not the host's own always; loopback, private, link-local, control-plane addresses and the
+/// host's own (`host`) only when the operator allows host-internal destinations; unroutable
+/// never.
+pub fn host_may_connect(addr: Ipv4Addr, allow_internal: bool, host: &HostAddrs) -> bool {
     match classify(addr) {
-        AddressClass::Public => true,
-        AddressClass::Loopback | AddressClass::Private | AddressClass::LinkLocal => allow_internal,
+        AddressClass::Public => allow_internal || !host.contains(addr),
+        AddressClass::Loopback
+        | AddressClass::Private
+        | AddressClass::LinkLocal
+        | AddressClass::ControlPlane => allow_internal,
         AddressClass::Unroutable => false,
     }
 }
@@ -515,16 +584,54 @@ mod tests {
             Ipv4Addr::new(198, 18, 0, 5),
             Ipv4Addr::new(224, 0, 0, 1),
         ];
-        assert!(host_may_connect(public, false));
-        assert!(host_may_connect(public, true));
+        let none = HostAddrs::default();
+        assert!(host_may_connect(public, false, &none));
+        assert!(host_may_connect(public, true, &none));
         for addr in internal {
-            assert!(!host_may_connect(addr, false), "{addr}");
-            assert!(host_may_connect(addr, true), "{addr}");
+            assert!(!host_may_connect(addr, false, &none), "{addr}");
+            assert!(host_may_connect(addr, true, &none), "{addr}");
         }
         for addr in never {
-            assert!(!host_may_connect(addr, false), "{addr}");
-            assert!(!host_may_connect(addr, true), "{addr}");
+            assert!(!host_may_connect(addr, false, &none), "{addr}");
+            assert!(!host_may_connect(addr, true, &none), "{addr}");
         }
+    }
+
+    #[test]
+    fn control_planes_and_the_hosts_own_addresses_are_internal() {
+        let wire_server = Ipv4Addr::new(168, 63, 129, 16);
+        assert_eq!(classify(wire_server), AddressClass::ControlPlane);
+        for (net, prefix, _) in CONTROL_PLANE {
+            assert_eq!(classify(*net), AddressClass::ControlPlane, "{net}/{prefix}");
+        }
+        // Its neighbours are ordinary public addresses.
+        for neighbour in [
+            Ipv4Addr::new(168, 63, 129, 15),
+            Ipv4Addr::new(168, 63, 129, 17),
+        ] {
+            assert_eq!(classify(neighbour), AddressClass::Public, "{neighbour}");
+        }
+        let own_public = Ipv4Addr::new(203, 0, 113, 9);
+        let other_public = Ipv4Addr::new(203, 0, 113, 10);
+        let host = HostAddrs::new(vec![own_public]);
+        for (addr, allowed) in [
+            (wire_server, false),
+            (own_public, false),
+            (other_public, true),
+        ] {
+            assert_eq!(host_may_connect(addr, false, &host), allowed, "{addr}");
+            assert!(
+                host_may_connect(addr, true, &host),
+                "{addr} with the switch"
+            );
+        }
+        // The handle is shared: an interface that goes away is reachable again, one that
+        // appears is refused at once.
+        let view = host.clone();
+        host.replace(vec![other_public]);
+        assert!(host_may_connect(own_public, false, &view));
+        assert!(!host_may_connect(other_public, false, &view));
+        assert_eq!(view.to_vec(), vec![other_public]);
     }
 
     #[test]

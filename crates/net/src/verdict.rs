@@ -17,6 +17,7 @@
 //!     outbound: true,
 //!     allowlist: Allowlist::Only(vec!["example.com".into()]),
 //!     allow_internal: false,
+//!     host_addrs: Default::default(),
 //! };
 //! let verdict = tcp_syn(&policy, &NameTable::new(), SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 80), 443), 0);
 //! let TcpVerdict::Refuse(refusal) = verdict else { panic!("a raw IP under an allowlist") };
@@ -33,8 +34,9 @@ use std::time::Duration;
 use sbx_protocol::net::GATEWAY_IPV4;
 
 use crate::dns::{self, DnsError, Query, Rcode};
+use crate::framing::{FramingStop, RequestFramer};
 use crate::policy::{
-    AddressClass, Allowlist, Binding, NameTable, classify, host_may_connect, same_name,
+    AddressClass, Allowlist, Binding, HostAddrs, NameTable, classify, host_may_connect, same_name,
 };
 use crate::sniff::{MAX_SNIFF_BYTES, Presented, Unnamed, sniff};
 
@@ -66,9 +68,11 @@ pub struct Policy {
     pub outbound: bool,
     /// Which names (and, with [`Allowlist::Any`], which public addresses) the guest may reach.
     pub allowlist: Allowlist,
-    /// Whether host-internal destinations (loopback, private, link-local) may be connected to
-    /// (operator switch).
+    /// Whether host-internal destinations (loopback, private, link-local, cloud control
+    /// planes, the host's own addresses) may be connected to (operator switch).
     pub allow_internal: bool,
+    /// The host's own interface addresses, kept current by the gateway's owner.
+    pub host_addrs: HostAddrs,
 }
 
 /// Where a guest connection goes, as users see it in a refusal.
@@ -155,6 +159,12 @@ pub enum TcpRefusal {
     /// Loopback, private or link-local, without the operator's switch.
     #[error("a host-internal address")]
     Internal,
+    /// A cloud control plane's address, without the operator's switch.
+    #[error("a cloud control-plane address")]
+    ControlPlane,
+    /// An address of the host's own interfaces, without the operator's switch.
+    #[error("an address of the host itself")]
+    HostAddress,
     /// An address that is never a destination (0/8, multicast, reserved, broadcast).
     #[error("an unroutable address")]
     Unroutable,
@@ -184,6 +194,9 @@ pub enum TcpRefusal {
         /// The name the virtual address is bound to.
         bound: String,
     },
+    /// A later request on a plain-HTTP connection named another host, or could not be framed.
+    #[error("{0}")]
+    LaterRequest(FramingStop),
     /// The client presented the bound name, but the allowlist does not permit it.
     #[error("the client named \"{0}\", which is not in the allowlist")]
     NotAllowed(String),
@@ -265,7 +278,7 @@ fn accept(policy: &Policy, names: &NameTable, dst: SocketAddrV4) -> Result<TcpVe
     if let Allowlist::Only(_) = policy.allowlist {
         return Err(TcpRefusal::RawAddress);
     }
-    connectable(addr, policy.allow_internal)?;
+    connectable(addr, policy.allow_internal, &policy.host_addrs)?;
     Ok(TcpVerdict::Connect {
         dest: Destination::Addr(dst),
         addrs: vec![addr],
@@ -274,14 +287,18 @@ fn accept(policy: &Policy, names: &NameTable, dst: SocketAddrV4) -> Result<TcpVe
 
 /// Whether the gateway may connect to the host address `addr` ([`host_may_connect`]), and if
 /// not, why.
-fn connectable(addr: Ipv4Addr, allow_internal: bool) -> Result<(), TcpRefusal> {
-    if host_may_connect(addr, allow_internal) {
-        Ok(())
-    } else if classify(addr) == AddressClass::Unroutable {
-        Err(TcpRefusal::Unroutable)
-    } else {
-        Err(TcpRefusal::Internal)
+fn connectable(addr: Ipv4Addr, allow_internal: bool, host: &HostAddrs) -> Result<(), TcpRefusal> {
+    if host_may_connect(addr, allow_internal, host) {
+        return Ok(());
     }
+    Err(match classify(addr) {
+        AddressClass::Unroutable => TcpRefusal::Unroutable,
+        AddressClass::ControlPlane => TcpRefusal::ControlPlane,
+        AddressClass::Public => TcpRefusal::HostAddress,
+        AddressClass::Loopback | AddressClass::Private | AddressClass::LinkLocal => {
+            TcpRefusal::Internal
+        }
+    })
 }
 
 /// Whether a host client on a forwarded port may be connected into the guest, with
@@ -308,8 +325,12 @@ pub struct SniffProgress<'a> {
 pub enum SniffVerdict {
     /// Not decided: read more.
     Wait,
-    /// The bound name: connect to the binding's addresses and replay the bytes read.
-    Connect,
+    /// The bound name: connect to the binding's addresses and replay the bytes read, through
+    /// `framer` when the connection is plain HTTP (every later request's `Host` is checked).
+    Connect {
+        /// For plain HTTP: the framer the bytes read, and every later byte, go through.
+        framer: Option<RequestFramer>,
+    },
     /// Reset the connection.
     Refuse(Refusal),
 }
@@ -334,6 +355,20 @@ pub fn sniffed(
         })
     };
     let in_time = progress.elapsed < SNIFF_DEADLINE;
+    let named = |name: String, http: bool| {
+        if !same_name(&name, &binding.name) {
+            refuse(TcpRefusal::OtherName {
+                presented: name,
+                bound: binding.name.clone(),
+            })
+        } else if !policy.allowlist.permits(&name) {
+            refuse(TcpRefusal::NotAllowed(name))
+        } else {
+            SniffVerdict::Connect {
+                framer: http.then(|| RequestFramer::new(&binding.name)),
+            }
+        }
+    };
     match sniff(progress.bytes) {
         Presented::NeedMore
             if progress.bytes.len() < MAX_SNIFF_BYTES && in_time && progress.client_open =>
@@ -345,18 +380,19 @@ pub fn sniffed(
         }
         Presented::NeedMore => refuse(TcpRefusal::NoNameInTime),
         Presented::Unnamed(why) => refuse(TcpRefusal::Unnamed(why)),
-        Presented::Tls(name) | Presented::Http(name) => {
-            if !same_name(&name, &binding.name) {
-                refuse(TcpRefusal::OtherName {
-                    presented: name,
-                    bound: binding.name.clone(),
-                })
-            } else if !policy.allowlist.permits(&name) {
-                refuse(TcpRefusal::NotAllowed(name))
-            } else {
-                SniffVerdict::Connect
-            }
-        }
+        Presented::Tls(name) => named(name, false),
+        Presented::Http(name) => named(name, true),
+    }
+}
+
+/// The refusal for a plain-HTTP connection to `binding` (at `port`) whose framer stopped.
+pub fn later_request(binding: &str, port: u16, stop: FramingStop) -> Refusal {
+    Refusal::Tcp {
+        dest: Destination::Name {
+            name: binding.to_string(),
+            port,
+        },
+        reason: TcpRefusal::LaterRequest(stop),
     }
 }
 
@@ -484,11 +520,11 @@ pub enum Lookup {
 /// Keeps the addresses of a host lookup the gateway may connect to (public, or host-internal
 /// with `allow_internal`; never unroutable), in order, without duplicates, at most
 /// [`MAX_ADDRS_PER_NAME`].
-pub fn usable_addrs(addrs: impl IntoIterator<Item = Ipv4Addr>, allow_internal: bool) -> Lookup {
+pub fn usable_addrs(addrs: impl IntoIterator<Item = Ipv4Addr>, policy: &Policy) -> Lookup {
     let mut kept = Vec::new();
     let mut forbidden = 0;
     for addr in addrs {
-        if connectable(addr, allow_internal).is_err() {
+        if connectable(addr, policy.allow_internal, &policy.host_addrs).is_err() {
             forbidden += 1;
         } else if !kept.contains(&addr) && kept.len() < MAX_ADDRS_PER_NAME {
             kept.push(addr);

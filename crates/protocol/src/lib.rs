@@ -28,6 +28,7 @@
 //! ```
 
 mod codec;
+pub mod env;
 pub mod layer;
 mod message;
 pub mod net;

@@ -128,13 +128,15 @@ pub fn error_lines(
         Some(context) => format!("{context}: {error}"),
         None => error.to_string(),
     };
+    let head = term::inert(&head);
     let mut lines = vec![format!("{} {head}", term::paint(Style::Error, "error:"))];
     lines.extend(
         causes(error)
             .into_iter()
-            .map(|c| format!("  caused by: {c}")),
+            .map(|c| format!("  caused by: {}", term::inert(&c))),
     );
     if let Some(hint) = hint {
+        let hint = term::inert(hint);
         lines.push(format!("{} {hint}", term::paint(Style::Hint, "hint:")));
     }
     lines
@@ -207,8 +209,9 @@ pub fn result_warnings(label: Option<&str>, result: &ExecutionResult) -> Vec<Str
     }
     for refusal in &result.network_refusals {
         out.push(format!(
-            "{} {prefix}network refused {refusal}",
-            term::paint(Style::Warning, "warning:")
+            "{} {prefix}network refused {}",
+            term::paint(Style::Warning, "warning:"),
+            term::inert(&refusal.to_string())
         ));
     }
     out
@@ -243,6 +246,7 @@ mod tests {
             "execution_time_ms",
             "external_cpu_time_ms",
             "external_memory_peak_mb",
+            "external_cpu_nr_throttled",
             "timing",
             "accelerator",
             "warm_pool_hit",
@@ -251,10 +255,13 @@ mod tests {
             "network_refusals",
             "packages_source",
             "packages_install_ms",
+            "isolation",
         ] {
             assert!(keys.iter().any(|k| k == key), "missing {key}: {keys:?}");
         }
         assert_eq!(value["accelerator"]["name"], "tcg");
+        assert_eq!(value["isolation"]["cgroup"], true);
+        assert_eq!(value["isolation"]["cgroup_version"], "v1");
         assert_eq!(value["language"], "python");
         assert_eq!(value["timing"]["total_ms"], 745);
         assert_eq!(
@@ -349,11 +356,39 @@ mod tests {
             "DNS other.test: not in the allowlist".into(),
             "UDP 198.18.0.1:5353: only DNS to the gateway (10.0.2.2:53)".into(),
         ];
+        r.network_refusals
+            .push("TCP x: the client named \"\u{1b}]0;owned\u{7}\"".into());
         let w = result_warnings(None, &r);
-        assert_eq!(w.len(), 2);
+        assert_eq!(w.len(), 3);
+        assert!(w[2].ends_with(r#"named "\u{1b}]0;owned\u{7}""#), "{w:?}");
         assert!(
             w[0].ends_with("network refused DNS other.test: not in the allowlist"),
             "{w:?}"
         );
+    }
+
+    #[test]
+    fn guest_text_in_error_lines_cannot_steer_the_terminal() {
+        #[derive(Debug)]
+        struct Hostile;
+        impl std::fmt::Display for Hostile {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("no such file: \u{1b}[2J\u{1b}]52;c;aGk=\u{7}x\u{202e}y\nz\u{9b}")
+            }
+        }
+        impl std::error::Error for Hostile {}
+        let lines = error_lines(Some("download"), &Hostile, Some("\u{1b}[31mred"));
+        let all = lines.join("\n");
+        for c in ['\u{1b}', '\u{7}', '\u{202e}', '\u{9b}'] {
+            assert!(!all.contains(c), "{all:?}");
+        }
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines[0].ends_with(
+                r"download: no such file: \u{1b}[2J\u{1b}]52;c;aGk=\u{7}x\u{202e}y\u{a}z\u{9b}"
+            ),
+            "{lines:?}"
+        );
+        assert!(lines[1].ends_with(r"\u{1b}[31mred"), "{lines:?}");
     }
 }

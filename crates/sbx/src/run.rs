@@ -307,6 +307,11 @@ impl Runner<'_> {
                 tracing::debug!(
                     source = %label,
                     accelerator = %r.accelerator.accelerator,
+                    cgroup = r.isolation.cgroup,
+                    cgroup_version = r.isolation.cgroup_version.map(|v| v.to_string()),
+                    unprivileged = r.isolation.unprivileged,
+                    namespaces = %r.isolation.namespaces.join(","),
+                    isolation_reason = r.isolation.reason.as_deref(),
                     setup_ms = r.timing.setup_ms,
                     boot_ms = r.timing.boot_ms,
                     execute_ms = r.timing.execute_ms,

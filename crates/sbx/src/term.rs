@@ -92,6 +92,28 @@ pub fn paint(style: Style, text: &str) -> String {
     format!("\x1b[{code}m{text}\x1b[0m")
 }
 
+/// `text` safe to print in one of sbx's own lines: every character that could steer a
+/// terminal (C0 and C1 controls, DEL, newlines, bidirectional overrides) is shown as a
+/// `\u{..}` escape. Text from the guest (error messages, names, refusal reasons) goes through
+/// it; only the program's own stdout and stderr reach the terminal as they are.
+pub fn inert(text: &str) -> std::borrow::Cow<'_, str> {
+    fn steers(c: char) -> bool {
+        c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }
+    if !text.chars().any(steers) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut shown = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if steers(c) {
+            shown.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        } else {
+            shown.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(shown)
+}
+
 /// Writes program output (or JSON) to stdout and flushes it. A closed stdout is ignored: the
 /// run goes on and its status still counts.
 pub fn stdout(bytes: &[u8]) {

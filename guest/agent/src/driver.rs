@@ -45,6 +45,15 @@ pub enum InvalidRequest {
         /// The name, as sent.
         name: String,
     },
+    /// An environment variable name is one the host refuses too: it would hijack a runtime,
+    /// a tool, or the driver itself.
+    #[error("environment variable {name} is not allowed: it {hijack}")]
+    EnvDenied {
+        /// The variable's name.
+        name: String,
+        /// What it would hijack.
+        hijack: &'static str,
+    },
     /// An environment variable value holds a NUL or a newline.
     #[error("environment variable {name} has a NUL or newline in its value")]
     EnvValue {
@@ -89,13 +98,14 @@ pub fn validate(
         return Err(InvalidRequest::NulInCode { offset });
     }
     for (name, value) in env {
-        let mut chars = name.chars();
-        let valid_name = chars
-            .next()
-            .is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
-            && chars.all(|c| c == '_' || c.is_ascii_alphanumeric());
-        if !valid_name {
+        if !sbx_protocol::env::is_name(name) {
             return Err(InvalidRequest::EnvName { name: name.clone() });
+        }
+        if let Some(row) = sbx_protocol::env::denied(name) {
+            return Err(InvalidRequest::EnvDenied {
+                name: name.clone(),
+                hijack: row.hijack,
+            });
         }
         if value.contains(['\0', '\n']) {
             return Err(InvalidRequest::EnvValue { name: name.clone() });

@@ -82,8 +82,10 @@ fn tail(stderr: &str) -> String {
 /// How an execution ended, as far as the interpreter is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ended {
-    /// The driver reported this exit code; the interpreter lives on.
-    Completed(i32),
+    /// The driver reported this exit code and is back at its command read; the interpreter
+    /// lives on. `forged`: more than one status line carried the command's nonce (code in the
+    /// interpreter wrote one): the last one counts.
+    Completed { code: i32, forged: bool },
     /// The interpreter process ended.
     Died(WaitStatus),
     /// The deadline passed.
@@ -286,6 +288,11 @@ impl Interpreter {
         let started = Instant::now();
         let nonce = Nonce::generate()?;
         let command = driver::command(&nonce, &request.env, code);
+        // Code in the interpreter can read the driver's nonce and write its status line: a
+        // status line only ends the execution once the driver has also answered an empty
+        // command sent after it, which it reads only when back at its command loop.
+        let barrier = Nonce::generate()?;
+        let barrier_command = driver::command(&barrier, &[], "");
         // Far-future deadlines (absurd timeouts) are capped rather than overflowing.
         let deadline = started
             .checked_add(Duration::from_millis(request.timeout_ms))
@@ -308,12 +315,27 @@ impl Interpreter {
                     // A failed write means the driver is gone: the exit status tells how.
                     _ = commands.write_all(&command) => {}
                 }
+                // The last status line of the command, and how many there were.
+                let mut reported: Option<(i32, u32)> = None;
                 loop {
                     tokio::select! {
                         biased;
                         line = status.next_line(), if !status.eof => {
-                            if let Some(code) = line.and_then(|l| driver::parse_status(&l, &nonce)) {
-                                return Ended::Completed(code);
+                            let Some(line) = line else { continue };
+                            if let Some(code) = driver::parse_status(&line, &nonce) {
+                                let lines = reported.map_or(0, |(_, n)| n) + 1;
+                                if lines == 1 {
+                                    // The pipe is empty (the driver read the command), so this
+                                    // small write cannot block.
+                                    if commands.write_all(&barrier_command).await.is_err() {
+                                        continue;
+                                    }
+                                }
+                                reported = Some((code, lines));
+                            } else if let (Some((code, lines)), Some(_)) =
+                                (reported, driver::parse_status(&line, &barrier))
+                            {
+                                return Ended::Completed { code, forged: lines > 1 };
                             }
                         }
                         st = &mut *exit => return Ended::Died(st.unwrap_or(WaitStatus::Signaled(sys::SIGKILL))),
@@ -323,8 +345,12 @@ impl Interpreter {
             })
             .await;
 
+        let mut forged = false;
         let (exit_code, timed_out, alive) = match ended {
-            Ended::Completed(code) => (code, false, true),
+            Ended::Completed { code, forged: f } => {
+                forged = f;
+                (code, false, true)
+            }
             Ended::Died(status) => {
                 self.exited = Some(status);
                 (status.code(), false, false)
@@ -338,6 +364,9 @@ impl Interpreter {
         self.pipes.drain(&mut sink).await;
         if timed_out {
             sink.note(&timeout_note(request.timeout_ms)).await;
+        }
+        if forged {
+            sink.note(FORGED_NOTE).await;
         }
         Ok(Ran {
             outcome: ExecOutcome {
@@ -415,6 +444,10 @@ impl Drop for Interpreter {
         self.ctx.remove_session(self.pid);
     }
 }
+
+/// What the program's stderr ends with when code in the interpreter wrote the driver's
+/// completion line itself: the execution went on until the driver really finished.
+pub const FORGED_NOTE: &str = "\nexec-sandbox: the program wrote the driver's completion line itself; the execution ended when the interpreter really finished, with its real exit code\n";
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)

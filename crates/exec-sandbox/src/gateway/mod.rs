@@ -14,8 +14,10 @@
 //!   connection opened, to the name's real address and the same port. Anything else (a raw IP
 //!   under an allowlist, another name, no name within 10 s) is reset. Without an allowlist
 //!   ([`Allowlist::Any`]) names are not checked and public raw IPs are allowed too.
-//! - Host-internal destinations (loopback, private, link-local, metadata) are never connected
-//!   to unless the operator allows them ([`GatewayConfig::allow_internal`]).
+//! - Host-internal destinations (loopback, private, link-local, metadata, cloud control planes
+//!   such as Azure's 168.63.129.16, and every address of the host's own interfaces, read at
+//!   run time by `host_addrs`) are never connected to unless the operator allows them
+//!   ([`GatewayConfig::allow_internal`]).
 //! - Other UDP: port unreachable. Forwarded ports: the gateway listens on `127.0.0.1` and
 //!   opens connections (or relays datagrams) into the guest.
 //!
@@ -27,6 +29,7 @@
 mod device;
 #[cfg(test)]
 mod frame_tests;
+mod host_addrs;
 mod relay;
 mod resolve;
 mod stack;
@@ -283,5 +286,23 @@ mod tests {
         assert_eq!(taken[0], "DNS a.test: not in the allowlist");
         assert_eq!(taken.last().unwrap(), "... and 4 more");
         assert!(refusals.take().is_empty());
+    }
+
+    #[test]
+    fn gateway_buffers_fit_what_admission_charges() {
+        // The real sockets' buffers are what the bound assumes.
+        let socket = stack::tests::tcp_socket_for_test();
+        let socket_bytes = socket.recv_capacity() + socket.send_capacity();
+        assert!(
+            socket_bytes + relay::TO_HOST_CHUNKS * relay::CHUNK + relay::CREDIT
+                <= stack::CONNECTION_BYTES,
+            "{socket_bytes}"
+        );
+        // `MAX_BYTES` within `GATEWAY_MEMORY_MB` is checked at build time (stack.rs).
+        let vm = crate::admission::Cost::vm(256, 1, crate::vm::accel::Accelerator::Tcg);
+        assert_eq!(
+            vm.with_gateway().memory_mb,
+            vm.memory_mb + crate::limits::GATEWAY_MEMORY_MB
+        );
     }
 }

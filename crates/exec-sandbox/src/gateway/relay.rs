@@ -22,9 +22,9 @@ pub const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
 /// Bytes read from the host per chunk.
 pub const CHUNK: usize = 16 * 1024;
 /// Host bytes in flight toward one guest socket (read but not yet taken by the guest).
-pub const CREDIT: usize = 256 * 1024;
+pub const CREDIT: usize = 64 * 1024;
 /// Guest chunks queued toward one host connection.
-pub const TO_HOST_CHUNKS: usize = 16;
+pub const TO_HOST_CHUNKS: usize = 4;
 
 /// Why a relayed host connection failed (the guest's side is reset).
 #[derive(Debug, thiserror::Error)]

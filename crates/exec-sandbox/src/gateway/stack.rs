@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sbx_net::dns::Query;
+use sbx_net::framing::RequestFramer;
 use sbx_net::policy::{Binding, NameTable};
 use sbx_net::sniff::MAX_SNIFF_BYTES;
 use sbx_net::verdict::{
@@ -35,7 +36,7 @@ use tokio::task::{AbortHandle, JoinSet};
 
 use super::device::{Queues, read_frame, write_frame};
 use super::relay::{self, CHUNK, CREDIT, RelayError, RelayIo, TO_HOST_CHUNKS};
-use super::resolve::{self, ResolveError};
+use super::resolve::{HostResolver, ResolveError};
 use super::{GatewayConfig, HostSocket, Refusals};
 
 /// Identifies one relayed connection.
@@ -98,7 +99,42 @@ pub enum Event {
 }
 
 /// TCP buffer size per direction per connection.
-const SOCKET_BUFFER: usize = 128 * 1024;
+const SOCKET_BUFFER: usize = 64 * 1024;
+/// Buffer size per direction of a forwarded UDP port's socket on the gateway.
+const UDP_FORWARD_BUFFER: usize = 64 * 1024;
+/// Frames queued from QEMU to the stack (a full queue stops reading QEMU's socket).
+const FRAMES_IN: usize = 64;
+/// Frames queued from the stack to QEMU (a frame beyond is dropped; TCP resends it): about
+/// one full-size segment per connection's window.
+const FRAMES_OUT: usize = 128;
+/// Events (relay data, lookups, datagrams) queued toward the stack.
+const EVENTS: usize = 1024;
+
+/// Most bytes one TCP connection holds in the gateway: its socket's two buffers, the guest
+/// chunks queued toward the host, the host bytes read ahead under its credit (the data events
+/// and the pending bytes toward the guest), and a name being sniffed or a request head being
+/// framed (with the chunk that completes it).
+pub(crate) const CONNECTION_BYTES: usize = 2 * SOCKET_BUFFER
+    + TO_HOST_CHUNKS * CHUNK
+    + CREDIT
+    + MAX_SNIFF_BYTES
+    + sbx_net::http::MAX_REQUEST_HEAD_BYTES
+    + CHUNK;
+/// Most bytes a gateway holds besides its connections: the DNS socket, the forwarded UDP
+/// ports' sockets, and the frame queues (each frame at most [`super::device::MAX_FRAME`]).
+pub(crate) const FIXED_BYTES: usize = 2 * DNS_SOCKET_BYTES
+    + crate::limits::MAX_EXPOSED_PORTS * 2 * UDP_FORWARD_BUFFER
+    + (FRAMES_IN + FRAMES_OUT) * super::device::MAX_FRAME;
+/// Most bytes a gateway holds: what admission charges a VM with a NIC
+/// ([`crate::limits::GATEWAY_MEMORY_MB`], checked by a test).
+pub(crate) const MAX_BYTES: usize =
+    sbx_net::verdict::MAX_CONNECTIONS * CONNECTION_BYTES + FIXED_BYTES;
+// What admission charges covers the bound, and stays far below the ~100 MiB 128 connections
+// could hold before the buffers were bounded: checked when the crate is built.
+const _: () = assert!(MAX_BYTES as u64 <= crate::limits::GATEWAY_MEMORY_MB * 1024 * 1024);
+const _: () = assert!(crate::limits::GATEWAY_MEMORY_MB <= 64);
+/// Buffer size per direction of the DNS socket.
+const DNS_SOCKET_BYTES: usize = 32 * 1024;
 /// Longest the loop sleeps (bounds how late deadlines are noticed).
 const MAX_SLEEP: Duration = Duration::from_millis(500);
 /// Sleep while a connection waits for room toward its host.
@@ -139,6 +175,9 @@ struct Conn {
     credit: Arc<Semaphore>,
     task: Option<AbortHandle>,
     label: String,
+    /// A plain-HTTP connection's framer, with the bound name and port for its refusal: every
+    /// guest byte goes through it.
+    http: Option<(RequestFramer, String, u16)>,
 }
 
 struct UdpForward {
@@ -163,6 +202,8 @@ struct Stack {
     next_id: ConnId,
     next_inbound_port: u16,
     lookups: usize,
+    /// The host resolver, made at the first lookup (its cache is this VM's alone).
+    resolver: Option<Arc<HostResolver>>,
     blocked: bool,
     events: mpsc::Sender<Event>,
     tasks: JoinSet<()>,
@@ -185,9 +226,9 @@ pub async fn run(
     host_sockets: Vec<HostSocket>,
     refusals: Refusals,
 ) {
-    let (events_tx, mut events) = mpsc::channel::<Event>(1024);
-    let (frames_in_tx, mut frames_in) = mpsc::channel::<Vec<u8>>(256);
-    let (frames_out_tx, mut frames_out) = mpsc::channel::<Vec<u8>>(1024);
+    let (events_tx, mut events) = mpsc::channel::<Event>(EVENTS);
+    let (frames_in_tx, mut frames_in) = mpsc::channel::<Vec<u8>>(FRAMES_IN);
+    let (frames_out_tx, mut frames_out) = mpsc::channel::<Vec<u8>>(FRAMES_OUT);
     let (mut nic_rx, mut nic_tx) = nic.into_split();
     let mut stack = Stack::new(config, events_tx, refusals);
     stack.tasks.spawn(async move {
@@ -263,7 +304,7 @@ impl Stack {
         let _ = iface.routes_mut().add_default_ipv4_route(gateway());
 
         let mut sockets = SocketSet::new(Vec::new());
-        let mut dns_socket = udp_socket(32, 32 * 1024);
+        let mut dns_socket = udp_socket(32, DNS_SOCKET_BYTES);
         let _ = dns_socket.bind(IpListenEndpoint {
             addr: Some(IpAddress::Ipv4(gateway())),
             port: DNS_PORT,
@@ -274,6 +315,7 @@ impl Stack {
                 outbound: config.outbound,
                 allowlist: config.allowlist.clone(),
                 allow_internal: config.allow_internal,
+                host_addrs: super::host_addrs::current(),
             },
             config: Arc::new(config),
             iface,
@@ -288,6 +330,7 @@ impl Stack {
             next_id: 0,
             next_inbound_port: INBOUND_PORTS.start,
             lookups: 0,
+            resolver: None,
             blocked: false,
             events,
             tasks: JoinSet::new(),
@@ -331,7 +374,7 @@ impl Stack {
                         continue;
                     };
                     let host = Arc::new(host);
-                    let mut guest_side = udp_socket(64, 256 * 1024);
+                    let mut guest_side = udp_socket(64, UDP_FORWARD_BUFFER);
                     let _ = guest_side.bind(IpListenEndpoint {
                         addr: Some(IpAddress::Ipv4(gateway())),
                         port: UDP_FORWARD_BASE + index as u16,
@@ -402,6 +445,8 @@ impl Stack {
             return;
         }
         let dst = SocketAddrV4::new(dst, port);
+        // Refreshes the handle `self.policy` shares when it is stale.
+        super::host_addrs::current();
         let (label, phase, connect) =
             match verdict::tcp_syn(&self.policy, &self.names, dst, self.conns.len()) {
                 TcpVerdict::Refuse(refusal) => {
@@ -486,6 +531,7 @@ impl Stack {
                 credit: Arc::new(Semaphore::new(CREDIT)),
                 task: None,
                 label,
+                http: None,
             },
         );
         id
@@ -580,7 +626,10 @@ impl Stack {
             Event::Resolved { query, peer, found } => {
                 self.lookups = self.lookups.saturating_sub(1);
                 let lookup = match found {
-                    Ok(addrs) => verdict::usable_addrs(addrs, self.policy.allow_internal),
+                    Ok(addrs) => {
+                        super::host_addrs::current();
+                        verdict::usable_addrs(addrs, &self.policy)
+                    }
                     Err(e) => {
                         tracing::info!(
                             target: "sbx::network",
@@ -675,8 +724,12 @@ impl Stack {
         self.lookups += 1;
         let config = self.config.clone();
         let events = self.events.clone();
+        let resolver = self
+            .resolver
+            .get_or_insert_with(|| Arc::new(HostResolver::system()))
+            .clone();
         self.tasks.spawn(async move {
-            let found = resolve::resolve(&query.name, &config.hosts).await;
+            let found = resolver.resolve(&query.name, &config.hosts).await;
             let _ = events.send(Event::Resolved { query, peer, found }).await;
         });
     }
@@ -738,9 +791,22 @@ impl Stack {
             };
             match verdict::sniffed(&self.policy, binding, *port, progress) {
                 SniffVerdict::Wait => {}
-                SniffVerdict::Connect => {
-                    let (initial, addrs, port) =
+                SniffVerdict::Connect { framer } => {
+                    let (mut initial, addrs, port) =
                         (std::mem::take(buf), binding.addrs.clone(), *port);
+                    if let Some(mut framer) = framer {
+                        // The first request is checked again with any pipelined behind it.
+                        match framer.push(&initial) {
+                            Ok(pass) => initial = pass,
+                            Err(stop) => {
+                                let refusal = verdict::later_request(&binding.name, port, stop);
+                                self.refusals.record(refusal);
+                                self.reset(id);
+                                return;
+                            }
+                        }
+                        conn.http = Some((framer, binding.name.clone(), port));
+                    }
                     conn.phase = Phase::Open;
                     self.spawn_connect(id, addrs, port, initial);
                 }
@@ -753,16 +819,26 @@ impl Stack {
         }
 
         // Guest → host.
+        let mut stopped = None;
         if let Some(tx) = &conn.to_host {
             while socket.can_recv() {
                 match tx.try_reserve() {
                     Ok(permit) => {
-                        let chunk = socket
+                        let mut chunk = socket
                             .recv(|data| {
                                 let n = data.len().min(CHUNK);
                                 (n, data[..n].to_vec())
                             })
                             .unwrap_or_default();
+                        if let Some((framer, name, port)) = &mut conn.http {
+                            match framer.push(&chunk) {
+                                Ok(pass) => chunk = pass,
+                                Err(stop) => {
+                                    stopped = Some(verdict::later_request(name, *port, stop));
+                                    break;
+                                }
+                            }
+                        }
                         permit.send(chunk);
                     }
                     Err(mpsc::error::TrySendError::Full(())) => {
@@ -776,6 +852,11 @@ impl Stack {
                 // The guest sent FIN: the relay shuts the host side's write half.
                 conn.to_host = None;
             }
+        }
+        if let Some(refusal) = stopped {
+            self.refusals.record(refusal);
+            self.reset(id);
+            return;
         }
         // Host → guest.
         while conn.pending_from < conn.pending.len() && socket.can_send() {
@@ -860,4 +941,12 @@ fn random_seed() -> u64 {
             .unwrap_or(0),
     );
     hasher.finish()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    /// A connection's socket, as the stack makes it.
+    pub(crate) fn tcp_socket_for_test() -> smoltcp::socket::tcp::Socket<'static> {
+        super::tcp_socket()
+    }
 }

@@ -118,6 +118,7 @@ mod tests {
             tmpfs_mb: 64,
             qemu_sandbox: true,
             nic: false,
+            cpu_quota_percent: 100,
         }
     }
 

@@ -78,7 +78,7 @@ pub(crate) async fn build(
         Credentials::Caller(_) => None,
     };
     let ram = pending.ram_for_qemu(owner)?;
-    let vm = Vm::boot_template(qemu, &spec, ram, boot_deadline, Vec::new())
+    let vm = Vm::boot_template(qemu, &spec, ram, boot_deadline)
         .await
         .map_err(SnapshotError::Vm)?;
     let deadline = if warmup.modules.is_empty() {
@@ -169,7 +169,7 @@ impl Templates {
             return None;
         }
         let (saved, dir) = cache.open(key)?.into_saved();
-        match Vm::restore(qemu, spec, saved, nic, RESTORE_DEADLINE, Vec::new()).await {
+        match Vm::restore(qemu, spec, saved, nic, RESTORE_DEADLINE).await {
             Ok(vm) => Some(vm),
             Err(e) => {
                 tracing::warn!(key, error = %crate::vm::error_chain(&e), "restoring a memory snapshot failed; booting cold");

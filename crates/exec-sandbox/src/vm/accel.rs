@@ -265,17 +265,10 @@ async fn probe_kvm(
         tmpfs_mb: 16,
         qemu_sandbox: true,
         nic: false,
+        cpu_quota_percent: limits::DEFAULT_VM_CPU_QUOTA_PERCENT,
     };
     let started = Instant::now();
-    let vm = Vm::boot(
-        qemu,
-        &spec,
-        limits::KVM_PROBE_DEADLINE,
-        None,
-        None,
-        Vec::new(),
-    )
-    .await?;
+    let vm = Vm::boot(qemu, &spec, limits::KVM_PROBE_DEADLINE, None, None).await?;
     let elapsed = started.elapsed();
     vm.destroy().await;
     Ok(elapsed)

@@ -164,12 +164,17 @@ impl VmHandle for FakeVm {
         std::mem::take(&mut *self.refusals.lock().unwrap())
     }
 
+    fn isolation(&self) -> crate::result::Isolation {
+        crate::result::Isolation::default()
+    }
+
     async fn destroy(self) -> VmStats {
         self.agent.abort();
         self.destroyed.0.fetch_add(1, Ordering::SeqCst);
         VmStats {
             cpu_time_ms: Some(7),
             memory_peak_mb: Some(42),
+            cpu_nr_throttled: Some(0),
         }
     }
 }

@@ -6,6 +6,7 @@ use std::future::Future;
 
 use super::{Link, Vm, VmStats};
 use crate::network::ExposedPort;
+use crate::result::Isolation;
 
 /// A running VM whose agent answers on a control channel.
 pub(crate) trait VmHandle: Send + Sync + 'static {
@@ -17,6 +18,8 @@ pub(crate) trait VmHandle: Send + Sync + 'static {
     fn exposed_ports(&self) -> &[ExposedPort];
     /// What the VM's gateway refused since the last call.
     fn take_network_refusals(&self) -> Vec<String>;
+    /// The host walls around the VM.
+    fn isolation(&self) -> Isolation;
     /// Kills and reaps the VM, returning what the host measured.
     fn destroy(self) -> impl Future<Output = VmStats> + Send;
 }
@@ -36,6 +39,10 @@ impl VmHandle for Vm {
 
     fn take_network_refusals(&self) -> Vec<String> {
         Vm::take_network_refusals(self)
+    }
+
+    fn isolation(&self) -> Isolation {
+        Vm::isolation(self)
     }
 
     fn destroy(self) -> impl Future<Output = VmStats> + Send {

@@ -69,7 +69,6 @@ impl Vm {
         spec: &VmSpec,
         ram: std::fs::File,
         deadline: Duration,
-        join_cgroups: Vec<OwnedFd>,
     ) -> Result<Vm, VmError> {
         let launch = Launch {
             ram_file: Some(RamFile { shared: true }),
@@ -89,8 +88,7 @@ impl Vm {
             }
             gateway = Some(closed);
         }
-        let (mut vm, qmp) =
-            Self::boot_with(qemu, spec, &launch, fds, join_cgroups, deadline, None).await?;
+        let (mut vm, qmp) = Self::boot_with(qemu, spec, &launch, fds, deadline, None).await?;
         vm.gateway = gateway;
         if let Some(stream) = qmp {
             let qmp = Qmp::handshake(stream, tokio::time::Instant::now() + QMP_DEADLINE)
@@ -194,15 +192,13 @@ impl Vm {
     /// Starts a clone of a template: its RAM file mapped copy-on-write (`share=off`, the file
     /// is never modified), its device state read from the saved vmstate, then the guest
     /// resumed and told it is a clone (fresh entropy, clock, interpreter generators) before it
-    /// is handed out. `nic` is the NIC backend socket of a networked clone; QEMU joins the
-    /// cgroups of `join_cgroups`.
+    /// is handed out. `nic` is the NIC backend socket of a networked clone.
     pub(crate) async fn restore(
         qemu: &Qemu,
         spec: &VmSpec,
         saved: Saved,
         nic: Option<OwnedFd>,
         deadline: Duration,
-        join_cgroups: Vec<OwnedFd>,
     ) -> Result<Vm, VmError> {
         let name = spec.name.clone();
         let launch = Launch {
@@ -215,6 +211,8 @@ impl Vm {
         let Started {
             mut child,
             isolation,
+            cgroup,
+            cgroup_status,
             channel,
             log,
             qmp,
@@ -230,7 +228,6 @@ impl Vm {
             .into_iter()
             .chain(nic.map(|fd| (fd, qemu::NIC_FD)))
             .collect(),
-            join_cgroups,
             None,
         )
         .await?;
@@ -291,6 +288,8 @@ impl Vm {
             name,
             child,
             isolation,
+            cgroup,
+            cgroup_status,
             channel,
             hello: saved.hello,
             qmp: Some(qmp),

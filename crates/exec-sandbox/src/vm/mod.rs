@@ -37,6 +37,7 @@ pub(crate) use self::process::Qemu;
 use self::process::QemuProcess;
 use self::qemu::{Launch, QMP_SOCKET_FD, VmSpec};
 use self::qmp::{Qmp, QmpError};
+use crate::cgroup::{self, CgroupStatus, VmCgroup};
 use crate::error_kind::ErrorKind;
 use crate::gateway::{Gateway, GatewayError};
 use crate::limits;
@@ -231,13 +232,27 @@ impl VmError {
     }
 }
 
-/// Host-side measurements of a finished VM.
+/// Host-side measurements of a finished VM: from its cgroup where it has one (and the figure
+/// is kept there), else from `/proc`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct VmStats {
     /// QEMU's user + system CPU time.
     pub cpu_time_ms: Option<u64>,
-    /// QEMU's peak resident set.
+    /// The peak memory charged to QEMU's cgroup, else QEMU's peak resident set.
     pub memory_peak_mb: Option<u64>,
+    /// Periods in which QEMU's CPU quota stopped it.
+    pub cpu_nr_throttled: Option<u64>,
+}
+
+impl VmStats {
+    /// The cgroup's figures, each missing one from `/proc`.
+    fn merge(cgroup: cgroup::Usage, proc: VmStats) -> VmStats {
+        VmStats {
+            cpu_time_ms: cgroup.cpu_time_ms.or(proc.cpu_time_ms),
+            memory_peak_mb: cgroup.memory_peak_mb.or(proc.memory_peak_mb),
+            cpu_nr_throttled: cgroup.cpu_nr_throttled,
+        }
+    }
 }
 
 /// The last bytes QEMU printed (console and stderr), kept for error messages.
@@ -266,9 +281,14 @@ impl LogTail {
 /// A running microVM whose agent has said hello.
 pub(crate) struct Vm {
     name: String,
+    /// Killed on drop before `cgroup` is removed.
     child: QemuProcess,
     /// What the jail around QEMU could build.
     isolation: IsolationReport,
+    /// QEMU's cgroup (removed on drop, once QEMU is gone), when it has one.
+    cgroup: Option<VmCgroup>,
+    /// Whether it has one, and why not.
+    cgroup_status: CgroupStatus,
     channel: Channel,
     hello: AgentHello,
     /// QEMU's monitor, for templates and clones.
@@ -282,6 +302,8 @@ pub(crate) struct Vm {
 struct Started {
     child: QemuProcess,
     isolation: IsolationReport,
+    cgroup: Option<VmCgroup>,
+    cgroup_status: CgroupStatus,
     channel: Channel,
     log: LogTail,
     qmp: Option<tokio::net::UnixStream>,
@@ -307,14 +329,13 @@ fn listen_and_connect(path: &Path) -> Result<(OwnedFd, tokio::net::UnixStream), 
 }
 
 /// Starts QEMU for `spec` and `launch` in its jail, with the control socket (and QMP socket)
-/// pre-bound and connected, its files open, `extra_fds` inherited, and the cgroups of
-/// `join_cgroups` joined.
+/// pre-bound and connected, its files open, `extra_fds` inherited, and the VM's own cgroup
+/// (made here, when one can be) joined before QEMU runs.
 async fn start(
     qemu: &Qemu,
     spec: &VmSpec,
     launch: &Launch,
     extra_fds: Vec<(OwnedFd, i32)>,
-    join_cgroups: Vec<OwnedFd>,
     on_console: Option<OutputCallback>,
 ) -> Result<Started, VmError> {
     let program = qemu.resolve().map_err(|source| VmError::Spawn {
@@ -349,6 +370,7 @@ async fn start(
         path: root.clone(),
         source,
     })?;
+    let (cgroup, cgroup_status, join_cgroups) = vm_cgroup(spec);
     let request = process::Request {
         program,
         args: spec.args_for(launch),
@@ -369,11 +391,37 @@ async fn start(
     Ok(Started {
         child: spawned.process,
         isolation: spawned.isolation,
+        cgroup,
+        cgroup_status,
         channel: Channel::new(stream),
         log,
         qmp,
         dir,
     })
+}
+
+/// The cgroup of the VM of `spec` with its limits, its status, and the descriptors QEMU joins
+/// it through; no cgroup (and the reason) when one cannot be made or opened.
+fn vm_cgroup(spec: &VmSpec) -> (Option<VmCgroup>, CgroupStatus, Vec<OwnedFd>) {
+    let limits = cgroup::Limits::for_vm(
+        spec.memory_mb,
+        spec.vcpus,
+        spec.accelerator,
+        spec.cpu_quota_percent,
+    );
+    let made = cgroup::for_vm(&spec.name, &limits).and_then(|cgroup| {
+        let joins = cgroup.join_fds().map_err(|e| {
+            CgroupStatus::inactive(format!("cannot open the VM's cgroup.procs: {e}"))
+        })?;
+        Ok((cgroup, joins))
+    });
+    match made {
+        Ok((cgroup, joins)) => {
+            let status = cgroup.status();
+            (Some(cgroup), status, joins)
+        }
+        Err(status) => (None, status, Vec::new()),
+    }
 }
 
 /// Whether the agent mounted the layer `layer` of VM `name`, as its hello says.
@@ -411,15 +459,13 @@ fn exit_text(status: std::io::Result<std::process::ExitStatus>) -> String {
 impl Vm {
     /// Starts QEMU for `spec` and waits until the guest agent says hello or `deadline` passes.
     /// Console output goes to `on_console` as it arrives. With a `gateway` the VM gets a NIC
-    /// whose backend it is (`spec.nic` must be set); the VM then owns the gateway. QEMU joins
-    /// the cgroups of `join_cgroups` (their `cgroup.procs` files, open for writing).
+    /// whose backend it is (`spec.nic` must be set); the VM then owns the gateway.
     pub(crate) async fn boot(
         qemu: &Qemu,
         spec: &VmSpec,
         deadline: Duration,
         on_console: Option<OutputCallback>,
         gateway: Option<Gateway>,
-        join_cgroups: Vec<OwnedFd>,
     ) -> Result<Vm, VmError> {
         let mut gateway = gateway;
         let mut fds = Vec::new();
@@ -432,16 +478,8 @@ impl Vm {
                 })?;
             fds.push((nic, qemu::NIC_FD));
         }
-        let (mut vm, _) = Self::boot_with(
-            qemu,
-            spec,
-            &Launch::default(),
-            fds,
-            join_cgroups,
-            deadline,
-            on_console,
-        )
-        .await?;
+        let (mut vm, _) =
+            Self::boot_with(qemu, spec, &Launch::default(), fds, deadline, on_console).await?;
         vm.gateway = gateway;
         Ok(vm)
     }
@@ -460,7 +498,6 @@ impl Vm {
         spec: &VmSpec,
         launch: &Launch,
         extra_fds: Vec<(OwnedFd, i32)>,
-        join_cgroups: Vec<OwnedFd>,
         deadline: Duration,
         on_console: Option<OutputCallback>,
     ) -> Result<(Vm, Option<tokio::net::UnixStream>), VmError> {
@@ -468,11 +505,13 @@ impl Vm {
         let Started {
             mut child,
             isolation,
+            cgroup,
+            cgroup_status,
             channel,
             log,
             qmp,
             dir,
-        } = start(qemu, spec, launch, extra_fds, join_cgroups, on_console).await?;
+        } = start(qemu, spec, launch, extra_fds, on_console).await?;
         let started = Instant::now();
         let exited = |status, log: &LogTail| VmError::ExitedDuringBoot {
             name: name.clone(),
@@ -514,6 +553,8 @@ impl Vm {
             name,
             child,
             isolation,
+            cgroup,
+            cgroup_status,
             channel,
             hello,
             qmp: None,
@@ -559,15 +600,6 @@ impl Vm {
         }
     }
 
-    /// What the jail around QEMU could build (the cgroup is reported apart).
-    #[cfg_attr(
-        not(feature = "testing"),
-        expect(dead_code, reason = "tests read it; the run's result will")
-    )]
-    pub(crate) fn isolation(&self) -> &IsolationReport {
-        &self.isolation
-    }
-
     /// QEMU's process id, while it runs.
     pub(crate) fn pid(&self) -> Option<u32> {
         self.child.id()
@@ -594,9 +626,16 @@ impl Vm {
             .unwrap_or_default()
     }
 
-    /// Kills QEMU and waits for it, returning what the host measured.
+    /// The host walls around this VM's QEMU.
+    pub(crate) fn isolation(&self) -> crate::result::Isolation {
+        crate::result::Isolation::of(&self.cgroup_status, &self.isolation)
+    }
+
+    /// Kills QEMU and waits for it, returning what the host measured; its cgroup (read once
+    /// QEMU is reaped, so it holds all of QEMU's time) is removed with the VM.
     pub(crate) async fn destroy(mut self) -> VmStats {
-        let stats = self.child.id().map(procfs::stats).unwrap_or_default();
+        // `/proc` is the fallback, and is gone once QEMU is reaped.
+        let proc = self.child.id().map(procfs::stats).unwrap_or_default();
         let _ = self.child.start_kill();
         if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
             .await
@@ -604,7 +643,12 @@ impl Vm {
         {
             tracing::warn!(vm = %self.name, "QEMU did not exit 5 s after SIGKILL");
         }
-        stats
+        let usage = self
+            .cgroup
+            .as_ref()
+            .map(VmCgroup::usage)
+            .unwrap_or_default();
+        VmStats::merge(usage, proc)
     }
 }
 
@@ -683,8 +727,11 @@ pub(crate) mod tests {
 
     /// A spec whose paths don't exist: for tests where QEMU never gets that far.
     pub(crate) fn unbootable_spec() -> VmSpec {
+        // Unique like real VM names: tests run at once, and a VM's cgroup is named after it.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         VmSpec {
-            name: "t".into(),
+            name: format!("t-{n}"),
             kernel: "/nonexistent/vmlinux".into(),
             initramfs: "/nonexistent/initramfs".into(),
             rootfs: None,
@@ -697,6 +744,7 @@ pub(crate) mod tests {
             tmpfs_mb: 16,
             qemu_sandbox: false,
             nic: false,
+            cpu_quota_percent: crate::limits::DEFAULT_VM_CPU_QUOTA_PERCENT,
         }
     }
 
@@ -709,7 +757,6 @@ pub(crate) mod tests {
             Duration::from_secs(1),
             None,
             None,
-            Vec::new(),
         )
         .await
         .err()
@@ -731,7 +778,6 @@ pub(crate) mod tests {
             Duration::from_secs(10),
             None,
             None,
-            Vec::new(),
         )
         .await
         .err()
@@ -752,7 +798,6 @@ pub(crate) mod tests {
             Duration::from_secs(1),
             None,
             Some(gateway),
-            Vec::new(),
         )
         .await
         .err()

@@ -18,6 +18,7 @@ pub(crate) fn stats(pid: u32) -> VmStats {
     VmStats {
         cpu_time_ms,
         memory_peak_mb,
+        cpu_nr_throttled: None,
     }
 }
 

@@ -80,6 +80,9 @@ pub struct VmSpec {
     pub qemu_sandbox: bool,
     /// A virtio-net NIC whose backend is the socket inherited at [`NIC_FD`] (the gateway's).
     pub nic: bool,
+    /// CPU quota of QEMU's cgroup, in percent of one core per vCPU (0: none). Host side: not
+    /// on the command line.
+    pub cpu_quota_percent: u32,
 }
 
 impl VmSpec {
@@ -154,15 +157,16 @@ impl VmSpec {
             machine.push_str(MEMORY_BACKEND_ID);
         }
         push(&["-M", &machine]);
+        // Nested virtualization is never offered: `vmx`/`svm` are hidden from the guest.
         match self.accelerator {
-            Accelerator::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+            Accelerator::Kvm => push(&["-accel", "kvm", "-cpu", "host,-vmx,-svm"]),
             // A 64 MB translation cache halves QEMU's resident memory with no measurable
             // slowdown (`docs/measurements.md`); admission control charges the same figure per VM.
             Accelerator::Tcg => push(&[
                 "-accel",
                 &format!("tcg,tb-size={}", crate::limits::TCG_TRANSLATION_CACHE_MB),
                 "-cpu",
-                "max",
+                "max,-vmx,-svm",
             ]),
         }
         push(&["-m", &self.memory_mb.to_string()]);
@@ -317,6 +321,7 @@ mod tests {
             tmpfs_mb: 64,
             qemu_sandbox: true,
             nic: false,
+            cpu_quota_percent: 100,
         }
     }
 
@@ -337,7 +342,7 @@ mod tests {
         assert!(cmdline.contains("lapic_timer_period=10000000"));
         assert!(cmdline.contains("quiet"));
         let args = joined(&s);
-        assert!(args.contains("-accel tcg,tb-size=64 -cpu max"));
+        assert!(args.contains("-accel tcg,tb-size=64 -cpu max,-vmx,-svm"));
         assert!(args.contains("acpi=off"));
     }
 
@@ -346,7 +351,7 @@ mod tests {
         let s = spec(Accelerator::Kvm);
         assert!(!s.kernel_cmdline().contains("tsc_early_khz"));
         assert!(!s.kernel_cmdline().contains("lapic_timer_period"));
-        assert!(joined(&s).contains("-accel kvm -cpu host"));
+        assert!(joined(&s).contains("-accel kvm -cpu host,-vmx,-svm"));
     }
 
     #[test]

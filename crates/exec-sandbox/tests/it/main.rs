@@ -2,9 +2,13 @@
 //! hosts without usable KVM); they build or verify the guest images on first use.
 
 mod assets;
+mod attack_cpu;
+mod attack_env;
+mod attack_gateway;
 mod cache_trust;
 mod support;
 mod vm_admission;
+mod vm_cgroup;
 mod vm_exec;
 mod vm_files;
 mod vm_jail;

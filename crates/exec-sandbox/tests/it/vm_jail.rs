@@ -145,16 +145,21 @@ async fn jailed_session(l1: bool) {
     let session = open(&s).await;
     let pid = qemu_pid(session.vm_name()).expect("the session's QEMU");
     assert_jailed(pid);
-    let report = session.isolation().await.expect("an open session");
-    assert!(report.unprivileged, "{report:?}");
-    assert_eq!(report.namespaces, ["mount", "pid", "ipc", "uts", "net"]);
-    assert_eq!(report.reason, None);
     // The guest still works (files handed over, console, control channel).
     let r = session
         .exec(exec_sandbox::ExecOptions::new("print(6 * 7)"))
         .await
         .unwrap_or_else(|e| panic!("exec failed: {}", chain(&e)));
     assert_eq!(r.stdout, "42\n", "{}", r.stderr);
+    // The result reports the walls as built.
+    let walls = &r.isolation;
+    assert!(walls.unprivileged, "{walls:?}");
+    assert_eq!(walls.namespaces, ["mount", "pid", "ipc", "uts", "net"]);
+    assert!(walls.cgroup, "{walls:?}");
+    assert!(
+        !walls.reason.as_deref().unwrap_or("").contains("jail:"),
+        "{walls:?}"
+    );
     assert_eq!(r.l1_cache_hit, l1, "the VM's origin");
     session.close().await;
     s.shutdown().await;

@@ -20,7 +20,7 @@ use crate::support::{chain, run_with};
 
 /// A scheduler whose gateways may reach this host's loopback, with `fixture.test` and
 /// `other.test` naming it (`allow_internal` off: the names resolve but are never given out).
-fn scheduler(allow_internal: bool) -> Scheduler {
+pub(crate) fn scheduler(allow_internal: bool) -> Scheduler {
     let mut config = SchedulerConfig::from_env().expect("test environment config");
     config.network_allow_internal = allow_internal;
     config.network_hosts = vec![
@@ -30,7 +30,10 @@ fn scheduler(allow_internal: bool) -> Scheduler {
     Scheduler::new(config).expect("scheduler")
 }
 
-async fn run_on(scheduler: &Scheduler, options: RunOptions) -> exec_sandbox::ExecutionResult {
+pub(crate) async fn run_on(
+    scheduler: &Scheduler,
+    options: RunOptions,
+) -> exec_sandbox::ExecutionResult {
     match scheduler.run(options).await {
         Ok(result) => result,
         Err(e) => panic!("run failed: {}", chain(&e)),

@@ -3,6 +3,8 @@ use crate::testing::{client_hello, dns_query as query};
 use proptest::prelude::*;
 
 const PUBLIC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 80);
+/// A public address of one of the host's own interfaces.
+const HOST_OWN: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 
 fn only(domains: &[&str]) -> Allowlist {
     Allowlist::Only(domains.iter().map(|d| d.to_string()).collect())
@@ -13,6 +15,7 @@ fn policy(outbound: bool, allowlist: Allowlist, allow_internal: bool) -> Policy 
         outbound,
         allowlist,
         allow_internal,
+        host_addrs: HostAddrs::new(vec![HOST_OWN]),
     }
 }
 
@@ -104,6 +107,8 @@ fn tcp_destination_classes_by_mode() {
         ("metadata",            "169.254.169.254", [No(RawAddress), No(RawAddress), No(Internal), Raw]),
         ("public",              "203.0.113.80",    [No(RawAddress), No(RawAddress), Raw, Raw]),
         ("public 8.8.8.8",      "8.8.8.8",         [No(RawAddress), No(RawAddress), Raw, Raw]),
+        ("Azure WireServer",    "168.63.129.16",   [No(RawAddress), No(RawAddress), No(ControlPlane), Raw]),
+        ("the host's own",      "198.51.100.7",    [No(RawAddress), No(RawAddress), No(HostAddress), Raw]),
         ("this network",        "0.0.0.0",         [No(RawAddress), No(RawAddress), No(Unroutable), No(Unroutable)]),
         ("multicast",           "224.0.0.1",       [No(RawAddress), No(RawAddress), No(Unroutable), No(Unroutable)]),
         ("broadcast",           "255.255.255.255", [No(RawAddress), No(RawAddress), No(Unroutable), No(Unroutable)]),
@@ -289,7 +294,7 @@ fn presented_names() {
         };
         let got = match sniffed(&allowlist, &binding, 8080, progress) {
             SniffVerdict::Wait => Wait,
-            SniffVerdict::Connect => Connect,
+            SniffVerdict::Connect { .. } => Connect,
             SniffVerdict::Refuse(Refusal::Tcp {
                 dest: Destination::Name { name, port: 8080 },
                 reason,
@@ -603,11 +608,27 @@ fn usable_addrs_keep_what_the_gateway_may_connect_to() {
     let metadata = addr("169.254.169.254");
     let private = addr("10.1.2.3");
     let multicast = addr("224.0.0.1");
+    let wire_server = addr("168.63.129.16");
     let table: Vec<(Vec<Ipv4Addr>, bool, Lookup)> = vec![
         (
             vec![lo, PUBLIC, metadata, PUBLIC],
             false,
             Lookup::Found(vec![PUBLIC]),
+        ),
+        (
+            vec![wire_server, HOST_OWN, PUBLIC],
+            false,
+            Lookup::Found(vec![PUBLIC]),
+        ),
+        (
+            vec![wire_server, HOST_OWN],
+            false,
+            Lookup::Nothing { forbidden: 2 },
+        ),
+        (
+            vec![wire_server, HOST_OWN],
+            true,
+            Lookup::Found(vec![wire_server, HOST_OWN]),
         ),
         (
             vec![lo, metadata, private],
@@ -638,7 +659,7 @@ fn usable_addrs_keep_what_the_gateway_may_connect_to() {
     ];
     for (addrs, allow_internal, want) in table {
         assert_eq!(
-            usable_addrs(addrs.clone(), allow_internal),
+            usable_addrs(addrs.clone(), &policy(true, Allowlist::Any, allow_internal)),
             want,
             "{addrs:?}"
         );
@@ -703,10 +724,8 @@ fn any_policy() -> impl Strategy<Value = Policy> {
         ],
         any::<bool>(),
     )
-        .prop_map(|(outbound, allowlist, allow_internal)| Policy {
-            outbound,
-            allowlist,
-            allow_internal,
+        .prop_map(|(outbound, allowlist, allow_internal)| {
+            policy(outbound, allowlist, allow_internal)
         })
 }
 
@@ -714,7 +733,7 @@ proptest! {
     #[test]
     fn tcp_syn_never_lets_through_what_the_policy_forbids(
         policy in any_policy(),
-        bits in prop_oneof![any::<u32>(), (0u32..8).prop_map(|n| u32::from(Ipv4Addr::new(198, 18, 0, 0)) + n)],
+        bits in prop_oneof![any::<u32>(), (0u32..8).prop_map(|n| u32::from(Ipv4Addr::new(198, 18, 0, 0)) + n), Just(u32::from(HOST_OWN)), Just(u32::from(Ipv4Addr::new(168, 63, 129, 16)))],
         port in any::<u16>(),
         open in 0usize..200,
     ) {
@@ -736,7 +755,8 @@ proptest! {
                     Destination::Addr(to) => {
                         prop_assert_eq!(to, dst);
                         prop_assert_eq!(addrs, vec![addr]);
-                        prop_assert!(host_may_connect(addr, policy.allow_internal));
+                        prop_assert!(host_may_connect(addr, policy.allow_internal, &policy.host_addrs));
+                        prop_assert!(policy.allow_internal || (addr != HOST_OWN && classify(addr) == AddressClass::Public));
                     }
                     Destination::Name { name, .. } => {
                         prop_assert_eq!(Some(&name), names.lookup(addr).map(|b| &b.name));
@@ -807,10 +827,14 @@ proptest! {
         let verdict = sniffed(&allowlist, &binding, 443, SniffProgress { bytes: &bytes, elapsed, client_open });
         match verdict {
             SniffVerdict::Wait => prop_assert!(elapsed < SNIFF_DEADLINE && client_open),
-            SniffVerdict::Connect => prop_assert!(matches!(
-                sniff(&bytes),
-                Presented::Tls(name) | Presented::Http(name) if name == "fixture.test"
-            )),
+            SniffVerdict::Connect { framer } => {
+                let consistent = match sniff(&bytes) {
+                    Presented::Tls(name) => name == "fixture.test" && framer.is_none(),
+                    Presented::Http(name) => name == "fixture.test" && framer.is_some(),
+                    _ => false,
+                };
+                prop_assert!(consistent);
+            }
             SniffVerdict::Refuse(_) => {}
         }
     }
@@ -833,7 +857,8 @@ proptest! {
             format!("GET / HTTP/1.1\r\nHost: {name}\r\n\r\n").into_bytes()
         };
         let shown = if upper { bound.to_ascii_uppercase() } else { bound.clone() };
-        prop_assert_eq!(progress(&present(&shown)), SniffVerdict::Connect);
+        let framed = matches!(progress(&present(&shown)), SniffVerdict::Connect { framer } if framer.is_some() != tls);
+        prop_assert!(framed);
         let sub = format!("www.{bound}");
         prop_assert!(matches!(progress(&present(&sub)), SniffVerdict::Refuse(_)));
         let glued = format!("x{bound}");

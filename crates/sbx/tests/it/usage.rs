@@ -99,6 +99,33 @@ fn malformed_env_is_a_usage_error() {
 fn env_names_that_hijack_the_runtime_are_named() {
     refuses(&["run", "-e", "LD_PRELOAD=x", "print(1)"], "LD_PRELOAD");
     refuses(&["run", "-e", "PYTHONPATH=/x", "print(1)"], "PYTHONPATH");
+    // The review's driver hijacks: refused before any VM, naming the variable and why.
+    refuses(
+        &[
+            "run",
+            "-l",
+            "raw",
+            "-e",
+            "__sbx_code=echo HIJACKED",
+            "echo original",
+        ],
+        "`__sbx_code`: not allowed: it is reserved for the drivers' own variables",
+    );
+    refuses(
+        &[
+            "run",
+            "-l",
+            "raw",
+            "-e",
+            "__sbx_nl=@",
+            "-e",
+            "A=x@PATH=/nonexistent@B=1",
+            "echo",
+        ],
+        "__sbx_nl",
+    );
+    refuses(&["run", "-e", "PS4=$(id)", "print(1)"], "every traced line");
+    refuses(&["run", "-e", "https_proxy=x", "print(1)"], "proxy");
 }
 
 #[test]

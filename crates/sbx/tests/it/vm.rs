@@ -134,6 +134,42 @@ fn json_names_the_accelerator_and_why() {
 }
 
 #[test]
+fn json_and_debug_say_which_host_walls_stood_around_qemu() {
+    let out = sbx()
+        .args(["run", "--json", "--debug", "print(6*7)"])
+        .timeout(RUN_DEADLINE)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v = json_of(&out.stdout);
+    assert_eq!(v["stdout"], "42\n");
+    let isolation = &v["isolation"];
+    let cgroup = isolation["cgroup"].as_bool().expect("isolation.cgroup");
+    if cgroup {
+        assert!(
+            matches!(
+                isolation["cgroup_version"].as_str(),
+                Some("v1" | "v2" | "v1+v2")
+            ),
+            "{v}"
+        );
+        assert!(v["external_cpu_nr_throttled"].is_u64(), "{v}");
+    } else {
+        // No cgroup is never silent: the result says why.
+        assert!(
+            isolation["reason"].as_str().is_some_and(|r| !r.is_empty()),
+            "{v}"
+        );
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let finished = stderr
+        .lines()
+        .find(|l| l.contains("finished"))
+        .unwrap_or_else(|| panic!("no finished line in --debug output: {stderr}"));
+    assert!(finished.contains(&format!("cgroup={cgroup}")), "{finished}");
+}
+
+#[test]
 fn several_sources_print_in_order_without_interleaving() {
     let out = sbx()
         .args([

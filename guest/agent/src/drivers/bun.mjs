@@ -380,6 +380,10 @@ for (;;) {
   const envBlock = await readExact(Number(envLen));
   const code = await readExact(Number(codeLen));
   if (envBlock === null || code === null) realExit(0);
-  const status = await execute(decoder.decode(envBlock), decoder.decode(code));
+  // An empty command is the agent's barrier: answered from the loop, nothing evaluated.
+  const status =
+    envBlock.length === 0 && code.length === 0
+      ? 0
+      : await execute(decoder.decode(envBlock), decoder.decode(code));
   writeSync(STATUS_FD, `${nonce} ${status}\n`);
 }

@@ -3,6 +3,8 @@
 # Protocol: the agent writes commands on fd 3:
 #   "<nonce> <env_len> <code_len>\n" <env block: "NAME=VALUE\n"...> <code (UTF-8)>
 # and the driver answers each on fd 4 with "<nonce> <exit code>\n" (plus "ready\n" once at start).
+# An empty command (no env, no code) is the agent's barrier after a status line: it is answered
+# "<nonce> 0" from the loop, so its answer proves the driver is back at its command read.
 # User code runs in __main__'s namespace, so state persists from one command to the next.
 def _sbx_driver():
     import os
@@ -149,6 +151,10 @@ def _sbx_driver():
             code = read_exact(code_len).decode("utf-8")
         except EOFError:
             os._exit(0)
+        if not env_len and not code_len:
+            # The agent's barrier: answered from the loop, nothing run.
+            os.write(status_fd, ("%s 0\n" % nonce).encode("ascii"))
+            continue
         status = 1
         saved = []
         digits = None

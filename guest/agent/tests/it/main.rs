@@ -539,6 +539,38 @@ fn env_applies_to_one_execution() {
 }
 
 #[test]
+fn a_completion_line_forged_with_the_real_nonce_does_not_end_execution() {
+    let mut agent = started();
+    // The review's attack: the driver's nonce is on the interpreter's stack.
+    let code = "import os, sys, time\n\
+        f = sys._getframe()\n\
+        while f is not None and 'nonce' not in f.f_locals:\n    f = f.f_back\n\
+        os.write(4, (f.f_locals['nonce'] + ' 0\\n').encode())\n\
+        time.sleep(0.3)\n\
+        print('after', flush=True)\n\
+        sys.exit(3)";
+    let r = agent.exec(PY, code);
+    assert_eq!(r.outcome.exit_code, 3, "stderr: {}", r.stderr());
+    assert_eq!(r.stdout(), "after\n");
+    assert!(
+        r.stderr()
+            .contains("wrote the driver's completion line itself"),
+        "{}",
+        r.stderr()
+    );
+    // The shell's user code runs with the driver's descriptors closed: it cannot even try.
+    let r = agent.exec(SH, "echo \"$__sbx_nonce 0\" >&4; echo after; (exit 5)");
+    assert_eq!(r.outcome.exit_code, 5, "stderr: {}", r.stderr());
+    assert_eq!(r.stdout(), "after\n");
+    assert!(r.stderr().contains("Bad file descriptor"), "{}", r.stderr());
+    // And the interpreters keep working, without the note.
+    let r = agent.exec(PY, "print(1)");
+    assert_eq!((r.stdout().as_str(), r.stderr().as_str()), ("1\n", ""));
+    let r = agent.exec(SH, "echo 2");
+    assert_eq!((r.stdout().as_str(), r.stderr().as_str()), ("2\n", ""));
+}
+
+#[test]
 fn forged_status_lines_do_not_end_execution() {
     let mut agent = started();
     let code = "import os, sys, time\n\
@@ -867,4 +899,45 @@ fn javascript_timeout_and_relative_imports() {
     assert_eq!(r.outcome.exit_code, -1);
     assert!(r.outcome.timed_out);
     assert_eq!(agent.exec(JS, "console.log('back')").stdout(), "back\n");
+}
+
+#[test]
+fn env_names_that_hijack_are_refused_and_names_stay_data() {
+    let mut agent = started();
+    // The review's attacks, as the host would send them had it not refused them first.
+    let attacks: [&[(&str, &str)]; 4] = [
+        &[("__sbx_code", "echo HIJACKED")],
+        &[("__sbx_nl", "@"), ("A", "x@PATH=/nonexistent@B=1")],
+        &[("PS4", "$(echo HIJACKED >&2)")],
+        &[("http_proxy", "http://127.0.0.1:9")],
+    ];
+    for env in attacks {
+        let mut request = Agent::request(SH, "set -x; echo original");
+        request.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let e = agent.exec_error(request);
+        assert_eq!(e.kind, GuestErrorKind::InvalidRequest, "{env:?}");
+        assert!(e.message.contains(env[0].0), "{env:?}: {}", e.message);
+        assert!(e.message.contains("not allowed: it "), "{}", e.message);
+    }
+    let mut request = Agent::request(SH, "echo original");
+    request.env = vec![("a[$(echo HIJACKED >&2)]".into(), "x".into())];
+    assert_eq!(
+        agent.exec_error(request).kind,
+        GuestErrorKind::InvalidRequest
+    );
+    // User code may change the driver's variables in its own shell; the next command's
+    // environment is still applied as data.
+    agent.exec(SH, "__sbx_nl=@; __sbx_name=.; __sbx_env='X=1'");
+    let mut request = Agent::request(SH, "echo \"$A|$B|$PATH\"");
+    request.env = vec![
+        ("A".into(), "x@PATH=/nonexistent".into()),
+        ("B".into(), "1".into()),
+    ];
+    let r = agent.exec_request(request);
+    let path = agent.exec(SH, "echo \"$PATH\"").stdout();
+    assert_eq!(r.stdout(), format!("x@PATH=/nonexistent|1|{path}"));
+    assert_eq!(agent.exec(SH, "echo \"${X-unset}\"").stdout(), "unset\n");
 }
