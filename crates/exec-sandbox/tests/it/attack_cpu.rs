@@ -26,3 +26,27 @@ async fn nested_virtualization_is_not_advertised() {
     }
     assert!(r.stdout.contains("No such file"), "{}", r.stdout);
 }
+
+#[tokio::test]
+async fn the_guest_kernel_mitigates_what_the_cpu_needs() {
+    let r = run(
+        Language::Raw,
+        "cd /sys/devices/system/cpu/vulnerabilities && for f in *; do echo \"$f: $(cat $f)\"; done",
+    )
+    .await;
+    assert_eq!(r.exit_code, 0, "{}", r.stderr);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert!(
+        lines.iter().any(|l| l.starts_with("spectre_v1: ")),
+        "{}",
+        r.stdout
+    );
+    for line in &lines {
+        assert!(!line.contains("Vulnerable"), "{line}\n{}", r.stdout);
+    }
+    // Spectre v1 (usercopy barriers) and v2 (retpolines or IBRS) are always mitigated.
+    for name in ["spectre_v1", "spectre_v2"] {
+        let line = lines.iter().find(|l| l.starts_with(name)).unwrap();
+        assert!(line.contains("Mitigation"), "{line}");
+    }
+}
