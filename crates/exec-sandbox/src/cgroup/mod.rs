@@ -20,6 +20,7 @@
 //! and [`CgroupStatus`] says why.
 
 pub(crate) mod fs;
+mod guardian;
 pub(crate) mod mountinfo;
 #[cfg(test)]
 mod tests;
@@ -354,6 +355,9 @@ pub(crate) struct Parent {
     fs: Arc<dyn CgroupFs>,
     layout: Layout,
     pid: u32,
+    /// Removes the directories if this process dies without dropping the parent (real
+    /// cgroups of this process only; `None` where it could not start, or in tests on fakes).
+    guardian: Option<guardian::Guardian>,
 }
 
 impl Parent {
@@ -364,7 +368,12 @@ impl Parent {
         layout: Layout,
         pid: u32,
     ) -> Result<Parent, CgroupError> {
-        let parent = Parent { fs, layout, pid };
+        let parent = Parent {
+            fs,
+            layout,
+            pid,
+            guardian: None,
+        };
         for h in &parent.layout.hierarchies {
             let dir = parent.dir(h);
             if parent.fs.exists(&dir) {
@@ -375,6 +384,22 @@ impl Parent {
             parent.ensure(h)?;
         }
         Ok(parent)
+    }
+
+    /// Starts the guardian that removes this parent's directories should this process die
+    /// without dropping it; a guardian that cannot start is logged (the next scheduler's
+    /// sweep still removes them).
+    fn guard(&mut self) {
+        let dirs = self
+            .layout
+            .hierarchies
+            .iter()
+            .map(|h| self.dir(h))
+            .collect();
+        match guardian::Guardian::spawn(dirs) {
+            Ok(guardian) => self.guardian = Some(guardian),
+            Err(e) => tracing::warn!("cannot start the cgroup guardian: {e}"),
+        }
     }
 
     /// `<base>/exec-sandbox/<pid>` in `h`.
@@ -465,6 +490,8 @@ impl Drop for Parent {
         {
             return;
         }
+        // Removed here: the guardian must not act on them (nor on a newer parent's).
+        drop(self.guardian.take());
         for h in &self.layout.hierarchies {
             let dir = self.dir(h);
             if !remove_tree(&*self.fs, &dir) {
@@ -825,9 +852,10 @@ fn parent() -> Result<Arc<Parent>, String> {
     if let Some(parent) = slot.upgrade() {
         return Ok(parent);
     }
-    let parent = Parent::create(Arc::new(RealFs), layout.clone(), std::process::id())
-        .map(Arc::new)
+    let mut parent = Parent::create(Arc::new(RealFs), layout.clone(), std::process::id())
         .map_err(|e| crate::vm::error_chain(&e))?;
+    parent.guard();
+    let parent = Arc::new(parent);
     *slot = Arc::downgrade(&parent);
     Ok(parent)
 }
