@@ -6,6 +6,18 @@ pub fn qemu_pid(name: &str) -> Option<u32> {
     crate::vm::procfs::qemu_pid(name)
 }
 
+/// The QEMU processes (of any parent) whose VMs process `pid` named (`sbx-<pid>-N`), found
+/// through `/proc`.
+pub fn qemus_of_process(pid: u32) -> Vec<u32> {
+    let marker = format!("sbx-{pid}-");
+    crate::vm::procfs::named_pids(|name| name.starts_with(&marker))
+}
+
+/// The processes (of any parent) started with `-name <name>`, found through `/proc`.
+pub fn processes_named(name: &str) -> Vec<u32> {
+    crate::vm::procfs::named_pids(|n| n == name)
+}
+
 /// Proportional set size of process `pid` in MB.
 pub fn pss_mb(pid: u32) -> Option<f64> {
     crate::vm::procfs::pss_mb(pid)

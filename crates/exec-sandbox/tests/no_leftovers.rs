@@ -8,26 +8,7 @@ use exec_sandbox::{Language, RunOptions, Scheduler, SchedulerConfig};
 
 /// QEMU processes whose `-name` says this process started them.
 fn our_qemus() -> Vec<u32> {
-    let marker = format!("sbx-{}-", std::process::id());
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if args.first().is_some_and(|a| a.contains("qemu"))
-            && args.iter().any(|a| a.starts_with(&marker))
-        {
-            found.push(pid);
-        }
-    }
-    found
+    exec_sandbox::testing::qemus_of_process(std::process::id())
 }
 
 async fn wait_for_no_qemu(deadline: Duration) -> Vec<u32> {

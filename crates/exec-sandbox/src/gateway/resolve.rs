@@ -154,19 +154,28 @@ mod tests {
         );
     }
 
-    /// A name server on loopback that counts queries and answers none: a black-holed zone.
-    async fn black_hole() -> (SocketAddr, Arc<AtomicUsize>) {
+    /// A name server on loopback that counts the queries it gets and sends what `reply` makes
+    /// of each (nothing for `None`).
+    async fn name_server(reply: fn(&[u8]) -> Option<Vec<u8>>) -> (SocketAddr, Arc<AtomicUsize>) {
         let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = socket.local_addr().unwrap();
         let queries = Arc::new(AtomicUsize::new(0));
         let count = queries.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 1500];
-            while socket.recv_from(&mut buf).await.is_ok() {
+            while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
                 count.fetch_add(1, Ordering::SeqCst);
+                if let Some(answer) = reply(&buf[..n]) {
+                    let _ = socket.send_to(&answer, peer).await;
+                }
             }
         });
         (addr, queries)
+    }
+
+    /// A black-holed zone: no answer, ever.
+    async fn black_hole() -> (SocketAddr, Arc<AtomicUsize>) {
+        name_server(|_| None).await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,36 +220,26 @@ mod tests {
         );
     }
 
-    /// A name server on loopback answering every A query with 203.0.113.7, counting queries.
+    /// Every A query answered with 203.0.113.7 (TTL 60).
     async fn answering() -> (SocketAddr, Arc<AtomicUsize>) {
-        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = socket.local_addr().unwrap();
-        let queries = Arc::new(AtomicUsize::new(0));
-        let count = queries.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1500];
-            while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
-                count.fetch_add(1, Ordering::SeqCst);
-                let query = &buf[..n];
-                if query.len() < 12 {
-                    continue;
-                }
-                // Header: same id, QR + RD + RA, one question, one answer.
-                let mut reply = query[..2].to_vec();
-                reply.extend_from_slice(&[0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0]);
-                // The question as asked (up to its end: name, type, class).
-                let mut at = 12;
-                while at < n && query[at] != 0 {
-                    at += 1 + usize::from(query[at]);
-                }
-                let question_end = (at + 5).min(n);
-                reply.extend_from_slice(&query[12..question_end]);
-                // Answer: pointer to the name, A, IN, TTL 60, 4 bytes.
-                reply.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 203, 0, 113, 7]);
-                let _ = socket.send_to(&reply, peer).await;
+        name_server(|query| {
+            if query.len() < 12 {
+                return None;
             }
-        });
-        (addr, queries)
+            // Header: same id, QR + RD + RA, one question, one answer.
+            let mut reply = query[..2].to_vec();
+            reply.extend_from_slice(&[0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0]);
+            // The question as asked (up to its end: name, type, class).
+            let mut at = 12;
+            while at < query.len() && query[at] != 0 {
+                at += 1 + usize::from(query[at]);
+            }
+            reply.extend_from_slice(&query[12..(at + 5).min(query.len())]);
+            // Answer: pointer to the name, A, IN, TTL 60, 4 bytes.
+            reply.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 203, 0, 113, 7]);
+            Some(reply)
+        })
+        .await
     }
 
     #[tokio::test]

@@ -47,19 +47,29 @@ fn parse_vm_hwm_kb(status: &str) -> Option<u64> {
 /// process), found through `/proc`.
 #[cfg(any(test, feature = "testing"))]
 pub(crate) fn qemu_pid(name: &str) -> Option<u32> {
-    std::fs::read_dir("/proc")
-        .ok()?
+    named_pids(|n| n == name).first().copied()
+}
+
+/// The live processes started with a `-name` that `matches`, found through `/proc`.
+#[cfg(any(test, feature = "testing"))]
+pub(crate) fn named_pids(matches: impl Fn(&str) -> bool) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
         .flatten()
-        .find_map(|entry| {
+        .filter_map(|entry| {
             let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
             let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
             let mut args = cmdline.split(|b| *b == 0);
             args.any(|a| a == b"-name")
                 .then(|| args.next())
                 .flatten()
-                .filter(|n| *n == name.as_bytes())
+                .and_then(|n| std::str::from_utf8(n).ok())
+                .filter(|n| matches(n))
                 .map(|_| pid)
         })
+        .collect()
 }
 
 /// Proportional set size of process `pid` in MB: its private memory plus its share of pages

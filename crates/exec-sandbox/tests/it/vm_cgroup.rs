@@ -264,25 +264,7 @@ async fn kill_9_child_holds_a_vm() {
 
 /// QEMU processes whose `-name` says process `pid` started them.
 fn qemus_of(pid: u32) -> Vec<u32> {
-    let marker = format!("sbx-{pid}-");
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(qemu) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        if args
-            .first()
-            .is_some_and(|a| String::from_utf8_lossy(a).contains("qemu"))
-            && args.iter().any(|a| a.starts_with(marker.as_bytes()))
-        {
-            found.push(qemu);
-        }
-    }
-    found
+    exec_sandbox::testing::qemus_of_process(pid)
 }
 
 /// The VM cgroups under the process directories `dirs` that hold a task.

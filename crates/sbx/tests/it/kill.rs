@@ -93,18 +93,8 @@ fn vm_name(pid: u32) -> String {
 
 /// Live processes (of any parent) whose command line holds `-name <name>`.
 fn with_name(name: &str) -> Vec<u32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let mut args = cmdline.split(|b| *b == 0);
-        if args.any(|a| a == b"-name") && args.next() == Some(name.as_bytes()) && alive(pid) {
-            found.push(pid);
-        }
-    }
-    found
+    exec_sandbox::testing::processes_named(name)
+        .into_iter()
+        .filter(|pid| alive(*pid))
+        .collect()
 }
