@@ -191,6 +191,7 @@ impl Snapshot {
     fn take() -> Snapshot {
         let me = std::process::id();
         let marker = format!("sbx-{me}-");
+        let temp_prefix = format!("sbx-vm-{me}-");
         Snapshot {
             qemu: qemu_processes(&marker),
             cgroups: cgroup_mounts()
@@ -200,7 +201,7 @@ impl Snapshot {
             fds: std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count),
             temp_dirs: std::fs::read_dir(std::env::temp_dir()).map_or(0, |read| {
                 read.filter_map(Result::ok)
-                    .filter(|e| e.file_name().to_string_lossy().starts_with("sbx-vm-"))
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(&temp_prefix))
                     .count()
             }),
             rss_mb: std::fs::read_to_string("/proc/self/status")

@@ -1,7 +1,7 @@
-//! The guardian: a small process that removes this process's cgroup directories when this
-//! process dies without dropping its [`super::Parent`] (`kill -9`, a crash), so nothing is left
-//! behind even before another scheduler starts and sweeps (`super::sweep`, the second line of
-//! defence).
+//! The guardian: a small process that removes this process's cgroup directories and its VMs'
+//! temporary directories when this process dies without dropping its [`super::Parent`]
+//! (`kill -9`, a crash), so nothing is left behind even before another scheduler starts and
+//! sweeps the cgroups (`super::sweep`, the second line of defence).
 //!
 //! It is `sh` reading a pipe whose only write end this process holds (close-on-exec, so no
 //! child inherits it): end of file means this process is gone. It then removes the directories,
@@ -16,9 +16,14 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 
-/// What the guardian runs: `$@` are the directories.
+/// What the guardian runs: `$1` is the prefix of the process's VM temporary directories, the
+/// rest are its cgroup directories.
 const SCRIPT: &str = r#"
 while read -r _; do :; done
+for temp in "$1"*; do
+    [ -d "$temp" ] && rm -rf --one-file-system -- "$temp"
+done
+shift
 tries=0
 while [ "$tries" -lt 40 ]; do
     left=0
@@ -43,12 +48,14 @@ pub(crate) struct Guardian {
 }
 
 impl Guardian {
-    /// Starts a guardian of `dirs`.
-    pub(crate) fn spawn(dirs: Vec<PathBuf>) -> io::Result<Guardian> {
+    /// Starts a guardian of the cgroup directories `dirs` and of the temporary directories
+    /// whose path starts with `temp_prefix`.
+    pub(crate) fn spawn(dirs: Vec<PathBuf>, temp_prefix: PathBuf) -> io::Result<Guardian> {
         let mut child = Command::new("/bin/sh")
             .arg("-c")
             .arg(SCRIPT)
             .arg("sbx-cgroup-guardian")
+            .arg(temp_prefix)
             .args(dirs)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -93,21 +100,28 @@ mod tests {
         let dir = tmp.path().join("exec-sandbox").join("4242");
         std::fs::create_dir_all(dir.join("sbx-4242-1")).unwrap();
         std::fs::create_dir_all(dir.join("sbx-4242-2")).unwrap();
+        let temp = tmp.path().join("sbx-vm-4242-");
+        let vm_temp = tmp.path().join("sbx-vm-4242-aBc");
+        std::fs::create_dir_all(vm_temp.join("root")).unwrap();
+        std::fs::write(vm_temp.join("control.sock"), b"").unwrap();
+        let other = tmp.path().join("sbx-vm-42420-xyz");
+        std::fs::create_dir(&other).unwrap();
 
         // Dropped normally: killed, the directories stay (the library removes them itself).
-        drop(Guardian::spawn(vec![dir.clone()]).unwrap());
+        drop(Guardian::spawn(vec![dir.clone()], temp.clone()).unwrap());
         std::thread::sleep(std::time::Duration::from_millis(300));
-        assert!(dir.join("sbx-4242-1").exists());
+        assert!(dir.join("sbx-4242-1").exists() && vm_temp.exists());
 
         // The pipe closes as when this process dies: the directories go, deepest first.
-        let status = Guardian::spawn(vec![dir.clone()])
+        let status = Guardian::spawn(vec![dir.clone()], temp)
             .unwrap()
             .orphan()
             .unwrap();
         assert!(status.success(), "{status}");
         assert!(!dir.exists(), "{} left", dir.display());
+        assert!(!vm_temp.exists(), "{} left", vm_temp.display());
         assert!(
-            tmp.path().join("exec-sandbox").exists(),
+            tmp.path().join("exec-sandbox").exists() && other.exists(),
             "only its own directories"
         );
     }

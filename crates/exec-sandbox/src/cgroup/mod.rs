@@ -396,7 +396,8 @@ impl Parent {
             .iter()
             .map(|h| self.dir(h))
             .collect();
-        match guardian::Guardian::spawn(dirs) {
+        let temp = std::env::temp_dir().join(temp_dir_prefix(self.pid));
+        match guardian::Guardian::spawn(dirs, temp) {
             Ok(guardian) => self.guardian = Some(guardian),
             Err(e) => tracing::warn!("cannot start the cgroup guardian: {e}"),
         }
@@ -501,6 +502,12 @@ impl Drop for Parent {
             let _ = self.fs.remove_dir(&h.base.join(DIR_NAME));
         }
     }
+}
+
+/// The name prefix of process `pid`'s per-VM temporary directories (control sockets, the jail's
+/// root): its guardian removes them too should the process die unannounced.
+pub(crate) fn temp_dir_prefix(pid: u32) -> String {
+    format!("sbx-vm-{pid}-")
 }
 
 /// A cgroup name for VM `name`: anything but `[A-Za-z0-9._-]` becomes `_`.

@@ -343,7 +343,7 @@ async fn start(
         source,
     })?;
     let dir = tempfile::Builder::new()
-        .prefix("sbx-vm-")
+        .prefix(&crate::cgroup::temp_dir_prefix(std::process::id()))
         .tempdir()
         .map_err(|source| VmError::Prepare {
             path: std::env::temp_dir(),

@@ -331,6 +331,15 @@ async fn kill_9_leaves_no_qemu_and_no_cgroup() {
         || dirs.iter().all(|d| !d.exists()),
     )
     .await;
+    // And its VMs' temporary directories (control sockets, the jail's root).
+    let temp_prefix = format!("sbx-vm-{pid}-");
+    let temps: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&temp_prefix))
+        .map(|e| e.path())
+        .collect();
+    assert!(temps.is_empty(), "left behind: {temps:?}");
     // And the next scheduler's sweep has nothing left to do (its second line of defence).
     let _next = Scheduler::new(SchedulerConfig::from_env().unwrap()).expect("scheduler");
     for dir in &dirs {
