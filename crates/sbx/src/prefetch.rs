@@ -33,12 +33,9 @@ pub async fn prefetch(args: PrefetchArgs) -> u8 {
             scheduler.config().images_dir.display()
         ));
     }
-    let outcome = tokio::select! {
-        outcome = scheduler.prefetch() => outcome,
-        code = interrupt::wait() => {
-            term::finish();
-            return code;
-        }
+    let outcome = match interruptible(scheduler.prefetch()).await {
+        Ok(outcome) => outcome,
+        Err(code) => return code,
     };
     match outcome {
         Ok(choice) => {
@@ -78,12 +75,9 @@ async fn prefetch_snapshots(args: &PrefetchArgs, scheduler: &Scheduler) -> u8 {
             scheduler.config().snapshot_cache_dir.display()
         ));
     }
-    let outcome = tokio::select! {
-        outcome = scheduler.prefetch_snapshots() => outcome,
-        code = interrupt::wait() => {
-            term::finish();
-            return code;
-        }
+    let outcome = match interruptible(scheduler.prefetch_snapshots()).await {
+        Ok(outcome) => outcome,
+        Err(code) => return code,
     };
     match outcome {
         Ok(ready) => {
@@ -115,13 +109,13 @@ async fn prefetch_packages(args: &PrefetchArgs, scheduler: &Scheduler, language:
             if args.packages.len() == 1 { "" } else { "s" }
         ));
     }
-    let outcome = tokio::select! {
-        outcome = scheduler.prefetch_packages(language, &args.packages, args.snapshots) => outcome,
-        code = interrupt::wait() => {
-            term::finish();
-            return code;
-        }
-    };
+    let outcome =
+        match interruptible(scheduler.prefetch_packages(language, &args.packages, args.snapshots))
+            .await
+        {
+            Ok(outcome) => outcome,
+            Err(code) => return code,
+        };
     match outcome {
         Ok(ready) => {
             if !args.log.quiet {
@@ -153,6 +147,18 @@ async fn prefetch_packages(args: &PrefetchArgs, scheduler: &Scheduler, language:
         Err(e) => {
             output::print_sandbox_error(None, &e);
             status::of_error(&e)
+        }
+    }
+}
+
+/// `work`'s outcome, or the exit status when the user stops `sbx` first (the live line
+/// finished).
+async fn interruptible<T>(work: impl std::future::Future<Output = T>) -> Result<T, u8> {
+    tokio::select! {
+        outcome = work => Ok(outcome),
+        code = interrupt::wait() => {
+            term::finish();
+            Err(code)
         }
     }
 }
