@@ -720,12 +720,29 @@ struct Failure {
     errno: i32,
 }
 
+/// An error number, from either kind of error the child's calls return.
+trait Errno {
+    fn errno(&self) -> i32;
+}
+
+impl Errno for rustix::io::Errno {
+    fn errno(&self) -> i32 {
+        self.raw_os_error()
+    }
+}
+
+impl Errno for std::io::Error {
+    fn errno(&self) -> i32 {
+        self.raw_os_error().unwrap_or(libc::EINVAL)
+    }
+}
+
 trait At<T> {
     fn at(self, step: Step) -> Result<T, Failure>;
     fn at_index(self, step: Step, index: usize) -> Result<T, Failure>;
 }
 
-impl<T> At<T> for Result<T, rustix::io::Errno> {
+impl<T, E: Errno> At<T> for Result<T, E> {
     fn at(self, step: Step) -> Result<T, Failure> {
         self.at_index(step, 0)
     }
@@ -733,20 +750,7 @@ impl<T> At<T> for Result<T, rustix::io::Errno> {
         self.map_err(|e| Failure {
             step,
             index: index as u32,
-            errno: e.raw_os_error(),
-        })
-    }
-}
-
-impl<T> At<T> for std::io::Result<T> {
-    fn at(self, step: Step) -> Result<T, Failure> {
-        self.at_index(step, 0)
-    }
-    fn at_index(self, step: Step, index: usize) -> Result<T, Failure> {
-        self.map_err(|e| Failure {
-            step,
-            index: index as u32,
-            errno: e.raw_os_error().unwrap_or(libc::EINVAL),
+            errno: e.errno(),
         })
     }
 }
