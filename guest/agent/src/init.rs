@@ -142,6 +142,9 @@ pub fn boot() -> Result<Booted, InitError> {
     if let LayerState::Failed(reason) = &packages {
         log::error(format_args!("package layer: {reason}"));
     }
+    if root_mounted {
+        crate::memory::setup();
+    }
     harden();
     if let Err(e) = sys::loopback_up() {
         log::warn(format_args!("cannot bring up lo: {e}"));
@@ -233,15 +236,14 @@ fn switch_root(params: BootParams, root_disk: &Path) -> Result<(), InitError> {
 
     // The root disk is mounted; the sandbox has no business with its device node.
     let _ = fs::remove_file(root_disk);
-    dev_extras(params);
+    dev_extras();
     Ok(())
 }
 
-/// /dev/pts, /dev/shm and the /dev/fd links that shells use for process substitution.
-fn dev_extras(params: BootParams) {
+/// /dev/pts and the /dev/fd links that shells use for process substitution (`/dev/shm` is
+/// `memory.rs`'s).
+fn dev_extras() {
     let pts = Path::new("/dev/pts");
-    let shm = Path::new("/dev/shm");
-    let shm_opts = format!("mode=1777,size={}m", params.tmp_mb);
     let results = [
         mkdir(pts, 0o755).map_err(|e| format!("mkdir /dev/pts: {e}")),
         mount(
@@ -252,9 +254,6 @@ fn dev_extras(params: BootParams) {
             Some("newinstance,ptmxmode=0666,mode=0620"),
         )
         .map_err(|e| format!("mount /dev/pts: {e}")),
-        mkdir(shm, 0o1777).map_err(|e| format!("mkdir /dev/shm: {e}")),
-        mount("tmpfs", shm, "tmpfs", NOSUID_NODEV_NOEXEC, Some(&shm_opts))
-            .map_err(|e| format!("mount /dev/shm: {e}")),
     ];
     for result in results {
         if let Err(e) = result {

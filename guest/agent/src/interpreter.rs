@@ -149,6 +149,7 @@ impl Interpreter {
                     SANDBOX_GID,
                     SANDBOX_NPROC,
                 )),
+                cgroup_procs: crate::memory::guard().map(crate::memory::Guard::procs_fd),
             },
         );
         let (mut child, exit) =
@@ -298,6 +299,8 @@ impl Interpreter {
             .checked_add(Duration::from_millis(request.timeout_ms))
             .unwrap_or_else(|| started + Duration::from_secs(365 * 24 * 3600));
         let mut sink = ExecSink::new(out, id, request.stdout_limit, request.stderr_limit);
+        let guard = crate::memory::guard();
+        let kills_before = guard.map(crate::memory::Guard::kills);
 
         let Interpreter {
             pipes,
@@ -367,6 +370,12 @@ impl Interpreter {
         }
         if forged {
             sink.note(FORGED_NOTE).await;
+        }
+        if let (Some(guard), Some(before)) = (guard, kills_before)
+            && exit_code == WaitStatus::Signaled(sys::SIGKILL).code()
+            && guard.kills() > before
+        {
+            sink.note(&guard.note()).await;
         }
         Ok(Ran {
             outcome: ExecOutcome {

@@ -23,6 +23,7 @@ mod init;
 mod interpreter;
 mod layer;
 mod log;
+mod memory;
 mod network;
 mod outbox;
 mod port;

@@ -295,6 +295,8 @@ pub struct ChildSetup {
     pub status_fd: RawFd,
     /// Switch to this uid/gid (dropping supplementary groups) and cap the process count.
     pub drop_to: Option<(u32, u32, u64)>,
+    /// A cgroup v2 `cgroup.procs` the child writes itself into (the memory guard's group).
+    pub cgroup_procs: Option<RawFd>,
 }
 
 /// `dup2(from, to)` on raw numbers, between fork and exec: `to` need not be open, which is why
@@ -315,6 +317,12 @@ pub fn sandbox_child(command: &mut Command, setup: ChildSetup) {
     let pre_exec = move || -> io::Result<()> {
         // Only async-signal-safe calls from here on: no allocation, no locks. rustix makes raw
         // system calls; its errors convert to `io::Error` without allocating.
+        if let Some(procs) = setup.cgroup_procs {
+            // First, as dup2 onto 3 and 4 may close this descriptor. SAFETY: the parent keeps
+            // it open for its whole life; the borrow ends with this statement. Writing "0"
+            // moves the writing process (cgroup v2).
+            rustix::io::write(unsafe { BorrowedFd::borrow_raw(procs) }, b"0")?;
+        }
         // The targets 3 and 4 lose their close-on-exec flag, which is the point.
         dup2_in_child(setup.command_fd, 3)?;
         dup2_in_child(setup.status_fd, 4)?;
@@ -339,7 +347,7 @@ pub fn sandbox_child(command: &mut Command, setup: ChildSetup) {
         Ok(())
     };
     // SAFETY: the closure only makes async-signal-safe system calls (dup2, setsid, prctl,
-    // prlimit, setgroups, setgid, setuid) on plain integers captured by value; it allocates
+    // write, prlimit, setgroups, setgid, setuid) on plain integers captured by value; it allocates
     // nothing and takes no locks, so it is sound between fork and exec.
     unsafe { command.pre_exec(pre_exec) };
 }

@@ -206,6 +206,14 @@ impl VmSpec {
             "chardev:console",
         ]);
         push(&["-device", "virtio-rng-device"]);
+        if launch.ram_file.is_none() {
+            // Free guest pages go back to the host (QEMU drops them from the VM's memory).
+            // Only for anonymous RAM: QEMU 7.2 discards pages of a file-backed RAM by punching
+            // holes in the file, which for a clone is its template, shared by every clone
+            // (SECURITY.md). Templates and clones have no balloon at all, since a guest
+            // kernel could also discard pages by inflating one.
+            push(&["-device", "virtio-balloon-device,free-page-reporting=on"]);
+        }
         push(&["-device", "virtio-serial-device"]);
         push(&[
             "-chardev",
@@ -369,6 +377,25 @@ mod tests {
         );
         assert!(args.contains("virtio-rng-device"));
         assert!(args.contains(&format!("name={}", sbx_protocol::CONTROL_PORT_NAME)));
+    }
+
+    #[test]
+    fn only_vms_with_anonymous_ram_get_a_free_page_reporting_balloon() {
+        let s = spec(Accelerator::Tcg);
+        let balloon = "virtio-balloon-device,free-page-reporting=on";
+        assert!(joined(&s).contains(balloon));
+        for shared in [true, false] {
+            let launch = Launch {
+                ram_file: Some(RamFile { shared }),
+                qmp: true,
+                incoming: !shared,
+            };
+            let args = s.args_for(&launch);
+            assert!(
+                !args.iter().any(|a| a.to_string_lossy().contains("balloon")),
+                "a template's RAM file is shared by its clones: {args:?}"
+            );
+        }
     }
 
     #[test]

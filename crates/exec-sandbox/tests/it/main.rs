@@ -13,6 +13,7 @@ mod vm_exec;
 mod vm_files;
 mod vm_jail;
 mod vm_limits;
+mod vm_memory;
 mod vm_network;
 mod vm_package_index;
 mod vm_package_registry;
