@@ -26,7 +26,18 @@ pub enum Command {
     /// own interpreter on the host (`python3 -c pass`, `node -e 0`, `bash -c :`), throughput, and
     /// idle VM memory. Prints numbers; never fails on speed.
     Bench(BenchArgs),
+    /// Serve the sandbox to AI agents as a Model Context Protocol server: on stdin/stdout, or
+    /// over streamable HTTP with --listen.
+    #[command(after_long_help = MCP_AFTER_HELP)]
+    Mcp(McpArgs),
 }
+
+const MCP_AFTER_HELP: &str = "\
+Tools: run_code, session_start, session_exec, session_close, write_file, read_file,
+list_files. Sessions belong to the server and are closed when it stops.
+
+An MCP host starts it as a subprocess, e.g. in its JSON configuration:
+  {\"mcpServers\": {\"sbx\": {\"command\": \"sbx\", \"args\": [\"mcp\"]}}}";
 
 const RUN_AFTER_HELP: &str = "\
 Sources:
@@ -205,6 +216,57 @@ pub enum CacheAction {
     Show,
     /// Empty the local memory snapshot and package layer caches (guest images stay).
     Prune,
+}
+
+/// Flags of `sbx mcp`.
+#[derive(Debug, Args)]
+pub struct McpArgs {
+    /// Serve streamable HTTP at http://ADDR/mcp instead of stdio (a loopback address only:
+    /// the server has no authentication).
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    pub listen: Option<std::net::SocketAddr>,
+
+    /// Sessions open at once, over all clients.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = parse_max_sessions)]
+    pub max_sessions: usize,
+
+    /// Seconds without any call after which a session closes itself (10-3600).
+    #[arg(long, value_name = "SECONDS", default_value_t = limits::DEFAULT_SESSION_IDLE_TIMEOUT_SECONDS, value_parser = parse_idle_timeout)]
+    pub session_idle_timeout: u64,
+
+    /// How much goes to stderr.
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
+    let address: std::net::SocketAddr = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not IP:PORT (e.g. 127.0.0.1:8765)"))?;
+    if !address.ip().is_loopback() {
+        return Err(format!(
+            "`{s}` is not a loopback address: the MCP server has no authentication, so it listens on 127.0.0.1 or ::1 only"
+        ));
+    }
+    Ok(address)
+}
+
+fn parse_max_sessions(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=limits::MAX_CONCURRENT_VMS).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "`{s}` is not a number of sessions between 1 and {}",
+            limits::MAX_CONCURRENT_VMS
+        )),
+    }
+}
+
+fn parse_idle_timeout(s: &str) -> Result<u64, String> {
+    let seconds: u64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a whole number of seconds"))?;
+    validate::idle_timeout(seconds).map_err(|e| e.to_string())?;
+    Ok(seconds)
 }
 
 /// The stderr verbosity flags every subcommand shares.

@@ -9,6 +9,7 @@ mod bench_packages;
 mod cache;
 mod cli;
 mod interrupt;
+mod mcp;
 mod output;
 mod prefetch;
 mod progress;
@@ -41,6 +42,7 @@ fn main() -> ExitCode {
         Command::Prefetch(a) => Verbosity::from_flags(&a.log),
         Command::Cache(a) => Verbosity::from_flags(&a.log),
         Command::Bench(a) => Verbosity::from_flags(&a.log),
+        Command::Mcp(a) => Verbosity::from_flags(&a.log),
     });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -58,6 +60,7 @@ fn main() -> ExitCode {
             Command::Prefetch(args) => prefetch::prefetch(args).await,
             Command::Cache(args) => cache::cache(args).await,
             Command::Bench(args) => bench::bench(args).await,
+            Command::Mcp(args) => mcp::mcp(args).await,
         }
     });
     runtime.shutdown_timeout(SHUTDOWN_GRACE);

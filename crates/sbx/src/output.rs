@@ -56,6 +56,18 @@ pub fn json_failure(label: &str, language: Language, error: &exec_sandbox::Error
     )
 }
 
+/// An error as JSON: `{kind, message, causes, hint}` (the `error` of a `--json` failure line,
+/// and of an MCP tool error).
+pub fn error_value(error: &exec_sandbox::Error) -> serde_json::Value {
+    serde_json::to_value(JsonError {
+        kind: error.kind(),
+        message: error.to_string(),
+        causes: causes(error),
+        hint: error.hint(),
+    })
+    .unwrap_or_default()
+}
+
 /// The `--json` line (without newline) for a source whose run ended in a bug of `sbx` itself.
 pub fn json_internal_failure(
     label: &str,

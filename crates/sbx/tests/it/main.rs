@@ -9,6 +9,7 @@
 
 mod cache_trust;
 mod kill;
+mod mcp;
 mod packages;
 mod parity;
 mod snapshots;
