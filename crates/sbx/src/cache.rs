@@ -1,21 +1,15 @@
 //! `sbx cache`: what the local caches hold (L1 memory snapshots, L2 package layers, where L3
 //! is), and emptying them.
 
-use exec_sandbox::{CacheReport, Scheduler, SchedulerConfig};
+use exec_sandbox::CacheReport;
 
 use crate::cli::{CacheAction, CacheArgs};
-use crate::status::{self, UsageError};
+use crate::status;
 use crate::{output, term};
 
 /// Runs `sbx cache` and returns the exit status.
 pub async fn cache(args: CacheArgs) -> u8 {
-    let scheduler = match SchedulerConfig::from_env()
-        .map_err(|e| {
-            UsageError::new(e.to_string())
-                .hint("fix or unset the EXEC_SANDBOX_* environment variable")
-        })
-        .and_then(|config| Scheduler::new(config).map_err(status::scheduler_error))
-    {
+    let scheduler = match status::scheduler_from_env(|_| {}) {
         Ok(scheduler) => scheduler,
         Err(e) => {
             output::print_usage_error(&e);

@@ -1,24 +1,18 @@
 //! `sbx prefetch`: readies every guest asset and decides the accelerator ahead of time.
 
-use exec_sandbox::{Language, Scheduler, SchedulerConfig};
+use exec_sandbox::{Language, Scheduler};
 
 use crate::cli::PrefetchArgs;
-use crate::status::{self, UsageError};
+use crate::status;
 use crate::{interrupt, output, term};
 
 /// Runs `sbx prefetch` and returns the exit status.
 pub async fn prefetch(args: PrefetchArgs) -> u8 {
-    let scheduler = match SchedulerConfig::from_env()
-        .map_err(|e| {
-            UsageError::new(e.to_string())
-                .hint("fix or unset the EXEC_SANDBOX_* environment variable")
-        })
-        .and_then(|mut config| {
-            if args.no_validation {
-                config.enable_package_validation = false;
-            }
-            Scheduler::new(config).map_err(status::scheduler_error)
-        }) {
+    let scheduler = match status::scheduler_from_env(|config| {
+        if args.no_validation {
+            config.enable_package_validation = false;
+        }
+    }) {
         Ok(scheduler) => scheduler,
         Err(e) => {
             output::print_usage_error(&e);

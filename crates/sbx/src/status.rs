@@ -82,6 +82,18 @@ pub fn scheduler_error(error: exec_sandbox::Error) -> UsageError {
     usage
 }
 
+/// The scheduler of `EXEC_SANDBOX_*` (after `adjust`), or why there is none, as the CLI
+/// reports it.
+pub fn scheduler_from_env(
+    adjust: impl FnOnce(&mut exec_sandbox::SchedulerConfig),
+) -> Result<exec_sandbox::Scheduler, UsageError> {
+    let mut config = exec_sandbox::SchedulerConfig::from_env().map_err(|e| {
+        UsageError::new(e.to_string()).hint("fix or unset the EXEC_SANDBOX_* environment variable")
+    })?;
+    adjust(&mut config);
+    exec_sandbox::Scheduler::new(config).map_err(scheduler_error)
+}
+
 impl UsageError {
     /// An error saying `message`.
     pub fn new(message: impl Into<String>) -> Self {

@@ -10,25 +10,18 @@ mod tools;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use exec_sandbox::{Scheduler, SchedulerConfig};
 use rmcp::ServiceExt;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 
 use crate::cli::McpArgs;
-use crate::status::{self, UsageError};
+use crate::status;
 use crate::{output, term};
 pub use tools::Tools;
 
 /// Runs `sbx mcp` until its client goes away; returns the exit status.
 pub async fn mcp(args: McpArgs) -> u8 {
-    let scheduler = match SchedulerConfig::from_env()
-        .map_err(|e| {
-            UsageError::new(e.to_string())
-                .hint("fix or unset the EXEC_SANDBOX_* environment variable")
-        })
-        .and_then(|config| Scheduler::new(config).map_err(status::scheduler_error))
-    {
+    let scheduler = match status::scheduler_from_env(|_| {}) {
         Ok(scheduler) => scheduler,
         Err(e) => {
             output::print_usage_error(&e);
