@@ -5,6 +5,7 @@ mod assets;
 mod attack_cpu;
 mod attack_devices;
 mod attack_env;
+mod attack_exhaustion;
 mod attack_fs_writes;
 mod attack_gateway;
 mod attack_privileges;
