@@ -35,8 +35,8 @@ echo "mktemp: $(mktemp -u)"
 /// Restored runs of each language.
 const CLONES: usize = 3;
 
-#[tokio::test]
-async fn every_l1_clone_draws_its_own_random_values() {
+/// A scheduler with L1 on and its own snapshot cache (kept until the returned dir is dropped).
+fn l1_scheduler() -> (Scheduler, tempfile::TempDir) {
     let dir = tempfile::Builder::new()
         .prefix("sbx-l1-random-")
         .tempdir()
@@ -48,6 +48,12 @@ async fn every_l1_clone_draws_its_own_random_values() {
         ..SchedulerConfig::from_env().unwrap()
     })
     .unwrap();
+    (scheduler, dir)
+}
+
+#[tokio::test]
+async fn every_l1_clone_draws_its_own_random_values() {
+    let (scheduler, _dir) = l1_scheduler();
     let run = |language, code: &str| {
         let scheduler = scheduler.clone();
         let options = RunOptions::new(language, code);
@@ -108,5 +114,37 @@ async fn every_l1_clone_draws_its_own_random_values() {
                 "{language:?} {source}: clones repeat values: {values:?}"
             );
         }
+    }
+}
+
+/// What a process drew once at its start is drawn once for every clone: the str hash key
+/// (SipHash, so every clone's dicts are open to the same hash-flooding inputs) and the address
+/// space layout (ASLR). Both are inherent to restoring a warm interpreter; kept as a record of
+/// the gap, to run with `--ignored`.
+#[tokio::test]
+#[ignore = "known gap: L1 clones share the interpreter's hash key and memory layout"]
+async fn l1_clones_share_the_hash_key_and_the_memory_layout() {
+    let (scheduler, _dir) = l1_scheduler();
+    let code = r#"
+print("hash:", hash("x"))
+print("heap:", [l.split()[0] for l in open("/proc/self/maps") if "[heap]" in l][0])
+print("object:", hex(id(object())))
+"#;
+    let run = || async {
+        scheduler
+            .run(RunOptions::new(Language::Python, code))
+            .await
+            .unwrap_or_else(|e| panic!("run failed: {}", chain(&e)))
+    };
+    assert!(!run().await.l1_cache_hit);
+    scheduler.wait_for_snapshots().await;
+    let (a, b) = (run().await, run().await);
+    assert!(a.l1_cache_hit && b.l1_cache_hit, "{a:?}\n{b:?}");
+    for source in ["hash", "heap", "object"] {
+        assert_ne!(
+            outcome(&a, source),
+            outcome(&b, source),
+            "{source} is the same in two clones"
+        );
     }
 }
