@@ -130,3 +130,31 @@ print("kill -1: done")
     assert!(s.close_reason().is_none(), "{:?}", s.close_reason());
     s.close().await;
 }
+
+/// Code that stops its own process group (the interpreter with it) hangs only itself: the
+/// timeout still ends the execution (SIGKILL reaches stopped processes), and a session's next
+/// execution runs in a fresh interpreter.
+#[tokio::test]
+async fn an_interpreter_that_stops_itself_ends_at_the_timeout() {
+    let r = crate::support::run_with(
+        exec_sandbox::RunOptions::new(Language::Raw, "echo before; kill -STOP 0; echo after")
+            .timeout_seconds(2),
+    )
+    .await;
+    assert_eq!((r.exit_code, r.timed_out), (-1, true), "{r:?}");
+    assert_eq!(r.stdout, "before\n", "{r:?}");
+
+    let s = open(Language::Python).await;
+    let r = s
+        .exec(
+            ExecOptions::new("import os, signal\nos.kill(0, signal.SIGSTOP)\nprint('after')")
+                .timeout_seconds(2),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("exec: {}", chain(&e)));
+    assert_eq!((r.exit_code, r.timed_out), (-1, true), "{r:?}");
+    assert_eq!(r.stdout, "", "{r:?}");
+    let r = exec(&s, "print('next')").await;
+    assert_eq!((r.stdout.as_str(), r.exit_code), ("next\n", 0), "{r:?}");
+    s.close().await;
+}
