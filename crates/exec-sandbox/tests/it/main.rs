@@ -3,8 +3,16 @@
 
 mod assets;
 mod attack_cpu;
+mod attack_devices;
 mod attack_env;
+mod attack_exhaustion;
+mod attack_fs_writes;
 mod attack_gateway;
+mod attack_privileges;
+mod attack_procfs;
+mod attack_random;
+mod attack_signals;
+mod attack_syscalls;
 mod cache_trust;
 mod support;
 mod vm_admission;

@@ -79,3 +79,30 @@ pub async fn wait_until(
 pub fn qemu_pid(name: &str) -> Option<u32> {
     exec_sandbox::testing::qemu_pid(name)
 }
+
+/// The outcome a probe script printed for `name` (its line `name: outcome`), panicking with the
+/// whole result when there is none.
+pub fn outcome<'a>(result: &'a ExecutionResult, name: &str) -> &'a str {
+    let prefix = format!("{name}: ");
+    result
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| {
+            panic!(
+                "no `{name}` line in:\n{}\nstderr: {}",
+                result.stdout, result.stderr
+            )
+        })
+}
+
+/// Asserts that the probe `name` printed one of `expected`, showing the whole output otherwise.
+pub fn expect_outcome(result: &ExecutionResult, name: &str, expected: &[&str]) {
+    let got = outcome(result, name);
+    assert!(
+        expected.contains(&got),
+        "{name}: got `{got}`, expected one of {expected:?}\nstdout:\n{}\nstderr: {}",
+        result.stdout,
+        result.stderr
+    );
+}
