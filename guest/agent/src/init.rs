@@ -173,7 +173,7 @@ fn switch_root(params: BootParams, root_disk: &Path) -> Result<(), InitError> {
             &root_disk.to_string_lossy(),
             new_root,
             "erofs",
-            MountFlags::RDONLY,
+            MountFlags::RDONLY | NOSUID_NODEV,
             None,
         ),
     )?;
@@ -282,7 +282,6 @@ const SYSCTLS: &[(&str, &str)] = &[
     ("kernel/kptr_restrict", "2"),
     ("kernel/dmesg_restrict", "1"),
     ("kernel/perf_event_paranoid", "3"),
-    ("kernel/yama/ptrace_scope", "2"),
     ("kernel/unprivileged_bpf_disabled", "1"),
     ("kernel/sysrq", "0"),
     ("kernel/hostname", "sandbox"),
@@ -296,7 +295,14 @@ const SYSCTLS: &[(&str, &str)] = &[
     ("net/ipv4/ip_unprivileged_port_start", "0"),
 ];
 
+/// The agent's nice value: programs that hog the (single) vCPU, fork bombs included, leave it
+/// enough CPU to enforce timeouts and answer the host. Interpreters go back to 0.
+pub const AGENT_NICE: i32 = -10;
+
 fn harden() {
+    if let Err(e) = rustix::process::setpriority_process(None, AGENT_NICE) {
+        log::warn(format_args!("cannot raise the agent's priority: {e}"));
+    }
     for (key, value) in SYSCTLS {
         let path = Path::new("/proc/sys").join(key);
         match fs::write(&path, value) {

@@ -112,6 +112,8 @@ pub struct Interpreter {
     commands: pipe::Sender,
     exit: oneshot::Receiver<WaitStatus>,
     exited: Option<WaitStatus>,
+    /// The interpreter's cgroup (in a VM): it and everything it started, killed in one write.
+    group: Option<crate::memory::Group>,
 }
 
 impl Interpreter {
@@ -128,6 +130,13 @@ impl Interpreter {
         let child_status = above_4(&status_write).map_err(|e| pipes_error(e.into()))?;
         drop((cmd_read, status_write));
 
+        let group = crate::memory::guard().and_then(|guard| match guard.new_group() {
+            Ok(group) => Some(group),
+            Err(e) => {
+                log::warn(format_args!("{language} interpreter: no cgroup of its own: {e}"));
+                None
+            }
+        });
         let config = &ctx.config;
         let mut command = Command::new(&program);
         command
@@ -149,7 +158,7 @@ impl Interpreter {
                     SANDBOX_GID,
                     SANDBOX_NPROC,
                 )),
-                cgroup_procs: crate::memory::guard().map(crate::memory::Guard::procs_fd),
+                cgroup_procs: group.as_ref().map(crate::memory::Group::procs_fd),
             },
         );
         let (mut child, exit) =
@@ -193,6 +202,7 @@ impl Interpreter {
             commands,
             exit,
             exited: None,
+            group,
         };
         interpreter.wait_ready(&program).await?;
         Ok(interpreter)
@@ -400,8 +410,7 @@ impl Interpreter {
                 self.exited = Some(status.unwrap_or(WaitStatus::Signaled(sys::SIGKILL)));
             }
         }
-        let _ = sys::kill_group(self.pid, Signal::KILL);
-        self.sweep(true);
+        self.kill_all(true);
         if self.exited.is_none() {
             let exit = &mut self.exit;
             match self.pipes.pump_until(sink, timeout(KILL_WAIT, exit)).await {
@@ -416,6 +425,19 @@ impl Interpreter {
                 )),
             }
         }
+    }
+
+    /// SIGKILLs the interpreter and everything it started: its cgroup in one write (a fork
+    /// bomb cannot outrun that), else its process group and a sweep of `/proc`.
+    fn kill_all(&self, by_uid: bool) {
+        if let Some(group) = &self.group {
+            match group.kill() {
+                Ok(()) => return,
+                Err(e) => log::warn(format_args!("cannot kill the interpreter's cgroup: {e}")),
+            }
+        }
+        let _ = sys::kill_group(self.pid, Signal::KILL);
+        self.sweep(by_uid);
     }
 
     /// Kills the rest of the interpreter's session and, with `by_uid` in the VM, every process
@@ -448,8 +470,7 @@ impl Interpreter {
 impl Drop for Interpreter {
     fn drop(&mut self) {
         // Nothing of a discarded interpreter may keep running: not it, not what it started.
-        let _ = sys::kill_group(self.pid, Signal::KILL);
-        self.sweep(false);
+        self.kill_all(false);
         self.ctx.remove_session(self.pid);
     }
 }

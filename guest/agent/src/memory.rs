@@ -3,20 +3,23 @@
 //! - **Swap** on zram (lz4): pages the programs do not touch are compressed instead of
 //!   pushing the VM into an out-of-memory state. The device node is removed once swap is on,
 //!   so the sandbox cannot read or rewrite swapped pages through it.
-//! - **The guard**: every interpreter (and so every process of the sandbox user) runs in the
-//!   cgroup v2 group `/sys/fs/cgroup/sandbox`, whose `memory.max` leaves the agent and the
-//!   kernel a reserve. When the programs need more, the kernel kills the whole group
-//!   (`memory.oom.group`): the execution ends with 137 and the agent, outside the group (and
-//!   PID 1, which the kernel never picks), keeps serving. `pids.max` bounds process counts.
+//! - **The guard**: every interpreter (and so every process of the sandbox user) runs in a
+//!   group of its own below the cgroup v2 group `/sys/fs/cgroup/sandbox`, whose `memory.max`
+//!   leaves the agent and the kernel a reserve. When the programs need more, the kernel kills
+//!   the whole group (`memory.oom.group`): the execution ends with 137 and the agent, outside
+//!   the group (and PID 1, which the kernel never picks), keeps serving. `pids.max` bounds
+//!   process counts. An interpreter's own group ends everything it started in one write
+//!   (`cgroup.kill`), however fast it forks: no process can leave its group.
 //! - **Shared memory**: `/dev/shm` and System V segments are each capped at 1/16 of memory, so
 //!   that the tmpfs mounts together (`/tmp` and `/home/user` a quarter each) stay within 5/8.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::mount::MountFlags;
 
@@ -116,19 +119,38 @@ fn oom_kills(events: &str) -> u64 {
         .sum()
 }
 
-/// The memory guard once set up: the group's `cgroup.procs` (which every interpreter writes
-/// itself into before it drops privileges) and `memory.events`.
+/// The memory guard once set up: the group's directory and `memory.events`.
 pub struct Guard {
-    procs: OwnedFd,
+    group: PathBuf,
     events: PathBuf,
     /// `memory.max`, for the note on a kill.
     pub limit_bytes: u64,
 }
 
+/// Names interpreters' groups.
+static GROUPS: AtomicU64 = AtomicU64::new(0);
+
 impl Guard {
-    /// The descriptor a child writes `0` to, joining the group (it is close-on-exec).
-    pub fn procs_fd(&self) -> RawFd {
-        self.procs.as_raw_fd()
+    /// A new group below the guard's for one interpreter.
+    pub fn new_group(&self) -> io::Result<Group> {
+        let dir = self
+            .group
+            .join(format!("i{}", GROUPS.fetch_add(1, Ordering::Relaxed)));
+        mkdir(&dir, 0o755)?;
+        let procs = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(dir.join("cgroup.procs"));
+        match procs {
+            Ok(procs) => Ok(Group {
+                dir,
+                procs: procs.into(),
+            }),
+            Err(e) => {
+                let _ = fs::remove_dir(&dir);
+                Err(e)
+            }
+        }
     }
 
     /// Kills by the guard so far (0 when unreadable).
@@ -142,6 +164,34 @@ impl Guard {
             "\nexec-sandbox: out of memory: the sandbox's processes needed more than {} MiB and were killed (exit code 137)\n",
             self.limit_bytes / MIB
         )
+    }
+}
+
+/// One interpreter's group: it and everything it starts. Removed on drop (once empty).
+#[derive(Debug)]
+pub struct Group {
+    dir: PathBuf,
+    procs: OwnedFd,
+}
+
+impl Group {
+    /// The descriptor a child writes `0` to, joining the group (it is close-on-exec).
+    pub fn procs_fd(&self) -> RawFd {
+        self.procs.as_raw_fd()
+    }
+
+    /// SIGKILLs every process in the group at once (`cgroup.kill`).
+    pub fn kill(&self) -> io::Result<()> {
+        write(&self.dir.join("cgroup.kill"), "1")
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        // Fails while killed processes are not reaped yet; the parent's directory is then
+        // left with an empty child, which costs nothing.
+        let _ = self.kill();
+        let _ = fs::remove_dir(&self.dir);
     }
 }
 
@@ -225,13 +275,9 @@ fn make_guard(limit_bytes: u64) -> io::Result<Guard> {
     write(&group.join("memory.max"), &limit_bytes.to_string())?;
     write(&group.join("memory.oom.group"), "1")?;
     write(&group.join("pids.max"), &SANDBOX_NPROC.to_string())?;
-    let procs = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(group.join("cgroup.procs"))?;
     Ok(Guard {
-        procs: File::into(procs),
         events: group.join("memory.events"),
+        group,
         limit_bytes,
     })
 }

@@ -328,6 +328,9 @@ pub fn sandbox_child(command: &mut Command, setup: ChildSetup) {
         dup2_in_child(setup.status_fd, 4)?;
         // The child is not a process-group leader, so this cannot fail with EPERM.
         rustix::process::setsid()?;
+        // The agent runs at a raised priority (`init::AGENT_NICE`); programs do not. (Outside a
+        // VM the agent may not be allowed to lower a nice value it did not raise: no matter.)
+        let _ = rustix::process::setpriority_process(None, 0);
         rustix::thread::set_no_new_privs(true)?;
         if let Some((uid, gid, nproc)) = setup.drop_to {
             let limit = Rlimit {
@@ -335,6 +338,12 @@ pub fn sandbox_child(command: &mut Command, setup: ChildSetup) {
                 maximum: Some(nproc),
             };
             rustix::process::setrlimit(Resource::Nproc, limit)?;
+            // An empty bounding set: nothing the program executes can regain a capability,
+            // whatever file capabilities it carries. Numbers past the kernel's last are EINVAL.
+            for cap in 0..64 {
+                // SAFETY: prctl with integer arguments only.
+                unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+            }
             // The `_thread` calls are the raw system calls, which change only the calling
             // thread's credentials: the forked child has one thread, so that is the process.
             rustix::thread::set_thread_groups(&[])?;
@@ -346,8 +355,8 @@ pub fn sandbox_child(command: &mut Command, setup: ChildSetup) {
         rustix::process::set_dumpable_behavior(DumpableBehavior::NotDumpable)?;
         Ok(())
     };
-    // SAFETY: the closure only makes async-signal-safe system calls (dup2, setsid, prctl,
-    // write, prlimit, setgroups, setgid, setuid) on plain integers captured by value; it allocates
+    // SAFETY: the closure only makes async-signal-safe system calls (dup2, setsid,
+    // setpriority, prctl, write, prlimit, setgroups, setgid, setuid) on plain integers captured by value; it allocates
     // nothing and takes no locks, so it is sound between fork and exec.
     unsafe { command.pre_exec(pre_exec) };
 }

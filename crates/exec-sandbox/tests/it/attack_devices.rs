@@ -31,15 +31,15 @@ async fn dev_offers_the_sandbox_user_nothing_dangerous() {
         r#"{PROBE_OPEN}
 echo "id: $(id -u):$(id -g)"
 echo "listing: $(ls -A /dev | tr '\n' ' ')"
-for d in /dev/mem /dev/kmem /dev/port /dev/kvm /dev/vda /dev/vdb /dev/sda /dev/hvc0 /dev/tty0 \
+for d in /dev/zram0 /dev/mem /dev/kmem /dev/port /dev/kvm /dev/vda /dev/vdb /dev/sda /dev/hvc0 /dev/tty0 \
          /dev/tty1 /dev/loop0 /dev/loop-control /dev/fuse /dev/mapper /dev/virtio-ports \
          /dev/vsock /dev/vhost-vsock /dev/vhost-net /dev/net/tun /dev/uinput /dev/cpu /dev/snapshot; do
     probe_open "$d"
 done
 for d in /dev/vport* /dev/console /dev/ttyS0 /dev/hwrng /dev/kmsg; do probe_open "$d"; done
-# Every block device except the zram swap (configured by the agent, covered elsewhere).
-echo "block devices: $(find /dev -type b ! -name zram0 | tr '\n' ' ')"
-for d in $(find /dev -type b ! -name zram0); do probe_open "$d"; done
+# Every block device (none: the root disk's node and the swap's are removed once in use).
+echo "block devices: $(find /dev -type b | tr '\n' ' ')"
+for d in $(find /dev -type b); do probe_open "$d"; done
 # Character devices everyone may open; any other one must refuse the sandbox user.
 for d in $(find /dev -type c); do
     case "${{d#/dev/}}" in
@@ -56,7 +56,7 @@ done
     let listing: Vec<&str> = outcome(&r, "listing").split_whitespace().collect();
     let unexpected: Vec<&&str> = listing
         .iter()
-        .filter(|n| !ALLOWED.contains(n) && **n != "zram0" && !is_vport(n))
+        .filter(|n| !ALLOWED.contains(n) && !is_vport(n))
         .collect();
     assert!(
         unexpected.is_empty(),
@@ -68,6 +68,7 @@ done
     );
 
     for absent in [
+        "/dev/zram0",
         "/dev/mem",
         "/dev/kmem",
         "/dev/port",

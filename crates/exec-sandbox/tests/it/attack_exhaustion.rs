@@ -1,5 +1,5 @@
-//! Resource exhaustion: fork and thread bombs, filling the disk and its inodes, output floods,
-//! more connections than the gateway allows and floods of DNS lookups. Each ends (by a limit,
+//! Resource exhaustion: fork and thread bombs, filling the disk and its inodes, memory hogs,
+//! output floods, more connections than the gateway allows and floods of DNS lookups. Each ends (by a limit,
 //! an error or the timeout), the run returns its result, and the next run works.
 
 use std::time::{Duration, Instant};
@@ -324,4 +324,44 @@ async fn a_fork_bomb_in_a_session_ends_at_the_timeout() {
     }
     s.close().await;
     next_run_works().await;
+}
+
+/// Appends 1 MiB chunks that are not one repeated byte (zram keeps those for free) until the
+/// guard kills the program, printing the count every 10 MiB.
+const PYTHON_HOG: &str = r#"
+chunks = []
+pattern = bytes(range(256)) * 4096
+while True:
+    chunks.append(bytearray(pattern))
+    if len(chunks) % 10 == 0:
+        print(len(chunks), flush=True)
+"#;
+
+#[tokio::test]
+async fn memory_hogs_are_killed_with_137_and_the_agent_reports_it() {
+    // Swapping under TCG is slow when the cores are shared: a generous timeout.
+    let r = run_with(RunOptions::new(Language::Python, PYTHON_HOG).timeout_seconds(180)).await;
+    assert_eq!(r.exit_code, 137, "{}\n{}", r.stdout, r.stderr);
+    assert!(!r.timed_out);
+    let reached: u32 = r
+        .stdout
+        .lines()
+        .last()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0);
+    // 256 MB of guest memory, of which the guard gives the programs 210 MiB: compressed swap
+    // takes them further before the kill.
+    assert!(reached > 210, "only {reached} MiB before the kill");
+    // The note comes from the agent, after the kill: it survived and kept serving.
+    assert!(
+        r.stderr
+            .contains("out of memory: the sandbox's processes needed more than"),
+        "{}",
+        r.stderr
+    );
+    // A shell's child that reads an endless line: the whole group goes, the shell included.
+    let r = run(Language::Raw, "tail /dev/zero; echo survived").await;
+    assert_eq!(r.exit_code, 137, "{}", r.stderr);
+    assert!(!r.stdout.contains("survived"), "{}", r.stdout);
+    assert!(r.stderr.contains("out of memory"), "{}", r.stderr);
 }
