@@ -4,10 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use exec_sandbox::{
-    Error, ExecOptions, Language, RunOptions, SessionCloseReason, SessionOptions,
-    limits::HOST_TIMEOUT_GRACE,
-};
+use exec_sandbox::{ExecOptions, Language, RunOptions, SessionOptions, limits::HOST_TIMEOUT_GRACE};
 
 use crate::attack_gateway::TwoVhosts;
 use crate::support::{chain, expect_outcome, outcome, run, run_with};
@@ -34,10 +31,10 @@ async fn a_fork_bomb_ends_at_the_timeout_and_the_next_run_works() {
     let elapsed = started.elapsed();
     assert!(r.timed_out && r.exit_code == -1, "{r:?}");
     assert!(!r.stdout.contains("survived"), "{r:?}");
-    // Enforced in the guest or, when the bomb starves the agent (as it does under TCG), by
-    // the host.
+    // Enforced in the guest: the bomb cannot starve the agent or outrun its cleanup.
     assert!(
-        r.stderr.contains("Execution timed out after 5 s"),
+        r.stderr.contains("Execution timed out after 5 s")
+            && !r.stderr.contains("enforced by the host"),
         "{}",
         r.stderr
     );
@@ -286,10 +283,9 @@ print("allowed after: %s" % socket.gethostbyname("fixture.test").startswith("198
     assert!(more >= lookups - 50, "{refusals:?}");
 }
 
-/// A fork bomb in a session: the execution ends at its timeout. At the default process limit
-/// the guest agent's cleanup (a /proc scan and kill per process, five rounds) can outlast the
-/// host's grace under TCG; the host then destroys the VM and the session closes as lost.
-/// Either way nothing of the bomb survives into a later execution or run.
+/// A fork bomb in a session: the execution ends at its timeout, enforced by the guest (the
+/// agent, at a raised priority, kills the interpreter's cgroup in one write), and the session
+/// carries on with its state and nothing of the bomb left.
 #[tokio::test]
 async fn a_fork_bomb_in_a_session_ends_at_the_timeout() {
     let s = crate::support::scheduler()
@@ -317,10 +313,7 @@ async fn a_fork_bomb_in_a_session_ends_at_the_timeout() {
             let processes: u32 = outcome(&next, "processes").parse().unwrap();
             assert!(processes < 10, "the bomb survived: {next:?}");
         }
-        Err(Error::SessionClosed { reason }) => {
-            assert_eq!(reason, SessionCloseReason::VmLost);
-        }
-        Err(e) => panic!("next exec: {}", chain(&e)),
+        Err(e) => panic!("the session did not survive the bomb: {}", chain(&e)),
     }
     s.close().await;
     next_run_works().await;
