@@ -150,11 +150,13 @@ fn apply(config: &mut SchedulerConfig, overrides: &Bound<'_, PyDict>) -> PyResul
             }
         }
     }
-    config.validate().map_err(|e| {
-        errors::sandbox_error(exec_sandbox::Error::Validation(e))
-    })?;
+    config
+        .validate()
+        .map_err(|e| errors::sandbox_error(exec_sandbox::Error::Validation(e)))?;
     exec_sandbox::validate::idle_timeout(idle).map_err(|e| {
-        let message = e.to_string().replacen("idle_timeout_seconds", SESSION_IDLE_TIMEOUT, 1);
+        let message = e
+            .to_string()
+            .replacen("idle_timeout_seconds", SESSION_IDLE_TIMEOUT, 1);
         errors::validation_error(SESSION_IDLE_TIMEOUT, message)
     })?;
     Ok(idle)

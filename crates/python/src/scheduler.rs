@@ -98,7 +98,10 @@ impl NativeScheduler {
         packages=Vec::new(), allow_network=false, allowed_domains=None, expose_ports=Vec::new(),
         on_stdout=None, on_stderr=None, on_boot_log=None
     ))]
-    #[expect(clippy::too_many_arguments, reason = "the reference's keyword arguments")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the reference's keyword arguments"
+    )]
     fn run<'py>(
         &self,
         py: Python<'py>,
@@ -128,7 +131,10 @@ impl NativeScheduler {
         options.on_boot_log = output_callback(on_boot_log);
         let scheduler = self.inner.clone();
         future_into_py(py, async move {
-            let result = scheduler.run(options).await.map_err(errors::sandbox_error)?;
+            let result = scheduler
+                .run(options)
+                .await
+                .map_err(errors::sandbox_error)?;
             result_json(&result)
         })
     }
@@ -139,7 +145,10 @@ impl NativeScheduler {
         allowed_domains=None, expose_ports=Vec::new(), env_vars=Vec::new(),
         idle_timeout_seconds=None
     ))]
-    #[expect(clippy::too_many_arguments, reason = "the reference's keyword arguments")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the reference's keyword arguments"
+    )]
     fn session<'py>(
         &self,
         py: Python<'py>,

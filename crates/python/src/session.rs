@@ -132,8 +132,8 @@ impl NativeSession {
                 Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
                 _ => PathBuf::from("."),
             };
-            let partial = tempfile::NamedTempFile::new_in(&dir)
-                .map_err(|e| local_error(&destination, e))?;
+            let partial =
+                tempfile::NamedTempFile::new_in(&dir).map_err(|e| local_error(&destination, e))?;
             let file = partial.reopen().map_err(|e| local_error(&destination, e))?;
             let mut file = tokio::fs::File::from_std(file);
             let read = session
