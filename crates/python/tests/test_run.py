@@ -26,6 +26,24 @@ async def test_run_returns_an_immutable_result(scheduler: Scheduler) -> None:
         result.stdout = ""  # type: ignore[misc]
 
 
+async def test_reference_readme_examples_run_unchanged(scheduler: Scheduler) -> None:
+    result = await scheduler.run(code="print('Hello, World!')", language="python")
+    assert (result.stdout, result.exit_code) == ("Hello, World!\n", 0)
+
+    seen: list[str] = []
+    result = await scheduler.run(
+        code="for i in range(5): print(i)",
+        language="python",
+        on_stdout=lambda chunk: seen.append(f"[OUT] {chunk}"),
+        on_stderr=lambda chunk: seen.append(f"[ERR] {chunk}"),
+    )
+    assert "".join(seen).replace("[OUT] ", "") == result.stdout == "0\n1\n2\n3\n4\n"
+
+    # VMs are never reused: state does not persist between runs (code given positionally).
+    await scheduler.run("x = 42", language="python")
+    assert "NameError" in (await scheduler.run("print(x)", language="python")).stderr
+
+
 async def test_result_has_every_field_of_the_library_result(scheduler: Scheduler) -> None:
     native = json.loads(await scheduler._started().run("python", "print(1)"))
     assert set(native) == {f.name for f in dataclasses.fields(ExecutionResult)}
@@ -45,8 +63,9 @@ async def test_callbacks_stream_in_order_on_the_event_loop(scheduler: Scheduler)
 
     code = (
         "import sys, time\n"
-        "for i in range(4):\n"
+        "for i in range(3):\n"
         "    print(f'out{i}', flush=True)\n"
+        "    time.sleep(0.15)\n"
         "    print(f'err{i}', file=sys.stderr, flush=True)\n"
         "    time.sleep(0.15)\n"
     )
@@ -54,11 +73,12 @@ async def test_callbacks_stream_in_order_on_the_event_loop(scheduler: Scheduler)
         code=code, on_stdout=recorder("out"), on_stderr=recorder("err"), timeout_seconds=20
     )
     assert threads == {threading.get_ident()}
-    assert "".join(c for s, c in events if s == "out") == result.stdout == "out0\nout1\nout2\nout3\n"
+    assert "".join(c for s, c in events if s == "out") == result.stdout == "out0\nout1\nout2\n"
     assert "".join(c for s, c in events if s == "err") == result.stderr
-    # Output 150 ms apart arrives in the order it was written, across both streams.
+    # Output 150 ms apart (the guest flushes every 50 ms) arrives in the order it was written,
+    # across both streams.
     lines = [line for _, chunk in events for line in chunk.split()]
-    assert lines == [f"{kind}{i}" for i in range(4) for kind in ("out", "err")]
+    assert lines == [f"{kind}{i}" for i in range(3) for kind in ("out", "err")]
 
 
 async def test_callback_exception_is_raised_from_run(scheduler: Scheduler) -> None:
@@ -72,6 +92,13 @@ async def test_callback_exception_is_raised_from_run(scheduler: Scheduler) -> No
         await scheduler.run(code="print('a', flush=True)\nprint('b')", on_stdout=explode)
     assert len(seen) == 1  # not called again after it raised
     assert any("on_stdout" in note for note in getattr(raised.value, "__notes__", ["on_stdout"]))
+
+
+async def test_boot_log_streams_the_console(scheduler: Scheduler) -> None:
+    console: list[str] = []
+    result = await scheduler.run(code="print('booted')", on_boot_log=console.append)
+    assert result.stdout == "booted\n"
+    assert console and all(isinstance(chunk, str) for chunk in console)
 
 
 async def test_timeout_is_a_result(scheduler: Scheduler) -> None:

@@ -55,7 +55,9 @@ async def test_session_keeps_state_and_moves_files(scheduler: Scheduler, tmp_pat
 
 
 async def test_session_timeout_restarts_the_interpreter(scheduler: Scheduler) -> None:
-    async with await scheduler.session(language="python") as session:
+    async with await scheduler.session(language="python", expose_ports=[8080]) as session:
+        (port,) = session.exposed_ports
+        assert port.internal == 8080 and port.url == f"http://127.0.0.1:{port.external}"
         await session.exec("y = 1")
         result = await session.exec("while True: pass", timeout_seconds=1)
         assert result.timed_out and result.exit_code == -1
