@@ -133,7 +133,9 @@ impl Interpreter {
         let group = crate::memory::guard().and_then(|guard| match guard.new_group() {
             Ok(group) => Some(group),
             Err(e) => {
-                log::warn(format_args!("{language} interpreter: no cgroup of its own: {e}"));
+                log::warn(format_args!(
+                    "{language} interpreter: no cgroup of its own: {e}"
+                ));
                 None
             }
         });
