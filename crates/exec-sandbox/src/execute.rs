@@ -123,6 +123,9 @@ pub(crate) struct Execution {
     pub on_stdout: Option<OutputCallback>,
     /// Receives kept stderr chunks as they arrive.
     pub on_stderr: Option<OutputCallback>,
+    /// How long past the timeout the host waits for the guest's own answer
+    /// ([`limits::host_timeout_grace`]).
+    pub host_grace: Duration,
 }
 
 /// Runs `execution` in the VM behind `link`, with the host's own deadline a grace period past
@@ -135,6 +138,7 @@ pub(crate) async fn execute(link: Link<'_>, execution: Execution) -> Result<Coll
         env,
         on_stdout,
         on_stderr,
+        host_grace,
     } = execution;
     let request = ExecRequest {
         language,
@@ -144,7 +148,7 @@ pub(crate) async fn execute(link: Link<'_>, execution: Execution) -> Result<Coll
         stdout_limit: limits::MAX_STDOUT_BYTES,
         stderr_limit: limits::MAX_STDERR_BYTES,
     };
-    let host_deadline = Duration::from_secs(timeout_seconds) + limits::HOST_TIMEOUT_GRACE;
+    let host_deadline = Duration::from_secs(timeout_seconds) + host_grace;
     let channel_error = |source| VmError::Channel {
         name: link.name.to_string(),
         source,
@@ -234,6 +238,7 @@ mod tests {
             env: vec![("A".into(), "1".into())],
             on_stdout: None,
             on_stderr: None,
+            host_grace: limits::HOST_TIMEOUT_GRACE,
         }
     }
 

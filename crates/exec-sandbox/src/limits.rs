@@ -40,8 +40,21 @@ pub const MAX_CONCURRENT_VMS: usize = 100;
 pub const DEFAULT_MAX_CONCURRENT_VMS: usize = 10;
 
 /// Time the host waits past the execution timeout before it stops trusting the guest and kills
-/// the VM itself. Covers the guest's SIGTERM grace period and the final drain.
+/// the VM itself, under KVM. Covers the guest's SIGTERM grace period, its cleanup and the final
+/// drain.
 pub const HOST_TIMEOUT_GRACE: Duration = Duration::from_secs(5);
+/// The same under software emulation, where the guest runs several times slower, and its
+/// cleanup with it (a fork bomb's thousand processes to kill and reap on a loaded host took
+/// more than 5 s).
+pub const HOST_TIMEOUT_GRACE_TCG: Duration = Duration::from_secs(15);
+
+/// [`HOST_TIMEOUT_GRACE`] or [`HOST_TIMEOUT_GRACE_TCG`], for VMs under `accelerator`.
+pub fn host_timeout_grace(accelerator: crate::Accelerator) -> Duration {
+    match accelerator {
+        crate::Accelerator::Kvm => HOST_TIMEOUT_GRACE,
+        crate::Accelerator::Tcg => HOST_TIMEOUT_GRACE_TCG,
+    }
+}
 /// Deadline for a VM to boot and its agent to say hello, under KVM.
 pub const BOOT_DEADLINE_KVM: Duration = Duration::from_secs(10);
 /// Deadline for a VM to boot and its agent to say hello, under software emulation.

@@ -281,6 +281,7 @@ impl Scheduler {
                 env: options.env_vars,
                 on_stdout: options.on_stdout,
                 on_stderr: options.on_stderr,
+                host_grace: limits::host_timeout_grace(accelerator.accelerator),
             },
         )
         .await;

@@ -407,6 +407,7 @@ impl<V: VmHandle> Inner<V> {
             env,
             on_stdout: options.on_stdout,
             on_stderr: options.on_stderr,
+            host_grace: limits::host_timeout_grace(self.accelerator.accelerator),
         };
         // Waiting for the turn counts as an operation in progress, and the turn is held until
         // a closing verdict is in: an exec queued behind one that closes the session fails.
@@ -889,9 +890,11 @@ mod tests {
                 .exec(ExecOptions::new("hang").timeout_seconds(3))
                 .await
                 .unwrap();
+            // The fake session's accelerator decides the grace (TCG: the longer one).
             assert_eq!(
                 started.elapsed(),
-                Duration::from_secs(3) + limits::HOST_TIMEOUT_GRACE
+                Duration::from_secs(3)
+                    + limits::host_timeout_grace(s.inner.accelerator.accelerator)
             );
             assert!(r.timed_out && r.exit_code == -1);
             let err = s.inner.exec(ExecOptions::new("0")).await.unwrap_err();

@@ -90,6 +90,8 @@ enum Ended {
     Died(WaitStatus),
     /// The deadline passed.
     TimedOut,
+    /// The sandbox is at its memory limit with its swap full (`memory::Guard::exhausted`).
+    OutOfMemory,
 }
 
 /// The result of running code: what to report, and whether the interpreter survived.
@@ -323,10 +325,17 @@ impl Interpreter {
         } = self;
         let ended = pipes
             .pump_until(&mut sink, async {
+                let mut exhausted = std::pin::pin!(async {
+                    match guard {
+                        Some(guard) => guard.exhausted().await,
+                        None => std::future::pending().await,
+                    }
+                });
                 tokio::select! {
                     biased;
                     st = &mut *exit => return Ended::Died(st.unwrap_or(WaitStatus::Signaled(sys::SIGKILL))),
                     _ = sleep_until(deadline) => return Ended::TimedOut,
+                    () = &mut exhausted => return Ended::OutOfMemory,
                     // A failed write means the driver is gone: the exit status tells how.
                     _ = commands.write_all(&command) => {}
                 }
@@ -355,12 +364,14 @@ impl Interpreter {
                         }
                         st = &mut *exit => return Ended::Died(st.unwrap_or(WaitStatus::Signaled(sys::SIGKILL))),
                         _ = sleep_until(deadline) => return Ended::TimedOut,
+                        () = &mut exhausted => return Ended::OutOfMemory,
                     }
                 }
             })
             .await;
 
         let mut forged = false;
+        let mut out_of_memory = false;
         let (exit_code, timed_out, alive) = match ended {
             Ended::Completed { code, forged: f } => {
                 forged = f;
@@ -374,6 +385,11 @@ impl Interpreter {
                 self.terminate(&mut sink).await;
                 (-1, true, false)
             }
+            Ended::OutOfMemory => {
+                out_of_memory = true;
+                self.kill_and_wait(&mut sink).await;
+                (WaitStatus::Signaled(sys::SIGKILL).code(), false, false)
+            }
         };
         // Everything the program wrote before it finished is in the pipes now.
         self.pipes.drain(&mut sink).await;
@@ -385,7 +401,7 @@ impl Interpreter {
         }
         if let (Some(guard), Some(before)) = (guard, kills_before)
             && exit_code == WaitStatus::Signaled(sys::SIGKILL).code()
-            && guard.kills() > before
+            && (out_of_memory || guard.kills() > before)
         {
             sink.note(&guard.note()).await;
         }
@@ -412,6 +428,11 @@ impl Interpreter {
                 self.exited = Some(status.unwrap_or(WaitStatus::Signaled(sys::SIGKILL)));
             }
         }
+        self.kill_and_wait(sink).await;
+    }
+
+    /// SIGKILLs the interpreter and everything it started, and waits for its exit.
+    async fn kill_and_wait(&mut self, sink: &mut ExecSink<'_>) {
         self.kill_all(true);
         if self.exited.is_none() {
             let exit = &mut self.exit;

@@ -125,6 +125,23 @@ pub struct Guard {
     events: PathBuf,
     /// `memory.max`, for the note on a kill.
     pub limit_bytes: u64,
+    /// The swap the group can fill (0 without swap).
+    swap_bytes: u64,
+}
+
+/// How close to the limit and to a full swap counts as exhausted.
+const EXHAUSTED_SLACK: u64 = 4 * MIB;
+/// How often [`Guard::exhausted`] looks during an execution.
+const WATCH_PERIOD: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Whether a group using `current` bytes of memory (page cache included) and `swap` bytes of
+/// swap is exhausted: at its limit with its swap full. The kernel would kill it too, but only
+/// once reclaim stops finding anything, and evicting the program's own code pages and reading
+/// them back can postpone that for minutes on a slow host.
+fn is_exhausted(current: u64, swap: u64, limit: u64, swap_size: u64) -> bool {
+    swap_size > EXHAUSTED_SLACK
+        && current.saturating_add(EXHAUSTED_SLACK) >= limit
+        && swap.saturating_add(EXHAUSTED_SLACK) >= swap_size
 }
 
 /// Names interpreters' groups.
@@ -149,6 +166,23 @@ impl Guard {
             Err(e) => {
                 let _ = fs::remove_dir(&dir);
                 Err(e)
+            }
+        }
+    }
+
+    /// Returns (only) once the sandbox is exhausted ([`is_exhausted`]), looking every 250 ms.
+    pub async fn exhausted(&self) {
+        let read = |name: &str| -> u64 {
+            fs::read_to_string(self.group.join(name))
+                .ok()
+                .and_then(|text| text.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        loop {
+            tokio::time::sleep(WATCH_PERIOD).await;
+            let (current, swap) = (read("memory.current"), read("memory.swap.current"));
+            if is_exhausted(current, swap, self.limit_bytes, self.swap_bytes) {
+                return;
             }
         }
     }
@@ -216,9 +250,13 @@ pub fn setup() {
             return;
         }
     };
-    if let Err(e) = swap_on(budget.swap_bytes) {
-        log::warn(format_args!("memory: no compressed swap: {e}"));
-    }
+    let swapping = match swap_on(budget.swap_bytes) {
+        Ok(()) => true,
+        Err(e) => {
+            log::warn(format_args!("memory: no compressed swap: {e}"));
+            false
+        }
+    };
     if let Err(e) = mount_shm(budget.shm_mb) {
         log::warn(format_args!("memory: /dev/shm: {e}"));
     }
@@ -227,7 +265,8 @@ pub fn setup() {
             log::warn(format_args!("memory: cannot set {key}={value}: {e}"));
         }
     }
-    match make_guard(budget.guard_bytes) {
+    let swap_bytes = if swapping { budget.swap_bytes } else { 0 };
+    match make_guard(budget.guard_bytes, swap_bytes) {
         Ok(guard) => {
             let _ = GUARD.set(guard);
         }
@@ -265,7 +304,7 @@ fn mount_shm(shm_mb: u64) -> io::Result<()> {
 
 /// Mounts cgroup v2, enables the memory and pids controllers below the root, and makes the
 /// sandbox group.
-fn make_guard(limit_bytes: u64) -> io::Result<Guard> {
+fn make_guard(limit_bytes: u64, swap_bytes: u64) -> io::Result<Guard> {
     let root = Path::new(CGROUP_ROOT);
     mkdir(root, 0o755)?;
     mount("cgroup2", root, "cgroup2", NOSUID_NODEV_NOEXEC, None)?;
@@ -279,6 +318,7 @@ fn make_guard(limit_bytes: u64) -> io::Result<Guard> {
         events: group.join("memory.events"),
         group,
         limit_bytes,
+        swap_bytes,
     })
 }
 
@@ -332,6 +372,19 @@ mod tests {
             120 * 256 - 1
         );
         assert!(page[..1024].iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn exhausted_means_at_the_limit_with_swap_full() {
+        let (limit, swap) = (210 * MIB, 120 * MIB);
+        assert!(is_exhausted(limit, swap, limit, swap));
+        assert!(is_exhausted(limit - MIB, swap - MIB, limit, swap));
+        // At the limit with swap to spare: the kernel swaps, nothing to do.
+        assert!(!is_exhausted(limit, 60 * MIB, limit, swap));
+        // Swap full but room in memory (the program freed some): nothing to do.
+        assert!(!is_exhausted(150 * MIB, swap, limit, swap));
+        // Without swap the watch is off: page cache alone can sit at the limit.
+        assert!(!is_exhausted(limit, 0, limit, 0));
     }
 
     #[test]
