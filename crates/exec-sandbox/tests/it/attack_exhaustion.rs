@@ -6,9 +6,8 @@ use std::time::{Duration, Instant};
 
 use exec_sandbox::{ExecOptions, Language, RunOptions, SessionOptions, limits::HOST_TIMEOUT_GRACE};
 
-use crate::attack_gateway::TwoVhosts;
+use crate::attack_gateway::{TwoVhosts, on_fixture_test};
 use crate::support::{chain, expect_outcome, outcome, run, run_with};
-use crate::vm_network::{run_on, scheduler};
 
 /// The scheduler still runs code after an attack.
 async fn next_run_works() {
@@ -210,14 +209,7 @@ while True:
         port = fixture.port,
         tries = limit + 20,
     );
-    let result = run_on(
-        &scheduler(true),
-        RunOptions::new(Language::Python, code)
-            .allow_network()
-            .allowed_domains(["fixture.test"])
-            .timeout_seconds(180),
-    )
-    .await;
+    let result = on_fixture_test(code, 180).await;
     assert_eq!(result.exit_code, 0, "{result:?}");
     let held: usize = outcome(&result, "held").parse().unwrap();
     let refused: usize = outcome(&result, "refused").parse().unwrap();
@@ -256,14 +248,7 @@ print("allowed after: %s" % socket.gethostbyname("fixture.test").startswith("198
 "#
     );
     let started = Instant::now();
-    let result = run_on(
-        &scheduler(true),
-        RunOptions::new(Language::Python, code)
-            .allow_network()
-            .allowed_domains(["fixture.test"])
-            .timeout_seconds(120),
-    )
-    .await;
+    let result = on_fixture_test(code, 120).await;
     assert_eq!(result.exit_code, 0, "{result:?}");
     expect_outcome(&result, "answered", &["0"]);
     expect_outcome(&result, "refused", &[&lookups.to_string()]);

@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use exec_sandbox::{Language, RunOptions};
+use exec_sandbox::{ExecutionResult, Language, RunOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::vm_network::{Fixture, PROBES, run_on, scheduler};
@@ -68,6 +68,19 @@ impl TwoVhosts {
     }
 }
 
+/// Runs Python `code` with the network allowed to `fixture.test` only (which resolves to the
+/// loopback fixtures: the operator switch is on), within `timeout_seconds`.
+pub(crate) async fn on_fixture_test(code: String, timeout_seconds: u64) -> ExecutionResult {
+    run_on(
+        &scheduler(true),
+        RunOptions::new(Language::Python, code)
+            .allow_network()
+            .allowed_domains(["fixture.test"])
+            .timeout_seconds(timeout_seconds),
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_and_keep_alive_requests_must_name_the_allowed_host() {
     let fixture = TwoVhosts::start().await;
@@ -99,14 +112,7 @@ talk("keep-alive", [req("fixture.test"), req("other.test")])
 "#,
         port = fixture.port
     );
-    let result = run_on(
-        &scheduler(true),
-        RunOptions::new(Language::Python, code)
-            .allow_network()
-            .allowed_domains(["fixture.test"])
-            .timeout_seconds(120),
-    )
-    .await;
+    let result = on_fixture_test(code, 120).await;
     let out = &result.stdout;
     let line = |name: &str| {
         out.lines()
@@ -278,14 +284,7 @@ probe("sni-absent", lambda: tls("fixture.test", None))
 probe("sni-match", lambda: tls("fixture.test", "fixture.test"))
 "#
     );
-    let result = run_on(
-        &scheduler(true),
-        RunOptions::new(Language::Python, code)
-            .allow_network()
-            .allowed_domains(["fixture.test"])
-            .timeout_seconds(120),
-    )
-    .await;
+    let result = on_fixture_test(code, 120).await;
     let out = &result.stdout;
     let line = |name: &str| {
         out.lines()
@@ -376,14 +375,7 @@ send("http/1.0 without host", "GET / HTTP/1.0\r\n\r\n")
 "#,
         port = fixture.port
     );
-    let result = run_on(
-        &scheduler(true),
-        RunOptions::new(Language::Python, code)
-            .allow_network()
-            .allowed_domains(["fixture.test"])
-            .timeout_seconds(120),
-    )
-    .await;
+    let result = on_fixture_test(code, 120).await;
     assert_eq!(result.exit_code, 0, "{result:?}");
     let shown = |name: &str| {
         result

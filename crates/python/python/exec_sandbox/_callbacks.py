@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 __all__ = ["OutputCallback", "Streams"]
 
@@ -84,6 +84,16 @@ class Streams:
             name, error = self.errors[0]
             _note(error, f"raised by the {name} callback; the execution ran to its end")
             raise error
+
+    async def settle(self, call: Awaitable[str]) -> str:
+        """Awaits the native call, then finishes (or abandons, on failure) the callbacks."""
+        try:
+            text = await call
+        except BaseException as e:
+            self.abandon(e)
+            raise
+        self.finish()
+        return text
 
     def abandon(self, error: BaseException | None) -> None:
         """After the call failed or was cancelled: drop later output, note callback errors."""

@@ -132,13 +132,7 @@ class Scheduler:
             on_stderr=streams.wrap("on_stderr", on_stderr),
             on_boot_log=streams.wrap("on_boot_log", on_boot_log),
         )
-        try:
-            text = await call
-        except BaseException as e:
-            streams.abandon(e)
-            raise
-        streams.finish()
-        return ExecutionResult._from_json(text)
+        return ExecutionResult._from_json(await streams.settle(call))
 
     async def session(
         self,

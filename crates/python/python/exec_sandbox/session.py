@@ -80,13 +80,7 @@ class Session:
             on_stdout=streams.wrap("on_stdout", on_stdout),
             on_stderr=streams.wrap("on_stderr", on_stderr),
         )
-        try:
-            text = await call
-        except BaseException as e:
-            streams.abandon(e)
-            raise
-        streams.finish()
-        return ExecutionResult._from_json(text)
+        return ExecutionResult._from_json(await streams.settle(call))
 
     async def write_file(self, path: str, content: Content, *, make_executable: bool = False) -> None:
         """Writes ``content`` (bytes, a local file's path, or a binary file object) to ``path``.
