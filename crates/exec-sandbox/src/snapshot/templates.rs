@@ -349,10 +349,17 @@ mod tests {
         let cache = Cache::new(tmp.path().to_path_buf(), u64::MAX);
         let templates = Templates::new(Some(cache.clone()));
         let qemu = &qemu(DYING_QEMU);
-        let spec = unbootable_spec();
+        // Each restore is its own VM with its own name, as in production: a name used again
+        // could meet the previous VM's cgroup being removed, fail to join it, and count as a
+        // QEMU that never started.
 
         let dir = publish(&cache, "k", b"device state");
-        assert!(templates.restore(qemu, &spec, "k", None).await.is_none());
+        assert!(
+            templates
+                .restore(qemu, &unbootable_spec(), "k", None)
+                .await
+                .is_none()
+        );
         assert!(
             !dir.exists(),
             "an entry that failed to restore is discarded"
@@ -364,13 +371,23 @@ mod tests {
 
         // The rebuilt entry is tried, fails again: restoring this key is given up.
         let dir = publish(&cache, "k", b"device state");
-        assert!(templates.restore(qemu, &spec, "k", None).await.is_none());
+        assert!(
+            templates
+                .restore(qemu, &unbootable_spec(), "k", None)
+                .await
+                .is_none()
+        );
         assert!(!dir.exists());
         assert!(templates.given_up("k"));
 
         // Neither restored nor rebuilt any more in this process; other keys are unaffected.
         publish(&cache, "k", b"device state");
-        assert!(templates.restore(qemu, &spec, "k", None).await.is_none());
+        assert!(
+            templates
+                .restore(qemu, &unbootable_spec(), "k", None)
+                .await
+                .is_none()
+        );
         assert!(
             cache.open("k").is_some(),
             "a given-up key's entry is left alone"
