@@ -18,7 +18,8 @@
 //! 6. the capability bounding set emptied, the ambient set cleared;
 //! 7. library running as root: `setgroups([])`, `setresgid`, `setresuid` to the QEMU user
 //!    (leaving uid 0 clears the permitted and effective sets);
-//! 8. `PR_SET_NO_NEW_PRIVS`, the parent-death signal again (a credential change clears it) and
+//! 8. `PR_SET_NO_NEW_PRIVS`, transparent huge pages off (`PR_SET_THP_DISABLE`), the
+//!    parent-death signal again (a credential change clears it) and
 //!    the parent check again; then `execve` with an empty environment.
 //!
 //! A failure in the child is written to a close-on-exec pipe as (step, index, errno) and the
@@ -818,6 +819,12 @@ fn jail_and_exec(plan: &ChildPlan<'_>) -> Result<std::convert::Infallible, Failu
         rustix::thread::set_thread_res_uid(uid, uid, uid).at(Step::Credentials)?;
     }
     rustix::thread::set_no_new_privs(true).at(Step::NoNewPrivs)?;
+    // No transparent huge pages for QEMU (kept across `execve`): its translation cache and
+    // guest RAM would otherwise be backed 2 MiB at a time, an idle clone's few MiB of translated
+    // code costing 14 MiB of host memory (`docs/measurements.md`). Best effort: a kernel
+    // without the flag only costs memory.
+    // SAFETY: prctl with integer arguments only; no memory is passed.
+    let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     // A credential change cleared the parent-death signal: set it again, and make sure the
     // parent did not die before it was set.
     rustix::process::set_parent_process_death_signal(Some(Signal::KILL))
