@@ -18,6 +18,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use sbx_protocol::Language;
 
@@ -28,7 +29,7 @@ use crate::gateway::Gateway;
 use crate::pool::{Pooled, WarmPool};
 use crate::vm::migration::Warmup;
 use crate::vm::qemu::VmSpec;
-use crate::vm::{OutputCallback, VmError, VmHandle};
+use crate::vm::{OutputCallback, StartPhases, VmError, VmHandle};
 
 /// Makes VMs: the seam between the acquisition rules and QEMU.
 pub(crate) trait VmFactory: Send + Sync {
@@ -116,6 +117,11 @@ pub(crate) struct Acquired<V> {
     pub origin: VmOrigin,
     /// Its admission permit.
     pub permit: Permit,
+    /// How long it waited for room in the budget.
+    pub admission_wait: Duration,
+    /// How long it took to start, preparation included (for a pooled VM, which started before
+    /// it was asked for, only the check that it still answers).
+    pub phases: StartPhases,
 }
 
 /// A VM for `want`: from the pool when one fits, else restored from its shape's template, else
@@ -126,6 +132,7 @@ pub(crate) async fn acquire<F: VmFactory>(
     admission: &Arc<Admission>,
     want: Want<'_>,
 ) -> Result<Acquired<F::Vm>, Error> {
+    let taking = Instant::now();
     if want.pool_fits()
         && let Some(Pooled { vm, permit }) = pool.take(want.language).await
     {
@@ -133,6 +140,12 @@ pub(crate) async fn acquire<F: VmFactory>(
             vm,
             origin: VmOrigin::WarmPool,
             permit,
+            admission_wait: Duration::ZERO,
+            // Started before it was asked for; only the check that it still answers is left.
+            phases: StartPhases {
+                vm_start: Duration::ZERO,
+                guest_ready: taking.elapsed(),
+            },
         });
     }
     let Want {
@@ -154,7 +167,12 @@ pub(crate) async fn acquire<F: VmFactory>(
             gateway.is_some(),
         )
     };
+    let queued = Instant::now();
     let permit = admit(pool, admission, factory.cost(&spec), admission_deadline).await?;
+    let admitted = Admitted {
+        permit,
+        wait: queued.elapsed(),
+    };
     // A clone prints no boot log: streaming one means booting.
     let key = match on_boot_log {
         None => factory.template_key(language, &spec),
@@ -162,7 +180,7 @@ pub(crate) async fn acquire<F: VmFactory>(
     };
     if let Some(key) = &key {
         match factory.restore(&spec, key, gateway).await {
-            Ok(vm) => return ready(factory, vm, VmOrigin::Snapshot, permit).await,
+            Ok(vm) => return ready(factory, vm, VmOrigin::Snapshot, admitted).await,
             Err(returned) => gateway = returned,
         }
     }
@@ -180,7 +198,13 @@ pub(crate) async fn acquire<F: VmFactory>(
             key,
         );
     }
-    ready(factory, vm, VmOrigin::Cold, permit).await
+    ready(factory, vm, VmOrigin::Cold, admitted).await
+}
+
+/// An admitted VM's permit, and how long it waited for it.
+struct Admitted {
+    permit: Permit,
+    wait: Duration,
 }
 
 /// Prepares an acquired VM; one that cannot be prepared is destroyed, not handed out.
@@ -188,13 +212,22 @@ async fn ready<F: VmFactory>(
     factory: &F,
     vm: F::Vm,
     origin: VmOrigin,
-    permit: Permit,
+    admitted: Admitted,
 ) -> Result<Acquired<F::Vm>, Error> {
+    let preparing = Instant::now();
     if let Err(e) = factory.prepare(&vm).await {
         vm.destroy().await;
         return Err(Error::Boot(e));
     }
-    Ok(Acquired { vm, origin, permit })
+    let mut phases = vm.start_phases();
+    phases.guest_ready += preparing.elapsed();
+    Ok(Acquired {
+        vm,
+        origin,
+        permit: admitted.permit,
+        admission_wait: admitted.wait,
+        phases,
+    })
 }
 
 /// Waits for room in the budget. Idle warm VMs give way to a VM that would otherwise queue on

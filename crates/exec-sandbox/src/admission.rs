@@ -297,6 +297,11 @@ impl Admission {
         })
     }
 
+    /// The whole budget.
+    pub fn budget(&self) -> Cost {
+        self.policy.budget
+    }
+
     /// Most VMs that held permits at once so far.
     pub fn peak_vms(&self) -> usize {
         self.lock().peak_vms

@@ -96,7 +96,14 @@ impl Collected {
             external_cpu_time_ms: stats.cpu_time_ms,
             external_memory_peak_mb: stats.memory_peak_mb,
             external_cpu_nr_throttled: stats.cpu_nr_throttled,
-            timing,
+            timing: Timing {
+                interpreter_start_ms: if self.guest_reported {
+                    self.outcome.interpreter_start_ms
+                } else {
+                    0
+                },
+                ..timing
+            },
             accelerator,
             warm_pool_hit: origin == VmOrigin::WarmPool,
             l1_cache_hit: origin == VmOrigin::Snapshot,

@@ -4,16 +4,38 @@ use serde::Serialize;
 
 use crate::vm::accel::AcceleratorChoice;
 
-/// Where the time of one run went, in milliseconds of host wall time.
+/// Where the time of one run went, in milliseconds of host wall time (the guest's own figures
+/// say so). The phases follow one another: `setup_ms` (which contains `admission_wait_ms`),
+/// then `boot_ms` (`vm_start_ms` then `guest_ready_ms`), then `execute_ms` (which contains
+/// `interpreter_start_ms`), then `teardown_ms`; `total_ms` is the whole call. A VM taken from
+/// the warm pool was started before the run: its `vm_start_ms` is 0 and `guest_ready_ms` is
+/// the check that it still answers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct Timing {
-    /// Validation, admission, asset checks and VM preparation, before QEMU starts.
+    /// Validation, package layer, asset checks and admission, before QEMU starts (or a pooled
+    /// VM is taken).
     pub setup_ms: u64,
-    /// From QEMU start until the guest agent said hello.
+    /// The part of `setup_ms` spent waiting for a free VM slot and room in the memory and CPU
+    /// budget.
+    pub admission_wait_ms: u64,
+    /// From starting QEMU until the guest was ready for the code: `vm_start_ms` +
+    /// `guest_ready_ms`.
     pub boot_ms: u64,
+    /// From executing QEMU until its guest ran: a cold boot until the guest agent said hello
+    /// (kernel and agent start-up), a restore until the memory snapshot was loaded and resumed.
+    pub vm_start_ms: u64,
+    /// From then until the guest was ready for the code: a restored clone's reseed (fresh
+    /// entropy, clock and interpreter seeds), the CA bundle of a networked VM, a pooled VM's
+    /// liveness check.
+    pub guest_ready_ms: u64,
     /// From dispatching the code until the result arrived.
     pub execute_ms: u64,
+    /// The part of `execute_ms` the guest spent starting the interpreter (0 when it was
+    /// already running, as in a restored or pooled VM).
+    pub interpreter_start_ms: u64,
+    /// Killing and reaping QEMU and reading its cgroup, after the result arrived.
+    pub teardown_ms: u64,
     /// The whole `run()` call.
     pub total_ms: u64,
 }

@@ -205,6 +205,12 @@ impl Scheduler {
         })
     }
 
+    /// The memory all of this scheduler's VMs together may be charged (MB): configured, or
+    /// derived from the host's memory.
+    pub fn memory_budget_mb(&self) -> u64 {
+        self.inner.admission.budget().memory_mb
+    }
+
     /// Most VMs this scheduler had alive at once (each holds an admission permit from before
     /// QEMU starts until after it is reaped).
     pub fn peak_vms(&self) -> usize {
@@ -254,8 +260,7 @@ impl Scheduler {
             vm,
             origin,
             accelerator,
-            setup_ms,
-            boot_ms,
+            timing,
             packages,
             permit: _permit,
             slot: _slot,
@@ -288,16 +293,18 @@ impl Scheduler {
         let execute_ms = elapsed_ms(execute_started);
         let network_refusals = vm.take_network_refusals();
         let isolation = vm.isolation();
+        let teardown_started = Instant::now();
         let stats = vm.destroy().await;
+        let teardown_ms = elapsed_ms(teardown_started);
         let collected = collected?;
 
         let mut result = collected.into_result(
             stats,
             Timing {
-                setup_ms,
-                boot_ms,
                 execute_ms,
+                teardown_ms,
                 total_ms: elapsed_ms(started),
+                ..timing
             },
             accelerator,
             origin,
@@ -413,12 +420,17 @@ impl Scheduler {
                 })?
                 .expect("the scheduler never closes its semaphore");
         let slot_wait = queued.elapsed();
-        let setup_ms = elapsed_ms(started);
 
-        let boot_started = Instant::now();
+        let acquiring = Instant::now();
         let admission_deadline =
             tokio::time::Instant::now() + admission_timeout.saturating_sub(slot_wait);
-        let Acquired { vm, origin, permit } = acquire::acquire(
+        let Acquired {
+            vm,
+            origin,
+            permit,
+            admission_wait,
+            phases,
+        } = acquire::acquire(
             &self.factory(&assets, host),
             &self.inner.pool,
             &self.inner.admission,
@@ -434,12 +446,23 @@ impl Scheduler {
             },
         )
         .await?;
+        // The budget wait happened inside `acquire`: it belongs to setup, not to the boot.
+        let boot = acquiring.elapsed().saturating_sub(admission_wait);
+        let guest_ready = phases.guest_ready.min(boot);
+        let ms = |d: Duration| d.as_millis() as u64;
+        let timing = Timing {
+            setup_ms: ms(started.elapsed().saturating_sub(boot)),
+            admission_wait_ms: ms(slot_wait + admission_wait),
+            boot_ms: ms(boot),
+            vm_start_ms: ms(boot - guest_ready),
+            guest_ready_ms: ms(guest_ready),
+            ..Timing::default()
+        };
         Ok(StartedVm {
             vm,
             origin,
             accelerator: host.choice.clone(),
-            setup_ms,
-            boot_ms: elapsed_ms(boot_started),
+            timing,
             packages,
             permit,
             slot,
@@ -912,8 +935,9 @@ pub(crate) struct StartedVm {
     pub(crate) vm: Vm,
     pub(crate) origin: VmOrigin,
     pub(crate) accelerator: AcceleratorChoice,
-    pub(crate) setup_ms: u64,
-    pub(crate) boot_ms: u64,
+    /// Where the time went until the VM was ready (`setup_ms`, `admission_wait_ms`, `boot_ms`,
+    /// `vm_start_ms`, `guest_ready_ms`; the rest is 0).
+    pub(crate) timing: Timing,
     /// Its package layer: held (open) for as long as the VM lives.
     pub(crate) packages: ReadyPackages,
     /// The VM's share of the admission budget: dropped after the VM is destroyed.

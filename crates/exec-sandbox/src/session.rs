@@ -443,9 +443,9 @@ impl<V: VmHandle> Inner<V> {
             stats,
             Timing {
                 setup_ms: queued_ms,
-                boot_ms: 0,
                 execute_ms,
                 total_ms: elapsed_ms(started),
+                ..Timing::default()
             },
             self.accelerator.clone(),
             self.origin,
@@ -568,7 +568,8 @@ impl Session {
     /// of memory) or a VM that stops answering close the session: this call still returns the
     /// result (or the transport error), later calls fail with [`Error::SessionClosed`].
     ///
-    /// In the result, `timing.setup_ms` is the wait for earlier executions, `boot_ms` is 0, and
+    /// In the result, `timing.setup_ms` is the wait for earlier executions, the boot and
+    /// teardown phases are 0, and
     /// the host's CPU and memory measurements are only there when this execution closed the
     /// session.
     pub async fn exec(&self, options: ExecOptions) -> Result<ExecutionResult, Error> {

@@ -52,8 +52,13 @@ pub fn sample_result() -> crate::ExecutionResult {
         external_cpu_nr_throttled: Some(3),
         timing: Timing {
             setup_ms: 3,
+            admission_wait_ms: 1,
             boot_ms: 700,
+            vm_start_ms: 650,
+            guest_ready_ms: 50,
             execute_ms: 40,
+            interpreter_start_ms: 20,
+            teardown_ms: 2,
             total_ms: 745,
         },
         accelerator: AcceleratorChoice {

@@ -8,8 +8,8 @@ use serde::{Serialize, de::DeserializeOwned};
 /// First two bytes of every frame.
 pub const MAGIC: [u8; 2] = *b"SX";
 /// Version of the framing and message schema. 2: `Request::Warm` names modules to import and
-/// the hello reports the package layer.
-pub const PROTOCOL_VERSION: u8 = 2;
+/// the hello reports the package layer. 3: the hello carries the guest's boot timeline.
+pub const PROTOCOL_VERSION: u8 = 3;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 12;
 /// Largest payload accepted in one frame (code is at most 1 MiB, plus room for the envelope).
@@ -191,6 +191,11 @@ mod tests {
                 protocol_version: PROTOCOL_VERSION,
                 agent_version: "0.1.0".into(),
                 uptime_ms: 7,
+                boot: crate::BootTimeline {
+                    init_ms: 3,
+                    root_ms: 4,
+                    configured_ms: 6,
+                },
                 root_mounted: true,
                 packages: crate::layer::LayerStatus::Failed("no disk".into()),
             }),

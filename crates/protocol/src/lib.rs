@@ -38,8 +38,8 @@ pub use codec::{
     encode_frame,
 };
 pub use message::{
-    AgentHello, CONTROL_PORT_NAME, EVENT_ID_UNSOLICITED, Event, ExecOutcome, ExecRequest,
-    FILE_CHUNK, FileEntry, GuestError, GuestErrorKind, Language, MAX_CA_BUNDLE_BYTES,
+    AgentHello, BootTimeline, CONTROL_PORT_NAME, EVENT_ID_UNSOLICITED, Event, ExecOutcome,
+    ExecRequest, FILE_CHUNK, FileEntry, GuestError, GuestErrorKind, Language, MAX_CA_BUNDLE_BYTES,
     MAX_FILE_SIZE, MAX_LIST_ENTRIES, MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_RESEED_ENTROPY, Request,
     pem_certificate_count,
 };

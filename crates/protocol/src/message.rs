@@ -185,6 +185,19 @@ pub struct FileEntry {
 /// Most entropy bytes the agent uses from one [`Request::Reseed`].
 pub const MAX_RESEED_ENTROPY: usize = 512;
 
+/// The guest's boot, each step in milliseconds since the kernel started (`CLOCK_BOOTTIME`):
+/// the kernel's own start-up is `init_ms`, the agent's the rest. All zero when the agent is not
+/// PID 1 (a development run on stdin/stdout) and for a clone (its template booted).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootTimeline {
+    /// The agent started as `/init`.
+    pub init_ms: u64,
+    /// The root filesystem was mounted and switched to.
+    pub root_ms: u64,
+    /// Swap, cgroups, hardening and the network configured: ready to open the control port.
+    pub configured_ms: u64,
+}
+
 /// Sent once by the agent when its control port opens, with id [`EVENT_ID_UNSOLICITED`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentHello {
@@ -194,6 +207,8 @@ pub struct AgentHello {
     pub agent_version: String,
     /// Guest monotonic clock when the agent started serving, in milliseconds since kernel start.
     pub uptime_ms: u64,
+    /// Where the guest's boot went, on its own clock.
+    pub boot: BootTimeline,
     /// Whether a root filesystem was found and mounted (false in an accelerator probe boot).
     pub root_mounted: bool,
     /// The package layer the kernel command line announced, if any.

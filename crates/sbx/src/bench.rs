@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use exec_sandbox::{Language, RunOptions, Scheduler, SchedulerConfig};
+use exec_sandbox::{Language, RunOptions, Scheduler, SchedulerConfig, Timing};
 use serde::Serialize;
 
 use crate::cli::BenchArgs;
@@ -16,6 +16,9 @@ use crate::{output, term};
 
 /// How long to wait for the warm pool to refill before giving up on a sample.
 const POOL_REFILL_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Idle VMs per language for the density measurement.
+const DENSITY_VMS: usize = 8;
 
 /// p50 and p95 of a set of samples, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -54,10 +57,18 @@ pub struct LanguageReport {
     pub l1_ms: Option<Percentiles>,
     /// Taken from a full warm pool.
     pub warm_ms: Option<Percentiles>,
+    /// Where the time of each path went: path (`cold`, `l1`, `warm`) to phase (the fields of
+    /// the result's `timing`) to its percentiles.
+    pub phases_ms: BTreeMap<String, BTreeMap<String, Percentiles>>,
     /// Runs per second at concurrency = host cores, using L1.
     pub throughput_rps: Option<f64>,
-    /// Host memory (PSS) of one idle warm VM.
+    /// Host memory (PSS) of one idle warm VM, alone in the pool.
     pub idle_vm_pss_mb: Option<f64>,
+    /// Host memory (PSS) of each idle warm VM with [`DENSITY_VMS`] of the language idle
+    /// (median): pages they share, such as the memory snapshot's, count in proportion.
+    pub idle_vm_pss_mb_at_8: Option<f64>,
+    /// How many idle warm VMs fit in the scheduler's memory budget at that PSS.
+    pub density_vms: Option<u64>,
 }
 
 /// A language's interpreter doing nothing on the host, timed from spawn to exit.
@@ -84,6 +95,8 @@ pub struct Report {
     pub languages: BTreeMap<String, LanguageReport>,
     /// Ratios of each language's p50 to its own baseline's, and between paths.
     pub ratios: BTreeMap<String, f64>,
+    /// The memory budget density is measured against (MB).
+    pub memory_budget_mb: u64,
     /// Packages (`--packages`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub packages: Option<crate::bench_packages::PackagesReport>,
@@ -175,18 +188,20 @@ async fn measure(args: &BenchArgs, base: SchedulerConfig) -> Result<Report, exec
     for &language in &languages {
         let mut report = LanguageReport::default();
         step(args, &format!("{language}: {runs} cold runs"));
-        report.cold_ms = Percentiles::of(
-            &sequential(&cold, language, runs, |r| {
-                !r.l1_cache_hit && !r.warm_pool_hit
-            })
-            .await?,
-        );
+        let cold_runs = sequential(&cold, language, runs, |r| {
+            !r.l1_cache_hit && !r.warm_pool_hit
+        })
+        .await?;
+        report.cold_ms = cold_runs.wall();
+        report.phases_ms.insert("cold".into(), cold_runs.phases());
         step(args, &format!("{language}: {runs} runs restored from L1"));
-        report.l1_ms =
-            Percentiles::of(&sequential(&restored, language, runs, |r| r.l1_cache_hit).await?);
+        let l1_runs = sequential(&restored, language, runs, |r| r.l1_cache_hit).await?;
+        report.l1_ms = l1_runs.wall();
+        report.phases_ms.insert("l1".into(), l1_runs.phases());
         step(args, &format!("{language}: {runs} warm-pool runs"));
         let (warm, pss) = warm_runs(&base, language, runs).await?;
-        report.warm_ms = Percentiles::of(&warm);
+        report.warm_ms = warm.wall();
+        report.phases_ms.insert("warm".into(), warm.phases());
         report.idle_vm_pss_mb = median(&pss).map(round1);
         step(
             args,
@@ -196,9 +211,23 @@ async fn measure(args: &BenchArgs, base: SchedulerConfig) -> Result<Report, exec
             Some(throughput(&restored, language, cores, runs.max(2 * cores)).await?);
         languages_out.insert(language.as_str().to_string(), report);
     }
+    step(
+        args,
+        &format!("density: {DENSITY_VMS} idle warm VMs of each language"),
+    );
+    let memory_budget_mb = restored.memory_budget_mb();
+    for (language, pss) in idle_pss_at(&base, DENSITY_VMS, &languages).await? {
+        if let Some(report) = languages_out.get_mut(language.as_str()) {
+            report.idle_vm_pss_mb_at_8 = median(&pss).map(round1);
+            report.density_vms = report
+                .idle_vm_pss_mb_at_8
+                .filter(|pss| *pss > 0.0)
+                .map(|pss| (memory_budget_mb as f64 / pss) as u64);
+        }
+    }
     restored.shutdown().await;
 
-    let mut ratios = ratios(&languages_out, &baseline);
+    let mut ratios = ratios(&languages_out, &baseline, cores);
     let mut host = BTreeMap::new();
     host.insert("cores".to_string(), cores.into());
     host.insert(
@@ -219,15 +248,18 @@ async fn measure(args: &BenchArgs, base: SchedulerConfig) -> Result<Report, exec
         baseline,
         languages: languages_out,
         ratios,
+        memory_budget_mb,
         packages,
     })
 }
 
-/// `<language>_warm_vs_spawn` (warm-pool p50 over the language's own baseline p50) and
-/// `<language>_l1_vs_cold`, for what was measured.
+/// `<language>_warm_vs_spawn` (warm-pool p50 over the language's own baseline p50),
+/// `<language>_l1_vs_cold` and `<language>_throughput_vs_l1_bound` (runs per second over
+/// `cores` / L1 p50), for what was measured.
 fn ratios(
     languages: &BTreeMap<String, LanguageReport>,
     baseline: &BTreeMap<String, Baseline>,
+    cores: usize,
 ) -> BTreeMap<String, f64> {
     let mut ratios = BTreeMap::new();
     for (name, report) in languages {
@@ -239,6 +271,16 @@ fn ratios(
         }
         if let (Some(l1), Some(cold)) = (report.l1_ms, report.cold_ms) {
             ratios.insert(format!("{name}_l1_vs_cold"), round2(l1.p50 / cold.p50));
+        }
+        // Runs per second against what `cores` runs in flight at the L1 p50 would give.
+        if let (Some(l1), Some(rps)) = (report.l1_ms, report.throughput_rps)
+            && l1.p50 > 0.0
+        {
+            let bound = cores as f64 * 1000.0 / l1.p50;
+            ratios.insert(
+                format!("{name}_throughput_vs_l1_bound"),
+                round2(rps / bound),
+            );
         }
     }
     ratios
@@ -253,13 +295,51 @@ fn trivial(language: Language) -> &'static str {
     }
 }
 
+/// The runs of one path: each one's wall time and the phases its result reported.
+#[derive(Debug, Default)]
+pub(crate) struct Runs {
+    wall_ms: Vec<f64>,
+    timings: Vec<Timing>,
+}
+
+impl Runs {
+    fn push(&mut self, wall_ms: f64, timing: Timing) {
+        self.wall_ms.push(wall_ms);
+        self.timings.push(timing);
+    }
+
+    /// Percentiles of the wall times.
+    pub(crate) fn wall(&self) -> Option<Percentiles> {
+        Percentiles::of(&self.wall_ms)
+    }
+
+    /// Percentiles of each phase of `timing`, by the field's name.
+    pub(crate) fn phases(&self) -> BTreeMap<String, Percentiles> {
+        let mut by_phase: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for timing in &self.timings {
+            let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(timing) else {
+                continue;
+            };
+            for (phase, ms) in fields {
+                if let Some(ms) = ms.as_f64() {
+                    by_phase.entry(phase).or_default().push(ms);
+                }
+            }
+        }
+        by_phase
+            .into_iter()
+            .filter_map(|(phase, samples)| Some((phase, Percentiles::of(&samples)?)))
+            .collect()
+    }
+}
+
 /// `runs` sequential runs, each timed end to end; `expect` checks the run took the intended path.
 async fn sequential(
     scheduler: &Scheduler,
     language: Language,
     runs: usize,
     expect: impl Fn(&exec_sandbox::ExecutionResult) -> bool,
-) -> Result<Vec<f64>, exec_sandbox::Error> {
+) -> Result<Runs, exec_sandbox::Error> {
     sequential_runs(
         scheduler,
         runs,
@@ -269,15 +349,15 @@ async fn sequential(
     .await
 }
 
-/// Wall time of `runs` runs of `options()` one after the other; a run that does not print `1`
-/// or fails `expect` is dropped (and logged).
+/// `runs` runs of `options()` one after the other; a run that does not print `1` or fails
+/// `expect` is dropped (and logged).
 pub(crate) async fn sequential_runs(
     scheduler: &Scheduler,
     runs: usize,
     options: impl Fn() -> RunOptions,
     expect: impl Fn(&exec_sandbox::ExecutionResult) -> bool,
-) -> Result<Vec<f64>, exec_sandbox::Error> {
-    let mut samples = Vec::with_capacity(runs);
+) -> Result<Runs, exec_sandbox::Error> {
+    let mut samples = Runs::default();
     for _ in 0..runs {
         let started = Instant::now();
         let result = scheduler.run(options()).await?;
@@ -286,7 +366,7 @@ pub(crate) async fn sequential_runs(
             tracing::warn!(stdout = %result.stdout, stderr = %result.stderr, "a benchmark run did not go as intended; sample dropped");
             continue;
         }
-        samples.push(ms);
+        samples.push(ms, result.timing);
     }
     Ok(samples)
 }
@@ -297,44 +377,101 @@ async fn warm_runs(
     base: &SchedulerConfig,
     language: Language,
     runs: usize,
-) -> Result<(Vec<f64>, Vec<f64>), exec_sandbox::Error> {
+) -> Result<(Runs, Vec<f64>), exec_sandbox::Error> {
     let scheduler = scheduler(base, 1, true, 1)?;
-    let mut samples = Vec::with_capacity(runs);
+    let mut samples = Runs::default();
     let mut pss = Vec::new();
     for _ in 0..runs {
-        let deadline = Instant::now() + POOL_REFILL_DEADLINE;
-        let idle = loop {
-            if let Some(vm) = scheduler
-                .warm_pool_vms()
-                .into_iter()
-                .find(|vm| vm.language == language)
-            {
-                break Some(vm);
-            }
-            if Instant::now() > deadline {
-                break None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        let Some(idle) = idle else {
+        if !pool_holds(&scheduler, &[language], 1).await {
             tracing::warn!(
                 "the warm pool did not refill within {} s",
                 POOL_REFILL_DEADLINE.as_secs()
             );
             break;
-        };
-        pss.extend(idle.pss_mb);
+        }
+        pss.extend(
+            scheduler
+                .warm_pool_vms()
+                .into_iter()
+                .filter(|vm| vm.language == language)
+                .find_map(|vm| vm.pss_mb),
+        );
         let started = Instant::now();
         let result = scheduler
             .run(RunOptions::new(language, trivial(language)))
             .await?;
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         if result.warm_pool_hit && result.stdout.trim() == "1" {
-            samples.push(ms);
+            samples.push(ms, result.timing);
         }
     }
     scheduler.shutdown().await;
     Ok((samples, pss))
+}
+
+/// Waits until the warm pool holds `count` idle VMs of each of `languages`; false when it does
+/// not within [`POOL_REFILL_DEADLINE`].
+async fn pool_holds(scheduler: &Scheduler, languages: &[Language], count: usize) -> bool {
+    let deadline = Instant::now() + POOL_REFILL_DEADLINE;
+    loop {
+        let idle = scheduler.warm_pool_vms();
+        if languages
+            .iter()
+            .all(|l| idle.iter().filter(|vm| vm.language == *l).count() >= count)
+        {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The PSS of each idle VM of a warm pool holding `count` of every language (the pool fills
+/// all of them), per language in `languages`. The CPU budget is raised for it: idle VMs use
+/// none, and only memory is measured.
+async fn idle_pss_at(
+    base: &SchedulerConfig,
+    count: usize,
+    languages: &[Language],
+) -> Result<Vec<(Language, Vec<f64>)>, exec_sandbox::Error> {
+    let total = count * Language::ALL.len();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let scheduler = Scheduler::new(SchedulerConfig {
+        warm_pool_size: count,
+        l1_snapshots: true,
+        max_concurrent_vms: total,
+        cpu_overcommit_ratio: (total as f64 / cores as f64).max(base.cpu_overcommit_ratio),
+        ..base.clone()
+    })?;
+    // A run starts the pool's refill task.
+    let _ = scheduler
+        .run(RunOptions::new(Language::Raw, trivial(Language::Raw)))
+        .await?;
+    let full = pool_holds(&scheduler, languages, count).await;
+    if !full {
+        tracing::warn!(
+            "the warm pool did not reach {count} idle VMs per language within {} s",
+            POOL_REFILL_DEADLINE.as_secs()
+        );
+    }
+    // Let the last restored VMs settle (their first pages faulted in).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = scheduler.warm_pool_vms();
+    let out = languages
+        .iter()
+        .map(|&language| {
+            let pss = idle
+                .iter()
+                .filter(|vm| vm.language == language)
+                .filter_map(|vm| vm.pss_mb)
+                .collect();
+            (language, pss)
+        })
+        .collect();
+    scheduler.shutdown().await;
+    Ok(out)
 }
 
 /// Runs per second with `concurrency` runs in flight, `total` runs in all.
@@ -464,6 +601,19 @@ pub(crate) fn step(args: &BenchArgs, text: &str) {
     }
 }
 
+/// The phases of `timing` in the order they happen, for the table.
+const PHASES: [&str; 9] = [
+    "setup_ms",
+    "admission_wait_ms",
+    "boot_ms",
+    "vm_start_ms",
+    "guest_ready_ms",
+    "execute_ms",
+    "interpreter_start_ms",
+    "teardown_ms",
+    "total_ms",
+];
+
 /// The human-readable table.
 pub fn render_table(report: &Report) -> String {
     let cell = |p: Option<Percentiles>| {
@@ -493,19 +643,52 @@ pub fn render_table(report: &Report) -> String {
         ));
     }
     out.push_str(&format!(
-        "\n{:<12} {:>16} {:>16} {:>16} {:>10} {:>12}\n",
-        "language", "cold p50/p95 ms", "L1 p50/p95 ms", "warm p50/p95 ms", "runs/s", "idle PSS MB"
+        "\n{:<12} {:>16} {:>16} {:>16} {:>8} {:>9} {:>9} {:>8}\n",
+        "language",
+        "cold p50/p95 ms",
+        "L1 p50/p95 ms",
+        "warm p50/p95 ms",
+        "runs/s",
+        "PSS 1 MB",
+        "PSS 8 MB",
+        "density"
     ));
+    let number = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
     for (name, r) in &report.languages {
         out.push_str(&format!(
-            "{:<12} {:>16} {:>16} {:>16} {:>10} {:>12}\n",
+            "{:<12} {:>16} {:>16} {:>16} {:>8} {:>9} {:>9} {:>8}\n",
             name,
             cell(r.cold_ms),
             cell(r.l1_ms),
             cell(r.warm_ms),
             r.throughput_rps.map_or("-".into(), |v| format!("{v:.2}")),
-            r.idle_vm_pss_mb.map_or("-".into(), |v| format!("{v:.0}")),
+            number(r.idle_vm_pss_mb),
+            number(r.idle_vm_pss_mb_at_8),
+            r.density_vms.map_or("-".into(), |v| v.to_string()),
         ));
+    }
+    out.push_str(&format!(
+        "(PSS of one idle warm VM alone, and with 8 of each language idle; density: idle VMs \
+         in the {} MB memory budget at the second)\n",
+        report.memory_budget_mb
+    ));
+    out.push_str("\nphases p50/p95 ms (the result's `timing`):\n");
+    for (name, r) in &report.languages {
+        for (path, phases) in &r.phases_ms {
+            let cells: Vec<String> = PHASES
+                .iter()
+                .filter_map(|phase| {
+                    let p = phases.get(*phase)?;
+                    Some(format!(
+                        "{} {:.0}/{:.0}",
+                        phase.trim_end_matches("_ms"),
+                        p.p50,
+                        p.p95
+                    ))
+                })
+                .collect();
+            out.push_str(&format!("  {name} {path}: {}\n", cells.join(", ")));
+        }
     }
     if let Some(packages) = &report.packages {
         out.push_str(&packages.render());
@@ -550,8 +733,20 @@ mod tests {
                 cold_ms: Percentiles::of(&[1000.0]),
                 l1_ms: Percentiles::of(&[100.0]),
                 warm_ms: Percentiles::of(&[30.0]),
+                phases_ms: BTreeMap::from([(
+                    "l1".to_string(),
+                    BTreeMap::from([
+                        ("vm_start_ms".to_string(), Percentiles::of(&[40.0]).unwrap()),
+                        (
+                            "guest_ready_ms".to_string(),
+                            Percentiles::of(&[50.0, 70.0]).unwrap(),
+                        ),
+                    ]),
+                )]),
                 throughput_rps: Some(3.5),
                 idle_vm_pss_mb: Some(40.0),
+                idle_vm_pss_mb_at_8: Some(25.0),
+                density_vms: Some(400),
             },
         );
         let mut baselines = BTreeMap::new();
@@ -561,9 +756,10 @@ mod tests {
         );
         let report = Report {
             host: BTreeMap::new(),
-            ratios: ratios(&languages, &baselines),
+            ratios: ratios(&languages, &baselines, 2),
             baseline: baselines,
             languages,
+            memory_budget_mb: 10_000,
             packages: None,
         };
         let json = serde_json::to_value(&report).unwrap();
@@ -578,14 +774,28 @@ mod tests {
         assert_eq!(json["python"]["warm_ms"]["p50"], 30.0);
         assert_eq!(json["python"]["throughput_rps"], 3.5);
         assert_eq!(json["python"]["idle_vm_pss_mb"], 40.0);
+        assert_eq!(json["python"]["idle_vm_pss_mb_at_8"], 25.0);
+        assert_eq!(json["python"]["density_vms"], 400);
+        assert_eq!(
+            json["python"]["phases_ms"]["l1"]["guest_ready_ms"]["p95"],
+            70.0
+        );
+        assert_eq!(json["memory_budget_mb"], 10_000);
         assert_eq!(json["ratios"]["python_warm_vs_spawn"], 0.5);
         assert_eq!(json["ratios"]["python_l1_vs_cold"], 0.1);
+        // 2 cores at 100 ms: 20 runs/s at best.
+        assert_eq!(json["ratios"]["python_throughput_vs_l1_bound"], 0.18);
         assert!(json["host"].is_object());
         let table = render_table(&report);
         assert!(
             table.contains("python") && table.contains("1000 / 1000"),
             "{table}"
         );
+        assert!(
+            table.contains("python l1: vm_start 40/40, guest_ready 50/70"),
+            "{table}"
+        );
+        assert!(table.contains("10000 MB memory budget"), "{table}");
         assert!(
             table.contains(
                 "baseline python: p50 60.0 ms, p95 60.0 ms (/usr/bin/python3.11 -c pass)"
@@ -616,7 +826,7 @@ mod tests {
             ),
         ]);
         assert_eq!(
-            ratios(&languages, &baselines),
+            ratios(&languages, &baselines, 2),
             BTreeMap::from([
                 ("javascript_warm_vs_spawn".to_string(), 2.0),
                 ("python_warm_vs_spawn".to_string(), 4.0),

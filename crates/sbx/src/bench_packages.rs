@@ -110,28 +110,26 @@ pub async fn measure(
     cold.prefetch_packages(python, &[NUMPY.to_string()], false)
         .await?;
     step(args, &format!("packages: {runs} plain cold runs"));
-    report.cold_plain_ms = Percentiles::of(
-        &sequential_runs(
-            &cold,
-            runs,
-            || RunOptions::new(python, "print(1)"),
-            |_| true,
-        )
-        .await?,
-    );
+    report.cold_plain_ms = sequential_runs(
+        &cold,
+        runs,
+        || RunOptions::new(python, "print(1)"),
+        |_| true,
+    )
+    .await?
+    .wall();
     step(
         args,
         &format!("packages: {runs} cold runs with numpy from L2"),
     );
-    report.cold_l2_numpy_ms = Percentiles::of(
-        &sequential_runs(
-            &cold,
-            runs,
-            || RunOptions::new(python, "print(1)").packages([NUMPY]),
-            |r| r.packages_source == PackageSource::L2,
-        )
-        .await?,
-    );
+    report.cold_l2_numpy_ms = sequential_runs(
+        &cold,
+        runs,
+        || RunOptions::new(python, "print(1)").packages([NUMPY]),
+        |r| r.packages_source == PackageSource::L2,
+    )
+    .await?
+    .wall();
 
     // Restored runs, plain and from numpy's package-set snapshot.
     let restored = scheduler(base, 0, true, 1)?;
@@ -143,28 +141,26 @@ pub async fn measure(
         args,
         &format!("packages: {runs} plain runs restored from L1"),
     );
-    report.l1_plain_ms = Percentiles::of(
-        &sequential_runs(
-            &restored,
-            runs,
-            || RunOptions::new(python, "print(1)"),
-            |r| r.l1_cache_hit,
-        )
-        .await?,
-    );
+    report.l1_plain_ms = sequential_runs(
+        &restored,
+        runs,
+        || RunOptions::new(python, "print(1)"),
+        |r| r.l1_cache_hit,
+    )
+    .await?
+    .wall();
     step(
         args,
         &format!("packages: {runs} runs with numpy restored from L1"),
     );
-    report.l1_numpy_ms = Percentiles::of(
-        &sequential_runs(
-            &restored,
-            runs,
-            || RunOptions::new(python, "print(1)").packages([NUMPY]),
-            |r| r.l1_cache_hit,
-        )
-        .await?,
-    );
+    report.l1_numpy_ms = sequential_runs(
+        &restored,
+        runs,
+        || RunOptions::new(python, "print(1)").packages([NUMPY]),
+        |r| r.l1_cache_hit,
+    )
+    .await?
+    .wall();
     step(
         args,
         "packages: import numpy in restored VMs, timed in the guest",

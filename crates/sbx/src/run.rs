@@ -29,7 +29,7 @@ enum Mode {
 
 /// How one source ended.
 enum Outcome {
-    Ran(ExecutionResult),
+    Ran(Box<ExecutionResult>),
     Failed(exec_sandbox::Error),
     /// The run's task panicked: a bug, reported rather than propagated.
     Crashed(String),
@@ -243,7 +243,7 @@ impl Runner<'_> {
                 break;
             };
             let (position, outcome) = match joined {
-                Ok((_, (position, Ok(result)))) => (position, Outcome::Ran(result)),
+                Ok((_, (position, Ok(result)))) => (position, Outcome::Ran(Box::new(result))),
                 Ok((_, (position, Err(error)))) => (position, Outcome::Failed(error)),
                 Err(e) => match self.positions.get(&e.id()) {
                     Some(&position) => (position, Outcome::Crashed(e.to_string())),
@@ -313,8 +313,13 @@ impl Runner<'_> {
                     namespaces = %r.isolation.namespaces.join(","),
                     isolation_reason = r.isolation.reason.as_deref(),
                     setup_ms = r.timing.setup_ms,
+                    admission_wait_ms = r.timing.admission_wait_ms,
                     boot_ms = r.timing.boot_ms,
+                    vm_start_ms = r.timing.vm_start_ms,
+                    guest_ready_ms = r.timing.guest_ready_ms,
                     execute_ms = r.timing.execute_ms,
+                    interpreter_start_ms = r.timing.interpreter_start_ms,
+                    teardown_ms = r.timing.teardown_ms,
                     total_ms = r.timing.total_ms,
                     "finished"
                 );

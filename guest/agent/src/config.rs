@@ -130,6 +130,8 @@ pub struct Config {
     pub root_mounted: bool,
     /// The package layer (reported in the hello; the interpreters' environment points at it).
     pub packages: LayerState,
+    /// The boot's steps (reported in the hello; zero outside PID 1).
+    pub boot: sbx_protocol::BootTimeline,
 }
 
 impl Config {

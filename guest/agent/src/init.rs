@@ -48,6 +48,8 @@ pub struct Booted {
     pub run_dir: PathBuf,
     /// The package layer.
     pub packages: LayerState,
+    /// When each step finished, on the guest's clock.
+    pub timeline: sbx_protocol::BootTimeline,
 }
 
 const NOSUID_NODEV: MountFlags = MountFlags::NOSUID.union(MountFlags::NODEV);
@@ -99,6 +101,10 @@ fn mount_fresh(
 /// Runs the boot sequence. Failures after the early mounts are logged, and the agent still
 /// serves (reporting `root_mounted: false` when there is no usable root).
 pub fn boot() -> Result<Booted, InitError> {
+    let mut timeline = sbx_protocol::BootTimeline {
+        init_ms: crate::sys::uptime_ms(),
+        ..Default::default()
+    };
     let dev = Path::new("/dev");
     let proc = Path::new("/proc");
     let sys_dir = Path::new("/sys");
@@ -131,6 +137,7 @@ pub fn boot() -> Result<Booted, InitError> {
         ));
         false
     };
+    timeline.root_ms = crate::sys::uptime_ms();
     let packages = match (params.packages, root_mounted) {
         (false, _) => LayerState::Absent,
         (true, false) => LayerState::Failed("no root filesystem".into()),
@@ -156,10 +163,12 @@ pub fn boot() -> Result<Booted, InitError> {
         // Only root can write in devtmpfs: a safe place without a root disk.
         PathBuf::from("/dev/.sbx-run")
     };
+    timeline.configured_ms = crate::sys::uptime_ms();
     Ok(Booted {
         root_mounted,
         run_dir,
         packages,
+        timeline,
     })
 }
 

@@ -132,6 +132,7 @@ fn run_init() -> ! {
             bash,
             root_mounted: booted.root_mounted,
             packages: booted.packages,
+            boot: booted.timeline,
         };
         if let Err(e) = init::install_drivers(&config.run_dir) {
             log::warn(format_args!(
@@ -215,6 +216,7 @@ fn run_stdio(no_setuid: bool) -> Result<ExitCode, String> {
             }
             _ => layer::LayerState::Absent,
         },
+        boot: sbx_protocol::BootTimeline::default(),
     };
     let runtime = runtime()?;
     let stop = runtime.block_on(async {

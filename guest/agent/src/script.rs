@@ -176,6 +176,7 @@ mod tests {
             bash: PathBuf::from("bash"),
             root_mounted: false,
             packages: crate::layer::LayerState::Absent,
+            boot: sbx_protocol::BootTimeline::default(),
         }
     }
 

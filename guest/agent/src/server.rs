@@ -58,6 +58,7 @@ pub async fn serve(ctx: Arc<Context>, mut inbound: mpsc::Receiver<Inbound>, out:
                     protocol_version: PROTOCOL_VERSION,
                     agent_version: env!("CARGO_PKG_VERSION").to_string(),
                     uptime_ms: sys::uptime_ms(),
+                    boot: ctx.config.boot,
                     root_mounted: ctx.config.root_mounted,
                     packages: ctx.config.packages.status(),
                 });

@@ -173,6 +173,7 @@ impl Entry {
             protocol_version: self.meta.protocol_version,
             agent_version: self.meta.agent_version.clone(),
             uptime_ms: 0,
+            boot: sbx_protocol::BootTimeline::default(),
             root_mounted: true,
             // Not recorded: the template's own hello was checked when it booted
             // (`Vm::boot_with`), and the key covers its layer.
@@ -548,6 +549,7 @@ pub(crate) mod tests {
             protocol_version: sbx_protocol::PROTOCOL_VERSION,
             agent_version: "t".into(),
             uptime_ms: 1,
+            boot: sbx_protocol::BootTimeline::default(),
             root_mounted: true,
             packages: LayerStatus::Absent,
         };

@@ -356,6 +356,7 @@ mod tests {
             protocol_version: PROTOCOL_VERSION,
             agent_version: "t".into(),
             uptime_ms: 1,
+            boot: sbx_protocol::BootTimeline::default(),
             root_mounted: true,
             packages: sbx_protocol::layer::LayerStatus::Absent,
         };

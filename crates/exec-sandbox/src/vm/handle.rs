@@ -4,7 +4,7 @@
 
 use std::future::Future;
 
-use super::{Link, Vm, VmStats};
+use super::{Link, StartPhases, Vm, VmStats};
 use crate::network::ExposedPort;
 use crate::result::Isolation;
 
@@ -22,6 +22,10 @@ pub(crate) trait VmHandle: Send + Sync + 'static {
     fn isolation(&self) -> Isolation;
     /// Kills and reaps the VM, returning what the host measured.
     fn destroy(self) -> impl Future<Output = VmStats> + Send;
+    /// How long it took to start (a fake VM starts at once).
+    fn start_phases(&self) -> StartPhases {
+        StartPhases::default()
+    }
 }
 
 impl VmHandle for Vm {
@@ -47,5 +51,9 @@ impl VmHandle for Vm {
 
     fn destroy(self) -> impl Future<Output = VmStats> + Send {
         Vm::destroy(self)
+    }
+
+    fn start_phases(&self) -> StartPhases {
+        Vm::start_phases(self)
     }
 }

@@ -284,7 +284,8 @@ impl Vm {
                 })
             }
         }?;
-        let vm = Vm {
+        let vm_start = started_at.elapsed();
+        let mut vm = Vm {
             name,
             child,
             isolation,
@@ -294,10 +295,15 @@ impl Vm {
             hello: saved.hello,
             qmp: Some(qmp),
             gateway: None,
+            phases: super::StartPhases {
+                vm_start,
+                guest_ready: Duration::ZERO,
+            },
             _dir: dir,
         };
         let remaining = deadline.saturating_sub(started_at.elapsed());
         vm.reseed(remaining).await?;
+        vm.phases.guest_ready = started_at.elapsed().saturating_sub(vm_start);
         tracing::debug!(vm = %vm.name, elapsed_ms = started_at.elapsed().as_millis() as u64, "restored from a memory snapshot");
         Ok(vm)
     }

@@ -232,6 +232,15 @@ impl VmError {
     }
 }
 
+/// How long a VM took to start, in the two parts the host tells apart (zero for a fake VM).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct StartPhases {
+    /// From executing QEMU until the guest ran: hello of a cold boot, resumed clone.
+    pub vm_start: Duration,
+    /// From then until the guest was ready for code (a clone's reseed).
+    pub guest_ready: Duration,
+}
+
 /// Host-side measurements of a finished VM: from its cgroup where it has one (and the figure
 /// is kept there), else from `/proc`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -295,6 +304,8 @@ pub(crate) struct Vm {
     qmp: Option<Qmp>,
     /// The gateway behind the NIC, for networked VMs; dropped (stopped) with the VM.
     gateway: Option<Gateway>,
+    /// How long it took to start.
+    phases: StartPhases,
     _dir: tempfile::TempDir,
 }
 
@@ -502,6 +513,7 @@ impl Vm {
         on_console: Option<OutputCallback>,
     ) -> Result<(Vm, Option<tokio::net::UnixStream>), VmError> {
         let name = spec.name.clone();
+        let started = Instant::now();
         let Started {
             mut child,
             isolation,
@@ -512,7 +524,6 @@ impl Vm {
             qmp,
             dir,
         } = start(qemu, spec, launch, extra_fds, on_console).await?;
-        let started = Instant::now();
         let exited = |status, log: &LogTail| VmError::ExitedDuringBoot {
             name: name.clone(),
             status: exit_text(status),
@@ -548,7 +559,9 @@ impl Vm {
         if let Some(layer) = &spec.packages {
             layer_mounted(&name, layer, &hello.packages)?;
         }
-        tracing::debug!(vm = %name, elapsed_ms = started.elapsed().as_millis() as u64, agent = %hello.agent_version, "agent ready");
+        let vm_start = started.elapsed();
+        tracing::debug!(vm = %name, elapsed_ms = vm_start.as_millis() as u64, agent = %hello.agent_version, "agent ready");
+        log_boot_timeline(&name, &hello);
         let vm = Vm {
             name,
             child,
@@ -559,6 +572,10 @@ impl Vm {
             hello,
             qmp: None,
             gateway: None,
+            phases: StartPhases {
+                vm_start,
+                guest_ready: Duration::ZERO,
+            },
             _dir: dir,
         };
         Ok((vm, qmp))
@@ -580,6 +597,11 @@ impl Vm {
                 name: self.name.clone(),
                 source,
             })
+    }
+
+    /// How long it took to start.
+    pub(crate) fn start_phases(&self) -> StartPhases {
+        self.phases
     }
 
     /// The VM's name.
@@ -650,6 +672,23 @@ impl Vm {
             .unwrap_or_default();
         VmStats::merge(usage, proc)
     }
+}
+
+/// The guest's boot on its own clock, for `--debug`: kernel start-up until `/init`, the
+/// agent's steps, and when it served the control port.
+fn log_boot_timeline(name: &str, hello: &AgentHello) {
+    let boot = &hello.boot;
+    if boot.init_ms == 0 {
+        return;
+    }
+    tracing::debug!(
+        vm = %name,
+        kernel_ms = boot.init_ms,
+        root_mounted_ms = boot.root_ms,
+        configured_ms = boot.configured_ms,
+        agent_serving_ms = hello.uptime_ms,
+        "guest boot timeline (guest clock, since the kernel started)"
+    );
 }
 
 /// An error and its sources on one line, for logs.

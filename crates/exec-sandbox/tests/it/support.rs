@@ -29,6 +29,23 @@ pub async fn run_with(options: RunOptions) -> ExecutionResult {
     }
 }
 
+/// The phases of `r.timing` fit together: setup holds the admission wait, boot is VM start plus
+/// guest ready, execute holds the interpreter's start, and the whole call is the four in a row
+/// (each figure is rounded down to the millisecond, and a few host steps sit between phases).
+pub fn assert_phases_add_up(r: &ExecutionResult) {
+    let t = &r.timing;
+    assert!(t.admission_wait_ms <= t.setup_ms, "{t:?}");
+    let parts = t.vm_start_ms + t.guest_ready_ms;
+    assert!(parts <= t.boot_ms && t.boot_ms <= parts + 1, "{t:?}");
+    assert!(t.interpreter_start_ms <= t.execute_ms, "{t:?}");
+    let sum = t.setup_ms + t.boot_ms + t.execute_ms + t.teardown_ms;
+    assert!(
+        sum <= t.total_ms && t.total_ms <= sum + 10,
+        "phases {sum} ms against {} ms in all: {t:?}",
+        t.total_ms
+    );
+}
+
 /// An error and all its sources on one line.
 pub fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();

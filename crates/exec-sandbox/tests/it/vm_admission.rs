@@ -35,14 +35,23 @@ async fn a_burst_queues_within_the_budget_and_all_runs_succeed() {
             })
         })
         .collect();
+    let mut waits = Vec::new();
     for (i, task) in tasks.into_iter().enumerate() {
         let r = task
             .await
             .unwrap()
             .unwrap_or_else(|e| panic!("{}", chain(&e)));
         assert_eq!(r.stdout, format!("run-{i}\n"));
+        crate::support::assert_phases_add_up(&r);
+        waits.push(r.timing.admission_wait_ms);
     }
     assert_eq!(s.peak_vms(), 2, "the budget fits exactly two VMs");
+    // Five runs of at least half a second each, two at a time: three waited for a VM to end.
+    waits.sort_unstable();
+    assert!(
+        waits[2] >= 400,
+        "admission waits {waits:?}: three runs should have queued"
+    );
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use exec_sandbox::{Language, RunOptions};
 
-use crate::support::{Recorder, run, run_with};
+use crate::support::{Recorder, assert_phases_add_up, run, run_with};
 
 #[tokio::test]
 async fn python_hello() {
@@ -13,7 +13,32 @@ async fn python_hello() {
     assert_eq!(r.exit_code, 0);
     assert!(!r.timed_out);
     assert!(r.execution_time_ms.is_some());
-    assert!(r.timing.total_ms >= r.timing.boot_ms);
+    assert_phases_add_up(&r);
+}
+
+/// A cold boot: the VM start is the kernel and the agent, and the interpreter starts inside
+/// the execution.
+#[tokio::test]
+async fn a_cold_run_reports_where_its_time_went() {
+    let s = exec_sandbox::Scheduler::new(exec_sandbox::SchedulerConfig {
+        l1_snapshots: false,
+        warm_pool_size: 0,
+        ..exec_sandbox::SchedulerConfig::from_env().unwrap()
+    })
+    .unwrap();
+    let r = s
+        .run(RunOptions::new(Language::Python, "print(1)"))
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "1\n", "stderr: {}", r.stderr);
+    assert!(!r.l1_cache_hit && !r.warm_pool_hit);
+    assert_phases_add_up(&r);
+    let t = r.timing;
+    assert!(t.vm_start_ms > 0 && t.teardown_ms > 0, "{t:?}");
+    assert!(
+        t.interpreter_start_ms > 0,
+        "a cold VM starts its interpreter: {t:?}"
+    );
 }
 
 #[tokio::test]

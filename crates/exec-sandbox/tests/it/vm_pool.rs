@@ -60,6 +60,10 @@ async fn pool_hits_are_fast_and_runs_never_share_a_vm() {
     .await;
     assert_eq!(r1.stdout, "wrote\n", "stderr: {}", r1.stderr);
     assert!(r1.warm_pool_hit);
+    crate::support::assert_phases_add_up(&r1);
+    // Started before the run: no VM start, no interpreter start.
+    assert_eq!(r1.timing.vm_start_ms, 0, "{:?}", r1.timing);
+    assert_eq!(r1.timing.interpreter_start_ms, 0, "{:?}", r1.timing);
     assert!(
         qemu_pid(&first).is_none(),
         "a used VM is destroyed, never returned"

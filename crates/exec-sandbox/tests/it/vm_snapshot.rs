@@ -63,6 +63,10 @@ async fn restored_runs_are_correct_clean_unique_and_current() {
         let r = run(&s, PROBE).await;
         assert!(r.l1_cache_hit, "restored from the template");
         assert_eq!(r.exit_code, 0, "stderr: {}", r.stderr);
+        crate::support::assert_phases_add_up(&r);
+        // A clone's interpreter was running in its template: nothing starts it.
+        assert_eq!(r.timing.interpreter_start_ms, 0, "{:?}", r.timing);
+        assert!(r.timing.vm_start_ms > 0, "{:?}", r.timing);
         let lines: Vec<&str> = r.stdout.lines().collect();
         assert_eq!(lines.len(), 4, "{}", r.stdout);
         assert_eq!(lines[0].len(), 64);

@@ -56,12 +56,22 @@ class ExposedPort:
 
 @dataclass(frozen=True)
 class TimingBreakdown:
-    """Where a run's host wall time went, in milliseconds."""
+    """Where a run's host wall time went, in milliseconds.
+
+    ``setup_ms`` contains ``admission_wait_ms``; ``boot_ms`` is ``vm_start_ms`` +
+    ``guest_ready_ms`` (0 for a VM from the warm pool); ``execute_ms`` contains the guest's
+    ``interpreter_start_ms``; ``teardown_ms`` follows; ``total_ms`` is the whole call.
+    """
 
     setup_ms: int
     boot_ms: int
     execute_ms: int
     total_ms: int
+    admission_wait_ms: int = 0
+    vm_start_ms: int = 0
+    guest_ready_ms: int = 0
+    interpreter_start_ms: int = 0
+    teardown_ms: int = 0
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,17 @@ fn json_names_the_accelerator_and_why() {
         !v["accelerator"]["reason"].as_str().unwrap_or("").is_empty(),
         "{v}"
     );
-    for key in ["setup_ms", "boot_ms", "execute_ms", "total_ms"] {
+    for key in [
+        "setup_ms",
+        "admission_wait_ms",
+        "boot_ms",
+        "vm_start_ms",
+        "guest_ready_ms",
+        "execute_ms",
+        "interpreter_start_ms",
+        "teardown_ms",
+        "total_ms",
+    ] {
         assert!(v["timing"][key].is_u64(), "{key}: {v}");
     }
 }
@@ -167,6 +177,65 @@ fn json_and_debug_say_which_host_walls_stood_around_qemu() {
         .find(|l| l.contains("finished"))
         .unwrap_or_else(|| panic!("no finished line in --debug output: {stderr}"));
     assert!(finished.contains(&format!("cgroup={cgroup}")), "{finished}");
+    assert!(finished.contains("vm_start_ms="), "{finished}");
+}
+
+/// The number after `key=` in `line`.
+fn field(line: &str, key: &str) -> u64 {
+    let at = line
+        .find(&format!("{key}="))
+        .unwrap_or_else(|| panic!("no {key} in {line}"));
+    line[at + key.len() + 1..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap_or_else(|e| panic!("{key} in {line}: {e}"))
+}
+
+/// `--debug` boots (a clone prints no boot log) and shows the guest's boot on its own clock,
+/// step after step, before the code runs: the interpreter's process started after the agent
+/// served the host (its start time, from the guest's `/proc`, is later).
+#[test]
+fn debug_shows_the_guest_boot_timeline() {
+    // Field 22 of /proc/self/stat: start time in clock ticks since boot.
+    let code = "import os\n\
+                ticks = int(open('/proc/self/stat').read().rsplit(')', 1)[1].split()[19])\n\
+                print(ticks * 1000 // os.sysconf('SC_CLK_TCK'))";
+    let out = sbx()
+        .args(["run", "--json", "--debug", code])
+        .timeout(RUN_DEADLINE)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v = json_of(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let timeline = stderr
+        .lines()
+        .find(|l| l.contains("guest boot timeline"))
+        .unwrap_or_else(|| panic!("no boot timeline in --debug output: {stderr}"));
+    let kernel = field(timeline, "kernel_ms");
+    let root = field(timeline, "root_mounted_ms");
+    let configured = field(timeline, "configured_ms");
+    let serving = field(timeline, "agent_serving_ms");
+    assert!(
+        0 < kernel && kernel <= root && root <= configured && configured <= serving,
+        "{timeline}"
+    );
+    let started_ms: u64 = v["stdout"]
+        .as_str()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{v}"));
+    // Clock ticks are 10 ms.
+    assert!(
+        started_ms + 10 >= serving,
+        "the interpreter started at {started_ms} ms, before the agent served ({serving} ms): \
+         {timeline}"
+    );
+    assert!(
+        v["timing"]["interpreter_start_ms"].as_u64() > Some(0),
+        "{v}"
+    );
 }
 
 #[test]
