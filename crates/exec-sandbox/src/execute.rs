@@ -97,8 +97,9 @@ impl Collected {
             external_memory_peak_mb: stats.memory_peak_mb,
             external_cpu_nr_throttled: stats.cpu_nr_throttled,
             timing: Timing {
+                // The guest's figure, so never more than the host saw the execution take.
                 interpreter_start_ms: if self.guest_reported {
-                    self.outcome.interpreter_start_ms
+                    self.outcome.interpreter_start_ms.min(timing.execute_ms)
                 } else {
                     0
                 },
@@ -285,6 +286,41 @@ mod tests {
         assert!(c.truncated);
         c.accept(b"more", 8, Some(&cb));
         assert_eq!(*seen.lock().unwrap(), b"hellowor");
+    }
+
+    /// The guest's interpreter start is reported, but never as more than the execution the
+    /// host timed, and not at all when the guest did not report the outcome.
+    #[test]
+    fn the_guests_interpreter_start_is_bounded_by_the_execution() {
+        let collected = |interpreter_start_ms, guest_reported| Collected {
+            stdout: Capped::default(),
+            stderr: Capped::default(),
+            outcome: ExecOutcome {
+                exit_code: 0,
+                timed_out: false,
+                stdout_truncated: false,
+                stderr_truncated: false,
+                execution_time_ms: 1,
+                interpreter_start_ms,
+            },
+            guest_reported,
+        };
+        let timing = Timing {
+            execute_ms: 50,
+            ..Timing::default()
+        };
+        let accelerator = || AcceleratorChoice {
+            accelerator: crate::Accelerator::Tcg,
+            reason: "test".into(),
+        };
+        let start = |c: Collected| {
+            c.into_result(VmStats::default(), timing, accelerator(), VmOrigin::Cold)
+                .timing
+                .interpreter_start_ms
+        };
+        assert_eq!(start(collected(30, true)), 30);
+        assert_eq!(start(collected(u64::MAX, true)), 50, "a lying guest");
+        assert_eq!(start(collected(30, false)), 0);
     }
 
     #[tokio::test(start_paused = true)]
