@@ -40,6 +40,21 @@ pub struct Timing {
     pub total_ms: u64,
 }
 
+impl Timing {
+    /// The names of the phases (the JSON keys), in the order they happen.
+    pub const PHASES: [&'static str; 9] = [
+        "setup_ms",
+        "admission_wait_ms",
+        "boot_ms",
+        "vm_start_ms",
+        "guest_ready_ms",
+        "execute_ms",
+        "interpreter_start_ms",
+        "teardown_ms",
+        "total_ms",
+    ];
+}
+
 /// The outcome of one execution.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
@@ -221,4 +236,26 @@ pub struct PruneReport {
     pub layers: usize,
     /// Bytes the removed layers occupied.
     pub layer_bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `PHASES` names every field of `Timing` as serialized, in declaration order.
+    #[test]
+    fn phases_are_the_serialized_fields() {
+        let value = serde_json::to_value(Timing::default()).unwrap();
+        let keys: Vec<&str> = value
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut phases = Timing::PHASES.to_vec();
+        let mut sorted = keys.clone();
+        phases.sort_unstable();
+        sorted.sort_unstable();
+        assert_eq!(phases, sorted);
+    }
 }

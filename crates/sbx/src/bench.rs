@@ -601,19 +601,6 @@ pub(crate) fn step(args: &BenchArgs, text: &str) {
     }
 }
 
-/// The phases of `timing` in the order they happen, for the table.
-const PHASES: [&str; 9] = [
-    "setup_ms",
-    "admission_wait_ms",
-    "boot_ms",
-    "vm_start_ms",
-    "guest_ready_ms",
-    "execute_ms",
-    "interpreter_start_ms",
-    "teardown_ms",
-    "total_ms",
-];
-
 /// The human-readable table.
 pub fn render_table(report: &Report) -> String {
     let cell = |p: Option<Percentiles>| {
@@ -675,7 +662,7 @@ pub fn render_table(report: &Report) -> String {
     out.push_str("\nphases p50/p95 ms (the result's `timing`):\n");
     for (name, r) in &report.languages {
         for (path, phases) in &r.phases_ms {
-            let cells: Vec<String> = PHASES
+            let cells: Vec<String> = Timing::PHASES
                 .iter()
                 .filter_map(|phase| {
                     let p = phases.get(*phase)?;

@@ -128,17 +128,7 @@ fn json_names_the_accelerator_and_why() {
         !v["accelerator"]["reason"].as_str().unwrap_or("").is_empty(),
         "{v}"
     );
-    for key in [
-        "setup_ms",
-        "admission_wait_ms",
-        "boot_ms",
-        "vm_start_ms",
-        "guest_ready_ms",
-        "execute_ms",
-        "interpreter_start_ms",
-        "teardown_ms",
-        "total_ms",
-    ] {
+    for key in exec_sandbox::Timing::PHASES {
         assert!(v["timing"][key].is_u64(), "{key}: {v}");
     }
 }
