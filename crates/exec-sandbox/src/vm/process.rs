@@ -137,7 +137,7 @@ pub(crate) async fn spawn_qemu(qemu: &Qemu, request: Request) -> Result<Spawned,
     let argv0 = qemu.binary.clone();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let job: Job = Box::new(move || {
-        let _ = tx.send(spawn_in_thread(&jail, &argv0, &request));
+        deliver(tx, spawn_in_thread(&jail, &argv0, &request));
         // `request` (the host's copies of QEMU's descriptors) is closed here.
     });
     let gone = |what: &str| JailError::Host {
@@ -157,6 +157,25 @@ pub(crate) async fn spawn_qemu(qemu: &Qemu, request: Request) -> Result<Spawned,
         process,
         isolation: raw.isolation,
     })
+}
+
+/// Hands a started QEMU to the caller; when the caller went away meanwhile (a run dropped while
+/// its VM was starting), nothing else owns the process, so it is killed and reaped here.
+/// Returns the pid of a process it had to kill.
+fn deliver(
+    tx: tokio::sync::oneshot::Sender<Result<Raw, JailError>>,
+    spawned: Result<Raw, JailError>,
+) -> Option<u32> {
+    let Err(Ok(raw)) = tx.send(spawned) else {
+        return None;
+    };
+    let _ = rustix::process::pidfd_send_signal(&raw.pidfd, rustix::process::Signal::KILL);
+    // SIGKILL cannot be caught: the wait is short.
+    let _ = rustix::process::waitpid(
+        rustix::process::Pid::from_raw(raw.pid as i32),
+        rustix::process::WaitOptions::empty(),
+    );
+    Some(raw.pid)
 }
 
 /// Why an attempt failed: anything, or namespaces this host does not allow.
@@ -489,6 +508,43 @@ mod tests {
             .find_map(|l| l.strip_prefix(name))
             .unwrap_or_else(|| panic!("{name} in {status}"))
             .trim()
+    }
+
+    /// A QEMU that finished starting after its caller went away is killed and reaped by the
+    /// spawner, not left running.
+    #[tokio::test]
+    async fn a_child_nobody_waits_for_any_more_is_killed() {
+        let qemu = Qemu::new("sleep".into(), None);
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let request = Request {
+            program: qemu.resolve().unwrap(),
+            args: vec!["60".into()],
+            fds: Vec::new(),
+            join_cgroups: Vec::new(),
+            kvm: false,
+            root,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        drop(rx);
+        let killed = tokio::task::spawn_blocking(move || {
+            deliver(tx, spawn_in_thread(&qemu.jail, &qemu.binary, &request))
+        })
+        .await
+        .unwrap()
+        .expect("the started child was killed");
+        assert!(
+            !std::path::Path::new(&format!("/proc/{killed}")).exists(),
+            "pid {killed} is still there"
+        );
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = Err(JailError::Host {
+            action: "test".into(),
+            source: io::Error::other("test"),
+        });
+        assert_eq!(deliver(tx, spawned), None, "nothing to kill");
+        assert!(rx.await.unwrap().is_err());
     }
 
     #[tokio::test]
