@@ -476,13 +476,13 @@ mod tests {
 
     use super::*;
 
-    /// Output, status and report of `program args` started through the jail.
-    async fn jailed(
+    /// A jail request for `program args` (found on `PATH`), and the directory holding its root.
+    fn request(
         program: &str,
         args: &[&str],
         fds: Vec<(OwnedFd, i32)>,
         join_cgroups: Vec<OwnedFd>,
-    ) -> (String, ExitStatus, IsolationReport) {
+    ) -> (Qemu, Request, tempfile::TempDir) {
         let qemu = Qemu::new(program.into(), None);
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
@@ -495,6 +495,17 @@ mod tests {
             kvm: false,
             root,
         };
+        (qemu, request, dir)
+    }
+
+    /// Output, status and report of `program args` started through the jail.
+    async fn jailed(
+        program: &str,
+        args: &[&str],
+        fds: Vec<(OwnedFd, i32)>,
+        join_cgroups: Vec<OwnedFd>,
+    ) -> (String, ExitStatus, IsolationReport) {
+        let (qemu, request, _dir) = request(program, args, fds, join_cgroups);
         let mut spawned = spawn_qemu(&qemu, request).await.expect("spawn");
         let mut out = String::new();
         spawned.stdout.read_to_string(&mut out).await.unwrap();
@@ -514,18 +525,7 @@ mod tests {
     /// spawner, not left running.
     #[tokio::test]
     async fn a_child_nobody_waits_for_any_more_is_killed() {
-        let qemu = Qemu::new("sleep".into(), None);
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("root");
-        std::fs::create_dir(&root).unwrap();
-        let request = Request {
-            program: qemu.resolve().unwrap(),
-            args: vec!["60".into()],
-            fds: Vec::new(),
-            join_cgroups: Vec::new(),
-            kvm: false,
-            root,
-        };
+        let (qemu, request, _dir) = request("sleep", &["60"], Vec::new(), Vec::new());
         let (tx, rx) = tokio::sync::oneshot::channel();
         drop(rx);
         let killed = tokio::task::spawn_blocking(move || {
