@@ -69,6 +69,13 @@ pub(crate) trait VmFactory: Send + Sync {
         language: Language,
     ) -> impl Future<Output = Result<(), VmError>> + Send;
 
+    /// Runs a pooled VM's first execution ahead of its run ([`crate::execute::prime`]).
+    fn prime(
+        &self,
+        vm: &Self::Vm,
+        language: Language,
+    ) -> impl Future<Output = Result<(), VmError>> + Send;
+
     /// Saves the template `key` shaped like `spec`, warmed as `warmup` says, in the
     /// background, when the budget has room for its VM now (otherwise a later cold boot tries
     /// again).
@@ -260,15 +267,28 @@ pub(crate) async fn warm_vm<F: VmFactory>(
     if let Some(key) = &key
         && let Ok(vm) = factory.restore(&spec, key, None).await
     {
-        return Ok(Some(Pooled { vm, permit }));
+        match factory.prime(&vm, language).await {
+            Ok(()) => return Ok(Some(Pooled { vm, permit })),
+            Err(e) => {
+                // Booting afresh is what a failed restore does too.
+                tracing::warn!(vm = %vm.name(), error = %crate::vm::error_chain(&e), "restored warm VM failed its first execution: booting one instead");
+                vm.destroy().await;
+            }
+        }
     }
     let vm = factory.boot(&spec, None, None).await.map_err(Error::Boot)?;
     if let Err(e) = factory.warm(&vm, language).await {
         vm.destroy().await;
         return Err(Error::Boot(e));
     }
+    // The template is saved from a VM of its own, warmed but never primed: a primed
+    // interpreter has run code.
     if let Some(key) = key {
         factory.save_template(spec, language.into(), key);
+    }
+    if let Err(e) = factory.prime(&vm, language).await {
+        vm.destroy().await;
+        return Err(Error::Boot(e));
     }
     Ok(Some(Pooled { vm, permit }))
 }
@@ -306,6 +326,7 @@ mod tests {
             memory_mb: u32,
         },
         Warm,
+        Prime,
         Save {
             key: String,
         },
@@ -318,6 +339,7 @@ mod tests {
         template_exists: bool,
         boot_fails: bool,
         prepare_fails: bool,
+        prime_fails: bool,
         calls: Mutex<Vec<Call>>,
         /// The package layer of each VM booted.
         booted_layers: Mutex<Vec<Option<PathBuf>>>,
@@ -410,6 +432,17 @@ mod tests {
 
         async fn warm(&self, _: &FakeVm, _: Language) -> Result<(), VmError> {
             self.record(Call::Warm);
+            Ok(())
+        }
+
+        async fn prime(&self, vm: &FakeVm, _: Language) -> Result<(), VmError> {
+            self.record(Call::Prime);
+            if self.prime_fails {
+                return Err(VmError::Prime {
+                    name: vm.name().into(),
+                    reason: "exit code 1".into(),
+                });
+            }
             Ok(())
         }
 
@@ -730,10 +763,13 @@ mod tests {
         assert_eq!(vm.vm.name(), "clone");
         assert_eq!(
             restoring.calls(),
-            [Call::Restore {
-                key: "raw-256-false".into(),
-                nic: false
-            }]
+            [
+                Call::Restore {
+                    key: "raw-256-false".into(),
+                    nic: false
+                },
+                Call::Prime
+            ]
         );
 
         let booting = Factory {
@@ -760,8 +796,50 @@ mod tests {
                 Call::Save {
                     key: "raw-256-false".into()
                 },
+                Call::Prime,
             ]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_warm_vm_that_cannot_run_its_first_execution_is_never_pooled() {
+        let admission = admission(4);
+        let factory = Factory {
+            l1: true,
+            template_exists: true,
+            prime_fails: true,
+            ..Factory::default()
+        };
+        let error = match warm_vm(&factory, &admission, Language::Python, DEFAULT_MB).await {
+            Err(e) => e,
+            Ok(vm) => panic!("pooled {:?}", vm.map(|v| v.vm.name().to_string())),
+        };
+        let chain = crate::vm::error_chain(&error);
+        assert!(chain.contains("first execution: exit code 1"), "{chain}");
+        // The clone that failed, then the VM booted instead that failed too: both destroyed,
+        // and neither kept its share of the budget.
+        assert_eq!(
+            factory.calls(),
+            [
+                Call::Restore {
+                    key: "python-256-false".into(),
+                    nic: false
+                },
+                Call::Prime,
+                Call::Boot {
+                    verbose: false,
+                    nic: false,
+                    memory_mb: DEFAULT_MB
+                },
+                Call::Warm,
+                Call::Save {
+                    key: "python-256-false".into()
+                },
+                Call::Prime,
+            ]
+        );
+        assert_eq!(factory.destroyed.count(), 2);
+        assert!(admission.try_admit(admission.budget()).is_some());
     }
 
     #[tokio::test(start_paused = true)]

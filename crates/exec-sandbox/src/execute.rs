@@ -227,6 +227,62 @@ pub(crate) async fn execute(link: Link<'_>, execution: Execution) -> Result<Coll
     }
 }
 
+/// What a pooled VM runs before the pool hands it out: a line to stdout and one to stderr. It
+/// binds no name, so it leaves nothing a program could see.
+pub(crate) fn primer(language: Language) -> &'static str {
+    match language {
+        Language::Python => "print(0); print(0, file=__import__('sys').stderr)",
+        Language::Javascript => "console.log(0); console.error(0)",
+        Language::Raw => "echo 0; echo 0 >&2",
+    }
+}
+
+/// Runs [`primer`] in a VM before the pool hands it out. Under emulation most of a VM's first
+/// execution is QEMU translating, for the first time in its process, the paths every
+/// execution takes (the agent's and the driver's, the interpreter printing, the output sent
+/// to the host); doing that here, while the pool refills, takes it off the run that gets the
+/// VM. Fails unless the snippet exits 0 with exactly its output.
+pub(crate) async fn prime(
+    link: Link<'_>,
+    language: Language,
+    host_grace: Duration,
+) -> Result<(), VmError> {
+    let name = link.name.to_string();
+    let failed = |reason: String| VmError::Prime {
+        name: name.clone(),
+        reason,
+    };
+    let execution = Execution {
+        language,
+        code: primer(language).into(),
+        timeout_seconds: limits::PRIME_TIMEOUT_SECONDS,
+        env: Vec::new(),
+        on_stdout: None,
+        on_stderr: None,
+        host_grace,
+    };
+    let collected = execute(link, execution)
+        .await
+        .map_err(|e| failed(crate::vm::error_chain(&e)))?;
+    const EXPECTED: &[u8] = b"0\n";
+    if collected.exit_code() != 0
+        || collected.stdout.bytes != EXPECTED
+        || collected.stderr.bytes != EXPECTED
+    {
+        let shown = |bytes: &[u8]| {
+            let text = String::from_utf8_lossy(&bytes[..bytes.len().min(100)]).into_owned();
+            format!("{text:?}")
+        };
+        return Err(failed(format!(
+            "exit code {}, stdout {}, stderr {}",
+            collected.exit_code(),
+            shown(&collected.stdout.bytes),
+            shown(&collected.stderr.bytes)
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
@@ -353,6 +409,51 @@ mod tests {
         assert_eq!(sent.timeout_ms, 10_000);
         assert_eq!(sent.env, vec![("A".to_string(), "1".to_string())]);
         assert_eq!(sent.stdout_limit, limits::MAX_STDOUT_BYTES);
+    }
+
+    /// A fake agent that answers every execution with `stdout`, `stderr` and `exit_code`.
+    fn answering(stdout: &'static [u8], stderr: &'static [u8], exit_code: i32) -> FakeVm {
+        vm(move |_| {
+            Reply::now([
+                Event::Stdout(stdout.to_vec()),
+                Event::Stderr(stderr.to_vec()),
+                done(exit_code),
+            ])
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn priming_runs_the_languages_snippet_and_checks_its_output() {
+        for language in Language::ALL {
+            let vm = answering(b"0\n", b"0\n", 0);
+            prime(vm.link(), language, limits::HOST_TIMEOUT_GRACE)
+                .await
+                .unwrap();
+            let [Request::Exec(sent)] = &vm.requests()[..] else {
+                panic!("{:?}", vm.requests())
+            };
+            assert_eq!(sent.language, language);
+            assert_eq!(sent.code, primer(language));
+            assert_eq!(sent.timeout_ms, limits::PRIME_TIMEOUT_SECONDS * 1000);
+            assert!(sent.env.is_empty());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_primer_that_fails_or_prints_something_else_fails_the_vm() {
+        for (vm, reason) in [
+            (answering(b"0\n", b"oops\n", 1), "exit code 1"),
+            (answering(b"", b"0\n", 0), "stdout \"\""),
+            (answering(b"0\n", b"", 0), "stderr \"\""),
+            (vm(|_| Reply::Hangup), "closed"),
+        ] {
+            let error = prime(vm.link(), Language::Raw, limits::HOST_TIMEOUT_GRACE)
+                .await
+                .unwrap_err();
+            assert!(matches!(error, VmError::Prime { .. }), "{error:?}");
+            let chain = crate::vm::error_chain(&error);
+            assert!(chain.contains(reason), "{reason}: {chain}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

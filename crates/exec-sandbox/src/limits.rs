@@ -144,6 +144,10 @@ pub const MAX_ALLOWED_DOMAINS: usize = sbx_net::policy::MAX_ALLOWED_DOMAINS;
 /// Longest the guest may take to install the operator's CA bundle.
 pub const CA_BUNDLE_DEADLINE: Duration = Duration::from_secs(10);
 
+/// Execution timeout of the snippet a pooled VM runs before it is handed out
+/// ([`crate::execute::prime`]); it takes milliseconds.
+pub const PRIME_TIMEOUT_SECONDS: u64 = 10;
+
 /// Most packages one run or session may ask for.
 pub const MAX_PACKAGES: usize = 50;
 /// Longest package name, in bytes (npm's own limit; PyPI names are held to it too).

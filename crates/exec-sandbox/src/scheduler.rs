@@ -14,7 +14,7 @@ use crate::acquire::{self, Acquired, VmFactory, Want};
 use crate::admission::{self, Admission, CapacityError, Cost, Permit};
 use crate::assets::{AssetStore, GuestAssets};
 use crate::error::Error;
-use crate::execute::{Execution, VmOrigin, execute};
+use crate::execute::{self, Execution, VmOrigin, execute};
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::limits;
 use crate::network::NetworkOptions;
@@ -792,6 +792,14 @@ impl VmFactory for QemuFactory<'_> {
     async fn warm(&self, vm: &Vm, language: Language) -> Result<(), VmError> {
         let elapsed_ms = vm.warm(&language.into(), boot_deadline(self.host)).await?;
         tracing::debug!(vm = %vm.name(), %language, elapsed_ms, "interpreter warm");
+        Ok(())
+    }
+
+    async fn prime(&self, vm: &Vm, language: Language) -> Result<(), VmError> {
+        let started = Instant::now();
+        let grace = limits::host_timeout_grace(self.host.choice.accelerator);
+        execute::prime(vm.link(), language, grace).await?;
+        tracing::debug!(vm = %vm.name(), %language, elapsed_ms = elapsed_ms(started), "warm VM primed");
         Ok(())
     }
 

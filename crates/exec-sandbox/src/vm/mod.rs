@@ -176,6 +176,14 @@ pub enum VmError {
         #[source]
         source: AckError,
     },
+    /// A VM for the warm pool could not run its first, trivial execution.
+    #[error("VM {name} could not run the pool's first execution: {reason}")]
+    Prime {
+        /// VM name.
+        name: String,
+        /// What went wrong (guest output shortened).
+        reason: String,
+    },
     /// QEMU could not load a snapshot's device state.
     #[error("VM {name}: QEMU could not load the saved device state")]
     LoadState {

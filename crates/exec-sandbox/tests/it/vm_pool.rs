@@ -152,3 +152,59 @@ async fn a_dead_warm_vm_is_replaced_not_handed_out() {
     })
     .await;
 }
+
+/// A pooled VM has run the pool's primer (one line to stdout and one to stderr, so the paths
+/// every execution takes are translated before a run gets the VM). A program must not be able
+/// to tell: what it sees of its interpreter's state is what a clone fresh from the same
+/// template shows.
+#[tokio::test]
+async fn a_primed_warm_vm_shows_a_program_what_a_fresh_clone_does() {
+    let probes = [
+        (
+            Language::Python,
+            "import sys; print(sorted(k for k in globals() if k != 'sys'), sys.stdout.isatty(), hasattr(sys, 'last_value'))",
+        ),
+        (
+            Language::Javascript,
+            "console.log(Object.getOwnPropertyNames(globalThis).sort().join(','))",
+        ),
+        (
+            Language::Raw,
+            "compgen -v | tr '\\n' ' '; echo \"status=$?\"",
+        ),
+    ];
+    let pooled = pooled_scheduler(true);
+    let fresh = Scheduler::new(SchedulerConfig {
+        warm_pool_size: 0,
+        l1_snapshots: true,
+        ..SchedulerConfig::from_env().unwrap()
+    })
+    .unwrap();
+    for (language, probe) in probes {
+        wait_until(&format!("a warm {language} VM"), REFILL, || {
+            pooled
+                .warm_pool_vms()
+                .iter()
+                .any(|vm| vm.language == language)
+        })
+        .await;
+        let from_pool = run(&pooled, RunOptions::new(language, probe)).await;
+        assert!(from_pool.warm_pool_hit, "{language}");
+        let from_template = run(&fresh, RunOptions::new(language, probe)).await;
+        assert!(
+            from_template.l1_cache_hit,
+            "{language}: the pool's template serves the fresh run too"
+        );
+        assert_eq!(from_pool.exit_code, 0, "{language}: {}", from_pool.stderr);
+        assert_eq!(
+            from_pool.stderr, "",
+            "{language}: the primer's output never shows"
+        );
+        assert_eq!(
+            from_pool.stdout, from_template.stdout,
+            "{language}: a pooled VM differs from a fresh clone"
+        );
+    }
+    pooled.shutdown().await;
+    fresh.shutdown().await;
+}
