@@ -67,9 +67,14 @@ fn set_realtime(unix_time_ns: u64) -> io::Result<()> {
 ///   from the fresh CRNG anyway.
 /// - bash: assigning `RANDOM` seeds it; `SRANDOM` (bash >= 5.1) comes from `getrandom`.
 /// - Bun: JavaScriptCore seeds `Math.random` once per global object and offers no way to
-///   reseed it, so clones of a warm template would share its sequence. It is replaced by
-///   xoshiro128** seeded from `crypto.getRandomValues` (the fresh kernel CRNG), 53 bits per
-///   double like the native one; like it, not a cryptographic generator.
+///   reseed it, so clones of a warm template would share its sequence. The driver
+///   (`drivers/bun.mjs`) replaces it at start with xoshiro128** seeded from `/dev/urandom`,
+///   53 bits per double like the native one (like it, not a cryptographic generator), and
+///   leaves a function under a global symbol that refills its state from the (fresh) kernel
+///   CRNG. Not from `crypto.getRandomValues`: Bun's is a generator in the process, seeded on
+///   first use, so a template that had used it would give every clone the same values. The function is defined in the template, so a
+///   restore only calls it: defining the generator there cost every clone ~50 ms of first
+///   translation under emulation.
 pub fn interpreter_code(language: Language) -> Option<&'static str> {
     match language {
         Language::Python => Some(
@@ -80,30 +85,8 @@ pub fn interpreter_code(language: Language) -> Option<&'static str> {
     }
 }
 
-/// Replaces `Math.random` with a generator seeded from the kernel CRNG (see above).
-const JS_RESEED: &str = r#"(() => {
-  const s = crypto.getRandomValues(new Uint32Array(4));
-  const rotl = (x, k) => (x << k) | (x >>> (32 - k));
-  const next = () => {
-    const result = Math.imul(rotl(Math.imul(s[1], 5), 7), 9) >>> 0;
-    const t = s[1] << 9;
-    s[2] ^= s[0];
-    s[3] ^= s[1];
-    s[1] ^= s[2];
-    s[0] ^= s[3];
-    s[2] ^= t;
-    s[3] = rotl(s[3], 11);
-    return result;
-  };
-  Object.defineProperty(Math, "random", {
-    value: function random() {
-      return ((next() >>> 5) * 67108864 + (next() >>> 6)) / 9007199254740992;
-    },
-    writable: true,
-    configurable: true,
-    enumerable: false,
-  });
-})();"#;
+/// Refills the state of the `Math.random` the driver installed (see above).
+const JS_RESEED: &str = r#"globalThis[Symbol.for("exec-sandbox.reseed")]()"#;
 
 #[cfg(test)]
 mod tests {

@@ -9,7 +9,15 @@
 // An execution ends when its code has settled and the timers it started have fired or been
 // cleared, like a script whose event loop drains; `process.exit(n)` ends the execution with n
 // without ending the driver.
-import { mkdirSync, unlinkSync, writeFileSync, writeSync } from "node:fs";
+import {
+  closeSync,
+  mkdirSync,
+  openSync,
+  readSync,
+  unlinkSync,
+  writeFileSync,
+  writeSync,
+} from "node:fs";
 import { createRequire } from "node:module";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -21,6 +29,56 @@ const DRIVER_PATH = import.meta.path;
 const transpiler = new Bun.Transpiler({ loader: "ts", replMode: true });
 const decoder = new TextDecoder();
 const realExit = process.exit.bind(process);
+
+// Math.random: xoshiro128** seeded from the kernel CRNG, 53 bits per double like
+// JavaScriptCore's own (and, like it, not a cryptographic generator). JavaScriptCore seeds its
+// generator once per global object and cannot reseed it, so every clone of a memory snapshot
+// would share its sequence; this one the agent reseeds after each restore by calling the
+// function under the global symbol below (see reseed.rs). The seed is read from /dev/urandom,
+// never from `crypto.getRandomValues`: that is a generator in this process, seeded on first
+// use, and a template that used it would hand every clone the same state.
+{
+  const s = new Uint32Array(4);
+  const reseed = () => {
+    const fd = openSync("/dev/urandom", "r");
+    try {
+      if (readSync(fd, new Uint8Array(s.buffer), 0, 16, null) !== 16) {
+        throw new Error("short read from /dev/urandom");
+      }
+    } finally {
+      closeSync(fd);
+    }
+  };
+  reseed();
+  const rotl = (x, k) => (x << k) | (x >>> (32 - k));
+  const next = () => {
+    const result = Math.imul(rotl(Math.imul(s[1], 5), 7), 9) >>> 0;
+    const t = s[1] << 9;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 11);
+    return result;
+  };
+  Object.defineProperty(Math, "random", {
+    value: function random() {
+      return ((next() >>> 5) * 67108864 + (next() >>> 6)) / 9007199254740992;
+    },
+    writable: true,
+    configurable: true,
+    enumerable: false,
+  });
+  // Fixed: user code in a session cannot swap what the next restore would call (templates
+  // never run user code; this holds anyway).
+  Object.defineProperty(globalThis, Symbol.for("exec-sandbox.reseed"), {
+    value: reseed,
+    writable: false,
+    configurable: false,
+    enumerable: false,
+  });
+}
 
 /** The execution in progress: `finish(code)` ends it. */
 let current = null;
