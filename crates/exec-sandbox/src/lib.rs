@@ -43,6 +43,7 @@ mod scheduler;
 mod session;
 mod snapshot;
 mod sys;
+mod teardown;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod trust;

@@ -26,6 +26,7 @@ use crate::result::{
 };
 use crate::run::RunOptions;
 use crate::snapshot::{self, Templates};
+use crate::teardown::Teardowns;
 use crate::validate::{self, ValidationError};
 use crate::vm::Qemu;
 use crate::vm::accel::{self, AccelConfig, AcceleratorChoice, HostVerdict};
@@ -53,6 +54,8 @@ struct Inner {
     admission: Arc<Admission>,
     pool: Arc<WarmPool>,
     pool_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// VMs of runs that returned, being destroyed.
+    teardowns: Arc<Teardowns>,
     /// L1 memory snapshots.
     templates: Templates,
     /// The operator's extra CA certificates for networked guests, read once.
@@ -121,6 +124,7 @@ impl Scheduler {
                 admission: Admission::new(policy, Box::new(admission::ProcHost)),
                 pool: Arc::new(WarmPool::new(config.warm_pool_size)),
                 pool_task: std::sync::Mutex::new(None),
+                teardowns: Arc::default(),
                 templates: Templates::new(config.l1_snapshots.then(|| {
                     snapshot::Cache::new(
                         config.snapshot_cache_dir.clone(),
@@ -151,7 +155,8 @@ impl Scheduler {
     }
 
     /// Destroys the idle warm VMs and stops refilling the pool; waits until their QEMU
-    /// processes are gone. Runs still work afterwards, without the pool.
+    /// processes, and those of runs that already returned (a run's VM is destroyed just after
+    /// its result), are gone. Runs still work afterwards, without the pool.
     pub async fn shutdown(&self) {
         let task = self.inner.pool_task.lock().ok().and_then(|mut t| t.take());
         if let Some(task) = task {
@@ -166,6 +171,8 @@ impl Scheduler {
         }
         // Memory snapshots being saved are abandoned (their template VMs killed).
         self.inner.templates.abort().await;
+        // VMs of runs that already returned.
+        self.inner.teardowns.wait().await;
     }
 
     /// Starts the warm-pool refill task if the pool is on and it is not running.
@@ -231,7 +238,9 @@ impl Scheduler {
     /// Runs `options.code` in a fresh VM and returns its result.
     ///
     /// Invalid input is rejected before any VM boots. An execution timeout is a result (exit
-    /// code -1), not an error.
+    /// code -1), not an error. The VM is killed and reaped just after the result is returned,
+    /// on this runtime, holding its share of the budget until it is gone;
+    /// [`shutdown`](Self::shutdown) waits for that.
     pub async fn run(&self, options: RunOptions) -> Result<ExecutionResult, Error> {
         let started = Instant::now();
         let config = &self.inner.config;
@@ -262,8 +271,8 @@ impl Scheduler {
             accelerator,
             timing,
             packages,
-            permit: _permit,
-            slot: _slot,
+            permit,
+            slot,
         } = self
             .start_vm(VmRequest {
                 language: options.language,
@@ -294,7 +303,13 @@ impl Scheduler {
         let network_refusals = vm.take_network_refusals();
         let isolation = vm.isolation();
         let teardown_started = Instant::now();
-        let stats = vm.destroy().await;
+        let stats = vm.stats();
+        let packages_source = packages.source();
+        // Killed and reaped after the result is returned; what it holds is released after.
+        self.inner.teardowns.spawn(async move {
+            vm.destroy().await;
+            drop((packages, permit, slot));
+        });
         let teardown_ms = elapsed_ms(teardown_started);
         let collected = collected?;
 
@@ -312,7 +327,7 @@ impl Scheduler {
         result.exposed_ports = exposed_ports;
         result.network_refusals = network_refusals;
         result.isolation = isolation;
-        (result.packages_source, result.packages_install_ms) = packages.source();
+        (result.packages_source, result.packages_install_ms) = packages_source;
         Ok(result)
     }
 

@@ -100,6 +100,8 @@ pub async fn run(args: RunArgs) -> u8 {
         () = async {
             runner.scheduler.wait_for_snapshots().await;
             runner.scheduler.wait_for_uploads().await;
+            // VMs of finished runs are destroyed after their results: wait for them too.
+            runner.scheduler.shutdown().await;
         } => {}
         _ = interrupt::wait() => {}
     }

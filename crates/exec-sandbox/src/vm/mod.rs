@@ -661,6 +661,18 @@ impl Vm {
         crate::result::Isolation::of(&self.cgroup_status, &self.isolation)
     }
 
+    /// What the host measured so far, QEMU still running: for a run that returns before its
+    /// VM is destroyed (the few milliseconds of an idle guest's teardown are left out).
+    pub(crate) fn stats(&self) -> VmStats {
+        let proc = self.child.id().map(procfs::stats).unwrap_or_default();
+        let usage = self
+            .cgroup
+            .as_ref()
+            .map(VmCgroup::usage)
+            .unwrap_or_default();
+        VmStats::merge(usage, proc)
+    }
+
     /// Kills QEMU and waits for it, returning what the host measured; its cgroup (read once
     /// QEMU is reaped, so it holds all of QEMU's time) is removed with the VM.
     pub(crate) async fn destroy(mut self) -> VmStats {
