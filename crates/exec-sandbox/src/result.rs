@@ -34,7 +34,10 @@ pub struct Timing {
     /// The part of `execute_ms` the guest spent starting the interpreter (0 when it was
     /// already running, as in a restored or pooled VM).
     pub interpreter_start_ms: u64,
-    /// Killing and reaping QEMU and reading its cgroup, after the result arrived.
+    /// Reading the VM's cgroup and `/proc` figures after the result arrived and handing the VM
+    /// to its teardown: QEMU is killed and reaped after `run()` returns (holding the VM's
+    /// share of the budget until then; [`Scheduler::shutdown`](crate::Scheduler::shutdown)
+    /// waits for it).
     pub teardown_ms: u64,
     /// The whole `run()` call.
     pub total_ms: u64,

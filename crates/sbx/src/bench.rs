@@ -4,7 +4,7 @@
 //! invocation. A measurement command, never a pass/fail test.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use exec_sandbox::{Language, RunOptions, Scheduler, SchedulerConfig, Timing};
@@ -81,6 +81,20 @@ pub struct Baseline {
     pub args: Vec<String>,
     /// Wall time of one run.
     pub spawn_ms: Percentiles,
+    /// Every interpreter binary of the language found on this host (the one on `PATH` and
+    /// the system's in `/usr/bin`), each timed the same way: the fastest is the baseline, the
+    /// strictest comparison (a version manager's build can start several times slower than
+    /// the distribution's).
+    pub timed: Vec<TimedBinary>,
+}
+
+/// One interpreter binary timed for a baseline.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TimedBinary {
+    /// The binary, symbolic links followed.
+    pub binary: PathBuf,
+    /// Its median wall time.
+    pub p50_ms: f64,
 }
 
 /// The whole report, as printed by `--json`.
@@ -154,33 +168,31 @@ async fn measure(args: &BenchArgs, base: SchedulerConfig) -> Result<Report, exec
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
 
     step(args, "readying assets and memory snapshots");
-    let cold = scheduler(&base, 0, false, 1)?;
+    // Runs are sequential; more than one slot lets a run start while the previous run's VM is
+    // still being torn down (after its result), as with the default `max_concurrent_vms`.
+    let cold = scheduler(&base, 0, false, cores.max(2))?;
     let accelerator = cold.prefetch().await?;
     let restored = scheduler(&base, 0, true, cores.max(1))?;
     restored.prefetch_snapshots().await?;
 
     let mut baseline = BTreeMap::new();
     for &language in &languages {
-        let interpreter = match HostInterpreter::resolve(language).await {
-            Ok(interpreter) => interpreter,
-            Err(e) => {
-                tracing::warn!(%language, error = %e, "no host baseline for this language");
-                continue;
-            }
-        };
-        step(
-            args,
-            &format!("{language} baseline: {} x{runs}", interpreter.command()),
-        );
-        if let Some(spawn_ms) = Percentiles::of(&interpreter.time(runs).await) {
-            baseline.insert(
-                language.as_str().to_string(),
-                Baseline {
-                    binary: interpreter.binary,
-                    args: interpreter.args.iter().map(ToString::to_string).collect(),
-                    spawn_ms,
-                },
+        let interpreters = HostInterpreter::resolve_all(language).await;
+        if interpreters.is_empty() {
+            tracing::warn!(%language, "no host baseline for this language");
+        }
+        let mut timed = Vec::new();
+        for interpreter in interpreters {
+            step(
+                args,
+                &format!("{language} baseline: {} x{runs}", interpreter.command()),
             );
+            if let Some(spawn_ms) = Percentiles::of(&interpreter.time(runs).await) {
+                timed.push((interpreter, spawn_ms));
+            }
+        }
+        if let Some(b) = fastest(timed) {
+            baseline.insert(language.as_str().to_string(), b);
         }
     }
 
@@ -507,15 +519,25 @@ struct HostInterpreter {
 }
 
 impl HostInterpreter {
-    /// Asks the interpreter found on `PATH` where its binary is, once, and follows symbolic
-    /// links: a version manager's shim (pyenv's `python3` is a shell script that starts the real
-    /// interpreter) would otherwise be timed too, and flatter every ratio.
-    async fn resolve(language: Language) -> std::io::Result<Self> {
+    /// The language's interpreters on this host: the one on `PATH` and the system's in
+    /// `/usr/bin`, each asked where its binary is and with symbolic links followed (a version
+    /// manager's shim, like pyenv's `python3` shell script, would otherwise be timed too and
+    /// flatter every ratio); one entry per distinct binary.
+    async fn resolve_all(language: Language) -> Vec<Self> {
         let (program, _, args) = Self::spec(language);
-        Ok(Self {
-            binary: Self::ask_binary(language, program.as_ref()).await?,
-            args,
-        })
+        let mut found: Vec<Self> = Vec::new();
+        for candidate in [PathBuf::from(program), Path::new("/usr/bin").join(program)] {
+            match Self::ask_binary(language, &candidate).await {
+                Ok(binary) if !found.iter().any(|f| f.binary == binary) => {
+                    found.push(Self { binary, args });
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(%language, candidate = %candidate.display(), error = %e, "not a baseline");
+                }
+            }
+        }
+        found
     }
 
     /// The program on `PATH`, the arguments that make it print its own binary's path, and the
@@ -583,6 +605,26 @@ impl HostInterpreter {
     }
 }
 
+/// The baseline from the timed interpreters: the fastest by p50, listing them all.
+fn fastest(timed: Vec<(HostInterpreter, Percentiles)>) -> Option<Baseline> {
+    let all: Vec<TimedBinary> = timed
+        .iter()
+        .map(|(i, p)| TimedBinary {
+            binary: i.binary.clone(),
+            p50_ms: round1(p.p50),
+        })
+        .collect();
+    let (interpreter, spawn_ms) = timed
+        .into_iter()
+        .min_by(|(_, a), (_, b)| a.p50.total_cmp(&b.p50))?;
+    Some(Baseline {
+        binary: interpreter.binary,
+        args: interpreter.args.iter().map(ToString::to_string).collect(),
+        spawn_ms,
+        timed: all,
+    })
+}
+
 fn median(samples: &[f64]) -> Option<f64> {
     Percentiles::of(samples).map(|p| p.p50)
 }
@@ -621,8 +663,19 @@ pub fn render_table(report: &Report) -> String {
         host("accelerator_reason")
     ));
     for (name, b) in &report.baseline {
+        let others: Vec<String> = b
+            .timed
+            .iter()
+            .filter(|t| t.binary != b.binary)
+            .map(|t| format!("{} {:.1} ms", t.binary.display(), t.p50_ms))
+            .collect();
+        let others = if others.is_empty() {
+            String::new()
+        } else {
+            format!("; slower, not the baseline: {}", others.join(", "))
+        };
         out.push_str(&format!(
-            "baseline {name}: p50 {:.1} ms, p95 {:.1} ms ({} {})\n",
+            "baseline {name}: p50 {:.1} ms, p95 {:.1} ms ({} {}{others})\n",
             b.spawn_ms.p50,
             b.spawn_ms.p95,
             b.binary.display(),
@@ -708,7 +761,42 @@ mod tests {
             binary: binary.into(),
             args: args.iter().map(ToString::to_string).collect(),
             spawn_ms: Percentiles::of(&[p50]).unwrap(),
+            timed: vec![TimedBinary {
+                binary: binary.into(),
+                p50_ms: p50,
+            }],
         }
+    }
+
+    #[test]
+    fn the_fastest_interpreter_found_is_the_baseline() {
+        let interpreter = |binary: &str| HostInterpreter {
+            binary: binary.into(),
+            args: &["-c", "pass"],
+        };
+        let timed = vec![
+            (
+                interpreter("/opt/pyenv/python3.11"),
+                Percentiles::of(&[37.5, 38.0]).unwrap(),
+            ),
+            (
+                interpreter("/usr/bin/python3.11"),
+                Percentiles::of(&[13.6, 14.0]).unwrap(),
+            ),
+        ];
+        let b = fastest(timed).unwrap();
+        assert_eq!(b.binary, Path::new("/usr/bin/python3.11"));
+        assert_eq!(b.args, ["-c", "pass"]);
+        assert_eq!(b.spawn_ms.p50, 13.6);
+        let listed: Vec<_> = b.timed.iter().map(|t| (t.binary.clone(), t.p50_ms)).collect();
+        assert_eq!(
+            listed,
+            [
+                (PathBuf::from("/opt/pyenv/python3.11"), 37.5),
+                (PathBuf::from("/usr/bin/python3.11"), 13.6)
+            ]
+        );
+        assert!(fastest(Vec::new()).is_none());
     }
 
     #[test]
@@ -822,28 +910,38 @@ mod tests {
         );
     }
 
-    /// The baseline is the interpreter binary itself, not a shim on `PATH`: asked again where it
-    /// lives, it names itself, and it runs the do-nothing program.
+    /// Each baseline is an interpreter binary itself, not a shim on `PATH`: asked again where
+    /// it lives, it names itself, and it runs the do-nothing program. Each binary is listed
+    /// once, and the one `PATH` finds is among them.
     #[tokio::test]
     async fn host_interpreters_resolve_to_their_real_binary() {
         for language in Language::ALL {
-            let interpreter = HostInterpreter::resolve(language)
+            let interpreters = HostInterpreter::resolve_all(language).await;
+            assert!(!interpreters.is_empty(), "{language}: none found");
+            let mut seen = Vec::new();
+            for interpreter in &interpreters {
+                let binary = &interpreter.binary;
+                assert!(binary.is_absolute(), "{}", binary.display());
+                assert_eq!(&std::fs::canonicalize(binary).unwrap(), binary);
+                assert_eq!(
+                    &HostInterpreter::ask_binary(language, binary).await.unwrap(),
+                    binary,
+                    "{language} names itself"
+                );
+                assert_eq!(
+                    interpreter.time(2).await.len(),
+                    2,
+                    "{}",
+                    interpreter.command()
+                );
+                assert!(!seen.contains(binary), "{} twice", binary.display());
+                seen.push(binary.clone());
+            }
+            let (program, _, _) = HostInterpreter::spec(language);
+            let on_path = HostInterpreter::ask_binary(language, Path::new(program))
                 .await
-                .unwrap_or_else(|e| panic!("{language}: {e}"));
-            let binary = &interpreter.binary;
-            assert!(binary.is_absolute(), "{}", binary.display());
-            assert_eq!(&std::fs::canonicalize(binary).unwrap(), binary);
-            assert_eq!(
-                &HostInterpreter::ask_binary(language, binary).await.unwrap(),
-                binary,
-                "{language} names itself"
-            );
-            assert_eq!(
-                interpreter.time(2).await.len(),
-                2,
-                "{}",
-                interpreter.command()
-            );
+                .unwrap();
+            assert!(seen.contains(&on_path), "{language}: {seen:?}");
         }
     }
 }
