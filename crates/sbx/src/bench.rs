@@ -788,7 +788,11 @@ mod tests {
         assert_eq!(b.binary, Path::new("/usr/bin/python3.11"));
         assert_eq!(b.args, ["-c", "pass"]);
         assert_eq!(b.spawn_ms.p50, 13.6);
-        let listed: Vec<_> = b.timed.iter().map(|t| (t.binary.clone(), t.p50_ms)).collect();
+        let listed: Vec<_> = b
+            .timed
+            .iter()
+            .map(|t| (t.binary.clone(), t.p50_ms))
+            .collect();
         assert_eq!(
             listed,
             [
