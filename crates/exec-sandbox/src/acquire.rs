@@ -461,6 +461,20 @@ mod tests {
         }
     }
 
+    /// A warm VM booted (no template to restore), warmed, its template saved, then primed.
+    fn booted_warmed_saved_primed(key: &str) -> [Call; 4] {
+        [
+            Call::Boot {
+                verbose: false,
+                nic: false,
+                memory_mb: DEFAULT_MB,
+            },
+            Call::Warm,
+            Call::Save { key: key.into() },
+            Call::Prime,
+        ]
+    }
+
     fn want(memory_mb: u32) -> Want<'static> {
         Want {
             language: Language::Python,
@@ -780,25 +794,12 @@ mod tests {
             .await
             .unwrap()
             .expect("budget has room");
-        assert_eq!(
-            booting.calls(),
-            [
-                Call::Restore {
-                    key: "raw-256-false".into(),
-                    nic: false
-                },
-                Call::Boot {
-                    verbose: false,
-                    nic: false,
-                    memory_mb: DEFAULT_MB
-                },
-                Call::Warm,
-                Call::Save {
-                    key: "raw-256-false".into()
-                },
-                Call::Prime,
-            ]
-        );
+        let mut expected = vec![Call::Restore {
+            key: "raw-256-false".into(),
+            nic: false,
+        }];
+        expected.extend(booted_warmed_saved_primed("raw-256-false"));
+        assert_eq!(booting.calls(), expected);
     }
 
     #[tokio::test(start_paused = true)]
@@ -818,26 +819,15 @@ mod tests {
         assert!(chain.contains("first execution: exit code 1"), "{chain}");
         // The clone that failed, then the VM booted instead that failed too: both destroyed,
         // and neither kept its share of the budget.
-        assert_eq!(
-            factory.calls(),
-            [
-                Call::Restore {
-                    key: "python-256-false".into(),
-                    nic: false
-                },
-                Call::Prime,
-                Call::Boot {
-                    verbose: false,
-                    nic: false,
-                    memory_mb: DEFAULT_MB
-                },
-                Call::Warm,
-                Call::Save {
-                    key: "python-256-false".into()
-                },
-                Call::Prime,
-            ]
-        );
+        let mut expected = vec![
+            Call::Restore {
+                key: "python-256-false".into(),
+                nic: false,
+            },
+            Call::Prime,
+        ];
+        expected.extend(booted_warmed_saved_primed("python-256-false"));
+        assert_eq!(factory.calls(), expected);
         assert_eq!(factory.destroyed.count(), 2);
         assert!(admission.try_admit(admission.budget()).is_some());
     }

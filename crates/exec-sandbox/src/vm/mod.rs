@@ -664,20 +664,27 @@ impl Vm {
     /// What the host measured so far, QEMU still running: for a run that returns before its
     /// VM is destroyed (the few milliseconds of an idle guest's teardown are left out).
     pub(crate) fn stats(&self) -> VmStats {
-        let proc = self.child.id().map(procfs::stats).unwrap_or_default();
-        let usage = self
-            .cgroup
+        VmStats::merge(self.cgroup_usage(), self.proc_stats())
+    }
+
+    /// QEMU's `/proc` figures (the fallback of the cgroup's; gone once QEMU is reaped).
+    fn proc_stats(&self) -> VmStats {
+        self.child.id().map(procfs::stats).unwrap_or_default()
+    }
+
+    /// QEMU's cgroup figures, when it has a cgroup.
+    fn cgroup_usage(&self) -> crate::cgroup::Usage {
+        self.cgroup
             .as_ref()
             .map(VmCgroup::usage)
-            .unwrap_or_default();
-        VmStats::merge(usage, proc)
+            .unwrap_or_default()
     }
 
     /// Kills QEMU and waits for it, returning what the host measured; its cgroup (read once
     /// QEMU is reaped, so it holds all of QEMU's time) is removed with the VM.
     pub(crate) async fn destroy(mut self) -> VmStats {
-        // `/proc` is the fallback, and is gone once QEMU is reaped.
-        let proc = self.child.id().map(procfs::stats).unwrap_or_default();
+        // `/proc` is gone once QEMU is reaped.
+        let proc = self.proc_stats();
         let _ = self.child.start_kill();
         if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
             .await
@@ -685,12 +692,7 @@ impl Vm {
         {
             tracing::warn!(vm = %self.name, "QEMU did not exit 5 s after SIGKILL");
         }
-        let usage = self
-            .cgroup
-            .as_ref()
-            .map(VmCgroup::usage)
-            .unwrap_or_default();
-        VmStats::merge(usage, proc)
+        VmStats::merge(self.cgroup_usage(), proc)
     }
 }
 
