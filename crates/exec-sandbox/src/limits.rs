@@ -145,7 +145,7 @@ pub const MAX_ALLOWED_DOMAINS: usize = sbx_net::policy::MAX_ALLOWED_DOMAINS;
 pub const CA_BUNDLE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Execution timeout of the snippet a pooled VM runs before it is handed out
-/// ([`crate::execute::prime`]); it takes milliseconds.
+/// (`execute::prime`); it takes milliseconds.
 pub const PRIME_TIMEOUT_SECONDS: u64 = 10;
 
 /// Most packages one run or session may ask for.
