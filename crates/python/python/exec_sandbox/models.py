@@ -61,7 +61,7 @@ class TimingBreakdown:
     ``setup_ms`` contains ``admission_wait_ms``; ``boot_ms`` is ``vm_start_ms`` +
     ``guest_ready_ms`` (0 for a VM from the warm pool); ``execute_ms`` contains the guest's
     ``interpreter_start_ms``; ``teardown_ms`` follows (reading the VM's figures: the VM is
-    killed just after the result returns, and ``Scheduler.shutdown()`` waits for that);
+    killed just after the result returns, and ``Scheduler.close()`` waits for that);
     ``total_ms`` is the whole call.
     """
 

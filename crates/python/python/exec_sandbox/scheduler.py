@@ -87,7 +87,8 @@ class Scheduler:
         await self.close()
 
     async def close(self) -> None:
-        """Closes the sessions this scheduler opened and destroys the idle warm VMs."""
+        """Closes the sessions this scheduler opened, destroys the idle warm VMs and waits for
+        the VMs of finished runs to be gone."""
         for session in list(self._sessions):
             await session.close()
         native, self._native = self._native, None
