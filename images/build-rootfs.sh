@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build a read-only guest root filesystem (EROFS, lz4hc) from Debian packages.
+# Build a read-only guest root filesystem (EROFS, uncompressed) from Debian packages.
 #
 # Usage: build-rootfs.sh LANGUAGE OUT_DIR      LANGUAGE: python | javascript | raw
 # Writes OUT_DIR/rootfs-LANGUAGE.erofs and OUT_DIR/rootfs-LANGUAGE.lock.
@@ -292,9 +292,13 @@ lock_tmp=$cached_lock.tmp
 } | sort >"$lock_tmp"
 
 unmount_tree
-log "mkfs.erofs -zlz4hc"
+# Uncompressed: under TCG the guest's lz4 decompression of every block a cold start reads is
+# emulated too. 6 alternating cold runs each (docs/measurements.md): python 1230-1274 ->
+# 1187-1242 ms, javascript 2205-2421 -> 2011-2113 ms, raw 881-980 -> 826-868 ms, for images
+# 1.7-1.9x the size (clones restore the page cache and read nothing).
+log "mkfs.erofs (uncompressed)"
 rm -f -- "$cached_img.tmp"
-mkfs.erofs -zlz4hc "$cached_img.tmp" "$tree" >"$RCACHE/mkfs-$LANGUAGE.log" 2>&1 ||
+mkfs.erofs "$cached_img.tmp" "$tree" >"$RCACHE/mkfs-$LANGUAGE.log" 2>&1 ||
     { tail -c 2000 "$RCACHE/mkfs-$LANGUAGE.log" >&2; die "mkfs.erofs failed"; }
 # Drop images from older keys, then publish the new one.
 find "$RCACHE" -maxdepth 1 -name "$LANGUAGE-*.erofs" ! -name "$LANGUAGE-$KEY.erofs" -delete
