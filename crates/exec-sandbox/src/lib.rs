@@ -24,6 +24,7 @@ mod builders;
 mod acquire;
 mod admission;
 pub mod assets;
+mod background;
 mod cgroup;
 mod config;
 mod disk;
@@ -43,7 +44,6 @@ mod scheduler;
 mod session;
 mod snapshot;
 mod sys;
-mod teardown;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod trust;

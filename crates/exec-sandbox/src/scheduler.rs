@@ -13,6 +13,7 @@ use crate::SchedulerConfig;
 use crate::acquire::{self, Acquired, VmFactory, Want};
 use crate::admission::{self, Admission, CapacityError, Cost, Permit};
 use crate::assets::{AssetStore, GuestAssets};
+use crate::background::Background;
 use crate::error::Error;
 use crate::execute::{self, Execution, VmOrigin, execute};
 use crate::gateway::{Gateway, GatewayConfig};
@@ -26,7 +27,6 @@ use crate::result::{
 };
 use crate::run::RunOptions;
 use crate::snapshot::{self, Templates};
-use crate::teardown::Teardowns;
 use crate::validate::{self, ValidationError};
 use crate::vm::Qemu;
 use crate::vm::accel::{self, AccelConfig, AcceleratorChoice, HostVerdict};
@@ -55,7 +55,7 @@ struct Inner {
     pool: Arc<WarmPool>,
     pool_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// VMs of runs that returned, being destroyed.
-    teardowns: Arc<Teardowns>,
+    teardowns: Background,
     /// L1 memory snapshots.
     templates: Templates,
     /// The operator's extra CA certificates for networked guests, read once.
@@ -124,7 +124,7 @@ impl Scheduler {
                 admission: Admission::new(policy, Box::new(admission::ProcHost)),
                 pool: Arc::new(WarmPool::new(config.warm_pool_size)),
                 pool_task: std::sync::Mutex::new(None),
-                teardowns: Arc::default(),
+                teardowns: Background::default(),
                 templates: Templates::new(config.l1_snapshots.then(|| {
                     snapshot::Cache::new(
                         config.snapshot_cache_dir.clone(),

@@ -125,7 +125,7 @@ enum Uploaded {
 /// The L3 store: an S3 bucket and prefix.
 pub(crate) struct S3Layers {
     shared: Arc<Shared>,
-    uploads: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    uploads: crate::background::Background,
 }
 
 struct Shared {
@@ -194,34 +194,19 @@ impl S3Layers {
                 counters: Counters::default(),
                 corrupt: Mutex::new(HashSet::new()),
             }),
-            uploads: Mutex::new(Vec::new()),
+            uploads: crate::background::Background::default(),
         }))
     }
 
     /// Waits for the uploads started so far (a one-shot process calls this before exiting, or
     /// its uploads die with it).
     pub(crate) async fn wait_for_uploads(&self) {
-        loop {
-            let tasks: Vec<_> = self
-                .uploads
-                .lock()
-                .map(|mut t| t.drain(..).collect())
-                .unwrap_or_default();
-            if tasks.is_empty() {
-                return;
-            }
-            for task in tasks {
-                let _ = task.await;
-            }
-        }
+        self.uploads.wait().await;
     }
 
     /// Whether uploads are queued or running.
     pub(crate) fn uploads_pending(&self) -> bool {
-        self.uploads
-            .lock()
-            .map(|t| t.iter().any(|task| !task.is_finished()))
-            .unwrap_or(false)
+        self.uploads.pending()
     }
 
     /// Overwrites the object at `path` (relative to the bucket) with `bytes`, past every
@@ -253,11 +238,7 @@ impl Drop for S3Layers {
     /// Uploads end with the store; an interrupted multipart upload is left for the bucket's
     /// lifecycle rule, and its entry has no manifest, so nobody reads it.
     fn drop(&mut self) {
-        if let Ok(mut tasks) = self.uploads.lock() {
-            for task in tasks.drain(..) {
-                task.abort();
-            }
-        }
+        self.uploads.abort_now();
     }
 }
 
@@ -310,10 +291,7 @@ impl RemoteLayers for S3Layers {
                 }
             }
         });
-        if let Ok(mut tasks) = self.uploads.lock() {
-            tasks.retain(|t| !t.is_finished());
-            tasks.push(task);
-        }
+        self.uploads.track(task);
     }
 }
 

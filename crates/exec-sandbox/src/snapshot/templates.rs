@@ -18,6 +18,7 @@ use sbx_protocol::Language;
 
 use super::cache::{Cache, SnapshotError};
 use super::key::{KeyInputs, cache_key, qemu_identity};
+use crate::background::Background;
 use crate::vm::jail::Credentials;
 use crate::vm::migration::Warmup;
 use crate::vm::qemu::VmSpec;
@@ -115,7 +116,7 @@ pub(crate) struct Templates {
     building: Arc<Mutex<HashSet<String>>>,
     /// Failed restores per key in this process.
     failed: Mutex<HashMap<String, u32>>,
-    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    tasks: Background,
 }
 
 impl Templates {
@@ -126,7 +127,7 @@ impl Templates {
             qemu_identity: OnceLock::new(),
             building: Arc::default(),
             failed: Mutex::default(),
-            tasks: Mutex::default(),
+            tasks: Background::default(),
         }
     }
 
@@ -245,10 +246,7 @@ impl Templates {
                 b.remove(&key);
             }
         });
-        if let Ok(mut tasks) = self.tasks.lock() {
-            tasks.retain(|t| !t.is_finished());
-            tasks.push(task);
-        }
+        self.tasks.track(task);
     }
 
     /// Builds `key`'s template now unless a valid one exists. True when one is ready after.
@@ -289,44 +287,25 @@ impl Templates {
 
     /// Whether background builds are running.
     pub(crate) fn pending(&self) -> bool {
-        self.tasks
-            .lock()
-            .map(|t| t.iter().any(|task| !task.is_finished()))
-            .unwrap_or(false)
+        self.tasks.pending()
     }
 
     /// Abandons the background builds and waits until their template VMs are gone.
     pub(crate) async fn abort(&self) {
-        for task in self.drain_tasks() {
-            task.abort();
-            let _ = task.await;
-        }
+        self.tasks.abort().await;
     }
 
-    /// Waits for the background builds started so far (a one-shot process calls this before
-    /// exiting, or its template would die with it).
+    /// Waits for the background builds (a one-shot process calls this before exiting, or its
+    /// template would die with it).
     pub(crate) async fn wait(&self) {
-        for task in self.drain_tasks() {
-            let _ = task.await;
-        }
-    }
-
-    fn drain_tasks(&self) -> Vec<tokio::task::JoinHandle<()>> {
-        self.tasks
-            .lock()
-            .map(|mut t| t.drain(..).collect())
-            .unwrap_or_default()
+        self.tasks.wait().await;
     }
 }
 
 impl Drop for Templates {
     /// Background builds end with the scheduler; their template VMs are killed on drop.
     fn drop(&mut self) {
-        if let Ok(mut tasks) = self.tasks.lock() {
-            for task in tasks.drain(..) {
-                task.abort();
-            }
-        }
+        self.tasks.abort_now();
     }
 }
 
@@ -429,11 +408,7 @@ mod tests {
             Duration::from_secs(1),
             (),
         );
-        assert_eq!(
-            templates.tasks.lock().unwrap().len(),
-            0,
-            "no build was started"
-        );
+        assert_eq!(templates.tasks.len(), 0, "no build was started");
         // A key not given up does start a build (which fails: `false` is no QEMU).
         templates.build_in_background(
             qemu(DYING_QEMU),
@@ -443,7 +418,7 @@ mod tests {
             Duration::from_secs(1),
             (),
         );
-        assert_eq!(templates.tasks.lock().unwrap().len(), 1);
+        assert_eq!(templates.tasks.len(), 1);
         templates.wait().await;
     }
 }
