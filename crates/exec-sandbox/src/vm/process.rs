@@ -326,11 +326,10 @@ fn attempt(
                 rustix::process::Pid::from_raw(cloned.pid as i32),
                 rustix::process::WaitOptions::empty(),
             );
-            match step {
-                Some(step) if namespaces != 0 && step.is_namespace_setup() => {
-                    Err(AttemptError::Namespaces(crate::vm::error_chain(&error)))
-                }
-                _ => Err(AttemptError::Jail(error)),
+            if namespaces != 0 && refuses_namespaces(step, &error) {
+                Err(AttemptError::Namespaces(crate::vm::error_chain(&error)))
+            } else {
+                Err(AttemptError::Jail(error))
             }
         }
     }
@@ -339,6 +338,19 @@ fn attempt(
 /// The reason in reports when namespaces are off.
 fn namespaces_reason(why: &str) -> String {
     format!("no namespaces: {why}")
+}
+
+/// Whether the child's failure at `step` means this host refuses the namespaces (so every
+/// later spawn goes without them) rather than that this one spawn broke. Only a refusal by the
+/// kernel counts: a VM's directory removed under a starting spawn (a refill cancelled when its
+/// scheduler shut down) fails a mount with `ENOENT`, and must not cost the rest of the process
+/// its namespaces.
+fn refuses_namespaces(step: Option<Step>, error: &JailError) -> bool {
+    let refused = match error {
+        JailError::Child { source, .. } => is_namespace_refusal(source),
+        _ => false,
+    };
+    refused && step.is_some_and(Step::is_namespace_setup)
 }
 
 /// Errors of `clone` that mean "no new namespaces for you" rather than a broken spawn.
@@ -634,6 +646,61 @@ mod tests {
         let (_, exit, _) = jailed("true", &[], Vec::new(), vec![fd]).await;
         assert!(exit.success());
         assert_eq!(std::fs::read_to_string(procs.path()).unwrap(), "0\n");
+    }
+
+    /// A spawn whose directory is removed under it (a pool refill cancelled as its scheduler
+    /// shut down) fails alone: later spawns of the process keep their namespaces.
+    #[tokio::test]
+    async fn a_root_removed_under_a_spawn_fails_it_and_keeps_the_namespaces() {
+        let (qemu, _, _) = request("true", &[], Vec::new(), Vec::new());
+        let spawn = |root: Option<&str>| {
+            let (_, mut request, dir) = request("true", &[], Vec::new(), Vec::new());
+            if let Some(name) = root {
+                request.root = dir.path().join(name);
+            }
+            let qemu = &qemu;
+            async move {
+                let spawned = spawn_qemu(qemu, request).await;
+                drop(dir);
+                spawned
+            }
+        };
+        let mut first = spawn(None).await.expect("a spawn");
+        assert!(first.process.wait().await.unwrap().success());
+        if first.isolation.namespaces.contains(&"mount") {
+            let Err(e) = spawn(Some("removed")).await else {
+                panic!("a spawn without its root directory cannot start");
+            };
+            let chain = crate::vm::error_chain(&e);
+            assert!(chain.contains("No such file or directory"), "{chain}");
+            assert_eq!(qemu.jail.namespaces_unavailable(), None, "{chain}");
+            let mut next = spawn(None).await.expect("the next spawn");
+            assert!(next.process.wait().await.unwrap().success());
+            assert!(next.isolation.namespaces.contains(&"mount"), "{chain}");
+        }
+        assert_eq!(
+            refuses_namespaces(
+                Some(Step::Mount),
+                &JailError::Child {
+                    step: "mount proc".into(),
+                    source: io::Error::from_raw_os_error(libc::ENOENT),
+                },
+            ),
+            false
+        );
+        for (step, refused) in [
+            (Step::Mount, true),
+            (Step::UserMap, true),
+            (Step::Hostname, true),
+            (Step::Fds, false),
+            (Step::Exec, false),
+        ] {
+            let error = JailError::Child {
+                step: "test".into(),
+                source: io::Error::from_raw_os_error(libc::EPERM),
+            };
+            assert_eq!(refuses_namespaces(Some(step), &error), refused, "{step:?}");
+        }
     }
 
     #[tokio::test]
