@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 const IMAGE_INPUTS: &[(&str, &str)] = &[
     ("build-kernel.sh", "build-kernel.sh"),
     ("build-rootfs.sh", "build-rootfs.sh"),
+    ("build-qemu.sh", "build-qemu.sh"),
     ("kernel/config.fragment", "kernel-config.fragment"),
     (
         "kernel/lapic-timer-period.patch",

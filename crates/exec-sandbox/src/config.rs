@@ -41,8 +41,11 @@ pub struct SchedulerConfig {
     pub asset_version: Option<String>,
     /// Never use KVM, even where it works.
     pub force_emulation: bool,
-    /// The QEMU binary (default `qemu-system-x86_64` from `PATH`).
-    pub qemu_binary: PathBuf,
+    /// The QEMU binary: a path, or a name looked up in `PATH` (`qemu-system-x86_64` for the
+    /// host's). `None` (default): exec-sandbox's own QEMU, built once into `images_dir/qemu/`
+    /// from Debian's source of the installed `qemu-system-x86` with only the microvm machine and
+    /// the devices VMs use (root; ~5 min on 2 cores, like the images).
+    pub qemu_binary: Option<PathBuf>,
     /// The user QEMU runs as when the library runs as root: never root itself. `None`
     /// (default) means `sbx-qemu`, a system user created on first use when missing; a named
     /// user must exist. An unprivileged library runs QEMU as itself.
@@ -147,7 +150,7 @@ impl Default for SchedulerConfig {
             asset_manifest_sha256: None,
             asset_version: None,
             force_emulation: false,
-            qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            qemu_binary: None,
             qemu_user: None,
             l1_snapshots: true,
             snapshot_cache_max_mb: limits::DEFAULT_SNAPSHOT_CACHE_MAX_MB,
@@ -251,7 +254,7 @@ impl SchedulerConfig {
             self.asset_version = Some(v);
         }
         if let Some(v) = get(EnvVars::QEMU).filter(|v| !v.is_empty()) {
-            self.qemu_binary = PathBuf::from(v);
+            self.qemu_binary = Some(PathBuf::from(v));
         }
         if let Some(v) = get(EnvVars::QEMU_USER).filter(|v| !v.trim().is_empty()) {
             self.qemu_user = Some(v.trim().to_owned());

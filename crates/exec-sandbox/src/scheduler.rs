@@ -12,7 +12,7 @@ use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
 use crate::SchedulerConfig;
 use crate::acquire::{self, Acquired, VmFactory, Want};
 use crate::admission::{self, Admission, CapacityError, Cost, Permit};
-use crate::assets::{AssetStore, GuestAssets};
+use crate::assets::{self, AssetStore, GuestAssets, OwnQemu};
 use crate::background::Background;
 use crate::error::Error;
 use crate::execute::{self, Execution, VmOrigin, execute};
@@ -46,11 +46,14 @@ pub struct Scheduler {
 struct Inner {
     config: SchedulerConfig,
     /// The QEMU binary and the jail it runs in.
-    qemu: Qemu,
+    /// QEMU's jail, shared by every QEMU of this scheduler (and what it learned of the host).
+    qemu_jail: Qemu,
+    /// exec-sandbox's own QEMU, used unless the configuration names a binary.
+    own_qemu: OwnQemu,
     /// Shared with the VMs' owners: a session holds its slot for its whole life.
     slots: Arc<Semaphore>,
     assets: AssetStore,
-    host: OnceCell<HostVerdict>,
+    host: OnceCell<Host>,
     admission: Arc<Admission>,
     pool: Arc<WarmPool>,
     pool_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -117,7 +120,11 @@ impl Scheduler {
         tracing::debug!(budget = %policy.budget, "admission budget");
         let scheduler = Self {
             inner: Arc::new(Inner {
-                qemu: Qemu::new(config.qemu_binary.clone(), config.qemu_user.clone()),
+                qemu_jail: Qemu::new(PathBuf::new(), config.qemu_user.clone()),
+                own_qemu: OwnQemu::new(
+                    Path::new(assets::OWN_QEMU_DIR),
+                    assets::build_cache(&config.images_dir),
+                ),
                 slots: Arc::new(Semaphore::new(config.max_concurrent_vms)),
                 assets: AssetStore::new(&config.asset_config()),
                 host: OnceCell::new(),
@@ -232,7 +239,7 @@ impl Scheduler {
     /// Readies every language's assets and decides the accelerator, so later runs start at once.
     pub async fn prefetch(&self) -> Result<AcceleratorChoice, Error> {
         let assets = self.inner.assets.ensure(&Language::ALL).await?;
-        Ok(self.host(&assets).await.choice.clone())
+        Ok(self.host(&assets).await?.choice.clone())
     }
 
     /// Runs `options.code` in a fresh VM and returns its result.
@@ -416,7 +423,7 @@ impl Scheduler {
         let config = &self.inner.config;
         self.ensure_pool_task();
         let assets = self.inner.assets.ensure(&[language]).await?;
-        let host = self.host(&assets).await;
+        let host = self.host(&assets).await?;
         // Installing packages takes no slot: it needs no VM.
         let packages = self.layer(language, layer).await?;
 
@@ -504,7 +511,7 @@ impl Scheduler {
     }
 
     /// The factory of this scheduler's VMs, for `assets` on `host`.
-    fn factory<'a>(&'a self, assets: &'a GuestAssets, host: &'a HostVerdict) -> QemuFactory<'a> {
+    fn factory<'a>(&'a self, assets: &'a GuestAssets, host: &'a Host) -> QemuFactory<'a> {
         QemuFactory {
             inner: &self.inner,
             assets,
@@ -512,18 +519,26 @@ impl Scheduler {
         }
     }
 
-    /// The accelerator verdict for this host: remembered, or decided now (with a probe boot).
-    async fn host(&self, assets: &GuestAssets) -> &HostVerdict {
+    /// The QEMU this scheduler runs (the configured binary, or the own build, built now when
+    /// missing) and the accelerator verdict for this host: remembered, or decided now (with a
+    /// probe boot).
+    async fn host(&self, assets: &GuestAssets) -> Result<&Host, Error> {
         self.inner
             .host
-            .get_or_init(|| {
+            .get_or_try_init(|| async {
                 let config = &self.inner.config;
+                let binary = match &config.qemu_binary {
+                    Some(binary) => binary.clone(),
+                    None => self.inner.own_qemu.ready().await?,
+                };
+                let qemu = self.inner.qemu_jail.with_binary(binary);
                 let accel = AccelConfig {
                     force_emulation: config.force_emulation,
-                    qemu: self.inner.qemu.clone(),
+                    qemu: qemu.clone(),
                     cache_dir: config.cache_dir.clone(),
                 };
-                async move { accel::decide(&accel, &assets.kernel, &assets.initramfs).await }
+                let verdict = accel::decide(&accel, &assets.kernel, &assets.initramfs).await;
+                Ok(Host { verdict, qemu })
             })
             .await
     }
@@ -536,7 +551,7 @@ impl Scheduler {
     /// the languages whose template is ready; none when L1 is off.
     pub async fn prefetch_snapshots(&self) -> Result<Vec<Language>, Error> {
         let assets = self.inner.assets.ensure(&Language::ALL).await?;
-        let host = self.host(&assets).await;
+        let host = self.host(&assets).await?;
         let factory = self.factory(&assets, host);
         let mut ready = Vec::new();
         for language in Language::ALL {
@@ -576,7 +591,7 @@ impl Scheduler {
             .inner
             .templates
             .ensure(
-                &self.inner.qemu,
+                factory.qemu(),
                 &spec,
                 &warmup,
                 &key,
@@ -630,7 +645,7 @@ impl Scheduler {
     ) -> Result<PreparedPackages, Error> {
         let requirements = self.requirements(language, specs).await?;
         let assets = self.inner.assets.ensure(&[language]).await?;
-        let host = self.host(&assets).await;
+        let host = self.host(&assets).await?;
         let ready = self.layer(language, Layer::Packages(requirements)).await?;
         let ReadyPackages::Layer(layer) = &ready else {
             // No specs: nothing to ready.
@@ -716,12 +731,27 @@ impl Scheduler {
 struct QemuFactory<'a> {
     inner: &'a Inner,
     assets: &'a GuestAssets,
-    host: &'a HostVerdict,
+    host: &'a Host,
 }
 
 impl QemuFactory<'_> {
     fn qemu(&self) -> &Qemu {
-        &self.inner.qemu
+        &self.host.qemu
+    }
+}
+
+/// What a scheduler learns about its host once: the QEMU it runs and the accelerator verdict.
+#[derive(Debug)]
+struct Host {
+    verdict: HostVerdict,
+    qemu: Qemu,
+}
+
+impl std::ops::Deref for Host {
+    type Target = HostVerdict;
+
+    fn deref(&self) -> &HostVerdict {
+        &self.verdict
     }
 }
 
@@ -881,7 +911,7 @@ static VM_COUNTER: AtomicU64 = AtomicU64::new(0);
 impl pool::WarmBooter<Vm> for Scheduler {
     async fn boot_warm(&self, language: Language) -> Result<Option<Pooled<Vm>>, Error> {
         let assets = self.inner.assets.ensure(&[language]).await?;
-        let host = self.host(&assets).await;
+        let host = self.host(&assets).await?;
         let started = Instant::now();
         let warm = acquire::warm_vm(
             &self.factory(&assets, host),
@@ -982,7 +1012,7 @@ mod tests {
         let config = SchedulerConfig {
             // A QEMU that does not exist and no assets: reaching the VM stage would fail
             // with another kind, and would have to create the images directory.
-            qemu_binary: "/nonexistent/qemu".into(),
+            qemu_binary: Some("/nonexistent/qemu".into()),
             offline: true,
             images_dir: "/nonexistent/images".into(),
             ..SchedulerConfig::default()
@@ -1006,7 +1036,7 @@ mod tests {
     #[tokio::test]
     async fn package_requests_are_checked_before_any_vm() {
         let offline = || SchedulerConfig {
-            qemu_binary: "/nonexistent/qemu".into(),
+            qemu_binary: Some("/nonexistent/qemu".into()),
             offline: true,
             images_dir: "/nonexistent/images".into(),
             ..SchedulerConfig::default()

@@ -691,7 +691,7 @@ mod tests {
     fn offline_scheduler() -> Scheduler {
         Scheduler::new(SchedulerConfig {
             // A QEMU that does not exist: reaching the VM stage would fail differently.
-            qemu_binary: "/nonexistent/qemu".into(),
+            qemu_binary: Some("/nonexistent/qemu".into()),
             offline: true,
             images_dir: "/nonexistent/images".into(),
             ..SchedulerConfig::default()

@@ -104,7 +104,7 @@ impl Builder for ScriptBuilder {
             AssetKind::Initramfs => unreachable!("the store writes the initramfs itself"),
         }
         command.env("SBX_BUILD_CACHE", &self.build_cache);
-        run_logged(command, kind, log)
+        run_logged(command, &kind.name(), log)
     }
 }
 
@@ -120,11 +120,7 @@ fn require_root(euid: u32, kind: AssetKind) -> Result<(), AssetError> {
 
 /// Runs `command` to completion: both output streams go to `log`, `==> ` lines become progress
 /// events, and a failure carries the last lines.
-pub(crate) fn run_logged(
-    mut command: Command,
-    kind: AssetKind,
-    log: &Path,
-) -> Result<(), AssetError> {
+pub(crate) fn run_logged(mut command: Command, asset: &str, log: &Path) -> Result<(), AssetError> {
     // In a checked version directory; a link planted there is refused, not written through.
     let log_file = File::options()
         .write(true)
@@ -150,9 +146,9 @@ pub(crate) fn run_logged(
         Box::new(child.stderr.take().expect("piped")),
     ];
     for stream in streams {
-        let (sink, done) = (Arc::clone(&sink), done_tx.clone());
+        let (sink, done, asset) = (Arc::clone(&sink), done_tx.clone(), asset.to_owned());
         std::thread::spawn(move || {
-            pump(stream, kind, &sink);
+            pump(stream, &asset, &sink);
             let _ = done.send(());
         });
     }
@@ -174,7 +170,7 @@ pub(crate) fn run_logged(
     }
     let tail = sink.lock().unwrap_or_else(|p| p.into_inner()).tail.clone();
     Err(AssetError::Build {
-        asset: kind.name(),
+        asset: asset.to_owned(),
         status,
         log: log.to_path_buf(),
         tail: Vec::from(tail).join("\n"),
@@ -186,7 +182,7 @@ struct Sink {
     tail: VecDeque<String>,
 }
 
-fn pump(stream: impl Read, kind: AssetKind, sink: &Mutex<Sink>) {
+fn pump(stream: impl Read, asset: &str, sink: &Mutex<Sink>) {
     let mut reader = BufReader::new(stream);
     let mut line = Vec::new();
     loop {
@@ -198,9 +194,9 @@ fn pump(stream: impl Read, kind: AssetKind, sink: &Mutex<Sink>) {
         let text = String::from_utf8_lossy(&line);
         let text = text.trim_end_matches(['\n', '\r']);
         if let Some(step) = text.strip_prefix(PROGRESS_PREFIX) {
-            tracing::info!("{kind}: {step}");
+            tracing::info!("{asset}: {step}");
         } else {
-            tracing::debug!("{kind}: {text}");
+            tracing::debug!("{asset}: {text}");
         }
         let mut sink = sink.lock().unwrap_or_else(|p| p.into_inner());
         // A full disk must not kill the build; the tail still reaches the error.
@@ -229,7 +225,7 @@ mod tests {
         let log = dir.path().join("build-kernel.log");
         let err = run_logged(
             script("echo '==> step one' >&2; for i in $(seq 1 30); do echo line $i; done; exit 3"),
-            AssetKind::Kernel,
+            "kernel",
             &log,
         )
         .unwrap_err();
@@ -268,7 +264,7 @@ mod tests {
     fn success_is_ok() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("log");
-        run_logged(script("echo fine"), AssetKind::Rootfs(Language::Raw), &log).unwrap();
+        run_logged(script("echo fine"), "rootfs-raw", &log).unwrap();
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "fine\n");
     }
 

@@ -160,6 +160,11 @@ impl AssetError {
             AssetError::Build { log, .. } | AssetError::BuildOutput { log, .. } => {
                 Some(format!("the full build log is {}", log.display()))
             }
+            AssetError::NeedsRoot { asset } if asset == "qemu" => Some(format!(
+                "run `sudo -E sbx prefetch` once (it builds exec-sandbox's QEMU into this cache), \
+                 or set {}=qemu-system-x86_64 to run the host's QEMU instead",
+                EnvVars::QEMU
+            )),
             AssetError::NeedsRoot { .. } => Some(format!(
                 "run `sudo -E sbx prefetch` once (it installs build tools and builds the images \
                  into this cache), or set {} to download prebuilt assets",

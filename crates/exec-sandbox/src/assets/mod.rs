@@ -18,6 +18,7 @@ mod initramfs;
 mod inputs;
 mod lock;
 pub(crate) mod manifest;
+mod qemu;
 pub(crate) mod stamp;
 mod store;
 #[cfg(test)]
@@ -30,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use sbx_protocol::Language;
 
 pub use error::AssetError;
+pub(crate) use qemu::{DIR as OWN_QEMU_DIR, OwnQemu};
 
 pub(crate) use download::{validate_base_url, validate_manifest_sha256};
 
@@ -115,12 +117,10 @@ impl AssetStore {
     /// A store for `config`'s directories and policies.
     pub fn new(config: &AssetConfig) -> Self {
         let inputs = Inputs::embedded();
-        let build_cache = config
-            .images_dir
-            .parent()
-            .unwrap_or(&config.images_dir)
-            .join("build");
-        let builder = Arc::new(ScriptBuilder::new(inputs.clone(), build_cache));
+        let builder = Arc::new(ScriptBuilder::new(
+            inputs.clone(),
+            build_cache(&config.images_dir),
+        ));
         Self::with_parts(config, inputs, builder)
     }
 
@@ -241,6 +241,12 @@ impl AssetStore {
 }
 
 /// Runs file system, build and download work off the async threads.
+/// The build scripts' work cache (kernel and QEMU trees, debootstrap tarballs) next to the
+/// images directory `images_dir`.
+pub(crate) fn build_cache(images_dir: &Path) -> PathBuf {
+    images_dir.parent().unwrap_or(images_dir).join("build")
+}
+
 async fn run_blocking<T: Send + 'static>(
     job: impl FnOnce() -> Result<T, AssetError> + Send + 'static,
 ) -> Result<T, AssetError> {

@@ -131,6 +131,51 @@ fn assert_jailed(pid: u32) {
     }
 }
 
+/// Unless the environment names a binary, QEMU is exec-sandbox's own build: microvm and its
+/// devices, none of the host QEMU's display, audio, USB or disassembler libraries.
+fn assert_own_qemu(pid: u32) {
+    if SchedulerConfig::from_env().unwrap().qemu_binary.is_some() {
+        return;
+    }
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert!(
+        exe.starts_with("/usr/local/lib/exec-sandbox/qemu/"),
+        "{}",
+        exe.display()
+    );
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mut libraries: Vec<&str> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter_map(|path| path.rsplit('/').next())
+        .filter(|name| name.contains(".so"))
+        .collect();
+    libraries.sort_unstable();
+    libraries.dedup();
+    let allowed = [
+        "ld-linux-x86-64",
+        "libc",
+        "libm",
+        "libgcc_s",
+        "libglib-2.0",
+        "libpcre2-8",
+        "libpixman-1",
+        "libseccomp",
+        "libfdt",
+        "libz",
+    ];
+    for library in &libraries {
+        // `libz.so.1.2.13`, `libfdt-1.6.1.so`: the name before its version.
+        assert!(
+            allowed
+                .iter()
+                .any(|name| library.starts_with(&format!("{name}.so"))
+                    || library.starts_with(&format!("{name}-"))),
+            "{library} in the own QEMU: {libraries:?}"
+        );
+    }
+}
+
 async fn jailed_session(l1: bool) {
     let (s, _snapshots) = scheduler(l1);
     if l1 {
@@ -145,6 +190,7 @@ async fn jailed_session(l1: bool) {
     let session = open(&s).await;
     let pid = qemu_pid(session.vm_name()).expect("the session's QEMU");
     assert_jailed(pid);
+    assert_own_qemu(pid);
     // The guest still works (files handed over, console, control channel).
     let r = session
         .exec(exec_sandbox::ExecOptions::new("print(6 * 7)"))

@@ -61,7 +61,7 @@ async fn bad_env_is_rejected_before_boot() {
     // that got past validation fails on the missing assets instead, as the good one shows.
     let cache = tempfile::tempdir().unwrap();
     let s = Scheduler::new(SchedulerConfig {
-        qemu_binary: "/nonexistent/qemu".into(),
+        qemu_binary: Some("/nonexistent/qemu".into()),
         offline: true,
         cache_dir: cache.path().into(),
         images_dir: cache.path().join("images"),

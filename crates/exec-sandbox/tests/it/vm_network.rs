@@ -385,7 +385,7 @@ async fn a_taken_host_port_and_bad_options_fail_before_any_vm() {
     // that got past the checks fails on the missing assets instead, as the good one shows.
     let cache = tempfile::tempdir().unwrap();
     let scheduler = Scheduler::new(SchedulerConfig {
-        qemu_binary: "/nonexistent/qemu".into(),
+        qemu_binary: Some("/nonexistent/qemu".into()),
         offline: true,
         cache_dir: cache.path().into(),
         images_dir: cache.path().join("images"),

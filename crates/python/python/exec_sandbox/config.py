@@ -30,10 +30,11 @@ class SchedulerConfig:
 
     def __init__(self, **kwargs: Any) -> None:
         values = dict(_native.resolve_config(kwargs))
-        for name in ("cache_dir", "images_dir", "snapshot_cache_dir", "package_cache_dir", "qemu_binary"):
+        for name in ("cache_dir", "images_dir", "snapshot_cache_dir", "package_cache_dir"):
             values[name] = Path(values[name])
-        if values["guest_ca_bundle"] is not None:
-            values["guest_ca_bundle"] = Path(values["guest_ca_bundle"])
+        for name in ("guest_ca_bundle", "qemu_binary"):
+            if values[name] is not None:
+                values[name] = Path(values[name])
         object.__setattr__(self, "_values", values)
 
     def __getattr__(self, name: str) -> Any:
