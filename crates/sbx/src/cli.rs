@@ -18,7 +18,8 @@ pub enum Command {
     /// Run code in a fresh microVM, one per source.
     #[command(after_long_help = RUN_AFTER_HELP)]
     Run(Box<RunArgs>),
-    /// Build or verify every guest asset and decide the accelerator, so later runs start at once.
+    /// Build or verify every guest asset and exec-sandbox's QEMU and decide the accelerator, so
+    /// later runs start at once.
     Prefetch(PrefetchArgs),
     /// Show what the local caches hold (memory snapshots, package layers), or empty them.
     Cache(CacheArgs),

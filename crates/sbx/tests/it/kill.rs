@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Direct children of `pid` whose command line starts with a QEMU binary.
+/// Direct children of `pid` whose command line starts with a QEMU binary (by name or path).
 fn qemu_children(pid: u32) -> Vec<u32> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -22,8 +22,13 @@ fn qemu_children(pid: u32) -> Vec<u32> {
             .nth(1)
             .and_then(|p| p.parse().ok())
             .unwrap_or(0);
+        // argv[0] is the binary as configured: a name in PATH or a path (the own build's).
         let is_qemu = std::fs::read(entry.path().join("cmdline"))
-            .map(|c| String::from_utf8_lossy(&c).starts_with("qemu-system"))
+            .map(|c| {
+                let argv0 = c.split(|&b| b == 0).next().unwrap_or_default();
+                let name = argv0.rsplit(|&b| b == b'/').next().unwrap_or_default();
+                name.starts_with(b"qemu-system")
+            })
             .unwrap_or(false);
         if ppid == pid && is_qemu {
             found.push(child);
