@@ -436,6 +436,21 @@ fn escaped_mount_points_are_used_unescaped() {
     assert!(!fs.has("/run/my cgroups/memory/exec-sandbox"));
 }
 
+/// The files behind a VM cgroup's join descriptors.
+fn joined_files(vm: &VmCgroup) -> Vec<String> {
+    use std::os::fd::AsRawFd;
+    vm.join_fds()
+        .unwrap()
+        .iter()
+        .map(|fd| {
+            std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                .unwrap()
+                .display()
+                .to_string()
+        })
+        .collect()
+}
+
 #[test]
 fn a_v1_vm_cgroup_gets_its_limits_and_goes_with_its_guard() {
     let (fs, layout) = hybrid();
@@ -453,7 +468,13 @@ fn a_v1_vm_cgroup_gets_its_limits_and_goes_with_its_guard() {
     assert_eq!(fs.get(pids.join("pids.max")), "128");
     assert!(fs.has("/sys/fs/cgroup/cpuacct/exec-sandbox/4242/sbx-4242-0/cpuacct.usage"));
     assert_eq!(vm.dirs().len(), 4);
-    assert_eq!(vm.join_fds().unwrap().len(), 4, "one per hierarchy");
+    // v1: the child moves itself through `tasks`, which takes no global lock (see `join_file`).
+    let joined = joined_files(&vm);
+    assert_eq!(joined.len(), 4, "one per hierarchy: {joined:?}");
+    assert!(
+        joined.iter().all(|f| f.ends_with("sbx-4242-0/tasks")),
+        "{joined:?}"
+    );
     assert_eq!(
         vm.status(),
         CgroupStatus {
@@ -509,7 +530,9 @@ fn a_v2_vm_cgroup_gets_its_controllers_handed_down_and_its_limits() {
     assert_eq!(fs.get(dir.join("memory.swap.max")), "0");
     assert_eq!(fs.get(dir.join("cpu.max")), "max 100000");
     assert_eq!(fs.get(dir.join("pids.max")), "128");
-    assert_eq!(vm.join_fds().unwrap().len(), 1);
+    let joined = joined_files(&vm);
+    assert_eq!(joined.len(), 1, "{joined:?}");
+    assert!(joined[0].ends_with("sbx-5-1/cgroup.procs"), "{joined:?}");
     drop(vm);
     drop(parent);
     assert!(!fs.has("/sys/fs/cgroup/exec-sandbox"));

@@ -67,7 +67,7 @@ pub(crate) fn cache_key(inputs: &KeyInputs<'_>) -> String {
 }
 
 /// Path, size and modification time: cheap, and changes when a file is replaced.
-fn file_identity(path: &Path) -> String {
+pub(crate) fn file_identity(path: &Path) -> String {
     match fs::metadata(path) {
         Ok(m) => format!(
             "{}:{}:{}.{}",
