@@ -430,7 +430,7 @@ fn vm_cgroup(spec: &VmSpec) -> (Option<VmCgroup>, CgroupStatus, Vec<OwnedFd>) {
     );
     let made = cgroup::for_vm(&spec.name, &limits).and_then(|cgroup| {
         let joins = cgroup.join_fds().map_err(|e| {
-            CgroupStatus::inactive(format!("cannot open the VM's cgroup.procs: {e}"))
+            CgroupStatus::inactive(format!("cannot open the VM's cgroup join files: {e}"))
         })?;
         Ok((cgroup, joins))
     });

@@ -81,7 +81,7 @@ pub(crate) struct Request {
     pub(crate) args: Vec<OsString>,
     /// Descriptors QEMU inherits, each at its number (at most [`MAX_FDS`]).
     pub(crate) fds: Vec<(OwnedFd, i32)>,
-    /// `cgroup.procs` (v2) or `cgroup.procs`/`tasks` (v1) files, open for writing, of the cgroups
+    /// `cgroup.procs` (v2) or `tasks` (v1) files, open for writing, of the cgroups
     /// QEMU joins before it drops privileges.
     pub(crate) join_cgroups: Vec<OwnedFd>,
     /// Give QEMU `/dev/kvm`.
