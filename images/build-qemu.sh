@@ -77,8 +77,21 @@ for old in "$qcache"/src-* "$qcache"/obj-*; do
     case $old in "$src" | "$qcache/obj-$VDIR") ;; *) log "removing stale $old"; rm -rf -- "$old" ;; esac
 done
 if [ ! -f "$src/.sbx-extracted" ]; then
-    log "fetching Debian's qemu source $VERSION"
     apt-get -qq "${apt_opts[@]}" update >&2
+    if ! apt-cache "${apt_opts[@]}" showsrc qemu 2>/dev/null | grep -qxF "Version: $VERSION"; then
+        # The archive keeps only its newest versions: an installed QEMU older than they are is
+        # upgraded first (a security update either way), and that version is built.
+        log "the archive has no source of qemu $VERSION: upgrading qemu-system-x86"
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends qemu-system-x86 >&2
+        VERSION=$(dpkg-query -W -f='${source:Version}' qemu-system-x86)
+        VDIR=$(printf '%s' "$VERSION" | tr -c 'A-Za-z0-9.+~-' '_')
+        src=$qcache/src-$VDIR
+        [ -f "$src/.sbx-extracted" ] && log "source $VERSION already unpacked"
+    fi
+fi
+if [ ! -f "$src/.sbx-extracted" ]; then
+    log "fetching Debian's qemu source $VERSION"
     dl=$qcache/download
     rm -rf -- "$dl" "$src"
     mkdir -p "$dl"
