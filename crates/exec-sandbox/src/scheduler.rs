@@ -30,6 +30,7 @@ use crate::snapshot::{self, Templates};
 use crate::validate::{self, ValidationError};
 use crate::vm::Qemu;
 use crate::vm::accel::{self, AccelConfig, AcceleratorChoice, HostVerdict};
+use crate::vm::jail::Jail;
 use crate::vm::migration::Warmup;
 use crate::vm::qemu::VmSpec;
 use crate::vm::{OutputCallback, Vm, VmError};
@@ -47,7 +48,7 @@ struct Inner {
     config: SchedulerConfig,
     /// The QEMU binary and the jail it runs in.
     /// QEMU's jail, shared by every QEMU of this scheduler (and what it learned of the host).
-    qemu_jail: Qemu,
+    jail: Arc<Jail>,
     /// exec-sandbox's own QEMU, used unless the configuration names a binary.
     own_qemu: OwnQemu,
     /// Shared with the VMs' owners: a session holds its slot for its whole life.
@@ -120,7 +121,7 @@ impl Scheduler {
         tracing::debug!(budget = %policy.budget, "admission budget");
         let scheduler = Self {
             inner: Arc::new(Inner {
-                qemu_jail: Qemu::new(PathBuf::new(), config.qemu_user.clone()),
+                jail: Arc::new(Jail::new(config.qemu_user.clone())),
                 own_qemu: OwnQemu::new(
                     Path::new(assets::OWN_QEMU_DIR),
                     assets::build_cache(&config.images_dir),
@@ -531,7 +532,7 @@ impl Scheduler {
                     Some(binary) => binary.clone(),
                     None => self.inner.own_qemu.ready().await?,
                 };
-                let qemu = self.inner.qemu_jail.with_binary(binary);
+                let qemu = Qemu::in_jail(binary, Arc::clone(&self.inner.jail));
                 let accel = AccelConfig {
                     force_emulation: config.force_emulation,
                     qemu: qemu.clone(),

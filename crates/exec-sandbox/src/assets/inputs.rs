@@ -198,7 +198,7 @@ impl Inputs {
 }
 
 /// SHA-256 over length-prefixed parts, so that moving bytes between parts changes the hash.
-fn hash_parts(parts: &[&[u8]]) -> String {
+pub(super) fn hash_parts(parts: &[&[u8]]) -> String {
     let mut hasher = Sha256::new();
     for part in parts {
         hasher.update((part.len() as u64).to_le_bytes());

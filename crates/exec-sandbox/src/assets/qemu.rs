@@ -19,10 +19,9 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use sha2::{Digest, Sha256};
-
 use super::AssetError;
 use super::build::run_logged;
+use super::inputs::hash_parts;
 use super::lock::DirLock;
 use crate::disk::Dir;
 use crate::sys;
@@ -94,7 +93,7 @@ impl OwnQemu {
         if let Some(found) = installed_fingerprint().and_then(|v| self.existing(&v)) {
             return Ok(found);
         }
-        tracing::info!("building exec-sandbox's QEMU (microvm only, ~5 min on 2 cores, once)");
+        tracing::info!("building exec-sandbox's QEMU (microvm only, ~2.5 min on 2 cores, once)");
         // The script installs Debian's QEMU when missing: the key is known only afterwards.
         let building = self.dir.join(format!(".build-{}", std::process::id()));
         remove_leftover(&building)?;
@@ -141,12 +140,9 @@ impl OwnQemu {
 
 /// The directory name of the build of `script` for Debian's binary of identity `fingerprint`.
 fn key(script: &str, fingerprint: &str) -> String {
-    let mut hash = Sha256::new();
-    for part in [script, fingerprint] {
-        hash.update((part.len() as u64).to_le_bytes());
-        hash.update(part.as_bytes());
-    }
-    hex::encode(&hash.finalize()[..8])
+    let mut key = hash_parts(&[script.as_bytes(), fingerprint.as_bytes()]);
+    key.truncate(16);
+    key
 }
 
 /// The identity of Debian's installed QEMU binary (its package's version, in effect), if any.

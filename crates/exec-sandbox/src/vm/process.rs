@@ -32,20 +32,15 @@ pub(crate) struct Qemu {
 }
 
 impl Qemu {
-    /// QEMU `binary` in a jail whose QEMU user (root library only) is `user`.
+    /// QEMU `binary` in a jail of its own whose QEMU user (root library only) is `user`.
+    #[cfg(test)]
     pub(crate) fn new(binary: PathBuf, user: Option<String>) -> Self {
-        Self {
-            binary,
-            jail: Arc::new(Jail::new(user)),
-        }
+        Self::in_jail(binary, Arc::new(Jail::new(user)))
     }
 
-    /// QEMU `binary` in this QEMU's jail (shared: what one spawn learns of the host, all know).
-    pub(crate) fn with_binary(&self, binary: PathBuf) -> Self {
-        Self {
-            binary,
-            jail: Arc::clone(&self.jail),
-        }
+    /// QEMU `binary` in `jail` (shared: what one spawn learns of the host, all know).
+    pub(crate) fn in_jail(binary: PathBuf, jail: Arc<Jail>) -> Self {
+        Self { binary, jail }
     }
 
     /// The binary's absolute, resolved path (looked up in `PATH` like `execvp` when it has no
