@@ -200,6 +200,37 @@ pub(crate) fn exec(program: &CStr, argv: &CStrings, envp: &CStrings) -> io::Erro
     io::Error::last_os_error()
 }
 
+/// Closes every descriptor but those in `keep` (ascending, no duplicates), with one
+/// `close_range` per gap. A new child's first step: a copy of a multithreaded parent holds
+/// every descriptor the parent had open at the clone (other VMs' pipes and sockets, cache
+/// locks), and would keep them, and the locks held, until its `exec`.
+///
+/// Meant for a new child: async-signal-safe, allocates nothing. Kernels before 5.9 lack
+/// `close_range`; there the descriptors stay until `exec` closes them (all are close-on-exec).
+pub(crate) fn close_all_but(keep: &[RawFd]) -> io::Result<()> {
+    let close = |from: u32, to: u32| -> io::Result<()> {
+        // SAFETY: close_range takes two numbers and flags; no memory.
+        let rc = unsafe { libc::syscall(libc::SYS_close_range, from, to, 0u32) };
+        match rc {
+            0 => Ok(()),
+            _ if io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) => Ok(()),
+            _ => Err(io::Error::last_os_error()),
+        }
+    };
+    if keep.first().is_some_and(|&fd| fd < 0) || keep.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    let mut next: u32 = 0;
+    for &fd in keep {
+        let fd = fd as u32;
+        if fd > next {
+            close(next, fd - 1)?;
+        }
+        next = fd + 1;
+    }
+    close(next, u32::MAX)
+}
+
 /// Places each `(source, target)` of `moves` at its target number, open across exec; closes
 /// every other descriptor below `floor` except stdio, and makes everything from `floor` up
 /// close-on-exec. Sources are first copied to `floor` or above (above every target), so placing
@@ -288,4 +319,70 @@ pub(crate) fn may_write(path: &std::path::Path) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+
+    use rustix::pipe::PipeFlags;
+
+    use super::*;
+
+    /// Whether a second open file description of the parent's lock can be locked while a child,
+    /// cloned with the lock open and told whether to close all but its own descriptors, still
+    /// lives (before any `exec`).
+    fn lock_is_free_while_the_child_lives(close: bool) -> bool {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lock");
+        let lock = std::fs::File::create(&path).unwrap();
+        assert!(flock_exclusive(&lock, false).unwrap());
+        let (hold_r, hold_w) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC).unwrap();
+        let (ready_r, ready_w) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC).unwrap();
+        let mut keep = [hold_r.as_raw_fd(), ready_w.as_raw_fd()];
+        keep.sort_unstable();
+        let child = clone_process(0, &|| {
+            if close && close_all_but(&keep).is_err() {
+                return 2;
+            }
+            let _ = rustix::io::write(&ready_w, b"r");
+            let mut byte = [0u8; 1];
+            let _ = rustix::io::read(&hold_r, &mut byte);
+            0
+        })
+        .unwrap();
+        drop(ready_w);
+        let mut byte = [0u8; 1];
+        std::fs::File::from(ready_r).read_exact(&mut byte).unwrap();
+        drop(lock);
+        let again = std::fs::File::open(&path).unwrap();
+        let free = flock_exclusive(&again, false).unwrap();
+        std::fs::File::from(hold_w).write_all(b"go").unwrap();
+        let status = rustix::process::waitpid(
+            Some(rustix::process::Pid::from_raw(child.pid as i32).unwrap()),
+            rustix::process::WaitOptions::empty(),
+        )
+        .unwrap()
+        .unwrap()
+        .1;
+        assert_eq!(status.exit_status(), Some(0));
+        free
+    }
+
+    #[test]
+    fn a_new_child_that_closes_all_but_its_own_descriptors_holds_none_of_the_parents_locks() {
+        assert!(
+            !lock_is_free_while_the_child_lives(false),
+            "a copied descriptor keeps the lock"
+        );
+        assert!(lock_is_free_while_the_child_lives(true));
+    }
+
+    #[test]
+    fn close_all_but_wants_ascending_descriptors() {
+        // Checked before anything is closed.
+        assert!(close_all_but(&[5, 4]).is_err());
+        assert!(close_all_but(&[-1]).is_err());
+    }
 }

@@ -6,6 +6,8 @@
 //! where only raw system calls on that prepared memory are allowed (no allocation, no lock,
 //! nothing that could panic). In the child, in this order:
 //!
+//! 0. every descriptor it does not use closed: a copy of the parent holds all of the
+//!    parent's (other VMs' pipes, cache locks) until it closes them;
 //! 1. `PR_SET_PDEATHSIG(SIGKILL)`, then a check that the parent is still the spawning process
 //!    (read from the host's `/proc/self/stat`: `getppid()` says 0 in a new PID namespace);
 //! 2. join the cgroups given (`"0\n"` into each `cgroup.procs`/`tasks` descriptor);
@@ -658,6 +660,8 @@ pub(crate) struct ChildPlan<'a> {
     pub(crate) ops: Vec<Op>,
     /// `(source, target)` descriptor moves, stdio included.
     pub(crate) moves: Vec<(RawFd, RawFd)>,
+    /// Every descriptor the child uses (ascending): the others are closed first.
+    pub(crate) keep: Vec<RawFd>,
     /// Above every target.
     pub(crate) floor: RawFd,
     /// The user to switch to (root library).
@@ -773,6 +777,8 @@ pub(crate) fn run_child(plan: &ChildPlan<'_>) -> i32 {
 
 fn jail_and_exec(plan: &ChildPlan<'_>) -> Result<std::convert::Infallible, Failure> {
     use rustix::process::Signal;
+    // First, before anything that takes time: this copy holds all the parent's descriptors.
+    crate::sys::close_all_but(&plan.keep).at(Step::Fds)?;
     rustix::process::set_parent_process_death_signal(Some(Signal::KILL))
         .at(Step::ParentDeathSignal)?;
     // Our own stat file as the host sees it, kept open: after the pivot the only /proc is the

@@ -8,7 +8,7 @@
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -278,13 +278,20 @@ fn attempt(
     for arg in &request.args {
         argv.push(cstring(arg)?);
     }
+    let cgroups: Vec<_> = request.join_cgroups.iter().map(AsFd::as_fd).collect();
+    let mut keep: Vec<RawFd> = moves.iter().map(|&(fd, _)| fd).collect();
+    keep.extend(cgroups.iter().map(AsRawFd::as_raw_fd));
+    keep.push(report_w.as_raw_fd());
+    keep.sort_unstable();
+    keep.dedup();
     let plan = ChildPlan {
         namespaces,
         parent: std::process::id(),
-        cgroups: request.join_cgroups.iter().map(AsFd::as_fd).collect(),
+        cgroups,
         user_map,
         ops,
         moves,
+        keep,
         floor,
         switch_to: match credentials {
             Credentials::Switch(id) => Some(id),
