@@ -143,6 +143,7 @@ pub(crate) async fn acquire<F: VmFactory>(
     if want.pool_fits()
         && let Some(Pooled { vm, permit }) = pool.take(want.language).await
     {
+        vm.to_foreground();
         return Ok(Acquired {
             vm,
             origin: VmOrigin::WarmPool,
@@ -259,7 +260,9 @@ pub(crate) async fn warm_vm<F: VmFactory>(
     language: Language,
     memory_mb: u32,
 ) -> Result<Option<Pooled<F::Vm>>, Error> {
-    let spec = factory.spec(language, memory_mb, false, false);
+    let mut spec = factory.spec(language, memory_mb, false, false);
+    // Nobody waits for it until a run takes it.
+    spec.cpu_background = true;
     let Some(permit) = admission.try_admit(factory.cost(&spec)) else {
         return Ok(None);
     };
@@ -343,6 +346,8 @@ mod tests {
         calls: Mutex<Vec<Call>>,
         /// The package layer of each VM booted.
         booted_layers: Mutex<Vec<Option<PathBuf>>>,
+        /// `cpu_background` of each VM restored or booted.
+        backgrounds: Mutex<Vec<bool>>,
         destroyed: Destroyed,
     }
 
@@ -396,6 +401,7 @@ mod tests {
                 key: key.into(),
                 nic: gateway.is_some(),
             });
+            self.backgrounds.lock().unwrap().push(spec.cpu_background);
             assert_eq!(spec.nic, gateway.is_some());
             if self.template_exists {
                 Ok(self.vm("clone"))
@@ -420,6 +426,7 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push(spec.packages.clone());
+            self.backgrounds.lock().unwrap().push(spec.cpu_background);
             if self.boot_fails {
                 return Err(VmError::BootTimeout {
                     name: spec.name.clone(),
@@ -519,6 +526,7 @@ mod tests {
             .unwrap();
         assert_eq!(got.origin, VmOrigin::WarmPool);
         assert_eq!(got.vm.name(), "pooled");
+        assert!(got.vm.in_foreground(), "a run waits for it now");
         assert!(factory.calls().is_empty(), "{:?}", factory.calls());
     }
 
@@ -558,6 +566,11 @@ mod tests {
         w.packages = Some("/l/a.erofs".into());
         let got = acquire(&factory, &pool, &admission, w).await.unwrap();
         assert_eq!(got.origin, VmOrigin::Cold, "never a pooled VM");
+        assert_eq!(
+            *factory.backgrounds.lock().unwrap(),
+            [false, false],
+            "a run waits for its VM"
+        );
         let key = "python-256-false-/l/a.erofs".to_string();
         assert_eq!(
             factory.calls(),
@@ -800,6 +813,13 @@ mod tests {
         }];
         expected.extend(booted_warmed_saved_primed("raw-256-false"));
         assert_eq!(booting.calls(), expected);
+        for factory in [&restoring, &booting] {
+            let backgrounds = factory.backgrounds.lock().unwrap();
+            assert!(
+                !backgrounds.is_empty() && backgrounds.iter().all(|b| *b),
+                "nobody waits for a pool's VM: {backgrounds:?}"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

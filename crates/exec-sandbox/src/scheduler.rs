@@ -780,6 +780,7 @@ impl VmFactory for QemuFactory<'_> {
             qemu_sandbox: true,
             nic,
             cpu_quota_percent: self.inner.config.vm_cpu_quota_percent,
+            cpu_background: false,
         }
     }
 

@@ -311,6 +311,32 @@ pub(crate) struct Limits {
     pub pids: u32,
     /// CPU time per [`CPU_PERIOD_US`], or none.
     pub cpu_quota_us: Option<u64>,
+    /// Its weight against the other VMs when the cores are contended.
+    pub cpu_share: CpuShare,
+}
+
+/// A VM's weight against the other VMs of the process when the host's cores are contended
+/// (`cpu.shares` on v1, `cpu.weight` on v2); no limit while cores are idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CpuShare {
+    /// A VM a caller waits for: the kernel's default weight.
+    Run,
+    /// Work nobody waits for yet (a warm-pool refill, a template build): an eighth of that, so
+    /// that it takes the cores runs leave idle and no more. A warm run overlapped the refill its
+    /// take started, which competed with it for the same two cores (`docs/measurements.md`).
+    Background,
+}
+
+impl CpuShare {
+    /// The file and value that set it.
+    fn setting(self, v2: bool) -> (&'static str, &'static str) {
+        match (v2, self) {
+            (false, CpuShare::Run) => ("cpu.shares", "1024"),
+            (false, CpuShare::Background) => ("cpu.shares", "128"),
+            (true, CpuShare::Run) => ("cpu.weight", "100"),
+            (true, CpuShare::Background) => ("cpu.weight", "12"),
+        }
+    }
 }
 
 impl Limits {
@@ -323,6 +349,7 @@ impl Limits {
         vcpus: u32,
         accelerator: Accelerator,
         cpu_quota_percent: u32,
+        cpu_share: CpuShare,
     ) -> Limits {
         let charged = Cost::vm(memory_mb, vcpus, accelerator).memory_mb;
         Limits {
@@ -331,6 +358,7 @@ impl Limits {
             cpu_quota_us: (cpu_quota_percent > 0).then(|| {
                 CPU_PERIOD_US * u64::from(cpu_quota_percent) * u64::from(vcpus.max(1)) / 100
             }),
+            cpu_share,
         }
     }
 }
@@ -629,6 +657,7 @@ fn set_limits(
                     &dir.join("cpu.max"),
                     &format!("{quota} {CPU_PERIOD_US}"),
                 )?;
+                set_share(fs, dir, true, limits.cpu_share)?;
             }
             (Controller::Cpu, false) => {
                 write(
@@ -638,12 +667,22 @@ fn set_limits(
                 )?;
                 let quota = limits.cpu_quota_us.map_or(-1, |q| q as i64);
                 write(fs, &dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
+                set_share(fs, dir, false, limits.cpu_share)?;
             }
             (Controller::Pids, _) => write(fs, &dir.join("pids.max"), &limits.pids.to_string())?,
             (Controller::CpuAcct, _) => {}
         }
     }
     Ok(swap_held)
+}
+
+/// Sets a new VM cgroup's [`CpuShare`]: written only when it is not the default it starts with.
+fn set_share(fs: &dyn CgroupFs, dir: &Path, v2: bool, share: CpuShare) -> Result<(), CgroupError> {
+    if share == CpuShare::Run {
+        return Ok(());
+    }
+    let (file, value) = share.setting(v2);
+    write(fs, &dir.join(file), value)
 }
 
 /// One directory of a VM's cgroup.
@@ -681,6 +720,17 @@ impl VmCgroup {
             .iter()
             .map(|d| self.parent.fs.open_procs(&d.path.join(join_file(d.v2))))
             .collect()
+    }
+
+    /// Changes the VM's [`CpuShare`] (a pooled VM taken for a run).
+    pub(crate) fn set_cpu_share(&self, share: CpuShare) -> Result<(), CgroupError> {
+        for dir in &self.dirs {
+            if dir.controllers.contains(&Controller::Cpu) {
+                let (file, value) = share.setting(dir.v2);
+                write(&*self.parent.fs, &dir.path.join(file), value)?;
+            }
+        }
+        Ok(())
     }
 
     /// What the kernel measured so far (all of it, once QEMU is reaped).

@@ -92,6 +92,7 @@ impl FakeFs {
                         "cpu" => &[
                             ("cpu.cfs_period_us", "100000"),
                             ("cpu.cfs_quota_us", "-1"),
+                            ("cpu.shares", "1024"),
                             (
                                 "cpu.stat",
                                 "nr_periods 0\nnr_throttled 0\nthrottled_time 0\n",
@@ -120,7 +121,7 @@ impl FakeFs {
                             ("memory.swap.max", "max"),
                             ("memory.peak", "0"),
                         ],
-                        "cpu" => &[("cpu.max", "max 100000")],
+                        "cpu" => &[("cpu.max", "max 100000"), ("cpu.weight", "100")],
                         "pids" => &[("pids.max", "max")],
                         _ => &[],
                     };
@@ -289,6 +290,7 @@ const VM_LIMITS: Limits = Limits {
     memory_bytes: 414 * MIB,
     pids: 128,
     cpu_quota_us: Some(20_000),
+    cpu_share: CpuShare::Run,
 };
 
 #[test]
@@ -548,6 +550,34 @@ fn a_v2_vm_cgroup_gets_its_controllers_handed_down_and_its_limits() {
 }
 
 #[test]
+fn a_background_vm_gets_an_eighth_of_the_cpu_weight_until_it_runs() {
+    let background = Limits {
+        cpu_share: CpuShare::Background,
+        ..VM_LIMITS
+    };
+    // v1: `cpu.shares`, the kernel's 1024 for a VM a caller waits for.
+    let (fs, layout) = hybrid();
+    let parent = Arc::new(Parent::create(fs.clone(), layout, 4242).unwrap());
+    let cpu = Path::new("/sys/fs/cgroup/cpu/exec-sandbox/4242");
+    let run = parent.vm("sbx-4242-0", &VM_LIMITS).unwrap();
+    assert_eq!(fs.get(cpu.join("sbx-4242-0/cpu.shares")), "1024");
+    let pooled = parent.vm("sbx-4242-1", &background).unwrap();
+    assert_eq!(fs.get(cpu.join("sbx-4242-1/cpu.shares")), "128");
+    pooled.set_cpu_share(CpuShare::Run).unwrap();
+    assert_eq!(fs.get(cpu.join("sbx-4242-1/cpu.shares")), "1024");
+    drop((run, pooled));
+
+    // v2: `cpu.weight`, default 100.
+    let (fs, layout) = pure_v2("/");
+    let parent = Arc::new(Parent::create(fs.clone(), layout.unwrap(), 5).unwrap());
+    let pooled = parent.vm("sbx-5-1", &background).unwrap();
+    let weight = Path::new("/sys/fs/cgroup/exec-sandbox/5/sbx-5-1/cpu.weight");
+    assert_eq!(fs.get(weight), "12");
+    pooled.set_cpu_share(CpuShare::Run).unwrap();
+    assert_eq!(fs.get(weight), "100");
+}
+
+#[test]
 fn a_v2_cgroup_holding_processes_cannot_be_the_base_and_says_why() {
     let (fs, layout) = pure_v2("/");
     let mut layout = layout.unwrap();
@@ -794,7 +824,7 @@ fn a_v1_hierarchy_with_cpuset_gives_new_cgroups_its_cpus_and_nodes() {
 
 #[test]
 fn limits_follow_what_admission_charges() {
-    let tcg = Limits::for_vm(256, 1, Accelerator::Tcg, 100);
+    let tcg = Limits::for_vm(256, 1, Accelerator::Tcg, 100, CpuShare::Run);
     let charged = Cost::vm(256, 1, Accelerator::Tcg).memory_mb;
     assert_eq!(charged, 256 + 30 + 64);
     assert_eq!(
@@ -803,16 +833,17 @@ fn limits_follow_what_admission_charges() {
     );
     assert_eq!(tcg.cpu_quota_us, Some(100_000));
     assert_eq!(tcg.pids, limits::VM_PIDS_MAX);
-    let kvm = Limits::for_vm(512, 2, Accelerator::Kvm, 20);
+    let kvm = Limits::for_vm(512, 2, Accelerator::Kvm, 20, CpuShare::Background);
     assert_eq!(
         kvm.memory_bytes,
         (512 + 30 + limits::VM_CGROUP_MEMORY_HEADROOM_MB) * MIB
     );
     assert_eq!(kvm.cpu_quota_us, Some(40_000), "20 % of a core per vCPU");
     assert_eq!(
-        Limits::for_vm(256, 1, Accelerator::Kvm, 0).cpu_quota_us,
+        Limits::for_vm(256, 1, Accelerator::Kvm, 0, CpuShare::Run).cpu_quota_us,
         None
     );
+    assert_eq!(kvm.cpu_share, CpuShare::Background);
 }
 
 #[test]

@@ -119,6 +119,7 @@ mod tests {
             qemu_sandbox: true,
             nic: false,
             cpu_quota_percent: 100,
+            cpu_background: false,
         }
     }
 

@@ -49,6 +49,8 @@ pub(crate) async fn build(
     };
     static TEMPLATES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let mut spec = spec.clone();
+    // Nobody waits for a template: runs boot or restore on their own meanwhile.
+    spec.cpu_background = true;
     // Told apart from run VMs in `ps` (and by tests that look for a run's leftovers).
     spec.name = format!(
         "sbx-template-{}-{}",

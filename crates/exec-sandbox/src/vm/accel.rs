@@ -266,6 +266,7 @@ async fn probe_kvm(
         qemu_sandbox: true,
         nic: false,
         cpu_quota_percent: limits::DEFAULT_VM_CPU_QUOTA_PERCENT,
+        cpu_background: false,
     };
     let started = Instant::now();
     let vm = Vm::boot(qemu, &spec, limits::KVM_PROBE_DEADLINE, None, None).await?;

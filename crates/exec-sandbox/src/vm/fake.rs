@@ -1,7 +1,7 @@
 //! A VM with no QEMU, for unit tests: a real [`Channel`] to a scripted agent on an in-memory
 //! stream. Tests run under tokio's paused time, so deadlines are exact and instant.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -78,6 +78,7 @@ pub(crate) struct FakeVm {
     refusals: Mutex<Vec<String>>,
     exposed: Vec<ExposedPort>,
     agent: tokio::task::JoinHandle<()>,
+    foreground: AtomicBool,
 }
 
 impl FakeVm {
@@ -127,7 +128,13 @@ impl FakeVm {
             refusals: Mutex::new(Vec::new()),
             exposed: Vec::new(),
             agent,
+            foreground: AtomicBool::new(false),
         }
+    }
+
+    /// Whether it was given a run's CPU weight ([`VmHandle::to_foreground`]).
+    pub(crate) fn in_foreground(&self) -> bool {
+        self.foreground.load(Ordering::SeqCst)
     }
 
     /// Every request frame the agent received so far.
@@ -166,6 +173,10 @@ impl VmHandle for FakeVm {
 
     fn isolation(&self) -> crate::result::Isolation {
         crate::result::Isolation::default()
+    }
+
+    fn to_foreground(&self) {
+        self.foreground.store(true, Ordering::SeqCst);
     }
 
     async fn destroy(self) -> VmStats {

@@ -22,6 +22,8 @@ pub(crate) trait VmHandle: Send + Sync + 'static {
     fn isolation(&self) -> Isolation;
     /// Kills and reaps the VM, returning what the host measured.
     fn destroy(self) -> impl Future<Output = VmStats> + Send;
+    /// Gives a VM started in the background (a pooled one) the CPU weight of a run.
+    fn to_foreground(&self);
     /// How long it took to start (a fake VM starts at once).
     fn start_phases(&self) -> StartPhases {
         StartPhases::default()
@@ -51,6 +53,10 @@ impl VmHandle for Vm {
 
     fn destroy(self) -> impl Future<Output = VmStats> + Send {
         Vm::destroy(self)
+    }
+
+    fn to_foreground(&self) {
+        Vm::to_foreground(self)
     }
 
     fn start_phases(&self) -> StartPhases {

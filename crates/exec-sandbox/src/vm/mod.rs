@@ -427,6 +427,11 @@ fn vm_cgroup(spec: &VmSpec) -> (Option<VmCgroup>, CgroupStatus, Vec<OwnedFd>) {
         spec.vcpus,
         spec.accelerator,
         spec.cpu_quota_percent,
+        if spec.cpu_background {
+            cgroup::CpuShare::Background
+        } else {
+            cgroup::CpuShare::Run
+        },
     );
     let made = cgroup::for_vm(&spec.name, &limits).and_then(|cgroup| {
         let joins = cgroup.join_fds().map_err(|e| {
@@ -608,6 +613,16 @@ impl Vm {
     }
 
     /// How long it took to start.
+    /// Gives a VM started in the background (a pooled one) the weight of a run: a caller
+    /// waits for it now. Best effort: without it the VM only runs slower under contention.
+    pub(crate) fn to_foreground(&self) {
+        if let Some(cgroup) = &self.cgroup
+            && let Err(e) = cgroup.set_cpu_share(cgroup::CpuShare::Run)
+        {
+            tracing::debug!(vm = %self.name(), error = %e, "cannot raise the VM's CPU weight");
+        }
+    }
+
     pub(crate) fn start_phases(&self) -> StartPhases {
         self.phases
     }
@@ -806,6 +821,7 @@ pub(crate) mod tests {
             qemu_sandbox: false,
             nic: false,
             cpu_quota_percent: crate::limits::DEFAULT_VM_CPU_QUOTA_PERCENT,
+            cpu_background: false,
         }
     }
 

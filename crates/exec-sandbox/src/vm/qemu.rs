@@ -83,6 +83,9 @@ pub struct VmSpec {
     /// CPU quota of QEMU's cgroup, in percent of one core per vCPU (0: none). Host side: not
     /// on the command line.
     pub cpu_quota_percent: u32,
+    /// Background work nobody waits for yet (a warm-pool refill, a template build): QEMU's
+    /// cgroup gets a low CPU weight until the VM is taken for a run. Host side.
+    pub cpu_background: bool,
 }
 
 impl VmSpec {
@@ -333,6 +336,7 @@ mod tests {
             qemu_sandbox: true,
             nic: false,
             cpu_quota_percent: 100,
+            cpu_background: false,
         }
     }
 

@@ -346,3 +346,70 @@ async fn kill_9_leaves_no_qemu_and_no_cgroup() {
         assert!(!dir.exists(), "{} came back", dir.display());
     }
 }
+
+/// A VM's CPU weight against its siblings: `cpu.shares` (v1) or `cpu.weight` (v2), as
+/// `file=value`; none without a CPU cgroup.
+fn cpu_share(name: &str) -> Option<String> {
+    vm_cgroup_dirs(name).iter().find_map(|dir| {
+        ["cpu.shares", "cpu.weight"].iter().find_map(|file| {
+            std::fs::read_to_string(dir.join(file))
+                .ok()
+                .map(|v| format!("{file}={}", v.trim()))
+        })
+    })
+}
+
+#[tokio::test]
+async fn a_pooled_vm_runs_at_an_eighth_of_the_cpu_weight_until_a_caller_takes_it() {
+    let s = Scheduler::new(SchedulerConfig {
+        warm_pool_size: 1,
+        ..SchedulerConfig::from_env().unwrap()
+    })
+    .unwrap();
+    let mut pooled = String::new();
+    wait_until("a warm VM", Duration::from_secs(90), || {
+        match s
+            .warm_pool_vms()
+            .into_iter()
+            .find(|vm| vm.language == Language::Python)
+        {
+            Some(vm) => {
+                pooled = vm.name;
+                true
+            }
+            None => false,
+        }
+    })
+    .await;
+    let idle = cpu_share(&pooled);
+    eprintln!("idle pooled VM {pooled}: {idle:?}");
+    let session = s
+        .session(SessionOptions::new(Language::Python))
+        .await
+        .unwrap_or_else(|e| panic!("{}", chain(&e)));
+    assert_eq!(session.vm_name(), pooled, "the session took the pooled VM");
+    let taken = cpu_share(&pooled);
+    let first = session
+        .exec(exec_sandbox::ExecOptions::new("print(6*7)"))
+        .await
+        .unwrap_or_else(|e| panic!("{}", chain(&e)));
+    assert_eq!(first.stdout, "42\n");
+    session.close().await;
+    s.shutdown().await;
+    if !had_cgroup(&first) {
+        return;
+    }
+    let Some(idle) = idle else {
+        // Only a host missing a controller (which the result names) has no CPU cgroup.
+        assert!(first.isolation.reason.is_some(), "{first:?}");
+        return;
+    };
+    assert!(
+        matches!(idle.as_str(), "cpu.shares=128" | "cpu.weight=12"),
+        "{idle}"
+    );
+    assert!(
+        matches!(taken.as_deref(), Some("cpu.shares=1024" | "cpu.weight=100")),
+        "{taken:?}"
+    );
+}
