@@ -29,6 +29,10 @@
 
 mod codec;
 pub mod env;
+
+/// Kernel command-line parameter telling the agent its CPU is emulated (QEMU's TCG):
+/// `sbx.tcg=1`. JavaScriptCore's top JIT tier then stays off (`guest/agent/src/driver.rs`).
+pub const TCG_CMDLINE_PARAM: &str = "sbx.tcg";
 pub mod layer;
 mod message;
 pub mod net;

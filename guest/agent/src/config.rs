@@ -34,6 +34,8 @@ pub mod cmdline {
     pub const HOME_MB: &str = "sbx.home_mb";
     /// `1`: the VM has a package layer disk.
     pub const PACKAGES: &str = sbx_protocol::layer::CMDLINE_PARAM;
+    /// `1`: the CPU is emulated (QEMU's TCG).
+    pub const TCG: &str = sbx_protocol::TCG_CMDLINE_PARAM;
 }
 
 /// Paths inside the guest.
@@ -132,6 +134,9 @@ pub struct Config {
     pub packages: LayerState,
     /// The boot's steps (reported in the hello; zero outside PID 1).
     pub boot: sbx_protocol::BootTimeline,
+    /// The CPU is emulated (QEMU's TCG), as the kernel command line says: interpreters start
+    /// tuned for it ([`crate::driver::interpreter_env`]).
+    pub emulated_cpu: bool,
 }
 
 impl Config {
@@ -195,6 +200,8 @@ pub struct BootParams {
     pub home_mb: u64,
     /// A package layer disk is attached (`sbx.packages=1`).
     pub packages: bool,
+    /// The CPU is emulated (`sbx.tcg=1`).
+    pub tcg: bool,
 }
 
 impl BootParams {
@@ -204,14 +211,16 @@ impl BootParams {
             tmp_mb: DEFAULT_TMPFS_MB,
             home_mb: DEFAULT_TMPFS_MB,
             packages: false,
+            tcg: false,
         };
         for word in cmdline_text.split_ascii_whitespace() {
             let Some((key, value)) = word.split_once('=') else {
                 continue;
             };
-            if key == cmdline::PACKAGES {
-                params.packages = value == "1";
-                continue;
+            match key {
+                cmdline::PACKAGES => params.packages = value == "1",
+                cmdline::TCG => params.tcg = value == "1",
+                _ => {}
             }
             let Some(mb) = value
                 .parse::<u64>()
@@ -242,6 +251,7 @@ mod tests {
                 tmp_mb: DEFAULT_TMPFS_MB,
                 home_mb: DEFAULT_TMPFS_MB,
                 packages: false,
+                tcg: false,
             }
         );
         assert_eq!(
@@ -250,9 +260,12 @@ mod tests {
                 tmp_mb: 128,
                 home_mb: 32,
                 packages: true,
+                tcg: false,
             }
         );
         assert!(!BootParams::parse("sbx.packages=0 sbx.packages").packages);
+        assert!(BootParams::parse("quiet sbx.tcg=1 sbx.tmp_mb=64").tcg);
+        assert!(!BootParams::parse("sbx.tcg=0 sbx.tcg").tcg);
     }
 
     #[test]

@@ -78,9 +78,20 @@ pub fn strip_bom(code: &str) -> &str {
 /// 4300 digits by default); the execution timeout bounds the cost, as in the reference. The
 /// interpreter reads the variable once, at start: a value passed with one execution is applied
 /// by the Python driver (`sys.set_int_max_str_digits`) for that execution only.
-pub fn interpreter_env(language: Language) -> &'static [(&'static str, &'static str)] {
+///
+/// JavaScript on an `emulated_cpu` (TCG): JavaScriptCore's top tier (FTL) off. Its compiles
+/// cost far more than they return there: on the 1-vCPU guest the compiler thread takes the
+/// only CPU from the program. In-guest times with Bun 1.3 (`docs/measurements.md`): `fib(20)`
+/// 180-400 ms with every tier, 9-88 without FTL; `fib(34)` 844 → 621 ms; 200k objects
+/// built, mapped and sorted 1139-1370 → 754-897 ms. The lower tiers (interpreter, baseline
+/// and DFG JITs) stay on; under KVM every tier does.
+pub fn interpreter_env(
+    language: Language,
+    emulated_cpu: bool,
+) -> &'static [(&'static str, &'static str)] {
     match language {
         Language::Python => &[("PYTHONINTMAXSTRDIGITS", "0")],
+        Language::Javascript if emulated_cpu => &[("BUN_JSC_useFTLJIT", "0")],
         Language::Javascript | Language::Raw => &[],
     }
 }
@@ -196,6 +207,20 @@ pub fn bun_driver_path(run_dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_javascript_on_an_emulated_cpu_loses_a_jit_tier() {
+        let ftl_off = ("BUN_JSC_useFTLJIT", "0");
+        assert_eq!(interpreter_env(Language::Javascript, true), [ftl_off]);
+        assert!(interpreter_env(Language::Javascript, false).is_empty());
+        for emulated in [false, true] {
+            assert_eq!(
+                interpreter_env(Language::Python, emulated),
+                [("PYTHONINTMAXSTRDIGITS", "0")]
+            );
+            assert!(interpreter_env(Language::Raw, emulated).is_empty());
+        }
+    }
 
     fn nonce() -> Nonce {
         Nonce::from_bytes([0xab; 16])

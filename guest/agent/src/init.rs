@@ -50,6 +50,8 @@ pub struct Booted {
     pub packages: LayerState,
     /// When each step finished, on the guest's clock.
     pub timeline: sbx_protocol::BootTimeline,
+    /// The kernel command line says the CPU is emulated.
+    pub tcg: bool,
 }
 
 const NOSUID_NODEV: MountFlags = MountFlags::NOSUID.union(MountFlags::NODEV);
@@ -169,6 +171,7 @@ pub fn boot() -> Result<Booted, InitError> {
         run_dir,
         packages,
         timeline,
+        tcg: params.tcg,
     })
 }
 

@@ -147,7 +147,11 @@ impl Interpreter {
             .args(&args)
             .env_clear()
             .envs(config.base_env())
-            .envs(driver::interpreter_env(language).iter().copied())
+            .envs(
+                driver::interpreter_env(language, config.emulated_cpu)
+                    .iter()
+                    .copied(),
+            )
             .current_dir(&config.home)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -133,6 +133,7 @@ fn run_init() -> ! {
             root_mounted: booted.root_mounted,
             packages: booted.packages,
             boot: booted.timeline,
+            emulated_cpu: booted.tcg,
         };
         if let Err(e) = init::install_drivers(&config.run_dir) {
             log::warn(format_args!(
@@ -217,6 +218,7 @@ fn run_stdio(no_setuid: bool) -> Result<ExitCode, String> {
             _ => layer::LayerState::Absent,
         },
         boot: sbx_protocol::BootTimeline::default(),
+        emulated_cpu: false,
     };
     let runtime = runtime()?;
     let stop = runtime.block_on(async {

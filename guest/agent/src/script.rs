@@ -177,6 +177,7 @@ mod tests {
             root_mounted: false,
             packages: crate::layer::LayerState::Absent,
             boot: sbx_protocol::BootTimeline::default(),
+            emulated_cpu: false,
         }
     }
 

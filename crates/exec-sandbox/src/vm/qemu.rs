@@ -113,6 +113,7 @@ impl VmSpec {
                 parts.push(format!("lpj={}", khz * 10));
             }
             parts.push("lapic_timer_period=10000000".into());
+            parts.push(format!("{}=1", sbx_protocol::TCG_CMDLINE_PARAM));
         }
         parts.push(format!("sbx.tmp_mb={}", self.tmpfs_mb));
         parts.push(format!("sbx.home_mb={}", self.tmpfs_mb));
@@ -355,6 +356,7 @@ mod tests {
         assert!(cmdline.contains("tsc_early_khz=2100000"));
         assert!(cmdline.contains("lpj=21000000"));
         assert!(cmdline.contains("lapic_timer_period=10000000"));
+        assert!(cmdline.contains("sbx.tcg=1"));
         assert!(cmdline.contains("quiet"));
         let args = joined(&s);
         assert!(args.contains("-accel tcg,tb-size=64 -cpu max,-vmx,-svm"));
@@ -366,6 +368,7 @@ mod tests {
         let s = spec(Accelerator::Kvm);
         assert!(!s.kernel_cmdline().contains("tsc_early_khz"));
         assert!(!s.kernel_cmdline().contains("lapic_timer_period"));
+        assert!(!s.kernel_cmdline().contains("sbx.tcg"));
         assert!(joined(&s).contains("-accel kvm -cpu host,-vmx,-svm"));
     }
 

@@ -56,6 +56,23 @@ async fn javascript_typescript_and_top_level_await() {
 }
 
 #[tokio::test]
+async fn javascript_on_an_emulated_cpu_runs_without_jscs_top_jit_tier() {
+    // The environment the interpreter started with (Bun refuses to start on a `BUN_JSC_`
+    // option JavaScriptCore does not know, so a misspelt one fails every JavaScript test).
+    let r = run(
+        Language::Javascript,
+        "console.log(process.env.BUN_JSC_useFTLJIT ?? 'unset');",
+    )
+    .await;
+    assert_eq!(r.exit_code, 0, "stderr: {}", r.stderr);
+    let expected = match r.accelerator.accelerator {
+        exec_sandbox::Accelerator::Tcg => "0\n",
+        _ => "unset\n",
+    };
+    assert_eq!(r.stdout, expected, "{:?}", r.accelerator);
+}
+
+#[tokio::test]
 async fn raw_shell_runs_as_uid_1000() {
     let r = run(Language::Raw, "echo $((6*7)); id -u; id -g").await;
     assert_eq!(r.stdout, "42\n1000\n1000\n", "stderr: {}", r.stderr);
