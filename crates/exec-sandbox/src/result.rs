@@ -227,6 +227,11 @@ pub struct CacheReport {
     pub layer_entries: Vec<crate::LayerInfo>,
     /// Where L3 keeps layers (`s3://bucket/prefix`), when configured.
     pub s3: Option<String>,
+    /// Guest image versions other than the one in use (older releases, other build inputs):
+    /// how many, and the bytes removing them would free.
+    pub unused_image_versions: CacheUsage,
+    /// Builds of exec-sandbox's QEMU for other Debian QEMU versions or build scripts.
+    pub unused_qemu_builds: CacheUsage,
 }
 
 /// What [`Scheduler::prune_caches`](crate::Scheduler::prune_caches) removed.
@@ -239,6 +244,14 @@ pub struct PruneReport {
     pub layers: usize,
     /// Bytes the removed layers occupied.
     pub layer_bytes: u64,
+    /// Unused guest image versions removed.
+    pub image_versions: usize,
+    /// Bytes that freed.
+    pub image_bytes: u64,
+    /// Unused QEMU builds removed (root only).
+    pub qemu_builds: usize,
+    /// Bytes that freed.
+    pub qemu_bytes: u64,
 }
 
 #[cfg(test)]

@@ -713,19 +713,76 @@ impl Scheduler {
                 .s3_bucket
                 .as_ref()
                 .map(|bucket| format!("s3://{bucket}/{}", config.s3_config().prefix)),
+            unused_image_versions: unused(
+                config.images_dir.clone(),
+                self.inner.assets.other_versions().await,
+            ),
+            unused_qemu_builds: unused(
+                crate::assets::OWN_QEMU_DIR.into(),
+                self.inner.own_qemu.others(),
+            ),
         }
     }
 
     /// Empties the local snapshot and package layer caches (running VMs keep what they
-    /// mapped; a layer being built is kept). The guest images stay.
+    /// mapped; a layer being built is kept), and removes guest image versions and QEMU builds
+    /// other than the ones this scheduler uses (QEMU's only when running as root). The images
+    /// in use stay. A long-running process of another exec-sandbox version that used what was
+    /// removed fails its next VM start until restarted.
     pub async fn prune_caches(&self) -> PruneReport {
         let layers = self.inner.packages.prune(0).await;
+        let (image_versions, image_bytes) = removed(
+            "guest image versions",
+            self.inner.assets.prune_other_versions().await,
+        );
+        let own_qemu = self.inner.own_qemu.clone();
+        let qemu = tokio::task::spawn_blocking(move || own_qemu.prune_others())
+            .await
+            .unwrap_or_else(|e| {
+                Err(crate::assets::AssetError::io(
+                    "prune",
+                    crate::assets::OWN_QEMU_DIR,
+                )(std::io::Error::other(e)))
+            });
+        let (qemu_builds, qemu_bytes) = removed("QEMU builds", qemu);
         PruneReport {
             snapshots: self.inner.templates.prune(),
             layers: layers.len(),
             layer_bytes: layers.iter().map(|(_, bytes)| bytes).sum(),
+            image_versions,
+            image_bytes,
+            qemu_builds,
+            qemu_bytes,
         }
     }
+}
+
+/// What a listing of unused directories says, as a cache's usage (nothing, logged, when it
+/// failed).
+fn unused(
+    dir: PathBuf,
+    listed: Result<(Vec<PathBuf>, u64), crate::assets::AssetError>,
+) -> CacheUsage {
+    let (entries, bytes) = match listed {
+        Ok((dirs, bytes)) => (dirs.len(), bytes),
+        Err(e) => {
+            tracing::warn!(error = %crate::vm::error_chain(&e), dir = %dir.display(), "cannot list unused directories");
+            (0, 0)
+        }
+    };
+    CacheUsage {
+        dir,
+        entries,
+        bytes,
+    }
+}
+
+/// How many of `what` a prune removed and the bytes that freed (nothing, logged, on failure).
+fn removed(what: &str, result: Result<(usize, u64), crate::assets::AssetError>) -> (usize, u64) {
+    result.unwrap_or_else(|e| {
+        tracing::warn!(error = %crate::vm::error_chain(&e), "cannot remove unused {what}");
+        (0, 0)
+    })
 }
 
 /// The scheduler's VMs: QEMU processes shaped by its configuration, assets and host verdict.

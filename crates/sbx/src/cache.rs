@@ -33,12 +33,19 @@ pub async fn cache(args: CacheArgs) -> u8 {
                 term::stdout(format!("{line}\n").as_bytes());
             } else if !args.log.quiet {
                 term::stderr_line(&format!(
-                    "removed {} memory snapshot{} and {} package layer{} ({})",
+                    "removed {} memory snapshot{}, {} package layer{} ({}), {} unused guest image \
+                     version{} ({}) and {} unused QEMU build{} ({})",
                     pruned.snapshots,
                     plural(pruned.snapshots),
                     pruned.layers,
                     plural(pruned.layers),
-                    human_bytes(pruned.layer_bytes)
+                    human_bytes(pruned.layer_bytes),
+                    pruned.image_versions,
+                    plural(pruned.image_versions),
+                    human_bytes(pruned.image_bytes),
+                    pruned.qemu_builds,
+                    plural(pruned.qemu_builds),
+                    human_bytes(pruned.qemu_bytes)
                 ));
             }
         }
@@ -82,6 +89,17 @@ fn table(report: &CacheReport) -> String {
     match &report.s3 {
         Some(location) => out.push_str(&format!("L3 S3                {location}\n")),
         None => out.push_str("L3 S3                not configured (EXEC_SANDBOX_S3_BUCKET)\n"),
+    }
+    for (name, unused) in [
+        ("unused guest images", &report.unused_image_versions),
+        ("unused QEMU builds ", &report.unused_qemu_builds),
+    ] {
+        out.push_str(&format!(
+            "{name}  {:>4} entries  {:>9}  {} (sbx cache prune)\n",
+            unused.entries,
+            human_bytes(unused.bytes),
+            unused.dir.display()
+        ));
     }
     out
 }

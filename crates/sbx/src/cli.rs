@@ -21,7 +21,8 @@ pub enum Command {
     /// Build or verify every guest asset and exec-sandbox's QEMU and decide the accelerator, so
     /// later runs start at once.
     Prefetch(PrefetchArgs),
-    /// Show what the local caches hold (memory snapshots, package layers), or empty them.
+    /// Show what the local caches hold (memory snapshots, package layers, unused guest images and
+    /// QEMU builds), or empty them.
     Cache(CacheArgs),
     /// Measure run latency per language (cold, L1-restored, warm pool) against the language's
     /// own interpreter on the host (`python3 -c pass`, `node -e 0`, `bash -c :`), throughput, and
@@ -215,7 +216,9 @@ pub struct CacheArgs {
 pub enum CacheAction {
     /// Each cache level: entries and bytes (the default).
     Show,
-    /// Empty the local memory snapshot and package layer caches (guest images stay).
+    /// Empty the local memory snapshot and package layer caches, and remove guest image versions
+    /// and QEMU builds other than the ones in use (QEMU's as root only). A long-running process
+    /// of another exec-sandbox version fails its next VM start until restarted.
     Prune,
 }
 

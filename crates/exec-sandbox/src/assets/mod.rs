@@ -8,7 +8,8 @@
 //! Modules: `inputs` (what each asset is made from, keys, versions), `manifest`, `stamp`
 //! (fingerprint stamps), `lock` (cross-process lock), `initramfs` (cpio writer), `build` (the
 //! image scripts behind the `Builder` seam), `download` (prebuilt assets over HTTP),
-//! `store` (the readying logic), `files` (atomic file helpers).
+//! `store` (the readying logic), `files` (atomic file helpers), `qemu` (the own QEMU build),
+//! `prune` (versions and builds nothing uses any more).
 
 mod build;
 mod download;
@@ -18,6 +19,7 @@ mod initramfs;
 mod inputs;
 mod lock;
 pub(crate) mod manifest;
+mod prune;
 mod qemu;
 pub(crate) mod stamp;
 mod store;
@@ -216,6 +218,22 @@ impl AssetStore {
         let inner = Arc::clone(&self.inner);
         let dest = dest.to_path_buf();
         run_blocking(move || inner.store.export(&dest)).await
+    }
+
+    /// Version directories other than this store's, and the bytes removing them would free
+    /// (files hard-linked into this version count nothing).
+    pub(crate) async fn other_versions(&self) -> Result<(Vec<PathBuf>, u64), AssetError> {
+        let inner = Arc::clone(&self.inner);
+        run_blocking(move || inner.store.other_versions()).await
+    }
+
+    /// Removes every version directory but this store's, under the store's lock (nothing is
+    /// being built meanwhile); returns how many went and the bytes that freed. Another
+    /// configuration's version (`EXEC_SANDBOX_ASSET_VERSION`) goes too: it is rebuilt or
+    /// downloaded when next used.
+    pub(crate) async fn prune_other_versions(&self) -> Result<(usize, u64), AssetError> {
+        let inner = Arc::clone(&self.inner);
+        run_blocking(move || inner.store.prune_other_versions()).await
     }
 
     /// The assets for `languages`, if this process verified all of `needed` already.

@@ -131,6 +131,32 @@ impl OwnQemu {
         super::run_blocking(move || own.ensure()).await
     }
 
+    /// Builds for other Debian QEMU versions or other build scripts, and the bytes removing
+    /// them would free; none when Debian's QEMU is not installed (the current build is unknown).
+    pub(crate) fn others(&self) -> Result<(Vec<PathBuf>, u64), AssetError> {
+        let Some(fingerprint) = installed_fingerprint() else {
+            return Ok((Vec::new(), 0));
+        };
+        super::prune::others(&self.dir, &key(SCRIPT, &fingerprint))
+            .map_err(AssetError::io("inspect", &self.dir))
+    }
+
+    /// Removes [`Self::others`] under the build lock (root only: otherwise nothing is removed);
+    /// returns how many went and the bytes that freed.
+    pub(crate) fn prune_others(&self) -> Result<(usize, u64), AssetError> {
+        let (dirs, _) = self.others()?;
+        if dirs.is_empty() || sys::effective_uid() != 0 {
+            return Ok((0, 0));
+        }
+        let dir = Dir::open(&self.dir).map_err(AssetError::io("open", &self.dir))?;
+        let _lock = DirLock::acquire(&dir, || {
+            tracing::info!("waiting for another process to finish building QEMU");
+        })?;
+        // Listed again under the lock: a build may have finished meanwhile.
+        let (dirs, bytes) = self.others()?;
+        Ok((super::prune::remove(&dirs), bytes))
+    }
+
     /// The built binary for Debian's binary of identity `fingerprint`, if there is one.
     fn existing(&self, fingerprint: &str) -> Option<PathBuf> {
         let binary = self.dir.join(key(SCRIPT, fingerprint)).join(BINARY);

@@ -98,6 +98,26 @@ impl Store {
         }
     }
 
+    /// See [`super::AssetStore::other_versions`].
+    pub(crate) fn other_versions(&self) -> Result<(Vec<PathBuf>, u64), AssetError> {
+        crate::trust::check(&self.images_dir)?;
+        super::prune::others(&self.images_dir, &self.version)
+            .map_err(AssetError::io("inspect", &self.images_dir))
+    }
+
+    /// See [`super::AssetStore::prune_other_versions`].
+    pub(crate) fn prune_other_versions(&self) -> Result<(usize, u64), AssetError> {
+        if !self.images_dir.exists() {
+            return Ok((0, 0));
+        }
+        let images = self.images()?;
+        let _lock = DirLock::acquire(&images, || {
+            tracing::info!("waiting for another process to finish with the guest images");
+        })?;
+        let (dirs, bytes) = self.other_versions()?;
+        Ok((super::prune::remove(&dirs), bytes))
+    }
+
     /// This version's manifest, if there is one.
     pub(crate) fn manifest(&self) -> Result<Option<Manifest>, AssetError> {
         match self.open_version()? {

@@ -346,6 +346,45 @@ async fn an_agent_change_rebuilds_neither_kernel_nor_rootfs() {
 }
 
 #[tokio::test]
+async fn pruning_removes_the_versions_an_upgrade_left_and_keeps_the_one_in_use() {
+    let fx = Fixture::new();
+    let old_store = fx.store();
+    let old = old_store.ensure(&Language::ALL).await.unwrap();
+    let new_store = fx.store_with(Inputs::fake(b"\x7fELF new agent", "echo fake build"));
+    let new = new_store.ensure(&Language::ALL).await.unwrap();
+
+    // Seen from the new version: the old one, whose kernel and root filesystems are linked
+    // into the new one (they cost nothing); its initramfs, manifest and logs are its own.
+    let (others, bytes) = new_store.other_versions().await.unwrap();
+    assert_eq!(others, [old_store.version_dir()]);
+    let own: u64 = std::fs::read_dir(old_store.version_dir())
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap())
+        .filter(|m| m.nlink() == 1)
+        .map(|m| m.len())
+        .sum();
+    assert!(own >= std::fs::metadata(&old.initramfs).unwrap().len());
+    assert_eq!(bytes, own);
+
+    assert_eq!(new_store.prune_other_versions().await.unwrap(), (1, bytes));
+    assert!(!old_store.version_dir().exists());
+    assert_eq!(new_store.other_versions().await.unwrap(), (Vec::new(), 0));
+    // The version in use is untouched and still verifies without a build.
+    let builds = fx.builder.builds().len();
+    let again = fx
+        .store_with(Inputs::fake(b"\x7fELF new agent", "echo fake build"))
+        .ensure(&Language::ALL)
+        .await
+        .unwrap();
+    assert_eq!(again.kernel, new.kernel);
+    assert_eq!(fx.builder.builds().len(), builds);
+    assert!(
+        fx.config.images_dir.join(".lock").exists(),
+        "the lock stays"
+    );
+}
+
+#[tokio::test]
 async fn a_kernel_input_change_rebuilds_only_the_kernel() {
     let fx = Fixture::new();
     fx.store().ensure(&[Language::Raw]).await.unwrap();
