@@ -114,6 +114,31 @@ async fn javascript_state_persists_and_close_destroys_the_vm() {
 }
 
 #[tokio::test]
+async fn javascript_imports_and_requires_resolve_from_the_working_directory() {
+    let s = open(SessionOptions::new(Language::Javascript)).await;
+    expect(
+        &s,
+        "const fs = await import('node:fs');\n\
+         fs.writeFileSync('esm.mjs', 'export const v = 40;');\n\
+         fs.writeFileSync('cjs.cjs', 'module.exports = 2;');",
+        "",
+        0,
+    )
+    .await;
+    // Relative specifiers resolve from /home/user, not from the driver's directory; code that
+    // names neither word skips the scan and still runs.
+    expect(
+        &s,
+        "const { v } = await import('./esm.mjs'); console.log(v + require('./cjs.cjs'))",
+        "42\n",
+        0,
+    )
+    .await;
+    expect(&s, "console.log(process.cwd())", "/home/user\n", 0).await;
+    s.close().await;
+}
+
+#[tokio::test]
 async fn bash_variables_functions_and_cwd_persist() {
     let s = open(SessionOptions::new(Language::Raw).env("GREETING", "hi")).await;
     expect(&s, "v=5; g() { echo \"g:$1\"; }; cd /tmp", "", 0).await;

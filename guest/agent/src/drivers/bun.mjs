@@ -253,6 +253,9 @@ globalThis.require = userRequire;
 
 // Specifiers in user code resolve from the working directory, not from this file.
 function resolveFromCwd(js, code) {
+  // No specifier without either word: skip the second parse (under TCG, a restored clone's
+  // first execution would translate the import scanner's code too).
+  if (!code.includes("import") && !code.includes("require")) return js;
   let imports;
   try {
     imports = transpiler.scanImports(code);
