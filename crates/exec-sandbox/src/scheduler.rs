@@ -719,7 +719,7 @@ impl Scheduler {
             ),
             unused_qemu_builds: unused(
                 crate::assets::OWN_QEMU_DIR.into(),
-                self.inner.own_qemu.others(),
+                self.inner.own_qemu.unused().await,
             ),
         }
     }
@@ -735,16 +735,8 @@ impl Scheduler {
             "guest image versions",
             self.inner.assets.prune_other_versions().await,
         );
-        let own_qemu = self.inner.own_qemu.clone();
-        let qemu = tokio::task::spawn_blocking(move || own_qemu.prune_others())
-            .await
-            .unwrap_or_else(|e| {
-                Err(crate::assets::AssetError::io(
-                    "prune",
-                    crate::assets::OWN_QEMU_DIR,
-                )(std::io::Error::other(e)))
-            });
-        let (qemu_builds, qemu_bytes) = removed("QEMU builds", qemu);
+        let (qemu_builds, qemu_bytes) =
+            removed("QEMU builds", self.inner.own_qemu.prune_unused().await);
         PruneReport {
             snapshots: self.inner.templates.prune(),
             layers: layers.len(),

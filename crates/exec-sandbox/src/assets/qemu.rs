@@ -133,7 +133,7 @@ impl OwnQemu {
 
     /// Builds for other Debian QEMU versions or other build scripts, and the bytes removing
     /// them would free; none when Debian's QEMU is not installed (the current build is unknown).
-    pub(crate) fn others(&self) -> Result<(Vec<PathBuf>, u64), AssetError> {
+    fn others(&self) -> Result<(Vec<PathBuf>, u64), AssetError> {
         let Some(fingerprint) = installed_fingerprint() else {
             return Ok((Vec::new(), 0));
         };
@@ -143,18 +143,32 @@ impl OwnQemu {
 
     /// Removes [`Self::others`] under the build lock (root only: otherwise nothing is removed);
     /// returns how many went and the bytes that freed.
-    pub(crate) fn prune_others(&self) -> Result<(usize, u64), AssetError> {
-        let (dirs, _) = self.others()?;
-        if dirs.is_empty() || sys::effective_uid() != 0 {
+    fn prune_others(&self) -> Result<(usize, u64), AssetError> {
+        if sys::effective_uid() != 0 {
             return Ok((0, 0));
         }
-        let dir = Dir::open(&self.dir).map_err(AssetError::io("open", &self.dir))?;
+        let dir = match Dir::open(&self.dir) {
+            Ok(dir) => dir,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
+            Err(e) => return Err(AssetError::io("open", &self.dir)(e)),
+        };
         let _lock = DirLock::acquire(&dir, || {
             tracing::info!("waiting for another process to finish building QEMU");
         })?;
-        // Listed again under the lock: a build may have finished meanwhile.
         let (dirs, bytes) = self.others()?;
         Ok((super::prune::remove(&dirs), bytes))
+    }
+
+    /// [`Self::others`] off the async runtime's threads.
+    pub(crate) async fn unused(&self) -> Result<(Vec<PathBuf>, u64), AssetError> {
+        let own = self.clone();
+        super::run_blocking(move || own.others()).await
+    }
+
+    /// [`Self::prune_others`] off the async runtime's threads.
+    pub(crate) async fn prune_unused(&self) -> Result<(usize, u64), AssetError> {
+        let own = self.clone();
+        super::run_blocking(move || own.prune_others()).await
     }
 
     /// The built binary for Debian's binary of identity `fingerprint`, if there is one.
