@@ -81,10 +81,10 @@ pub fn strip_bom(code: &str) -> &str {
 ///
 /// JavaScript on an `emulated_cpu` (TCG): JavaScriptCore's top tier (FTL) off. Its compiles
 /// cost far more than they return there: on the 1-vCPU guest the compiler thread takes the
-/// only CPU from the program. In-guest times with Bun 1.3 (`docs/measurements.md`): `fib(20)`
-/// 180-400 ms with every tier, 9-88 without FTL; `fib(34)` 844 → 621 ms; 200k objects
-/// built, mapped and sorted 1139-1370 → 754-897 ms. The lower tiers (interpreter, baseline
-/// and DFG JITs) stay on; under KVM every tier does.
+/// only CPU from the program. In-guest times (`docs/measurements.md`): `fib(20)` 151-412 ms
+/// with every tier, 9-94 without FTL; `fib(34)` 844 → 621 ms; 200k objects built, mapped and
+/// sorted 1139-1482 → 746-903 ms. The lower tiers (interpreter, baseline and DFG JITs) stay
+/// on; under KVM every tier does.
 pub fn interpreter_env(
     language: Language,
     emulated_cpu: bool,
