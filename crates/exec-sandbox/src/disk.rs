@@ -130,6 +130,35 @@ impl Dir {
         }
     }
 
+    /// Takes the `flock` of the lock file `name` (created when missing): waits for it when
+    /// `wait`, else `None` while another holder has it. The lock is taken only on the file the
+    /// name still names once it is held: a holder may remove the file ([`Dir::remove_lock`]),
+    /// and a lock on a removed file would exclude nobody who opens the name afresh.
+    pub(crate) fn lock(&self, name: &str, wait: bool) -> io::Result<Option<File>> {
+        loop {
+            let file = self.open_lock(name)?;
+            if !crate::sys::flock_exclusive(&file, wait)? {
+                return Ok(None);
+            }
+            let held = rustix::fs::fstat(&file)?;
+            match rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(named) if (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino) => {
+                    return Ok(Some(file));
+                }
+                Ok(_) | Err(Errno::NOENT) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Removes the lock file `name`, whose lock `held` is (from [`Dir::lock`], so the name
+    /// is that file's until the lock is released): lock files of finished work do not pile up.
+    pub(crate) fn remove_lock(&self, name: &str, held: File) -> io::Result<()> {
+        let removed = self.remove_file(name);
+        drop(held);
+        removed
+    }
+
     /// The contents of the regular file `name`: at most `max` bytes, more is an error.
     pub(crate) fn read(&self, name: &str, max: u64) -> io::Result<Vec<u8>> {
         let mut bytes = Vec::new();
@@ -373,6 +402,37 @@ mod tests {
         );
         assert_eq!(dir.read("r", 1).unwrap(), b"x");
         assert!(dir.read("r", 0).is_err(), "bounded");
+    }
+
+    #[test]
+    fn a_lock_is_taken_on_the_file_its_name_names_even_when_a_holder_removes_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        let first = dir.lock("k.lock", false).unwrap().expect("free");
+        assert!(dir.lock("k.lock", false).unwrap().is_none(), "held");
+        let (opened, opened_rx) = std::sync::mpsc::channel();
+        let path = tmp.path().to_path_buf();
+        let waiter = std::thread::spawn(move || {
+            let dir = Dir::open(&path).unwrap();
+            opened.send(()).unwrap();
+            // Opens the file the first holder is about to remove and waits on its lock.
+            dir.lock("k.lock", true).unwrap().expect("waited for")
+        });
+        opened_rx.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        dir.remove_lock("k.lock", first).unwrap();
+        let second = waiter.join().unwrap();
+        let named = fs::symlink_metadata(tmp.path().join("k.lock")).expect("created afresh");
+        let held = second.metadata().unwrap();
+        assert_eq!(
+            (named.dev(), named.ino()),
+            (held.dev(), held.ino()),
+            "the waiter holds the file the name names, not the removed one"
+        );
+        assert!(
+            dir.lock("k.lock", false).unwrap().is_none(),
+            "and excludes a newcomer"
+        );
     }
 
     #[test]

@@ -97,7 +97,7 @@ impl Cached {
 /// The lock of one key; released when dropped (or when the process dies).
 #[derive(Debug)]
 pub(crate) struct KeyLock {
-    _file: File,
+    file: File,
 }
 
 /// One entry as `sbx cache` shows it.
@@ -181,34 +181,40 @@ impl LayerCache {
 
     /// Takes `key`'s lock, calling `on_wait` first if another thread or process holds it.
     pub(crate) fn lock(&self, key: &str, on_wait: impl FnOnce()) -> Result<KeyLock, PackageError> {
-        let (file, path) = self.lock_file(key)?;
-        if !crate::sys::flock_exclusive(&file, false).map_err(PackageError::io("lock", &path))? {
-            on_wait();
-            crate::sys::flock_exclusive(&file, true).map_err(PackageError::io("lock", &path))?;
-        }
-        Ok(KeyLock { _file: file })
+        let (locks, name) = self.locks(key)?;
+        let path = locks.join(&name);
+        let taken = |wait| {
+            locks
+                .lock(&name, wait)
+                .map_err(PackageError::io("lock", &path))
+        };
+        let file = match taken(false)? {
+            Some(file) => file,
+            None => {
+                on_wait();
+                taken(true)?.ok_or_else(|| {
+                    PackageError::io("lock", &path)(io::Error::other("a waiting lock was refused"))
+                })?
+            }
+        };
+        Ok(KeyLock { file })
     }
 
     /// `key`'s lock if nobody holds it.
     fn try_lock(&self, key: &str) -> Option<KeyLock> {
-        let (file, _) = self.lock_file(key).ok()?;
-        crate::sys::flock_exclusive(&file, false)
-            .ok()?
-            .then_some(KeyLock { _file: file })
+        let (locks, name) = self.locks(key).ok()?;
+        let file = locks.lock(&name, false).ok()??;
+        Some(KeyLock { file })
     }
 
-    fn lock_file(&self, key: &str) -> Result<(File, PathBuf), PackageError> {
+    /// The directory of the keys' lock files, and `key`'s lock file name in it.
+    fn locks(&self, key: &str) -> Result<(Dir, String), PackageError> {
         let locks_path = self.dir.join(LOCKS_DIR);
         let locks = self
             .ensure_root()?
             .create_dir(LOCKS_DIR)
             .map_err(PackageError::io("create", &locks_path))?;
-        let name = format!("{key}.lock");
-        let path = locks_path.join(&name);
-        let file = locks
-            .open_lock(&name)
-            .map_err(PackageError::io("open the lock file", &path))?;
-        Ok((file, path))
+        Ok((locks, format!("{key}.lock")))
     }
 
     /// Removes `key`'s entry (the caller holds its lock): renamed away first, so readers see
@@ -383,8 +389,9 @@ impl LayerCache {
             };
             tracing::info!("evicting package layer {key} ({bytes} bytes)");
             self.discard(&key, &lock);
-            let _ = fs::remove_file(self.dir.join(LOCKS_DIR).join(format!("{key}.lock")));
-            drop(lock);
+            if let Ok((locks, name)) = self.locks(&key) {
+                let _ = locks.remove_lock(&name, lock.file);
+            }
             total -= bytes;
             evicted.push((key, bytes));
         }

@@ -23,6 +23,8 @@ use crate::vm::migration::Saved;
 const MAX_META_BYTES: u64 = 16 * 1024;
 /// Mode of `vmstate` and `meta.json`.
 const FILE_MODE: u32 = 0o600;
+/// A key's build lock is `<key>.lock` in the cache directory.
+const LOCK_SUFFIX: &str = ".lock";
 /// Mode of a template's RAM file (see [`create_ram_file`]).
 pub(crate) const RAM_MODE: u32 = 0o600;
 
@@ -339,14 +341,14 @@ impl Cache {
     pub(crate) fn begin(&self, key: &str) -> Result<Option<Pending>, SnapshotError> {
         crate::trust::ensure(&self.dir)?;
         let root = Dir::open(&self.dir).map_err(io_error("open", &self.dir))?;
-        let lock_name = format!("{key}.lock");
+        let lock_name = format!("{key}{LOCK_SUFFIX}");
         let lock_path = self.dir.join(&lock_name);
-        let lock = root
-            .open_lock(&lock_name)
-            .map_err(io_error("open", &lock_path))?;
-        if !crate::sys::flock_exclusive(&lock, false).map_err(io_error("lock", &lock_path))? {
+        let Some(lock) = root
+            .lock(&lock_name, false)
+            .map_err(io_error("lock", &lock_path))?
+        else {
             return Ok(None);
-        }
+        };
         let name = format!(".tmp-{key}-{}-{}", std::process::id(), unique());
         let dir = self.dir.join(&name);
         let handle = root.create_dir(&name).map_err(io_error("create", &dir))?;
@@ -444,11 +446,15 @@ impl Cache {
             return Vec::new();
         };
         let mut entries: Vec<(SystemTime, u64, PathBuf)> = Vec::new();
+        let mut locks = Vec::new();
         let mut total = 0u64;
         for item in read.filter_map(Result::ok) {
             let path = item.path();
             let name = item.file_name().to_string_lossy().into_owned();
             if !item.file_type().is_ok_and(|t| t.is_dir()) {
+                if item.file_type().is_ok_and(|t| t.is_file()) && name.ends_with(LOCK_SUFFIX) {
+                    locks.push(name);
+                }
                 continue;
             }
             if crate::disk::remove_if_leftover(&path, &name) {
@@ -474,7 +480,25 @@ impl Cache {
             total = total.saturating_sub(size);
             evicted.push(path);
         }
+        self.remove_idle_locks(&locks);
         evicted
+    }
+
+    /// Removes the build locks (`<key>.lock`) among `names` that nobody holds and whose key
+    /// has no entry: one is left by every key ever built, evicted or failed.
+    fn remove_idle_locks(&self, names: &[String]) {
+        let Ok(root) = Dir::open(&self.dir) else {
+            return;
+        };
+        for name in names {
+            let key = &name[..name.len() - LOCK_SUFFIX.len()];
+            if key.is_empty() || self.entry_dir(key).exists() {
+                continue;
+            }
+            if let Ok(Some(lock)) = root.lock(name, false) {
+                let _ = root.remove_lock(name, lock);
+            }
+        }
     }
 }
 
@@ -689,6 +713,33 @@ pub(crate) mod tests {
         assert!(!tmp_dir.exists(), "an abandoned build is removed");
         assert!(cache.open("k").is_none(), "nothing was published");
         begin_free(&cache, "k");
+    }
+
+    #[test]
+    fn eviction_removes_the_build_locks_of_keys_no_longer_cached_unless_held() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::new(tmp.path().to_path_buf(), u64::MAX);
+        let lock = |key: &str| tmp.path().join(format!("{key}.lock"));
+        drop(begin_free(&cache, "failed"));
+        let building = begin_free(&cache, "building");
+        publish(&cache, "cached", b"device state");
+        publish(&cache, "evicted", b"device state");
+        cache.discard(&cache.entry_dir("evicted"));
+        for key in ["failed", "building", "cached", "evicted"] {
+            assert!(lock(key).is_file(), "{key}'s lock is there before");
+        }
+        assert!(cache.evict("").is_empty(), "within its bound");
+        assert!(!lock("failed").exists(), "a failed build's lock goes");
+        assert!(!lock("evicted").exists(), "an evicted entry's lock goes");
+        assert!(lock("building").is_file(), "a held lock stays");
+        assert!(lock("cached").is_file(), "a cached entry's lock stays");
+        assert!(
+            cache.begin("building").unwrap().is_none(),
+            "and still excludes"
+        );
+        drop(building);
+        assert!(cache.open("cached").is_some());
+        begin_free(&cache, "failed");
     }
 
     #[test]
