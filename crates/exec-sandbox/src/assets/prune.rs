@@ -57,17 +57,31 @@ fn walk(dir: &Path, seen: &mut BTreeSet<(u64, u64)>, bytes: &mut u64) -> io::Res
     Ok(())
 }
 
-/// Removes `dirs`; returns how many went (one that cannot be removed is logged and kept).
-pub(crate) fn remove(dirs: &[PathBuf]) -> usize {
-    dirs.iter()
-        .filter(|dir| match std::fs::remove_dir_all(dir) {
+/// Removes the directories [`others`] lists; returns how many went and the bytes that freed.
+/// One that cannot be removed is logged and kept, and what is left of it (all, or the part a
+/// failed removal did not reach) is not counted as freed.
+pub(crate) fn remove_others(parent: &Path, keep: &str) -> io::Result<(usize, u64)> {
+    remove_others_with(parent, keep, &|dir| std::fs::remove_dir_all(dir))
+}
+
+fn remove_others_with(
+    parent: &Path,
+    keep: &str,
+    remove_dir: &dyn Fn(&Path) -> io::Result<()>,
+) -> io::Result<(usize, u64)> {
+    let (dirs, listed) = others(parent, keep)?;
+    let removed = dirs
+        .iter()
+        .filter(|dir| match remove_dir(dir) {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot remove an unused directory");
                 false
             }
         })
-        .count()
+        .count();
+    let (_, left) = others(parent, keep)?;
+    Ok((removed, listed.saturating_sub(left)))
 }
 
 #[cfg(test)]
@@ -99,7 +113,7 @@ mod tests {
         assert_eq!(dirs, [root.join("old"), root.join("older")]);
         assert_eq!(bytes, (16 + 32) * 1024);
 
-        assert_eq!(remove(&dirs), 2);
+        assert_eq!(remove_others(root, "new").unwrap(), (2, bytes));
         assert!(!root.join("old").exists() && !root.join("older").exists());
         for kept in ["new/rootfs", ".build-7", ".lock", "build.log"] {
             assert!(root.join(kept).exists(), "{kept}");
@@ -108,6 +122,35 @@ mod tests {
         assert_eq!(
             others(&root.join("missing"), "new").unwrap(),
             (Vec::new(), 0)
+        );
+    }
+
+    #[test]
+    fn what_cannot_be_removed_is_not_reported_freed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        for dir in ["new", "gone", "stuck"] {
+            fs::create_dir(root.join(dir)).unwrap();
+        }
+        fs::write(root.join("gone/a"), vec![1u8; 4096]).unwrap();
+        fs::write(root.join("stuck/b"), vec![1u8; 8192]).unwrap();
+        fs::write(root.join("stuck/c"), vec![1u8; 16384]).unwrap();
+        // A removal that fails part-way: `b` goes, `c` and the directory stay.
+        let partly = |dir: &Path| {
+            if dir.ends_with("stuck") {
+                fs::remove_file(dir.join("b"))?;
+                return Err(io::Error::from(io::ErrorKind::PermissionDenied));
+            }
+            fs::remove_dir_all(dir)
+        };
+        assert_eq!(
+            remove_others_with(root, "new", &partly).unwrap(),
+            (1, 4096 + 8192),
+            "the bytes that went, not the bytes listed"
+        );
+        assert_eq!(
+            others(root, "new").unwrap(),
+            (vec![root.join("stuck")], 16384)
         );
     }
 }

@@ -155,8 +155,11 @@ impl OwnQemu {
         let _lock = DirLock::acquire(&dir, || {
             tracing::info!("waiting for another process to finish building QEMU");
         })?;
-        let (dirs, bytes) = self.others()?;
-        Ok((super::prune::remove(&dirs), bytes))
+        let Some(fingerprint) = installed_fingerprint() else {
+            return Ok((0, 0));
+        };
+        super::prune::remove_others(&self.dir, &key(SCRIPT, &fingerprint))
+            .map_err(AssetError::io("prune", &self.dir))
     }
 
     /// [`Self::others`] off the async runtime's threads.

@@ -114,8 +114,9 @@ impl Store {
         let _lock = DirLock::acquire(&images, || {
             tracing::info!("waiting for another process to finish with the guest images");
         })?;
-        let (dirs, bytes) = self.other_versions()?;
-        Ok((super::prune::remove(&dirs), bytes))
+        crate::trust::check(&self.images_dir)?;
+        super::prune::remove_others(&self.images_dir, &self.version)
+            .map_err(AssetError::io("prune", &self.images_dir))
     }
 
     /// This version's manifest, if there is one.
