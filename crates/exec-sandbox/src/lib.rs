@@ -60,8 +60,8 @@ pub use gateway::GatewayError;
 pub use network::{ExposeParseError, ExposePort, ExposedPort, NetworkOptions, PortProtocol};
 pub use packages::{Ecosystem, LayerInfo, PackageError, PackageSource, Rule, SpecError, SpecText};
 pub use result::{
-    CacheReport, CacheUsage, CgroupVersion, ExecutionResult, Isolation, PreparedPackages,
-    PruneReport, Timing, WarmVm,
+    CacheReport, CacheUsage, CgroupVersion, ExecutionResult, Isolation, MemoryUse,
+    PreparedPackages, PruneReport, Timing, WarmVm,
 };
 pub use run::RunOptions;
 pub use sbx_protocol::{FileEntry, GuestErrorKind, Language};

@@ -185,6 +185,31 @@ pub struct WarmVm {
     /// Its QEMU's proportional set size in MB (pages shared with other processes, such as a
     /// memory snapshot's, count in proportion), when readable.
     pub pss_mb: Option<f64>,
+    /// Where that memory goes, when readable.
+    pub memory: Option<MemoryUse>,
+}
+
+/// Where a VM's host memory goes: its QEMU's proportional set size (MB), split by what the
+/// pages hold. The parts add up to the whole.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, serde::Deserialize)]
+pub struct MemoryUse {
+    /// The guest's RAM, as far as it was touched. A restored clone's is its memory snapshot's
+    /// file: the pages it only read are shared with the other clones (in proportion), the
+    /// ones it wrote are its own.
+    pub guest_mb: f64,
+    /// Code QEMU translated for the emulated CPU (TCG's translation cache; none under KVM).
+    pub translation_cache_mb: f64,
+    /// QEMU's program and shared libraries (shared with the other VMs, in proportion).
+    pub program_mb: f64,
+    /// QEMU's own data: heap, stacks, the emulated CPU's TLB and the rest.
+    pub data_mb: f64,
+}
+
+impl MemoryUse {
+    /// The whole: the process's proportional set size.
+    pub fn total_mb(&self) -> f64 {
+        self.guest_mb + self.translation_cache_mb + self.program_mb + self.data_mb
+    }
 }
 
 /// What [`Scheduler::prefetch_packages`](crate::Scheduler::prefetch_packages) readied.

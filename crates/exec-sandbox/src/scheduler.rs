@@ -211,12 +211,13 @@ impl Scheduler {
 
     /// The idle VMs of the warm pool, with the memory each takes on the host (its QEMU's
     /// proportional set size, which counts pages shared with other VMs, like a memory
-    /// snapshot's, in proportion).
+    /// snapshot's, in proportion) and where it goes.
     pub fn warm_pool_vms(&self) -> Vec<WarmVm> {
         self.inner.pool.inspect_idle(|language, vm| WarmVm {
             language,
             name: vm.name().to_string(),
             pss_mb: vm.pid().and_then(crate::vm::procfs::pss_mb),
+            memory: vm.pid().and_then(crate::vm::procfs::memory_use),
         })
     }
 

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use exec_sandbox::{Language, RunOptions, Scheduler, SchedulerConfig, Timing};
+use exec_sandbox::{Language, MemoryUse, RunOptions, Scheduler, SchedulerConfig, Timing};
 use serde::Serialize;
 
 use crate::cli::BenchArgs;
@@ -64,6 +64,8 @@ pub struct LanguageReport {
     pub throughput_rps: Option<f64>,
     /// Host memory (PSS) of one idle warm VM, alone in the pool.
     pub idle_vm_pss_mb: Option<f64>,
+    /// Where that memory goes (the sample whose PSS is nearest the median).
+    pub idle_vm_memory_mb: Option<MemoryUse>,
     /// Host memory (PSS) of each idle warm VM with [`DENSITY_VMS`] of the language idle
     /// (median): pages they share, such as the memory snapshot's, count in proportion.
     pub idle_vm_pss_mb_at_8: Option<f64>,
@@ -211,10 +213,17 @@ async fn measure(args: &BenchArgs, base: SchedulerConfig) -> Result<Report, exec
         report.l1_ms = l1_runs.wall();
         report.phases_ms.insert("l1".into(), l1_runs.phases());
         step(args, &format!("{language}: {runs} warm-pool runs"));
-        let (warm, pss) = warm_runs(&base, language, runs).await?;
+        let (warm, idle) = warm_runs(&base, language, runs).await?;
         report.warm_ms = warm.wall();
         report.phases_ms.insert("warm".into(), warm.phases());
+        let pss: Vec<f64> = idle.iter().map(|(pss, _)| *pss).collect();
         report.idle_vm_pss_mb = median(&pss).map(round1);
+        report.idle_vm_memory_mb = report.idle_vm_pss_mb.and_then(|middle| {
+            idle.iter()
+                .filter_map(|(pss, memory)| Some(((pss - middle).abs(), (*memory)?)))
+                .min_by(|a, b| a.0.total_cmp(&b.0))
+                .map(|(_, memory)| memory)
+        });
         step(
             args,
             &format!("{language}: throughput at concurrency {cores} (L1)"),
@@ -384,15 +393,15 @@ pub(crate) async fn sequential_runs(
 }
 
 /// Runs taken from a warm pool of one, waiting for it to refill before each; also the PSS of the
-/// idle VM about to be taken.
+/// idle VM about to be taken, and where it goes.
 async fn warm_runs(
     base: &SchedulerConfig,
     language: Language,
     runs: usize,
-) -> Result<(Runs, Vec<f64>), exec_sandbox::Error> {
+) -> Result<(Runs, Vec<(f64, Option<MemoryUse>)>), exec_sandbox::Error> {
     let scheduler = scheduler(base, 1, true, 1)?;
     let mut samples = Runs::default();
-    let mut pss = Vec::new();
+    let mut idle = Vec::new();
     for _ in 0..runs {
         if !pool_holds(&scheduler, &[language], 1).await {
             tracing::warn!(
@@ -401,12 +410,12 @@ async fn warm_runs(
             );
             break;
         }
-        pss.extend(
+        idle.extend(
             scheduler
                 .warm_pool_vms()
                 .into_iter()
                 .filter(|vm| vm.language == language)
-                .find_map(|vm| vm.pss_mb),
+                .find_map(|vm| Some((vm.pss_mb?, vm.memory))),
         );
         let started = Instant::now();
         let result = scheduler
@@ -418,7 +427,7 @@ async fn warm_runs(
         }
     }
     scheduler.shutdown().await;
-    Ok((samples, pss))
+    Ok((samples, idle))
 }
 
 /// Waits until the warm pool holds `count` idle VMs of each of `languages`; false when it does
@@ -712,6 +721,21 @@ pub fn render_table(report: &Report) -> String {
          in the {} MB memory budget at the second)\n",
         report.memory_budget_mb
     ));
+    let breakdowns: Vec<String> = report
+        .languages
+        .iter()
+        .filter_map(|(name, r)| {
+            let m = r.idle_vm_memory_mb?;
+            Some(format!(
+                "  {name}: guest RAM {:.1}, translation cache {:.1}, QEMU program {:.1}, QEMU data {:.1}\n",
+                m.guest_mb, m.translation_cache_mb, m.program_mb, m.data_mb
+            ))
+        })
+        .collect();
+    if !breakdowns.is_empty() {
+        out.push_str("\nPSS of one idle warm VM alone, MB (the translation cache is TCG's; none under KVM):\n");
+        out.push_str(&breakdowns.concat());
+    }
     out.push_str("\nphases p50/p95 ms (the result's `timing`):\n");
     for (name, r) in &report.languages {
         for (path, phases) in &r.phases_ms {
@@ -824,6 +848,15 @@ mod tests {
                 )]),
                 throughput_rps: Some(3.5),
                 idle_vm_pss_mb: Some(40.0),
+                idle_vm_memory_mb: Some(
+                    serde_json::from_value(serde_json::json!({
+                        "guest_mb": 20.0,
+                        "translation_cache_mb": 13.5,
+                        "program_mb": 4.0,
+                        "data_mb": 2.5,
+                    }))
+                    .unwrap(),
+                ),
                 idle_vm_pss_mb_at_8: Some(25.0),
                 density_vms: Some(400),
             },
@@ -854,6 +887,10 @@ mod tests {
         assert_eq!(json["python"]["throughput_rps"], 3.5);
         assert_eq!(json["python"]["idle_vm_pss_mb"], 40.0);
         assert_eq!(json["python"]["idle_vm_pss_mb_at_8"], 25.0);
+        assert_eq!(
+            json["python"]["idle_vm_memory_mb"]["translation_cache_mb"],
+            13.5
+        );
         assert_eq!(json["python"]["density_vms"], 400);
         assert_eq!(
             json["python"]["phases_ms"]["l1"]["guest_ready_ms"]["p95"],
@@ -866,6 +903,12 @@ mod tests {
         assert_eq!(json["ratios"]["python_throughput_vs_l1_bound"], 0.18);
         assert!(json["host"].is_object());
         let table = render_table(&report);
+        assert!(
+            table.contains(
+                "  python: guest RAM 20.0, translation cache 13.5, QEMU program 4.0, QEMU data 2.5\n"
+            ),
+            "{table}"
+        );
         assert!(
             table.contains("python") && table.contains("1000 / 1000"),
             "{table}"

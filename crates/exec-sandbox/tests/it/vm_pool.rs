@@ -111,6 +111,27 @@ async fn pool_hits_are_fast_and_runs_never_share_a_vm() {
         "warm-pool run ms: {warm:?}; non-pool run ms: {other:?}; idle warm VM PSS: {:?} MB",
         pss.map(|mb| mb.round())
     );
+
+    // Where the idle VM's memory goes: the parts add up to its PSS (read again now), the
+    // guest's RAM and QEMU's program are there, and a translation cache only under TCG.
+    let idle = s
+        .warm_pool_vms()
+        .into_iter()
+        .find(|vm| vm.name == last)
+        .expect("the idle warm VM");
+    let memory = idle.memory.expect("its memory breakdown");
+    let pss = idle.pss_mb.expect("its PSS");
+    assert!(
+        (memory.total_mb() - pss).abs() <= 0.05 * pss,
+        "{memory:?} adds up to {pss} MB"
+    );
+    assert!(
+        memory.guest_mb > 1.0 && memory.program_mb > 1.0,
+        "{memory:?}"
+    );
+    let emulated = r.accelerator.accelerator == exec_sandbox::Accelerator::Tcg;
+    assert_eq!(memory.translation_cache_mb > 1.0, emulated, "{memory:?}");
+    eprintln!("idle warm VM memory: {memory:?}");
     s.shutdown().await;
     assert!(s.warm_pool_vms().is_empty());
     assert!(
