@@ -192,6 +192,7 @@ pub struct WarmVm {
 /// Where a VM's host memory goes: its QEMU's proportional set size (MB), split by what the
 /// pages hold. The parts add up to the whole.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub struct MemoryUse {
     /// The guest's RAM, as far as it was touched. A restored clone's is its memory snapshot's
     /// file: the pages it only read are shared with the other clones (in proportion), the
