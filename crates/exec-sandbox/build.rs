@@ -40,8 +40,8 @@ const AGENT_INPUTS: &[&str] = &[
     "guest/Cargo.toml",
     "guest/Cargo.lock",
     "guest/.cargo/config.toml",
-    "crates/protocol/src",
-    "crates/protocol/Cargo.toml",
+    "guest/protocol/src",
+    "guest/protocol/Cargo.toml",
 ];
 
 /// Variables of the outer cargo invocation that must not reach the nested guest build: they
