@@ -213,11 +213,15 @@ impl Scheduler {
     /// proportional set size, which counts pages shared with other VMs, like a memory
     /// snapshot's, in proportion) and where it goes.
     pub fn warm_pool_vms(&self) -> Vec<WarmVm> {
-        self.inner.pool.inspect_idle(|language, vm| WarmVm {
-            language,
-            name: vm.name().to_string(),
-            pss_mb: vm.pid().and_then(crate::vm::procfs::pss_mb),
-            memory: vm.pid().and_then(crate::vm::procfs::memory_use),
+        self.inner.pool.inspect_idle(|language, vm| {
+            // One read of QEMU's smaps: the parts add up to the whole.
+            let memory = vm.pid().and_then(crate::vm::procfs::memory_use);
+            WarmVm {
+                language,
+                name: vm.name().to_string(),
+                pss_mb: memory.map(|m| m.total_mb()),
+                memory,
+            }
         })
     }
 

@@ -134,11 +134,10 @@ impl OwnQemu {
     /// Builds for other Debian QEMU versions or other build scripts, and the bytes removing
     /// them would free; none when Debian's QEMU is not installed (the current build is unknown).
     fn others(&self) -> Result<(Vec<PathBuf>, u64), AssetError> {
-        let Some(fingerprint) = installed_fingerprint() else {
+        let Some(current) = current_key() else {
             return Ok((Vec::new(), 0));
         };
-        super::prune::others(&self.dir, &key(SCRIPT, &fingerprint))
-            .map_err(AssetError::io("inspect", &self.dir))
+        super::prune::others(&self.dir, &current).map_err(AssetError::io("inspect", &self.dir))
     }
 
     /// Removes [`Self::others`] under the build lock (root only: otherwise nothing is removed);
@@ -155,11 +154,10 @@ impl OwnQemu {
         let _lock = DirLock::acquire(&dir, || {
             tracing::info!("waiting for another process to finish building QEMU");
         })?;
-        let Some(fingerprint) = installed_fingerprint() else {
+        let Some(current) = current_key() else {
             return Ok((0, 0));
         };
-        super::prune::remove_others(&self.dir, &key(SCRIPT, &fingerprint))
-            .map_err(AssetError::io("prune", &self.dir))
+        super::prune::remove_others(&self.dir, &current).map_err(AssetError::io("prune", &self.dir))
     }
 
     /// [`Self::others`] off the async runtime's threads.
@@ -186,6 +184,12 @@ fn key(script: &str, fingerprint: &str) -> String {
     let mut key = hash_parts(&[script.as_bytes(), fingerprint.as_bytes()]);
     key.truncate(16);
     key
+}
+
+/// The directory name of the build for the installed Debian QEMU, the one in use; `None` when
+/// Debian's QEMU is not installed (which build is current is then unknown).
+fn current_key() -> Option<String> {
+    installed_fingerprint().map(|fingerprint| key(SCRIPT, &fingerprint))
 }
 
 /// The identity of Debian's installed QEMU binary (its package's version, in effect), if any.

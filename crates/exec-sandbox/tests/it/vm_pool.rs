@@ -112,15 +112,16 @@ async fn pool_hits_are_fast_and_runs_never_share_a_vm() {
         pss.map(|mb| mb.round())
     );
 
-    // Where the idle VM's memory goes: the parts add up to its PSS (read again now), the
-    // guest's RAM and QEMU's program are there, and a translation cache only under TCG.
+    // Where the idle VM's memory goes: the parts add up to its PSS (read again now, from the
+    // kernel's own rollup), the guest's RAM and QEMU's program are there, and a translation
+    // cache only under TCG.
     let idle = s
         .warm_pool_vms()
         .into_iter()
         .find(|vm| vm.name == last)
         .expect("the idle warm VM");
     let memory = idle.memory.expect("its memory breakdown");
-    let pss = idle.pss_mb.expect("its PSS");
+    let pss = exec_sandbox::testing::pss_mb(pid).expect("its PSS");
     assert!(
         (memory.total_mb() - pss).abs() <= 0.05 * pss,
         "{memory:?} adds up to {pss} MB"
