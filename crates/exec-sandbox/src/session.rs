@@ -576,6 +576,15 @@ impl Session {
         self.inner.exec(options).await
     }
 
+    /// Read requests the session's VM has made of its disks since its QEMU started; `None` when
+    /// the VM has no monitor (it booted cold) or the session is closed. Testing only.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub async fn disk_reads(&self) -> Option<u64> {
+        let mut live = self.inner.live.write().await;
+        live.as_mut()?.vm.disk_reads().await
+    }
+
     /// Writes `source` to `path` (relative to `/home/user`) in the sandbox: streamed in chunks,
     /// parents created, atomic (an aborted or failed write leaves no partial file), owned by the
     /// sandbox user, mode 0755 if `executable` else 0644, at most

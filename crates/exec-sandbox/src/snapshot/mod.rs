@@ -35,8 +35,9 @@ pub(crate) mod templates;
 pub(crate) use cache::Cache;
 pub(crate) use templates::Templates;
 
-/// Version of the on-disk layout and of what goes into a key.
-pub(crate) const FORMAT: u32 = 2;
+/// Version of the on-disk layout, of what goes into a key and of what a template holds (3: the
+/// template ran a reseed and the warm pool's primer before its snapshot).
+pub(crate) const FORMAT: u32 = 3;
 const META: &str = "meta.json";
 const RAM: &str = "ram";
 const VMSTATE: &str = "vmstate";

@@ -90,6 +90,23 @@ pub(crate) async fn build(
         WARM_MODULES_DEADLINE
     };
     vm.warm(warmup, deadline).await.map_err(SnapshotError::Vm)?;
+    // The template runs what every clone runs first, the reseed and (pooled or not) an
+    // execution, here the warm pool's primer, before its snapshot. A clone then finds those
+    // paths already run once: the interpreter's code for them in the guest's page cache (a
+    // clone would otherwise read it from its disk: Bun's file reads for its reseed, CPython's
+    // compile-and-run) and their lazy set-up done. A clone still translates them (QEMU's
+    // translation cache is per process), but no longer waits for the guest's disk nor repeats
+    // the set-up. The template's own reseed changes nothing a clone keeps: each reseeds again.
+    vm.reseed(RESTORE_DEADLINE)
+        .await
+        .map_err(SnapshotError::Vm)?;
+    crate::execute::prime(
+        vm.link(),
+        warmup.language,
+        crate::limits::host_timeout_grace(spec.accelerator),
+    )
+    .await
+    .map_err(SnapshotError::Vm)?;
     let hello = vm.hello().clone();
     let vmstate_path = pending.vmstate();
     let vmstate = pending.create_vmstate()?;

@@ -308,10 +308,25 @@ impl Vm {
         Ok(vm)
     }
 
+    /// Read requests the guest has made of its disks since QEMU started (QMP
+    /// `query-blockstats`); `None` for a VM without a monitor (booted cold) or when QEMU does
+    /// not answer. Testing only.
+    #[cfg(feature = "testing")]
+    pub(crate) async fn disk_reads(&mut self) -> Option<u64> {
+        let qmp = self.qmp.as_mut()?;
+        let until = tokio::time::Instant::now() + QMP_DEADLINE;
+        let devices = qmp.execute("query-blockstats", None, until).await.ok()?;
+        devices
+            .as_array()?
+            .iter()
+            .map(|device| device["stats"]["rd_operations"].as_u64())
+            .sum()
+    }
+
     /// Tells a restored guest it is a clone: host entropy for its CRNG, the current time, and
     /// fresh seeds for running interpreters. Also the first request after `cont`, so it pays
     /// the empty translation cache rather than the user's code.
-    async fn reseed(&self, deadline: Duration) -> Result<(), VmError> {
+    pub(crate) async fn reseed(&self, deadline: Duration) -> Result<(), VmError> {
         let mut entropy = vec![0u8; 64];
         let urandom = Path::new("/dev/urandom");
         std::fs::File::open(urandom)

@@ -74,12 +74,15 @@ pub(crate) fn named_pids(matches: impl Fn(&str) -> bool) -> Vec<u32> {
 }
 
 /// Proportional set size of process `pid` in MB: its private memory plus its share of pages
-/// mapped by several processes (e.g. a memory snapshot's page cache shared by its clones).
+/// mapped by several processes (e.g. a memory snapshot's page cache shared by its clones). The
+/// library itself reads [`memory_use`]; tests check it against this independent reading.
+#[cfg(any(test, feature = "testing"))]
 pub(crate) fn pss_mb(pid: u32) -> Option<f64> {
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
     parse_pss_kb(&rollup).map(|kb| kb as f64 / 1024.0)
 }
 
+#[cfg(any(test, feature = "testing"))]
 fn parse_pss_kb(smaps_rollup: &str) -> Option<u64> {
     smaps_rollup
         .lines()

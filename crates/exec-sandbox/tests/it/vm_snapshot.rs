@@ -3,7 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use exec_sandbox::{ExecutionResult, Language, RunOptions, Scheduler, SchedulerConfig};
+use exec_sandbox::{
+    ExecOptions, ExecutionResult, Language, RunOptions, Scheduler, SchedulerConfig, SessionOptions,
+};
 
 use crate::support::chain;
 
@@ -136,4 +138,59 @@ async fn javascript_clones_get_their_own_math_random() {
         seen.push(r.stdout);
     }
     assert_ne!(seen[0], seen[1], "clones share Math.random state");
+}
+
+/// A template runs the warm pool's primer before its snapshot, so a clone's first execution
+/// finds the paths every execution takes in the guest's page cache: it reads nothing from its
+/// disk. Before, python clones read parts of the interpreter there and JavaScript ones parts of
+/// Bun, under emulation at the cost of a block device's whole path.
+#[tokio::test]
+async fn a_clones_first_execution_reads_nothing_from_its_disk() {
+    let (s, _dir) = l1_scheduler();
+    for (language, code) in [
+        (Language::Python, "print(1)"),
+        (Language::Javascript, "console.log(1)"),
+        (Language::Raw, "echo 1"),
+    ] {
+        let cold = s
+            .run(RunOptions::new(language, code))
+            .await
+            .unwrap_or_else(|e| panic!("{language} run failed: {}", chain(&e)));
+        assert_eq!(cold.stdout, "1\n", "{language} stderr: {}", cold.stderr);
+        assert!(!cold.l1_cache_hit, "the first run of a fresh cache boots");
+        s.wait_for_snapshots().await;
+
+        let session = s
+            .session(SessionOptions::new(language))
+            .await
+            .unwrap_or_else(|e| panic!("{language} session failed: {}", chain(&e)));
+        let first = session.exec(ExecOptions::new(code)).await.unwrap();
+        assert_eq!(first.stdout, "1\n", "{language} stderr: {}", first.stderr);
+        // Only a restored VM has a monitor to ask.
+        assert_eq!(
+            session.disk_reads().await,
+            Some(0),
+            "{language}: a clone's first execution read its disk"
+        );
+        if language == Language::Python {
+            // The count is real: source files the interpreter never reads (it loads their
+            // compiled bytecode) come from the disk.
+            let read = session
+                .exec(ExecOptions::new(
+                    "import os\n\
+                     d = '/usr/lib/python3.11/email'\n\
+                     print(sum(len(open(os.path.join(d, f), 'rb').read()) \
+                     for f in os.listdir(d) if f.endswith('.py')) > 0)",
+                ))
+                .await
+                .unwrap();
+            assert_eq!(read.stdout, "True\n", "stderr: {}", read.stderr);
+            let reads = session.disk_reads().await.unwrap_or(0);
+            assert!(
+                reads > 0,
+                "reading files from the disk counted {reads} reads"
+            );
+        }
+        session.close().await;
+    }
 }
