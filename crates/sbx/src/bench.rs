@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use exec_sandbox::{Language, MemoryUse, RunOptions, Scheduler, SchedulerConfig, Timing};
+use exec_sandbox::{Language, MemoryUse, RunOptions, Scheduler, SchedulerConfig, Timing, WarmVm};
 use serde::Serialize;
 
 use crate::cli::BenchArgs;
@@ -19,6 +19,14 @@ const POOL_REFILL_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Idle VMs per language for the density measurement.
 const DENSITY_VMS: usize = 8;
+
+/// Idle VMs count as settled once each one's PSS stayed within [`SETTLE_TOLERANCE_MB`] for
+/// [`SETTLE_QUIET`]; [`settled`] gives up waiting after [`SETTLE_DEADLINE`].
+const SETTLE_QUIET: Duration = Duration::from_secs(5);
+/// See [`SETTLE_QUIET`].
+const SETTLE_TOLERANCE_MB: f64 = 0.2;
+/// See [`SETTLE_QUIET`].
+const SETTLE_DEADLINE: Duration = Duration::from_secs(60);
 
 /// p50 and p95 of a set of samples, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -62,12 +70,16 @@ pub struct LanguageReport {
     pub phases_ms: BTreeMap<String, BTreeMap<String, Percentiles>>,
     /// Runs per second at concurrency = host cores, using L1.
     pub throughput_rps: Option<f64>,
-    /// Host memory (PSS) of one idle warm VM, alone in the pool.
+    /// Host memory (PSS) of one idle warm VM, alone in the pool, once settled (a pooled VM's
+    /// guest still touches pages for a few seconds after it enters the pool: [`settled`]).
     pub idle_vm_pss_mb: Option<f64>,
-    /// Where that memory goes (the sample whose PSS is nearest the median).
+    /// The same when it entered the pool (median over the warm runs' VMs).
+    pub idle_vm_pss_mb_at_entry: Option<f64>,
+    /// Where the settled VM's memory goes.
     pub idle_vm_memory_mb: Option<MemoryUse>,
     /// Host memory (PSS) of each idle warm VM with [`DENSITY_VMS`] of the language idle
-    /// (median): pages they share, such as the memory snapshot's, count in proportion.
+    /// (median), once settled: pages they share, such as the memory snapshot's, count in
+    /// proportion.
     pub idle_vm_pss_mb_at_8: Option<f64>,
     /// How many idle warm VMs fit in the scheduler's memory budget at that PSS.
     pub density_vms: Option<u64>,
@@ -213,17 +225,12 @@ async fn measure(args: &BenchArgs, base: SchedulerConfig) -> Result<Report, exec
         report.l1_ms = l1_runs.wall();
         report.phases_ms.insert("l1".into(), l1_runs.phases());
         step(args, &format!("{language}: {runs} warm-pool runs"));
-        let (warm, idle) = warm_runs(&base, language, runs).await?;
+        let (warm, at_entry, idle) = warm_runs(&base, language, runs).await?;
         report.warm_ms = warm.wall();
         report.phases_ms.insert("warm".into(), warm.phases());
-        let pss: Vec<f64> = idle.iter().map(|(pss, _)| *pss).collect();
-        report.idle_vm_pss_mb = median(&pss).map(round1);
-        report.idle_vm_memory_mb = report.idle_vm_pss_mb.and_then(|middle| {
-            idle.iter()
-                .filter_map(|(pss, memory)| Some(((pss - middle).abs(), (*memory)?)))
-                .min_by(|a, b| a.0.total_cmp(&b.0))
-                .map(|(_, memory)| memory)
-        });
+        report.idle_vm_pss_mb_at_entry = median(&at_entry).map(round1);
+        report.idle_vm_pss_mb = idle.as_ref().and_then(|vm| vm.pss_mb).map(round1);
+        report.idle_vm_memory_mb = idle.and_then(|vm| vm.memory);
         step(
             args,
             &format!("{language}: throughput at concurrency {cores} (L1)"),
@@ -392,16 +399,16 @@ pub(crate) async fn sequential_runs(
     Ok(samples)
 }
 
-/// Runs taken from a warm pool of one, waiting for it to refill before each; also the PSS of the
-/// idle VM about to be taken, and where it goes.
+/// Runs taken from a warm pool of one, waiting for it to refill before each; also the PSS of
+/// each idle VM about to be taken, and the refilled pool's VM once [`settled`].
 async fn warm_runs(
     base: &SchedulerConfig,
     language: Language,
     runs: usize,
-) -> Result<(Runs, Vec<(f64, Option<MemoryUse>)>), exec_sandbox::Error> {
+) -> Result<(Runs, Vec<f64>, Option<WarmVm>), exec_sandbox::Error> {
     let scheduler = scheduler(base, 1, true, 1)?;
     let mut samples = Runs::default();
-    let mut idle = Vec::new();
+    let mut at_entry = Vec::new();
     for _ in 0..runs {
         if !pool_holds(&scheduler, &[language], 1).await {
             tracing::warn!(
@@ -410,12 +417,12 @@ async fn warm_runs(
             );
             break;
         }
-        idle.extend(
+        at_entry.extend(
             scheduler
                 .warm_pool_vms()
                 .into_iter()
                 .filter(|vm| vm.language == language)
-                .find_map(|vm| Some((vm.pss_mb?, vm.memory))),
+                .find_map(|vm| vm.pss_mb),
         );
         let started = Instant::now();
         let result = scheduler
@@ -426,8 +433,65 @@ async fn warm_runs(
             samples.push(ms, result.timing);
         }
     }
+    let idle = if pool_holds(&scheduler, &[language], 1).await {
+        settled(&scheduler, |vm| vm.language == language)
+            .await
+            .into_iter()
+            .next()
+    } else {
+        None
+    };
     scheduler.shutdown().await;
-    Ok((samples, idle))
+    Ok((samples, at_entry, idle))
+}
+
+/// The idle VMs `pick` selects once their memory settled: a pooled VM's guest still touches
+/// pages for a few seconds after it enters the pool (what its interpreter and kernel do once
+/// idle, each path's first run in that VM), so its PSS then is not what it holds while it
+/// waits. Settled: the same VMs, each one's PSS within [`SETTLE_TOLERANCE_MB`] of a reading
+/// [`SETTLE_QUIET`] earlier. After [`SETTLE_DEADLINE`], whatever they hold then.
+async fn settled(scheduler: &Scheduler, pick: impl Fn(&WarmVm) -> bool) -> Vec<WarmVm> {
+    let deadline = Instant::now() + SETTLE_DEADLINE;
+    let picked = || {
+        let mut vms: Vec<WarmVm> = scheduler
+            .warm_pool_vms()
+            .into_iter()
+            .filter(&pick)
+            .collect();
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        vms
+    };
+    let readings = |vms: &[WarmVm]| -> Vec<(String, Option<f64>)> {
+        vms.iter().map(|vm| (vm.name.clone(), vm.pss_mb)).collect()
+    };
+    let mut reference = readings(&picked());
+    let mut since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = picked();
+        if !same_memory(&reference, &readings(&now)) {
+            reference = readings(&now);
+            since = Instant::now();
+        } else if since.elapsed() >= SETTLE_QUIET {
+            return now;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                "idle VMs' memory did not settle within {} s",
+                SETTLE_DEADLINE.as_secs()
+            );
+            return now;
+        }
+    }
+}
+
+/// Whether two readings of idle VMs (name, PSS) are the same VMs, each within
+/// [`SETTLE_TOLERANCE_MB`] of its earlier PSS.
+fn same_memory(before: &[(String, Option<f64>)], now: &[(String, Option<f64>)]) -> bool {
+    before.len() == now.len()
+        && before.iter().zip(now).all(|((a, x), (b, y))| {
+            a == b && matches!((x, y), (Some(x), Some(y)) if (x - y).abs() <= SETTLE_TOLERANCE_MB)
+        })
 }
 
 /// Waits until the warm pool holds `count` idle VMs of each of `languages`; false when it does
@@ -477,9 +541,7 @@ async fn idle_pss_at(
             POOL_REFILL_DEADLINE.as_secs()
         );
     }
-    // Let the last restored VMs settle (their first pages faulted in).
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let idle = scheduler.warm_pool_vms();
+    let idle = settled(&scheduler, |vm| languages.contains(&vm.language)).await;
     let out = languages
         .iter()
         .map(|&language| {
@@ -717,10 +779,21 @@ pub fn render_table(report: &Report) -> String {
         ));
     }
     out.push_str(&format!(
-        "(PSS of one idle warm VM alone, and with 8 of each language idle; density: idle VMs \
-         in the {} MB memory budget at the second)\n",
+        "(PSS of one idle warm VM alone, and with 8 of each language idle, once settled; \
+         density: idle VMs in the {} MB memory budget at the second)\n",
         report.memory_budget_mb
     ));
+    let entries: Vec<String> = report
+        .languages
+        .iter()
+        .filter_map(|(name, r)| Some(format!("{name} {:.1}", r.idle_vm_pss_mb_at_entry?)))
+        .collect();
+    if !entries.is_empty() {
+        out.push_str(&format!(
+            "(PSS alone when it entered the pool, MB: {})\n",
+            entries.join(", ")
+        ));
+    }
     let breakdowns: Vec<String> = report
         .languages
         .iter()
@@ -733,7 +806,7 @@ pub fn render_table(report: &Report) -> String {
         })
         .collect();
     if !breakdowns.is_empty() {
-        out.push_str("\nPSS of one idle warm VM alone, MB (the translation cache is TCG's; none under KVM):\n");
+        out.push_str("\nPSS of one idle warm VM alone, settled, MB (the translation cache is TCG's; none under KVM):\n");
         out.push_str(&breakdowns.concat());
     }
     out.push_str("\nphases p50/p95 ms (the result's `timing`):\n");
@@ -828,6 +901,36 @@ mod tests {
     }
 
     #[test]
+    fn idle_memory_is_settled_when_the_same_vms_hold_the_same_pss() {
+        let reading = |vms: &[(&str, Option<f64>)]| -> Vec<(String, Option<f64>)> {
+            vms.iter().map(|(n, p)| (n.to_string(), *p)).collect()
+        };
+        let before = reading(&[("a", Some(40.0)), ("b", Some(60.0))]);
+        assert!(same_memory(&before, &before));
+        assert!(same_memory(
+            &before,
+            &reading(&[
+                ("a", Some(40.0 + SETTLE_TOLERANCE_MB / 2.0)),
+                ("b", Some(59.9))
+            ])
+        ));
+        // Grown beyond the tolerance, another VM, one VM fewer, an unreadable PSS: not yet.
+        assert!(!same_memory(
+            &before,
+            &reading(&[("a", Some(40.3)), ("b", Some(60.0))])
+        ));
+        assert!(!same_memory(
+            &before,
+            &reading(&[("a", Some(40.0)), ("c", Some(60.0))])
+        ));
+        assert!(!same_memory(&before, &reading(&[("a", Some(40.0))])));
+        assert!(!same_memory(
+            &before,
+            &reading(&[("a", None), ("b", Some(60.0))])
+        ));
+    }
+
+    #[test]
     fn json_has_the_issue_shape() {
         let mut languages = BTreeMap::new();
         languages.insert(
@@ -848,6 +951,7 @@ mod tests {
                 )]),
                 throughput_rps: Some(3.5),
                 idle_vm_pss_mb: Some(40.0),
+                idle_vm_pss_mb_at_entry: Some(38.5),
                 idle_vm_memory_mb: Some(
                     serde_json::from_value(serde_json::json!({
                         "guest_mb": 20.0,
@@ -887,6 +991,7 @@ mod tests {
         assert_eq!(json["python"]["throughput_rps"], 3.5);
         assert_eq!(json["python"]["idle_vm_pss_mb"], 40.0);
         assert_eq!(json["python"]["idle_vm_pss_mb_at_8"], 25.0);
+        assert_eq!(json["python"]["idle_vm_pss_mb_at_entry"], 38.5);
         assert_eq!(
             json["python"]["idle_vm_memory_mb"]["translation_cache_mb"],
             13.5
@@ -918,6 +1023,10 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("10000 MB memory budget"), "{table}");
+        assert!(
+            table.contains("(PSS alone when it entered the pool, MB: python 38.5)"),
+            "{table}"
+        );
         assert!(
             table.contains(
                 "baseline python: p50 60.0 ms, p95 60.0 ms (/usr/bin/python3.11 -c pass)"

@@ -84,32 +84,19 @@ pub fn strip_bom(code: &str) -> &str {
 /// only CPU from the program. In-guest times (`docs/measurements.md`): `fib(20)` 151-412 ms
 /// with every tier, 9-94 without FTL; `fib(34)` 844 → 621 ms; 200k objects built, mapped and
 /// sorted 1139-1482 → 746-903 ms. The lower tiers (interpreter, baseline and DFG JITs) stay
-/// on, and compile on the program's thread (`useConcurrentJIT=0`): a compiler thread only
-/// takes turns with the program on one emulated CPU, and JavaScriptCore ends it after a few
-/// idle seconds, which in a clone of a template cost every idle pooled VM the thread's exit.
-/// Fresh `bun -e` processes in the guest, three runs each, concurrent against synchronous:
-/// `fib(27)` 48-180 → 26-111 ms, 200k objects 997-1264 → 626-698 ms, a 3M-iteration loop
-/// 74-241 → 51-56 ms, `fib(30)` 98-111 → 82-188 ms. Under KVM every tier and the compiler
-/// thread stay.
+/// on; under KVM every tier does.
 ///
-/// JavaScript, always: Bun's own garbage-collection timer off (`BUN_GC_TIMER_DISABLE`).
-/// JavaScriptCore still collects when the program allocates; the timer only adds collections
-/// while the program is idle, which return nothing to the host (a clone's freed guest pages
-/// stay its own) and cost an idle pooled VM the collector's first run: ~250 ms of CPU under
-/// emulation and 12 MB of its PSS (`docs/measurements.md`).
+/// Bun's own collection timer stays on. Off (`BUN_GC_TIMER_DISABLE`), an idle pooled VM no
+/// longer collects once idle (its settled PSS 73 → 62 MB), but the collection then lands in
+/// the user's first executions (warm JavaScript 15 → 57 ms, `docs/measurements.md`).
 pub fn interpreter_env(
     language: Language,
     emulated_cpu: bool,
 ) -> &'static [(&'static str, &'static str)] {
     match language {
         Language::Python => &[("PYTHONINTMAXSTRDIGITS", "0")],
-        Language::Javascript if emulated_cpu => &[
-            GC_TIMER_OFF,
-            ("BUN_JSC_useFTLJIT", "0"),
-            ("BUN_JSC_useConcurrentJIT", "0"),
-        ],
-        Language::Javascript => &[GC_TIMER_OFF],
-        Language::Raw => &[],
+        Language::Javascript if emulated_cpu => &[("BUN_JSC_useFTLJIT", "0")],
+        Language::Javascript | Language::Raw => &[],
     }
 }
 
@@ -216,9 +203,6 @@ pub fn argv(config: &Config, language: Language) -> (PathBuf, Vec<OsString>) {
     (program, args)
 }
 
-/// Bun's repeating garbage-collection timer off (see [`interpreter_env`]).
-const GC_TIMER_OFF: (&str, &str) = ("BUN_GC_TIMER_DISABLE", "1");
-
 /// Where the Bun driver is written.
 pub fn bun_driver_path(run_dir: &Path) -> PathBuf {
     run_dir.join(BUN_FILE)
@@ -229,15 +213,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_javascript_on_an_emulated_cpu_loses_a_jit_tier_and_javascript_its_gc_timer() {
+    fn only_javascript_on_an_emulated_cpu_loses_a_jit_tier() {
         let ftl_off = ("BUN_JSC_useFTLJIT", "0");
-        let synchronous_jit = ("BUN_JSC_useConcurrentJIT", "0");
-        let gc_timer_off = ("BUN_GC_TIMER_DISABLE", "1");
-        assert_eq!(
-            interpreter_env(Language::Javascript, true),
-            [gc_timer_off, ftl_off, synchronous_jit]
-        );
-        assert_eq!(interpreter_env(Language::Javascript, false), [gc_timer_off]);
+        assert_eq!(interpreter_env(Language::Javascript, true), [ftl_off]);
+        assert!(interpreter_env(Language::Javascript, false).is_empty());
         for emulated in [false, true] {
             assert_eq!(
                 interpreter_env(Language::Python, emulated),

@@ -100,17 +100,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// How long an idle blocking thread of the agent's runtime lives: longer than any VM.
-const BLOCKING_THREAD_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
-
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("sbx-agent")
-        // Blocking threads (file transfers, the port lookup) are kept rather than ended after
-        // tokio's default 10 s idle: a thread of the template ending in every clone a few
-        // seconds after its restore cost each idle pooled VM the exit's first run and pages.
-        .thread_keep_alive(BLOCKING_THREAD_KEEP_ALIVE)
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))
