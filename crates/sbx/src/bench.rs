@@ -469,8 +469,9 @@ async fn settled(scheduler: &Scheduler, pick: impl Fn(&WarmVm) -> bool) -> Vec<W
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let now = picked();
-        if !same_memory(&reference, &readings(&now)) {
-            reference = readings(&now);
+        let reading = readings(&now);
+        if !same_memory(&reference, &reading) {
+            reference = reading;
             since = Instant::now();
         } else if since.elapsed() >= SETTLE_QUIET {
             return now;

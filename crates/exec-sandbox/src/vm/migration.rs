@@ -325,7 +325,8 @@ impl Vm {
 
     /// Tells a restored guest it is a clone: host entropy for its CRNG, the current time, and
     /// fresh seeds for running interpreters. Also the first request after `cont`, so it pays
-    /// the empty translation cache rather than the user's code.
+    /// the empty translation cache rather than the user's code. A template runs one too before
+    /// its snapshot (`snapshot::templates::build`), so its clones find the reseed's paths run.
     pub(crate) async fn reseed(&self, deadline: Duration) -> Result<(), VmError> {
         let mut entropy = vec![0u8; 64];
         let urandom = Path::new("/dev/urandom");
