@@ -104,6 +104,9 @@ pub(crate) struct Want<'a> {
     pub warm_modules: Vec<String>,
     /// When waiting for the admission budget gives up.
     pub admission_deadline: tokio::time::Instant,
+    /// Whether a pooled VM is pinged before it is handed out; a run's execution pings it
+    /// itself, ahead of the code ([`crate::execute::Execution::ping_first`]).
+    pub ping_pooled: bool,
 }
 
 impl Want<'_> {
@@ -127,7 +130,7 @@ pub(crate) struct Acquired<V> {
     /// How long it waited for room in the budget.
     pub admission_wait: Duration,
     /// How long it took to start, preparation included (for a pooled VM, which started before
-    /// it was asked for, only the check that it still answers).
+    /// it was asked for, only taking it, and the check that it still answers if it was pinged).
     pub phases: StartPhases,
 }
 
@@ -141,15 +144,14 @@ pub(crate) async fn acquire<F: VmFactory>(
 ) -> Result<Acquired<F::Vm>, Error> {
     let taking = Instant::now();
     if want.pool_fits()
-        && let Some(Pooled { vm, permit }) = pool.take(want.language).await
+        && let Some(Pooled { vm, permit }) = pool.take(want.language, want.ping_pooled).await
     {
-        vm.to_foreground();
         return Ok(Acquired {
             vm,
             origin: VmOrigin::WarmPool,
             permit,
             admission_wait: Duration::ZERO,
-            // Started before it was asked for; only the check that it still answers is left.
+            // Started before it was asked for; only taking it (and a ping) is left.
             phases: StartPhases {
                 vm_start: Duration::ZERO,
                 guest_ready: taking.elapsed(),
@@ -492,6 +494,7 @@ mod tests {
             packages: None,
             warm_modules: Vec::new(),
             admission_deadline: tokio::time::Instant::now() + Duration::from_secs(60),
+            ping_pooled: true,
         }
     }
 
@@ -548,7 +551,7 @@ mod tests {
             assert_eq!(got.origin, VmOrigin::Cold, "case {case}");
             assert_eq!(got.vm.name(), "booted");
             assert!(
-                pool.take(Language::Python).await.is_some(),
+                pool.take(Language::Python, true).await.is_some(),
                 "case {case}: the pooled VM is still there"
             );
         }
@@ -593,7 +596,7 @@ mod tests {
             [Some(PathBuf::from("/l/a.erofs"))]
         );
         assert!(
-            pool.take(Language::Python).await.is_some(),
+            pool.take(Language::Python, true).await.is_some(),
             "pool untouched"
         );
     }
@@ -772,7 +775,7 @@ mod tests {
         let got = acquire(&factory, &pool, &admission, w).await.unwrap();
         assert_eq!(got.origin, VmOrigin::Cold);
         assert_eq!(factory.destroyed.count(), 1, "the idle VM was evicted");
-        assert!(pool.take(Language::Python).await.is_none());
+        assert!(pool.take(Language::Python, true).await.is_none());
     }
 
     #[tokio::test(start_paused = true)]

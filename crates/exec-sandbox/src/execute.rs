@@ -118,6 +118,7 @@ impl Collected {
 }
 
 /// What to execute (already validated) and where its output goes.
+#[derive(Clone)]
 pub(crate) struct Execution {
     /// The interpreter.
     pub language: Language,
@@ -134,6 +135,12 @@ pub(crate) struct Execution {
     /// How long past the timeout the host waits for the guest's own answer
     /// ([`limits::host_timeout_grace`]).
     pub host_grace: Duration,
+    /// A VM not pinged since it idled (a pooled VM taken for a run): a ping goes right ahead
+    /// of the code and must be answered within this, or the execution fails with
+    /// [`VmError::NotAnswering`] before any output is taken. The agent serves requests in
+    /// order, so the two round trips overlap and an unanswered ping means the code got no
+    /// further than the guest's queue.
+    pub ping_first: Option<Duration>,
 }
 
 /// Runs `execution` in the VM behind `link`, with the host's own deadline a grace period past
@@ -147,6 +154,7 @@ pub(crate) async fn execute(link: Link<'_>, execution: Execution) -> Result<Coll
         on_stdout,
         on_stderr,
         host_grace,
+        ping_first,
     } = execution;
     let request = ExecRequest {
         language,
@@ -162,11 +170,32 @@ pub(crate) async fn execute(link: Link<'_>, execution: Execution) -> Result<Coll
         source,
     };
     // Not sent: the code never ran, safe to retry.
+    let pong = match ping_first {
+        Some(within) => Some((
+            link.channel
+                .request(&Request::Ping)
+                .await
+                .map_err(|source| Error::Boot(channel_error(source)))?,
+            within,
+        )),
+        None => None,
+    };
     let mut subscription = link
         .channel
         .request(&Request::Exec(request))
         .await
         .map_err(|source| Error::Boot(channel_error(source)))?;
+    if let Some((mut pong, within)) = pong
+        && !matches!(
+            tokio::time::timeout(within, pong.recv()).await,
+            Ok(Some(Event::Pong))
+        )
+    {
+        return Err(Error::Boot(VmError::NotAnswering {
+            name: link.name.to_string(),
+            after: within,
+        }));
+    }
     let mut stdout = Capped::default();
     let mut stderr = Capped::default();
     let deadline = tokio::time::Instant::now() + host_deadline;
@@ -260,6 +289,7 @@ pub(crate) async fn prime(
         on_stdout: None,
         on_stderr: None,
         host_grace,
+        ping_first: None,
     };
     let collected = execute(link, execution)
         .await
@@ -303,6 +333,7 @@ mod tests {
             on_stdout: None,
             on_stderr: None,
             host_grace: limits::HOST_TIMEOUT_GRACE,
+            ping_first: None,
         }
     }
 
@@ -477,6 +508,48 @@ mod tests {
         assert!(result.timed_out);
         assert_eq!(result.stdout, "partial");
         assert_eq!(result.execution_time_ms, None, "the guest reported nothing");
+    }
+
+    /// A pooled VM's ping goes ahead of the code; the run goes on once it is answered, and
+    /// fails with `NotAnswering`, taking no output, once the ping's deadline passes.
+    #[tokio::test(start_paused = true)]
+    async fn a_ping_sent_ahead_of_the_code_must_be_answered() {
+        let within = Duration::from_secs(1);
+        let (on_stdout, seen) = collector();
+        let mut execution = python("print(1)", 10);
+        execution.on_stdout = Some(on_stdout);
+        execution.ping_first = Some(within);
+
+        let answers = vm(|request| match request {
+            Request::Ping => Reply::now([Event::Pong]),
+            _ => Reply::now([Event::Stdout(b"1\n".to_vec()), done(0)]),
+        });
+        let collected = execute(answers.link(), execution.clone()).await.unwrap();
+        assert_eq!(collected.stdout.bytes, b"1\n");
+        let [Request::Ping, Request::Exec(_)] = &answers.requests()[..] else {
+            panic!("ping, then the code: {:?}", answers.requests())
+        };
+
+        // Hung before the ping: the code's output, had the guest sent any, is not taken.
+        let hung = vm(|request| match request {
+            Request::Ping => Reply::Silence,
+            _ => Reply::Events(vec![(
+                Duration::from_secs(5),
+                Event::Stdout(b"late".to_vec()),
+            )]),
+        });
+        let started = tokio::time::Instant::now();
+        seen.lock().unwrap().clear();
+        let Err(error) = execute(hung.link(), execution).await else {
+            panic!("an unanswered ping must fail the execution");
+        };
+        assert_eq!(started.elapsed(), within);
+        assert!(
+            matches!(error, Error::Boot(VmError::NotAnswering { after, .. }) if after == within),
+            "{error:?}"
+        );
+        assert_eq!(error.kind(), ErrorKind::Transient);
+        assert!(seen.lock().unwrap().is_empty());
     }
 
     #[tokio::test(start_paused = true)]

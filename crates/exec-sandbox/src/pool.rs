@@ -2,9 +2,11 @@
 //!
 //! A background task ([`maintain`]) keeps `size` idle VMs per language, booting one at a time
 //! and only when the admission budget has room with nobody queued (refills never delay runs). Idle
-//! VMs are pinged every [`limits::WARM_POOL_HEALTH_INTERVAL`] and once more right before they
-//! are handed out; a VM whose channel closed or that does not answer is destroyed and replaced,
-//! never handed out. A VM leaves the pool for good: nothing a run leaves behind reaches another.
+//! VMs are pinged every [`limits::WARM_POOL_HEALTH_INTERVAL`] and once more when they are handed
+//! out: by the pool for a session, by the run's own execution for a run (a ping sent ahead of
+//! the code, so the two round trips overlap); a VM whose channel closed or that does not answer
+//! is destroyed and replaced, never used. A VM leaves the pool for good: nothing a run leaves
+//! behind reaches another.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -28,6 +30,8 @@ pub(crate) trait PoolVm: Send + Sync + 'static {
     fn is_gone(&self) -> bool;
     /// Whether the agent answers a ping within [`limits::WARM_POOL_PING_DEADLINE`].
     fn ping(&self) -> impl Future<Output = bool> + Send;
+    /// Gives the VM a run's CPU weight (an idle VM has a refill's).
+    fn to_foreground(&self);
     /// Kills and reaps the VM.
     fn destroy(self) -> impl Future<Output = ()> + Send;
 }
@@ -50,6 +54,10 @@ impl<V: VmHandle> PoolVm for V {
                 })
                 .await
                 .is_ok()
+    }
+
+    fn to_foreground(&self) {
+        VmHandle::to_foreground(self);
     }
 
     async fn destroy(self) {
@@ -125,12 +133,25 @@ impl<V: PoolVm> WarmPool<V> {
         self.lock().closed
     }
 
-    /// A live warm VM for `language`, if one is idle. Dead ones found on the way are destroyed.
-    pub async fn take(&self, language: Language) -> Option<Pooled<V>> {
+    /// A warm VM for `language`, if one is idle, at a run's CPU weight. With `ping`, it is
+    /// pinged first and VMs that do not answer are destroyed on the way; without, it is only
+    /// known to have answered its last health check, and the caller checks it
+    /// ([`crate::execute::Execution::ping_first`]). Either way a VM whose channel closed is
+    /// never handed out.
+    ///
+    /// The VM gets its weight before that ping, and the refill starts after it: otherwise the
+    /// ping, answered at a refill's weight, competes with the new VM's start.
+    pub async fn take(&self, language: Language, ping: bool) -> Option<Pooled<V>> {
         loop {
             let candidate = self.lock().idle.get_mut(&language)?.pop_front()?;
+            candidate.vm.to_foreground();
+            let alive = if ping {
+                candidate.vm.ping().await
+            } else {
+                !candidate.vm.is_gone()
+            };
             self.wake.notify_one();
-            if candidate.vm.ping().await {
+            if alive {
                 return Some(candidate);
             }
             tracing::info!(vm = %candidate.vm.name(), "warm VM is dead: discarded");
@@ -337,7 +358,11 @@ mod tests {
         gone: Arc<AtomicBool>,
         hung: Arc<AtomicBool>,
         destroyed: Arc<AtomicUsize>,
+        /// What was asked of each VM, in order: (name, "ping" or "foreground").
+        calls: Calls,
     }
+
+    type Calls = Arc<Mutex<Vec<(String, &'static str)>>>;
 
     impl PoolVm for FakeVm {
         fn name(&self) -> &str {
@@ -347,7 +372,14 @@ mod tests {
             self.gone.load(Ordering::SeqCst)
         }
         async fn ping(&self) -> bool {
+            self.calls.lock().unwrap().push((self.name.clone(), "ping"));
             !self.is_gone() && !self.hung.load(Ordering::SeqCst)
+        }
+        fn to_foreground(&self) {
+            self.calls
+                .lock()
+                .unwrap()
+                .push((self.name.clone(), "foreground"));
         }
         async fn destroy(self) {
             self.destroyed.fetch_add(1, Ordering::SeqCst);
@@ -364,6 +396,7 @@ mod tests {
         destroyed: Arc<AtomicUsize>,
         failing: Arc<AtomicBool>,
         attempts: Arc<AtomicUsize>,
+        calls: Calls,
     }
 
     impl Booter {
@@ -374,6 +407,7 @@ mod tests {
                 destroyed: Arc::default(),
                 failing: Arc::default(),
                 attempts: Arc::default(),
+                calls: Arc::default(),
             }
         }
 
@@ -407,6 +441,7 @@ mod tests {
                     gone,
                     hung,
                     destroyed: self.destroyed.clone(),
+                    calls: self.calls.clone(),
                 },
                 permit,
             }))
@@ -443,11 +478,34 @@ mod tests {
         let (pool, _task) = start(2, &booter);
         until("full pool", || idle(&pool) == 6).await;
         let oldest = pool.idle_names(Language::Python)[0].clone();
-        let taken = pool.take(Language::Python).await.expect("a warm VM");
+        let taken = pool.take(Language::Python, true).await.expect("a warm VM");
         assert_eq!(taken.vm.name(), oldest);
         until("refilled", || pool.idle_names(Language::Python).len() == 2).await;
         assert!(!pool.idle_names(Language::Python).contains(&oldest));
         assert_eq!(booter.booted.lock().unwrap().len(), 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_taken_vm_gets_a_runs_weight_before_its_last_ping() {
+        let booter = Booter::new(admission(100));
+        let (pool, task) = start(1, &booter);
+        until("full pool", || idle(&pool) == 3).await;
+        // The periodic health check pings idle VMs at their idle weight.
+        tokio::time::sleep(limits::WARM_POOL_HEALTH_INTERVAL + Duration::from_secs(1)).await;
+        task.abort();
+        let name = pool.idle_names(Language::Python)[0].clone();
+        let calls = |booter: &Booter| -> Vec<&'static str> {
+            let calls = booter.calls.lock().unwrap();
+            calls
+                .iter()
+                .filter(|(n, _)| *n == name)
+                .map(|(_, c)| *c)
+                .collect()
+        };
+        assert_eq!(calls(&booter), ["ping"], "health check");
+        let taken = pool.take(Language::Python, true).await.expect("a warm VM");
+        assert_eq!(taken.vm.name(), name);
+        assert_eq!(calls(&booter), ["ping", "foreground", "ping"]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -458,12 +516,36 @@ mod tests {
         task.abort();
         let name = pool.idle_names(Language::Python)[0].clone();
         booter.flags(&name).0.store(true, Ordering::SeqCst);
-        assert!(pool.take(Language::Python).await.is_none());
+        assert!(pool.take(Language::Python, true).await.is_none());
         let name = pool.idle_names(Language::Raw)[0].clone();
         booter.flags(&name).1.store(true, Ordering::SeqCst);
-        assert!(pool.take(Language::Raw).await.is_none());
+        assert!(pool.take(Language::Raw, true).await.is_none());
         assert_eq!(booter.destroyed.load(Ordering::SeqCst), 2);
-        assert!(pool.take(Language::Javascript).await.is_some());
+        assert!(pool.take(Language::Javascript, true).await.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_ping_only_a_closed_channel_is_caught() {
+        let booter = Booter::new(admission(100));
+        let (pool, task) = start(2, &booter);
+        until("full pool", || idle(&pool) == 6).await;
+        task.abort();
+        let [dead, hung] = [0, 1].map(|i| pool.idle_names(Language::Python)[i].clone());
+        booter.flags(&dead).0.store(true, Ordering::SeqCst);
+        booter.flags(&hung).1.store(true, Ordering::SeqCst);
+        let before = booter.calls.lock().unwrap().len();
+        let taken = pool.take(Language::Python, false).await.expect("a VM");
+        assert_eq!(
+            taken.vm.name(),
+            hung,
+            "the caller's own ping finds a hung VM"
+        );
+        assert_eq!(booter.destroyed.load(Ordering::SeqCst), 1, "the dead one");
+        let calls = booter.calls.lock().unwrap();
+        assert!(
+            calls[before..].iter().all(|(_, c)| *c == "foreground"),
+            "no ping"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -525,7 +607,7 @@ mod tests {
         let (pool, task) = start(1, &booter);
         until("full pool", || idle(&pool) == 3).await;
         assert_eq!(pool.close().len(), 3);
-        assert!(pool.take(Language::Python).await.is_none());
+        assert!(pool.take(Language::Python, true).await.is_none());
         tokio::time::timeout(Duration::from_secs(1), task)
             .await
             .expect("the task ends once the pool is closed")

@@ -278,6 +278,70 @@ impl Scheduler {
             Some(image) => Layer::Image(image),
             None => Layer::Packages(requirements),
         };
+        let mut started_vm = self
+            .start_vm(VmRequest {
+                language: options.language,
+                memory_mb,
+                on_boot_log: options.on_boot_log.as_ref(),
+                started,
+                gateway,
+                layer,
+                ping_pooled: false,
+            })
+            .await?;
+        let execution = Execution {
+            language: options.language,
+            code: options.code,
+            timeout_seconds,
+            env: options.env_vars,
+            on_stdout: options.on_stdout,
+            on_stderr: options.on_stderr,
+            host_grace: limits::host_timeout_grace(started_vm.accelerator.accelerator),
+            ping_first: None,
+        };
+        // A pooled VM was not pinged when taken: the execution sends that ping ahead of the
+        // code. If it goes unanswered (or the request could not be sent), the code got no
+        // further than that VM's queue, and a pooled VM has no NIC and none of the caller's
+        // files, so nothing could leave it: the VM is destroyed and the run takes another,
+        // pinged before it is handed out.
+        let (first, spare) = match started_vm.origin {
+            VmOrigin::WarmPool => (
+                Execution {
+                    ping_first: Some(limits::WARM_POOL_PING_DEADLINE),
+                    ..execution.clone()
+                },
+                Some(execution),
+            ),
+            _ => (execution, None),
+        };
+        let mut execute_started = Instant::now();
+        let mut collected = execute(started_vm.vm.link(), first).await;
+        if let (Some(execution), Err(Error::Boot(e))) = (spare, &collected) {
+            tracing::info!(error = %e, "warm VM did not answer: the run takes another VM");
+            let StartedVm {
+                vm,
+                packages,
+                permit,
+                slot,
+                ..
+            } = started_vm;
+            self.tear_down(vm, (packages, permit, slot));
+            // What a pooled VM had: no boot log, no NIC, no packages.
+            started_vm = self
+                .start_vm(VmRequest {
+                    language: options.language,
+                    memory_mb,
+                    on_boot_log: None,
+                    started,
+                    gateway: None,
+                    layer: Layer::Packages(Vec::new()),
+                    ping_pooled: true,
+                })
+                .await?;
+            execute_started = Instant::now();
+            collected = execute(started_vm.vm.link(), execution).await;
+        }
+        let execute_ms = elapsed_ms(execute_started);
         let StartedVm {
             vm,
             origin,
@@ -286,43 +350,14 @@ impl Scheduler {
             packages,
             permit,
             slot,
-        } = self
-            .start_vm(VmRequest {
-                language: options.language,
-                memory_mb,
-                on_boot_log: options.on_boot_log.as_ref(),
-                started,
-                gateway,
-                layer,
-            })
-            .await?;
+        } = started_vm;
         let exposed_ports = vm.exposed_ports().to_vec();
-
-        let execute_started = Instant::now();
-        let collected = execute(
-            vm.link(),
-            Execution {
-                language: options.language,
-                code: options.code,
-                timeout_seconds,
-                env: options.env_vars,
-                on_stdout: options.on_stdout,
-                on_stderr: options.on_stderr,
-                host_grace: limits::host_timeout_grace(accelerator.accelerator),
-            },
-        )
-        .await;
-        let execute_ms = elapsed_ms(execute_started);
         let network_refusals = vm.take_network_refusals();
         let isolation = vm.isolation();
         let teardown_started = Instant::now();
         let stats = vm.stats();
         let packages_source = packages.source();
-        // Killed and reaped after the result is returned; what it holds is released after.
-        self.inner.teardowns.spawn(async move {
-            vm.destroy().await;
-            drop((packages, permit, slot));
-        });
+        self.tear_down(vm, (packages, permit, slot));
         let teardown_ms = elapsed_ms(teardown_started);
         let collected = collected?;
 
@@ -342,6 +377,15 @@ impl Scheduler {
         result.isolation = isolation;
         (result.packages_source, result.packages_install_ms) = packages_source;
         Ok(result)
+    }
+
+    /// Kills and reaps a run's VM in the background (after the result is returned); what it
+    /// holds is released after.
+    fn tear_down(&self, vm: Vm, held: (ReadyPackages, Permit, OwnedSemaphorePermit)) {
+        self.inner.teardowns.spawn(async move {
+            vm.destroy().await;
+            drop(held);
+        });
     }
 
     /// Checks package specs for `language` as [`run`](Self::run) and
@@ -425,6 +469,7 @@ impl Scheduler {
             started,
             gateway,
             layer,
+            ping_pooled,
         } = request;
         let config = &self.inner.config;
         self.ensure_pool_task();
@@ -471,6 +516,7 @@ impl Scheduler {
                 packages: packages.image(),
                 warm_modules: packages.warm_modules(),
                 admission_deadline,
+                ping_pooled,
             },
         )
         .await?;
@@ -992,6 +1038,8 @@ pub(crate) struct VmRequest<'a> {
     pub(crate) started: Instant,
     pub(crate) gateway: Option<Gateway>,
     pub(crate) layer: Layer,
+    /// Whether a pooled VM is pinged before it is handed out (`acquire::Want::ping_pooled`).
+    pub(crate) ping_pooled: bool,
 }
 
 /// The package layer asked for.

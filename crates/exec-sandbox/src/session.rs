@@ -408,6 +408,7 @@ impl<V: VmHandle> Inner<V> {
             on_stdout: options.on_stdout,
             on_stderr: options.on_stderr,
             host_grace: limits::host_timeout_grace(self.accelerator.accelerator),
+            ping_first: None,
         };
         // Waiting for the turn counts as an operation in progress, and the turn is held until
         // a closing verdict is in: an exec queued behind one that closes the session fails.
@@ -534,6 +535,7 @@ impl Scheduler {
                 started,
                 gateway,
                 layer,
+                ping_pooled: true,
             })
             .await?;
         tracing::debug!(vm = %vm.name(), language = %options.language, ?origin, "session opened");

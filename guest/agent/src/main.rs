@@ -141,14 +141,13 @@ fn run_init() -> ! {
                 config.run_dir.display()
             ));
         }
+        // Opened on this thread before the runtime starts: a blocking task would leave a
+        // thread in tokio's blocking pool that ends on its own 10 s later, in every clone of a
+        // template saved before then, running code no clone ran yet (`docs/measurements.md`).
+        let port = port::open_virtio(Path::new(paths::VIRTIO_PORTS), Path::new("/dev"))
+            .map_err(|e| chain(&e))?;
         runtime()?.block_on(async {
             let reaper = Reaper::start().map_err(|e| format!("cannot watch children: {e}"))?;
-            let port = tokio::task::spawn_blocking(|| {
-                port::open_virtio(Path::new(paths::VIRTIO_PORTS), Path::new("/dev"))
-            })
-            .await
-            .map_err(|e| format!("port lookup failed: {e}"))?
-            .map_err(|e| chain(&e))?;
             let (inbound, out) = port::start_virtio(port).map_err(|e| chain(&e))?;
             let ctx = Arc::new(Context::new(config, reaper));
             let stop = server::serve(ctx, inbound, out.clone()).await;

@@ -184,6 +184,14 @@ pub enum VmError {
         /// What went wrong (guest output shortened).
         reason: String,
     },
+    /// A VM taken from the warm pool did not answer the ping sent ahead of its code.
+    #[error("VM {name} did not answer a ping within {} ms", .after.as_millis())]
+    NotAnswering {
+        /// VM name.
+        name: String,
+        /// How long it was given.
+        after: Duration,
+    },
     /// QEMU could not load a snapshot's device state.
     #[error("VM {name}: QEMU could not load the saved device state")]
     LoadState {

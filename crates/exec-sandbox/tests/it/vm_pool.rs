@@ -179,6 +179,44 @@ async fn a_dead_warm_vm_is_replaced_not_handed_out() {
     .await;
 }
 
+/// A run does not ping a pooled VM before it sends the code: the ping goes ahead of the code
+/// in the same exchange. A pooled VM that stops answering (its QEMU stopped here) costs the
+/// run that ping's deadline: the run then takes another VM, and the hung one is destroyed.
+#[tokio::test]
+async fn a_hung_warm_vm_costs_a_run_one_ping_deadline() {
+    let s = pooled_scheduler(true);
+    let hung = refilled(&s, &[]).await;
+    let pid = qemu_pid(&hung).expect("the warm VM's QEMU");
+    let signal = |name: &str| {
+        let sent = std::process::Command::new("kill")
+            .args([name, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    signal("-STOP");
+    let started = Instant::now();
+    let r = s
+        .run(RunOptions::new(Language::Python, "print(6 * 7)"))
+        .await;
+    let took = started.elapsed();
+    // Before any assertion: a stopped QEMU must not outlive a failed test.
+    if qemu_pid(&hung).is_some() {
+        signal("-CONT");
+    }
+    let r = r.unwrap_or_else(|e| panic!("run failed: {}", chain(&e)));
+    assert_eq!(r.stdout, "42\n", "stderr: {}", r.stderr);
+    // The pool's refill may be the VM it got in the end (pinged first, then).
+    assert!(
+        took >= Duration::from_secs(1),
+        "one ping deadline: {took:?}"
+    );
+    wait_until("the hung VM's QEMU gone", Duration::from_secs(10), || {
+        qemu_pid(&hung).is_none()
+    })
+    .await;
+}
+
 /// A pooled VM has run the pool's primer (one line to stdout and one to stderr, so the paths
 /// every execution takes are translated before a run gets the VM). A program must not be able
 /// to tell: what it sees of its interpreter's state is what a clone fresh from the same
