@@ -60,6 +60,9 @@ struct Inner {
     pool_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// VMs of runs that returned, being destroyed.
     teardowns: Background,
+    /// Held for writing by a test that wants runs' VMs kept alive after their results.
+    #[cfg(feature = "testing")]
+    teardown_gate: Arc<tokio::sync::RwLock<()>>,
     /// L1 memory snapshots.
     templates: Templates,
     /// The operator's extra CA certificates for networked guests, read once.
@@ -133,6 +136,8 @@ impl Scheduler {
                 pool: Arc::new(WarmPool::new(config.warm_pool_size)),
                 pool_task: std::sync::Mutex::new(None),
                 teardowns: Background::default(),
+                #[cfg(feature = "testing")]
+                teardown_gate: Arc::default(),
                 templates: Templates::new(config.l1_snapshots.then(|| {
                     snapshot::Cache::new(
                         config.snapshot_cache_dir.clone(),
@@ -160,6 +165,13 @@ impl Scheduler {
         let mut packages = config.package_config();
         packages.tools.env = env;
         Self::with_packages(config, packages)
+    }
+
+    /// Keeps the VMs of runs returning from now on alive until the guard is dropped (feature
+    /// `testing`): a test sees that a run returns before its VM is torn down.
+    #[cfg(feature = "testing")]
+    pub async fn hold_teardowns(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+        Arc::clone(&self.inner.teardown_gate).write_owned().await
     }
 
     /// Destroys the idle warm VMs and stops refilling the pool; waits until their QEMU
@@ -382,7 +394,11 @@ impl Scheduler {
     /// Kills and reaps a run's VM in the background (after the result is returned); what it
     /// holds is released after.
     fn tear_down(&self, vm: Vm, held: (ReadyPackages, Permit, OwnedSemaphorePermit)) {
+        #[cfg(feature = "testing")]
+        let gate = Arc::clone(&self.inner.teardown_gate);
         self.inner.teardowns.spawn(async move {
+            #[cfg(feature = "testing")]
+            let _open = gate.read().await;
             vm.destroy().await;
             drop(held);
         });

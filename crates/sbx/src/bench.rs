@@ -23,9 +23,9 @@ const DENSITY_VMS: usize = 8;
 /// Idle VMs count as settled once each one's PSS stayed within [`SETTLE_TOLERANCE_MB`] for
 /// [`SETTLE_QUIET`]; [`settled`] gives up waiting after [`SETTLE_DEADLINE`].
 ///
-/// The quiet period is long enough to see what an idle VM still does ~10 s after it entered the pool (Bun's first
-/// timer collection; tokio's 10 s keep-alive of a blocking thread the agent once left behind,
-/// which a 5 s window missed: `docs/measurements.md`).
+/// The quiet period is long enough to see what an idle VM still does ~10 s after it entered
+/// the pool (Bun's first timer collection; tokio's 10 s keep-alive of a blocking thread the
+/// agent once left behind, which a 5 s window missed: `docs/measurements.md`).
 const SETTLE_QUIET: Duration = Duration::from_secs(12);
 /// See [`SETTLE_QUIET`].
 const SETTLE_TOLERANCE_MB: f64 = 0.2;

@@ -35,8 +35,6 @@ async fn a_cold_run_reports_where_its_time_went() {
     assert_phases_add_up(&r);
     let t = r.timing;
     assert!(t.vm_start_ms > 0, "{t:?}");
-    // Only the host's figures are read before the result: QEMU is killed and reaped after.
-    assert!(t.teardown_ms <= 1, "{t:?}");
     assert!(r.external_cpu_time_ms.is_some_and(|ms| ms > 0), "{r:?}");
     assert!(
         t.interpreter_start_ms > 0,

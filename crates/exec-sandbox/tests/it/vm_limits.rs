@@ -19,8 +19,10 @@ async fn timeout_returns_minus_one_within_grace() {
         "{}",
         r.stderr
     );
-    // Boot + 2 s timeout + guest grace; the host's own deadline is timeout + 5 s.
-    assert!(elapsed < Duration::from_secs(12), "took {elapsed:?}");
+    // Ended by the guest's deadline, before the host's own (timeout + 5 s); the wall time
+    // adds the boot and any wait for admission, so it only bounds a hang.
+    assert!(r.timing.execute_ms < 7_000, "{:?}", r.timing);
+    assert!(elapsed < Duration::from_secs(60), "took {elapsed:?}");
 }
 
 #[tokio::test]

@@ -50,20 +50,31 @@ async fn refilled(s: &Scheduler, not: &[String]) -> String {
 async fn pool_hits_are_fast_and_runs_never_share_a_vm() {
     let s = pooled_scheduler(true);
     let first = refilled(&s, &[]).await;
+    let held = s.hold_teardowns().await;
     let r1 = run(
         &s,
         RunOptions::new(
             Language::Python,
             "open('/home/user/x', 'w').write('1'); open('/tmp/x', 'w').write('1'); print('wrote')",
         ),
-    )
-    .await;
+    );
+    // A run that waited for its teardown would wait for `held` forever.
+    let r1 = tokio::time::timeout(Duration::from_secs(60), r1)
+        .await
+        .expect("the run waited for its held teardown");
     assert_eq!(r1.stdout, "wrote\n", "stderr: {}", r1.stderr);
     assert!(r1.warm_pool_hit);
     crate::support::assert_phases_add_up(&r1);
     // Started before the run: no VM start, no interpreter start.
     assert_eq!(r1.timing.vm_start_ms, 0, "{:?}", r1.timing);
     assert_eq!(r1.timing.interpreter_start_ms, 0, "{:?}", r1.timing);
+    // The result comes before the VM's teardown: its figures were read with QEMU alive.
+    assert!(
+        qemu_pid(&first).is_some(),
+        "the run waited for its teardown"
+    );
+    assert!(r1.external_cpu_time_ms.is_some(), "{r1:?}");
+    drop(held);
     // A used VM is destroyed (just after the result), never returned to the pool.
     wait_until("the used VM's QEMU gone", Duration::from_secs(5), || {
         qemu_pid(&first).is_none()
