@@ -72,6 +72,9 @@ pub const MAX_WARM_POOL_SIZE: usize = 20;
 pub const WARM_POOL_HEALTH_INTERVAL: Duration = Duration::from_secs(10);
 /// Deadline for a pooled VM's ping (health check, and right before it is handed out).
 pub const WARM_POOL_PING_DEADLINE: Duration = Duration::from_secs(1);
+/// How long a run waits for a pooled VM that is out for its health check's ping (the only idle
+/// one of its language) before it starts a VM of its own.
+pub const WARM_POOL_CHECK_WAIT: Duration = Duration::from_millis(100);
 /// Default time a run may wait for a slot and admission before it fails with a capacity error.
 pub const DEFAULT_ADMISSION_TIMEOUT_SECONDS: u64 = 60;
 /// Longest accepted admission timeout.

@@ -2,11 +2,12 @@
 //!
 //! A background task ([`maintain`]) keeps `size` idle VMs per language, booting one at a time
 //! and only when the admission budget has room with nobody queued (refills never delay runs). Idle
-//! VMs are pinged every [`limits::WARM_POOL_HEALTH_INTERVAL`] and once more when they are handed
-//! out: by the pool for a session, by the run's own execution for a run (a ping sent ahead of
-//! the code, so the two round trips overlap); a VM whose channel closed or that does not answer
-//! is destroyed and replaced, never used. A VM leaves the pool for good: nothing a run leaves
-//! behind reaches another.
+//! VMs are pinged every [`limits::WARM_POOL_HEALTH_INTERVAL`], one at a time (a run that finds
+//! its language's VMs all out for that ping waits for one, up to
+//! [`limits::WARM_POOL_CHECK_WAIT`]), and once more when they are handed out: by the pool for a
+//! session, by the run's own execution for a run (a ping sent ahead of the code, so the two round
+//! trips overlap); a VM whose channel closed or that does not answer is destroyed and replaced,
+//! never used. A VM leaves the pool for good: nothing a run leaves behind reaches another.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -94,6 +95,8 @@ pub(crate) trait WarmBooter<V>: Send {
 
 struct State<V> {
     idle: HashMap<Language, VecDeque<Pooled<V>>>,
+    /// VMs per language out of `idle` for their health check's ping.
+    checking: HashMap<Language, usize>,
     closed: bool,
 }
 
@@ -102,6 +105,8 @@ pub(crate) struct WarmPool<V = Vm> {
     size: usize,
     state: Mutex<State<V>>,
     wake: Notify,
+    /// Told when a VM comes back from its health check (or is found dead there).
+    checked: Notify,
 }
 
 impl<V: PoolVm> WarmPool<V> {
@@ -111,9 +116,11 @@ impl<V: PoolVm> WarmPool<V> {
             size,
             state: Mutex::new(State {
                 idle: HashMap::new(),
+                checking: HashMap::new(),
                 closed: false,
             }),
             wake: Notify::new(),
+            checked: Notify::new(),
         }
     }
 
@@ -141,9 +148,29 @@ impl<V: PoolVm> WarmPool<V> {
     ///
     /// The VM gets its weight before that ping, and the refill starts after it: otherwise the
     /// ping, answered at a refill's weight, competes with the new VM's start.
+    ///
+    /// When every idle VM of `language` is out for its health check, the caller waits for one
+    /// to come back, up to [`limits::WARM_POOL_CHECK_WAIT`] (a ping takes milliseconds; a VM
+    /// start, hundreds of them).
     pub async fn take(&self, language: Language, ping: bool) -> Option<Pooled<V>> {
+        let wait_until = Instant::now() + limits::WARM_POOL_CHECK_WAIT;
         loop {
-            let candidate = self.lock().idle.get_mut(&language)?.pop_front()?;
+            let candidate = loop {
+                let checked = self.checked.notified();
+                tokio::pin!(checked);
+                {
+                    let mut state = self.lock();
+                    if let Some(vm) = state.idle.get_mut(&language).and_then(VecDeque::pop_front) {
+                        break vm;
+                    }
+                    if state.checking.get(&language).copied().unwrap_or(0) == 0 {
+                        return None;
+                    }
+                    // Registered under the lock: the check's return cannot slip past.
+                    checked.as_mut().enable();
+                }
+                tokio::time::timeout_at(wait_until, checked).await.ok()?;
+            };
             candidate.vm.to_foreground();
             let alive = if ping {
                 candidate.vm.ping().await
@@ -249,24 +276,41 @@ impl<V: PoolVm> WarmPool<V> {
         (needed, dead)
     }
 
-    /// Pings every idle VM; those that fail are destroyed.
+    /// Pings every idle VM, one at a time, each back at the end of its queue; those that fail
+    /// are destroyed. The others stay available to runs meanwhile.
     async fn health_check(&self) {
-        let all: Vec<(Language, Pooled<V>)> = {
-            let mut state = self.lock();
-            state
-                .idle
-                .iter_mut()
-                .flat_map(|(l, q)| q.drain(..).map(|p| (*l, p)).collect::<Vec<_>>())
-                .collect()
-        };
-        for (language, vm) in all {
-            if vm.vm.ping().await {
-                if let Some(vm) = self.put(language, vm) {
+        for language in Language::ALL {
+            let count = self.lock().idle.get(&language).map_or(0, VecDeque::len);
+            for _ in 0..count {
+                let vm = {
+                    let mut state = self.lock();
+                    let Some(vm) = state.idle.get_mut(&language).and_then(VecDeque::pop_front)
+                    else {
+                        break;
+                    };
+                    *state.checking.entry(language).or_default() += 1;
+                    vm
+                };
+                let alive = vm.vm.ping().await;
+                let leftover = {
+                    let mut state = self.lock();
+                    if let Some(n) = state.checking.get_mut(&language) {
+                        *n = n.saturating_sub(1);
+                    }
+                    if alive && !state.closed {
+                        state.idle.entry(language).or_default().push_back(vm);
+                        None
+                    } else {
+                        Some(vm)
+                    }
+                };
+                self.checked.notify_waiters();
+                if let Some(vm) = leftover {
+                    if !alive {
+                        tracing::info!(vm = %vm.vm.name(), "warm VM failed its health check: replaced");
+                    }
                     vm.destroy().await;
                 }
-            } else {
-                tracing::info!(vm = %vm.vm.name(), "warm VM failed its health check: replaced");
-                vm.destroy().await;
             }
         }
     }
@@ -360,6 +404,8 @@ mod tests {
         destroyed: Arc<AtomicUsize>,
         /// What was asked of each VM, in order: (name, "ping" or "foreground").
         calls: Calls,
+        /// How long every fake takes to answer a ping.
+        ping_time: Arc<Mutex<Duration>>,
     }
 
     type Calls = Arc<Mutex<Vec<(String, &'static str)>>>;
@@ -373,6 +419,8 @@ mod tests {
         }
         async fn ping(&self) -> bool {
             self.calls.lock().unwrap().push((self.name.clone(), "ping"));
+            let ping_time = *self.ping_time.lock().unwrap();
+            tokio::time::sleep(ping_time).await;
             !self.is_gone() && !self.hung.load(Ordering::SeqCst)
         }
         fn to_foreground(&self) {
@@ -397,6 +445,7 @@ mod tests {
         failing: Arc<AtomicBool>,
         attempts: Arc<AtomicUsize>,
         calls: Calls,
+        ping_time: Arc<Mutex<Duration>>,
     }
 
     impl Booter {
@@ -408,6 +457,7 @@ mod tests {
                 failing: Arc::default(),
                 attempts: Arc::default(),
                 calls: Arc::default(),
+                ping_time: Arc::default(),
             }
         }
 
@@ -442,6 +492,7 @@ mod tests {
                     hung,
                     destroyed: self.destroyed.clone(),
                     calls: self.calls.clone(),
+                    ping_time: self.ping_time.clone(),
                 },
                 permit,
             }))
@@ -546,6 +597,62 @@ mod tests {
             calls[before..].iter().all(|(_, c)| *c == "foreground"),
             "no ping"
         );
+    }
+
+    /// A pool of `size` per language, full, whose health check starts at the returned instant
+    /// and whose pings take `ping_time` each.
+    async fn checked_pool(
+        size: usize,
+        ping_time: Duration,
+    ) -> (Arc<WarmPool<FakeVm>>, Booter, Instant) {
+        let booter = Booter::new(admission(100));
+        *booter.ping_time.lock().unwrap() = ping_time;
+        let check = Instant::now() + limits::WARM_POOL_HEALTH_INTERVAL;
+        let (pool, _task) = start(size, &booter);
+        until("full pool", || idle(&pool) == 3 * size).await;
+        (pool, booter, check)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_waits_for_its_languages_only_vm_to_come_back_from_its_health_check() {
+        let (pool, _booter, check) = checked_pool(1, Duration::from_millis(30)).await;
+        let name = pool.idle_names(Language::Python)[0].clone();
+        // Python's VM is pinged first, from `check` to `check` + 30 ms.
+        tokio::time::sleep_until(check + Duration::from_millis(10)).await;
+        assert!(
+            pool.idle_names(Language::Python).is_empty(),
+            "out for its ping"
+        );
+        let asked = Instant::now();
+        let taken = pool
+            .take(Language::Python, false)
+            .await
+            .expect("the checked VM");
+        assert_eq!(taken.vm.name(), name);
+        assert_eq!(asked.elapsed(), Duration::from_millis(20));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_health_check_delays_a_run_by_a_bounded_wait_and_other_vms_not_at_all() {
+        let (pool, _booter, check) = checked_pool(2, Duration::from_secs(1)).await;
+        let [first, second] = [0, 1].map(|i| pool.idle_names(Language::Python)[i].clone());
+        tokio::time::sleep_until(check + Duration::from_millis(10)).await;
+        // One VM at a time is out: the other is handed out at once.
+        let asked = Instant::now();
+        let taken = pool.take(Language::Python, false).await.expect("a VM");
+        assert_eq!(
+            (taken.vm.name(), asked.elapsed()),
+            (&*second, Duration::ZERO)
+        );
+        // With none left in the pool, the wait for the one being pinged is bounded.
+        let asked = Instant::now();
+        assert!(pool.take(Language::Python, false).await.is_none());
+        assert_eq!(asked.elapsed(), limits::WARM_POOL_CHECK_WAIT);
+        // It answered in the end: back in the pool.
+        until("back", || {
+            pool.idle_names(Language::Python).contains(&first)
+        })
+        .await;
     }
 
     #[tokio::test(start_paused = true)]
