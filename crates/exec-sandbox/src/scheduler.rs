@@ -961,7 +961,7 @@ impl VmFactory for QemuFactory<'_> {
     async fn prime(&self, vm: &Vm, language: Language) -> Result<(), VmError> {
         let started = Instant::now();
         let grace = limits::host_timeout_grace(self.host.choice.accelerator);
-        execute::prime(vm.link(), language, grace).await?;
+        execute::prime(vm.link(), language, execute::Primed::PooledVm, grace).await?;
         tracing::debug!(vm = %vm.name(), %language, elapsed_ms = elapsed_ms(started), "warm VM primed");
         Ok(())
     }

@@ -107,6 +107,7 @@ pub(crate) async fn build(
     crate::execute::prime(
         vm.link(),
         warmup.language,
+        crate::execute::Primed::Template,
         crate::limits::host_timeout_grace(spec.accelerator),
     )
     .await
