@@ -282,21 +282,24 @@ impl<V: PoolVm> WarmPool<V> {
         for language in Language::ALL {
             let count = self.lock().idle.get(&language).map_or(0, VecDeque::len);
             for _ in 0..count {
-                let vm = {
+                let (vm, out) = {
                     let mut state = self.lock();
                     let Some(vm) = state.idle.get_mut(&language).and_then(VecDeque::pop_front)
                     else {
                         break;
                     };
                     *state.checking.entry(language).or_default() += 1;
-                    vm
+                    (
+                        vm,
+                        CheckedOut {
+                            pool: self,
+                            language,
+                        },
+                    )
                 };
                 let alive = vm.vm.ping().await;
                 let leftover = {
                     let mut state = self.lock();
-                    if let Some(n) = state.checking.get_mut(&language) {
-                        *n = n.saturating_sub(1);
-                    }
                     if alive && !state.closed {
                         state.idle.entry(language).or_default().push_back(vm);
                         None
@@ -304,7 +307,7 @@ impl<V: PoolVm> WarmPool<V> {
                         Some(vm)
                     }
                 };
-                self.checked.notify_waiters();
+                drop(out);
                 if let Some(vm) = leftover {
                     if !alive {
                         tracing::info!(vm = %vm.vm.name(), "warm VM failed its health check: replaced");
@@ -313,6 +316,22 @@ impl<V: PoolVm> WarmPool<V> {
                 }
             }
         }
+    }
+}
+
+/// A VM out of the pool for its health check's ping, counted in `checking` until this is
+/// dropped (also when the check's task is aborted mid-ping: takes would wait for it otherwise).
+struct CheckedOut<'a, V: PoolVm> {
+    pool: &'a WarmPool<V>,
+    language: Language,
+}
+
+impl<V: PoolVm> Drop for CheckedOut<'_, V> {
+    fn drop(&mut self) {
+        if let Some(n) = self.pool.lock().checking.get_mut(&self.language) {
+            *n = n.saturating_sub(1);
+        }
+        self.pool.checked.notify_waiters();
     }
 }
 
@@ -653,6 +672,26 @@ mod tests {
             pool.idle_names(Language::Python).contains(&first)
         })
         .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_check_cut_short_leaves_no_vm_counted_out() {
+        let booter = Booter::new(admission(100));
+        *booter.ping_time.lock().unwrap() = Duration::from_secs(1);
+        let check = Instant::now() + limits::WARM_POOL_HEALTH_INTERVAL;
+        let (pool, task) = start(1, &booter);
+        until("full pool", || idle(&pool) == 3).await;
+        tokio::time::sleep_until(check + Duration::from_millis(10)).await;
+        assert!(
+            pool.idle_names(Language::Python).is_empty(),
+            "out for its ping"
+        );
+        // The task ends mid-ping (its runtime ended, say): the VM goes with it.
+        task.abort();
+        let _ = task.await;
+        let asked = Instant::now();
+        assert!(pool.take(Language::Python, false).await.is_none());
+        assert_eq!(asked.elapsed(), Duration::ZERO, "nothing to wait for");
     }
 
     #[tokio::test(start_paused = true)]
