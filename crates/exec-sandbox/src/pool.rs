@@ -298,14 +298,10 @@ impl<V: PoolVm> WarmPool<V> {
                     )
                 };
                 let alive = vm.vm.ping().await;
-                let leftover = {
-                    let mut state = self.lock();
-                    if alive && !state.closed {
-                        state.idle.entry(language).or_default().push_back(vm);
-                        None
-                    } else {
-                        Some(vm)
-                    }
+                let leftover = if alive {
+                    self.put(language, vm)
+                } else {
+                    Some(vm)
                 };
                 drop(out);
                 if let Some(vm) = leftover {
