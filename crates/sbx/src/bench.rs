@@ -7,7 +7,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use exec_sandbox::{Language, MemoryUse, RunOptions, Scheduler, SchedulerConfig, Timing, WarmVm};
+use exec_sandbox::{
+    ExecOptions, Language, MemoryUse, RunOptions, Scheduler, SchedulerConfig, SessionOptions,
+    Timing, WarmVm,
+};
 use serde::Serialize;
 
 use crate::cli::BenchArgs;
@@ -31,6 +34,9 @@ const SETTLE_QUIET: Duration = Duration::from_secs(12);
 const SETTLE_TOLERANCE_MB: f64 = 0.2;
 /// See [`SETTLE_QUIET`].
 const SETTLE_DEADLINE: Duration = Duration::from_secs(60);
+/// Executions a session runs before it is timed: its first ones translate paths (under TCG)
+/// that later ones find done.
+const SESSION_WARMUP: usize = 3;
 
 /// p50 and p95 of a set of samples, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -87,6 +93,12 @@ pub struct LanguageReport {
     pub idle_vm_pss_mb_at_8: Option<f64>,
     /// How many idle warm VMs fit in the scheduler's memory budget at that PSS.
     pub density_vms: Option<u64>,
+    /// One execution in an open session (after its first [`SESSION_WARMUP`]), timed end to
+    /// end by the caller.
+    pub session_exec_ms: Option<Percentiles>,
+    /// This process's CPU time (all threads, user and system) per such execution: the host's
+    /// share of it, which no accelerator changes; the rest of its time is the VM's.
+    pub session_host_cpu_ms: Option<f64>,
 }
 
 /// A language's interpreter doing nothing on the host, timed from spawn to exit.
@@ -241,6 +253,10 @@ async fn measure(args: &BenchArgs, base: SchedulerConfig) -> Result<Report, exec
         );
         report.throughput_rps =
             Some(throughput(&restored, language, cores, runs.max(2 * cores)).await?);
+        step(args, &format!("{language}: {runs} executions in a session"));
+        let (execs, host_cpu_ms) = session_execs(&restored, language, runs).await?;
+        report.session_exec_ms = Percentiles::of(&execs);
+        report.session_host_cpu_ms = host_cpu_ms.map(round2);
         languages_out.insert(language.as_str().to_string(), report);
     }
     step(
@@ -299,6 +315,12 @@ fn ratios(
             ratios.insert(
                 format!("{name}_warm_vs_spawn"),
                 round2(warm.p50 / spawn.spawn_ms.p50),
+            );
+        }
+        if let (Some(session), Some(spawn)) = (report.session_exec_ms, baseline.get(name)) {
+            ratios.insert(
+                format!("{name}_session_vs_spawn"),
+                round2(session.p50 / spawn.spawn_ms.p50),
             );
         }
         if let (Some(l1), Some(cold)) = (report.l1_ms, report.cold_ms) {
@@ -401,6 +423,50 @@ pub(crate) async fn sequential_runs(
         samples.push(ms, result.timing);
     }
     Ok(samples)
+}
+
+/// `runs` executions of the trivial program in one session, after [`SESSION_WARMUP`]: each
+/// one's wall time, and this process's CPU time per execution over them (`None` if the clock
+/// could not be read).
+async fn session_execs(
+    scheduler: &Scheduler,
+    language: Language,
+    runs: usize,
+) -> Result<(Vec<f64>, Option<f64>), exec_sandbox::Error> {
+    let session = scheduler.session(SessionOptions::new(language)).await?;
+    let measured = async {
+        for _ in 0..SESSION_WARMUP {
+            session.exec(ExecOptions::new(trivial(language))).await?;
+        }
+        let mut samples = Vec::with_capacity(runs);
+        let cpu_before = process_cpu();
+        for _ in 0..runs {
+            let started = Instant::now();
+            let result = session.exec(ExecOptions::new(trivial(language))).await?;
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            if result.stdout.trim() == "1" && result.exit_code == 0 {
+                samples.push(ms);
+            } else {
+                tracing::warn!(stdout = %result.stdout, stderr = %result.stderr, "a session execution did not print 1; sample dropped");
+            }
+        }
+        let host_cpu_ms = (runs > 0).then(|| {
+            (process_cpu().saturating_sub(cpu_before)).as_secs_f64() * 1000.0 / runs as f64
+        });
+        Ok((samples, host_cpu_ms))
+    }
+    .await;
+    session.close().await;
+    measured
+}
+
+/// CPU time this process has used so far, all its threads (those that ended too).
+fn process_cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
 }
 
 /// Runs taken from a warm pool of one, waiting for it to refill before each; also the PSS of
@@ -799,6 +865,24 @@ pub fn render_table(report: &Report) -> String {
             entries.join(", ")
         ));
     }
+    let sessions: Vec<String> = report
+        .languages
+        .iter()
+        .filter_map(|(name, r)| {
+            let p = r.session_exec_ms?;
+            let cpu = r
+                .session_host_cpu_ms
+                .map_or(String::new(), |ms| format!(", host CPU {ms:.2} ms"));
+            Some(format!("{name} {:.1} / {:.1}{cpu}", p.p50, p.p95))
+        })
+        .collect();
+    if !sessions.is_empty() {
+        out.push_str(&format!(
+            "(an execution in an open session, p50 / p95 ms, and this process's CPU time per \
+             execution: {})\n",
+            sessions.join("; ")
+        ));
+    }
     let breakdowns: Vec<String> = report
         .languages
         .iter()
@@ -968,6 +1052,8 @@ mod tests {
                 ),
                 idle_vm_pss_mb_at_8: Some(25.0),
                 density_vms: Some(400),
+                session_exec_ms: Percentiles::of(&[2.0, 3.0, 9.0]),
+                session_host_cpu_ms: Some(0.12),
             },
         );
         let mut baselines = BTreeMap::new();
@@ -1009,6 +1095,9 @@ mod tests {
         assert_eq!(json["memory_budget_mb"], 10_000);
         assert_eq!(json["ratios"]["python_warm_vs_spawn"], 0.5);
         assert_eq!(json["ratios"]["python_l1_vs_cold"], 0.1);
+        assert_eq!(json["python"]["session_exec_ms"]["p50"], 3.0);
+        assert_eq!(json["python"]["session_host_cpu_ms"], 0.12);
+        assert_eq!(json["ratios"]["python_session_vs_spawn"], 0.05);
         // 2 cores at 100 ms: 20 runs/s at best.
         assert_eq!(json["ratios"]["python_throughput_vs_l1_bound"], 0.18);
         assert!(json["host"].is_object());
@@ -1030,6 +1119,10 @@ mod tests {
         assert!(table.contains("10000 MB memory budget"), "{table}");
         assert!(
             table.contains("(PSS alone when it entered the pool, MB: python 38.5)"),
+            "{table}"
+        );
+        assert!(
+            table.contains("per execution: python 3.0 / 9.0, host CPU 0.12 ms)"),
             "{table}"
         );
         assert!(
