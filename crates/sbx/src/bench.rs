@@ -75,8 +75,9 @@ pub struct LanguageReport {
     pub l1_ms: Option<Percentiles>,
     /// Taken from a full warm pool.
     pub warm_ms: Option<Percentiles>,
-    /// Where the time of each path went: path (`cold`, `l1`, `warm`) to phase (the fields of
-    /// the result's `timing`) to its percentiles.
+    /// Where the time of each path went: path (`cold`, `l1`, `warm`, and `throughput`: the L1
+    /// runs at concurrency = cores) to phase (the fields of the result's `timing`) to its
+    /// percentiles.
     pub phases_ms: BTreeMap<String, BTreeMap<String, Percentiles>>,
     /// Runs per second at concurrency = host cores, using L1.
     pub throughput_rps: Option<f64>,
@@ -202,7 +203,9 @@ async fn measure(args: &BenchArgs, base: SchedulerConfig) -> Result<Report, exec
     // still being torn down (after its result), as with the default `max_concurrent_vms`.
     let cold = scheduler(&base, 0, false, cores.max(2))?;
     let accelerator = cold.prefetch().await?;
-    let restored = scheduler(&base, 0, true, cores.max(1))?;
+    // Throughput keeps `cores` runs in flight: as many slots again hold the VMs of runs that
+    // returned and are being torn down, so a run never waits for another's teardown.
+    let restored = scheduler(&base, 0, true, 2 * cores)?;
     restored.prefetch_snapshots().await?;
 
     let mut baseline = BTreeMap::new();
@@ -251,8 +254,11 @@ async fn measure(args: &BenchArgs, base: SchedulerConfig) -> Result<Report, exec
             args,
             &format!("{language}: throughput at concurrency {cores} (L1)"),
         );
-        report.throughput_rps =
-            Some(throughput(&restored, language, cores, runs.max(2 * cores)).await?);
+        let (rps, in_flight) = throughput(&restored, language, cores, runs.max(2 * cores)).await?;
+        report.throughput_rps = Some(rps);
+        report
+            .phases_ms
+            .insert("throughput".into(), in_flight.phases());
         step(args, &format!("{language}: {runs} executions in a session"));
         let (execs, host_cpu_ms) = session_execs(&restored, language, runs).await?;
         report.session_exec_ms = Percentiles::of(&execs);
@@ -634,7 +640,7 @@ async fn throughput(
     language: Language,
     concurrency: usize,
     total: usize,
-) -> Result<f64, exec_sandbox::Error> {
+) -> Result<(f64, Runs), exec_sandbox::Error> {
     let started = Instant::now();
     let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
     let mut tasks = tokio::task::JoinSet::new();
@@ -643,15 +649,18 @@ async fn throughput(
         let gate = gate.clone();
         tasks.spawn(async move {
             let _permit = gate.acquire_owned().await;
-            s.run(RunOptions::new(language, trivial(language))).await
+            let started = Instant::now();
+            let result = s.run(RunOptions::new(language, trivial(language))).await;
+            (started.elapsed().as_secs_f64() * 1000.0, result)
         });
     }
+    let mut runs = Runs::default();
     while let Some(joined) = tasks.join_next().await {
-        if let Ok(result) = joined {
-            result?;
+        if let Ok((ms, result)) = joined {
+            runs.push(ms, result?.timing);
         }
     }
-    Ok(round2(total as f64 / started.elapsed().as_secs_f64()))
+    Ok((round2(total as f64 / started.elapsed().as_secs_f64()), runs))
 }
 
 /// A language's interpreter on the host, resolved to the binary that really runs.
