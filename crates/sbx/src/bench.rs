@@ -307,7 +307,8 @@ async fn measure(args: &BenchArgs, base: SchedulerConfig) -> Result<Report, exec
     })
 }
 
-/// `<language>_warm_vs_spawn` (warm-pool p50 over the language's own baseline p50),
+/// `<language>_warm_vs_spawn` and `<language>_session_vs_spawn` (warm-pool and session p50
+/// over the language's own baseline p50),
 /// `<language>_l1_vs_cold` and `<language>_throughput_vs_l1_bound` (runs per second over
 /// `cores` / L1 p50), for what was measured.
 fn ratios(
@@ -317,17 +318,17 @@ fn ratios(
 ) -> BTreeMap<String, f64> {
     let mut ratios = BTreeMap::new();
     for (name, report) in languages {
-        if let (Some(warm), Some(spawn)) = (report.warm_ms, baseline.get(name)) {
-            ratios.insert(
-                format!("{name}_warm_vs_spawn"),
-                round2(warm.p50 / spawn.spawn_ms.p50),
-            );
-        }
-        if let (Some(session), Some(spawn)) = (report.session_exec_ms, baseline.get(name)) {
-            ratios.insert(
-                format!("{name}_session_vs_spawn"),
-                round2(session.p50 / spawn.spawn_ms.p50),
-            );
+        // The paths that run code in a VM already running, against starting the interpreter.
+        for (path, p) in [
+            ("warm", report.warm_ms),
+            ("session", report.session_exec_ms),
+        ] {
+            if let (Some(p), Some(spawn)) = (p, baseline.get(name)) {
+                ratios.insert(
+                    format!("{name}_{path}_vs_spawn"),
+                    round2(p.p50 / spawn.spawn_ms.p50),
+                );
+            }
         }
         if let (Some(l1), Some(cold)) = (report.l1_ms, report.cold_ms) {
             ratios.insert(format!("{name}_l1_vs_cold"), round2(l1.p50 / cold.p50));
@@ -432,8 +433,7 @@ pub(crate) async fn sequential_runs(
 }
 
 /// `runs` executions of the trivial program in one session, after [`SESSION_WARMUP`]: each
-/// one's wall time, and this process's CPU time per execution over them (`None` if the clock
-/// could not be read).
+/// one's wall time, and this process's CPU time per execution over them (`None` for no runs).
 async fn session_execs(
     scheduler: &Scheduler,
     language: Language,
