@@ -7,7 +7,7 @@
 #
 # Inputs (environment):
 #   SBX_KERNEL_FRAGMENT  Kconfig fragment   (default: <script dir>/kernel/config.fragment)
-#   SBX_KERNEL_PATCH     patch for the tree (default: <script dir>/kernel/lapic-timer-period.patch)
+#   SBX_KERNEL_PATCH     patch for the tree (default: <script dir>/kernel/boot-calibration.patch)
 #   SBX_BUILD_CACHE      cache directory    (default: ${XDG_CACHE_HOME:-$HOME/.cache}/exec-sandbox/build)
 # This script may be run as `bash -c "$(cat build-kernel.sh)" build-kernel OUT_DIR`
 # from any directory: then SBX_KERNEL_FRAGMENT and SBX_KERNEL_PATCH must be set.
@@ -24,7 +24,7 @@ OUT_DIR=$1
 KSRC_PKG=linux-source-6.1
 script_dir=$(dirname -- "${BASH_SOURCE[0]:-$0}")
 FRAGMENT=${SBX_KERNEL_FRAGMENT:-$script_dir/kernel/config.fragment}
-PATCH_FILE=${SBX_KERNEL_PATCH:-$script_dir/kernel/lapic-timer-period.patch}
+PATCH_FILE=${SBX_KERNEL_PATCH:-$script_dir/kernel/boot-calibration.patch}
 [ -f "$FRAGMENT" ] || die "kernel config fragment not found: $FRAGMENT (set SBX_KERNEL_FRAGMENT)"
 [ -f "$PATCH_FILE" ] || die "kernel patch not found: $PATCH_FILE (set SBX_KERNEL_PATCH)"
 FRAGMENT=$(readlink -f -- "$FRAGMENT")

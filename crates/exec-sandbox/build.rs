@@ -27,8 +27,8 @@ const IMAGE_INPUTS: &[(&str, &str)] = &[
     ("build-qemu.sh", "build-qemu.sh"),
     ("kernel/config.fragment", "kernel-config.fragment"),
     (
-        "kernel/lapic-timer-period.patch",
-        "kernel-lapic-timer-period.patch",
+        "kernel/boot-calibration.patch",
+        "kernel-boot-calibration.patch",
     ),
     ("versions.env", "versions.env"),
 ];

@@ -86,7 +86,7 @@ impl Builder for ScriptBuilder {
                     )
                     .env(
                         "SBX_KERNEL_PATCH",
-                        write("lapic-timer-period.patch", self.inputs.kernel_patch)?,
+                        write("boot-calibration.patch", self.inputs.kernel_patch)?,
                     );
             }
             AssetKind::Rootfs(language) => {

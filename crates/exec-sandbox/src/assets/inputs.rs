@@ -120,10 +120,7 @@ impl Inputs {
         Self {
             kernel_script: include_str!(concat!(env!("OUT_DIR"), "/build-kernel.sh")),
             kernel_fragment: include_str!(concat!(env!("OUT_DIR"), "/kernel-config.fragment")),
-            kernel_patch: include_str!(concat!(
-                env!("OUT_DIR"),
-                "/kernel-lapic-timer-period.patch"
-            )),
+            kernel_patch: include_str!(concat!(env!("OUT_DIR"), "/kernel-boot-calibration.patch")),
             rootfs_script: include_str!(concat!(env!("OUT_DIR"), "/build-rootfs.sh")),
             versions_env: include_str!(concat!(env!("OUT_DIR"), "/versions.env")),
             agent: include_bytes!(env!("SBX_AGENT_PATH")),
@@ -182,7 +179,7 @@ impl Inputs {
             AssetKind::Kernel => &[
                 (self.kernel_script, "build-kernel.sh"),
                 (self.kernel_fragment, "kernel/config.fragment"),
-                (self.kernel_patch, "kernel/lapic-timer-period.patch"),
+                (self.kernel_patch, "kernel/boot-calibration.patch"),
             ],
             AssetKind::Initramfs => &[],
             AssetKind::Rootfs(_) => &[
