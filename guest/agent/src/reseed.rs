@@ -99,6 +99,15 @@ mod tests {
     }
 
     #[test]
+    fn the_python_driver_compiled_the_reseed_at_start() {
+        // Otherwise a clone's reseed compiles it, translating under emulation parts of the
+        // compiler no user code needs (`drivers/python.py`, `precompiled`).
+        let code = interpreter_code(Language::Python).expect("python reseeds");
+        let line = format!("    reseed = \"{code}\"\n");
+        assert!(crate::driver::PYTHON.contains(&line), "{line}");
+    }
+
+    #[test]
     fn every_language_reseeds() {
         for language in Language::ALL {
             assert!(interpreter_code(language).is_some(), "{language}");

@@ -50,6 +50,12 @@ def _sbx_driver():
                 pass
 
     last_code = [""]
+    # The agent's reseed after a memory snapshot's restore (`reseed.rs`, checked by a test),
+    # compiled here, in the template: under emulation a clone's first compile translates the
+    # whole compiler afresh, and the reseed should not pay for more of it than the user's code
+    # will use.
+    reseed = "[m.seed() for m in map(__import__('sys').modules.get, ('random', 'numpy.random')) if m is not None]"
+    precompiled = {reseed: compile(reseed, "<sandbox>", "exec")}
 
     def print_error(exc, tb):
         try:
@@ -81,7 +87,7 @@ def _sbx_driver():
     def run(code):
         last_code[0] = code
         try:
-            compiled = compile(code, "<sandbox>", "exec")
+            compiled = precompiled.get(code) or compile(code, "<sandbox>", "exec")
         except BaseException as exc:
             # SyntaxError and friends: no frames of ours in the report.
             print_error(exc, None)
