@@ -325,8 +325,11 @@ impl Vm {
 
     /// Tells a restored guest it is a clone: host entropy for its CRNG, the current time, and
     /// fresh seeds for running interpreters. Also the first request after `cont`, so it pays
-    /// the empty translation cache rather than the user's code. A template runs one too before
-    /// its snapshot (`snapshot::templates::build`), so its clones find the reseed's paths run.
+    /// the empty translation cache for the paths every request takes (the channel, the agent,
+    /// the driver's command loop) rather than the user's code; Python's driver runs the reseed
+    /// compiled in advance, so the user's code pays only for the compiling it needs
+    /// (`docs/measurements.md`). A template runs one too before its snapshot
+    /// (`snapshot::templates::build`), so its clones find the reseed's paths run.
     pub(crate) async fn reseed(&self, deadline: Duration) -> Result<(), VmError> {
         let mut entropy = vec![0u8; 64];
         let urandom = Path::new("/dev/urandom");
