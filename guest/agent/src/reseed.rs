@@ -101,7 +101,7 @@ mod tests {
     #[test]
     fn the_python_driver_compiled_the_reseed_at_start() {
         // Otherwise a clone's reseed compiles it, translating under emulation parts of the
-        // compiler no user code needs (`drivers/python.py`, `precompiled`).
+        // compiler no user code needs (`drivers/python.py`, `reseed_compiled`).
         let code = interpreter_code(Language::Python).expect("python reseeds");
         let line = format!("    reseed = \"{code}\"\n");
         assert!(crate::driver::PYTHON.contains(&line), "{line}");

@@ -55,7 +55,7 @@ def _sbx_driver():
     # whole compiler afresh, and the reseed should not pay for more of it than the user's code
     # will use.
     reseed = "[m.seed() for m in map(__import__('sys').modules.get, ('random', 'numpy.random')) if m is not None]"
-    precompiled = {reseed: compile(reseed, "<sandbox>", "exec")}
+    reseed_compiled = compile(reseed, "<sandbox>", "exec")
 
     def print_error(exc, tb):
         try:
@@ -87,7 +87,7 @@ def _sbx_driver():
     def run(code):
         last_code[0] = code
         try:
-            compiled = precompiled.get(code) or compile(code, "<sandbox>", "exec")
+            compiled = reseed_compiled if code == reseed else compile(code, "<sandbox>", "exec")
         except BaseException as exc:
             # SyntaxError and friends: no frames of ours in the report.
             print_error(exc, None)
