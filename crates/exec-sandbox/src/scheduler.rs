@@ -1020,7 +1020,8 @@ fn boot_deadline(host: &HostVerdict) -> Duration {
     }
 }
 
-/// vCPUs of every run's VM.
+/// vCPUs of every run's VM. The guest kernel is built uniprocessor (`CONFIG_SMP` off in
+/// `images/kernel/config.fragment`): more would need it back.
 const VM_VCPUS: u32 = 1;
 
 /// Numbers VM names.
