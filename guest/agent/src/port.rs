@@ -8,7 +8,10 @@
 //! reader waits for a connection by polling after each SIGIO (which the port raises when the
 //! host connects) or every [`RECONNECT_POLL`], never drops bytes that arrive while POLLHUP is
 //! set, and starts a fresh decoder when a host leaves (a new connection is a new byte stream).
-//! Each connection it sees is announced so that the host gets a hello.
+//! Each connection it sees is announced so that the host gets a hello. SIGIO is on only while
+//! it waits: the port also raises it for every chunk of bytes that arrives, and a signal
+//! delivered and handled per request is guest work that under emulation a restored clone
+//! translates afresh (`docs/measurements.md`).
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -104,8 +107,8 @@ pub fn open_virtio(ports_dir: &Path, dev_dir: &Path) -> Result<File, PortError> 
 
 /// Serves the protocol over the virtio-serial `port`. Must run inside the tokio runtime.
 pub fn start_virtio(port: File) -> Result<(mpsc::Receiver<Inbound>, Outbox), PortError> {
-    // SIGIO arrives when the host connects; the handler must exist before O_ASYNC is set, or
-    // the default action would kill us.
+    // SIGIO arrives when the host connects; the handler must exist before O_ASYNC is set (by
+    // the reader, while it waits), or the default action would kill us.
     let mut sigio = signal(SignalKind::io()).map_err(PortError::Setup)?;
     let (wake_tx, wake_rx) = std_mpsc::sync_channel::<()>(1);
     tokio::spawn(async move {
@@ -113,16 +116,20 @@ pub fn start_virtio(port: File) -> Result<(mpsc::Receiver<Inbound>, Outbox), Por
             let _ = wake_tx.try_send(());
         }
     });
-    if let Err(e) = sys::enable_sigio(port.as_fd()) {
-        log::warn(format_args!(
-            "no SIGIO on the control port, polling instead: {e}"
-        ));
-    }
+    let sigio = match sys::own_sigio(port.as_fd()) {
+        Ok(()) => Sigio::Off,
+        Err(e) => {
+            log::warn(format_args!(
+                "no SIGIO on the control port, polling instead: {e}"
+            ));
+            Sigio::Unavailable
+        }
+    };
     let writer = port.try_clone().map_err(PortError::Setup)?;
     let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
     let (outbox, frames) = Outbox::new();
     spawn_thread("sbx-port-reader", move || {
-        virtio_reader(port, &inbound_tx, &wake_rx);
+        virtio_reader(port, &inbound_tx, &wake_rx, sigio);
     })?;
     spawn_thread("sbx-port-writer", move || write_frames(writer, frames))?;
     Ok((inbound_rx, outbox))
@@ -190,7 +197,42 @@ fn decode(decoder: &mut FrameDecoder, bytes: &[u8], tx: &mpsc::Sender<Inbound>) 
     }
 }
 
-fn virtio_reader(mut port: File, tx: &mpsc::Sender<Inbound>, wake: &std_mpsc::Receiver<()>) {
+/// Whether the control port raises SIGIO.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Sigio {
+    /// `O_ASYNC` set: the reader waits for a connection.
+    On,
+    /// Connected, or not waiting yet.
+    Off,
+    /// `fcntl` refused: the reader polls every [`RECONNECT_POLL`].
+    Unavailable,
+}
+
+impl Sigio {
+    /// Turns SIGIO on or off if it is not so already; gives up on it if `fcntl` fails.
+    fn set(&mut self, port: &File, on: bool) {
+        let wanted = if on { Self::On } else { Self::Off };
+        if *self == Self::Unavailable || *self == wanted {
+            return;
+        }
+        *self = match sys::set_sigio(port.as_fd(), on) {
+            Ok(()) => wanted,
+            Err(e) => {
+                log::warn(format_args!(
+                    "no SIGIO on the control port, polling instead: {e}"
+                ));
+                Self::Unavailable
+            }
+        };
+    }
+}
+
+fn virtio_reader(
+    mut port: File,
+    tx: &mpsc::Sender<Inbound>,
+    wake: &std_mpsc::Receiver<()>,
+    mut sigio: Sigio,
+) {
     let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; OUTPUT_CHUNK];
     let mut announced = false;
@@ -207,6 +249,7 @@ fn virtio_reader(mut port: File, tx: &mpsc::Sender<Inbound>, wake: &std_mpsc::Re
         let readable = revents.contains(PollFlags::IN);
         if connected && !announced {
             announced = true;
+            sigio.set(&port, false);
             if tx.blocking_send(Inbound::Connected).is_err() {
                 return;
             }
@@ -215,6 +258,11 @@ fn virtio_reader(mut port: File, tx: &mpsc::Sender<Inbound>, wake: &std_mpsc::Re
             // No host and nothing buffered: wait for SIGIO (host connected) or the fallback.
             announced = false;
             decoder = FrameDecoder::new();
+            if sigio == Sigio::Off {
+                // Look again once it is on: a host that connected before would raise none.
+                sigio.set(&port, true);
+                continue;
+            }
             let _ = wake.recv_timeout(RECONNECT_POLL);
             continue;
         }

@@ -130,13 +130,24 @@ pub fn poll_now(
     }
 }
 
-/// Makes this process receive SIGIO when `fd` changes state (virtio-serial: host connects).
-pub fn enable_sigio(fd: BorrowedFd<'_>) -> io::Result<()> {
+/// Makes this process the owner of `fd`'s SIGIO (virtio-serial raises it when the host
+/// connects, and on every byte that arrives): delivered only while [`set_sigio`] has it on.
+pub fn own_sigio(fd: BorrowedFd<'_>) -> io::Result<()> {
     // rustix has no F_SETOWN.
     // SAFETY: fcntl(F_SETOWN) takes integer arguments; `fd` is open for the duration of the call.
     check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETOWN, getpid()) })?;
+    Ok(())
+}
+
+/// Turns SIGIO for `fd` on or off (`O_ASYNC`).
+pub fn set_sigio(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     let flags = rustix::fs::fcntl_getfl(fd)?;
-    rustix::fs::fcntl_setfl(fd, flags | rustix::fs::OFlags::ASYNC)?;
+    let flags = if on {
+        flags | rustix::fs::OFlags::ASYNC
+    } else {
+        flags - rustix::fs::OFlags::ASYNC
+    };
+    rustix::fs::fcntl_setfl(fd, flags)?;
     Ok(())
 }
 
