@@ -42,10 +42,11 @@ const MAYBE_ABSENT_SYSCTLS: &[&str] = &[
     "kernel/yama/ptrace_scope",
 ];
 
-/// Sysfs attributes writable by root; each must refuse the sandbox user.
+/// Sysfs attributes writable by root; each must refuse the sandbox user. (The kernel is
+/// uniprocessor: Tiny RCU has no `/sys/kernel/rcu_expedited`.)
 const SYSFS: &[&str] = &[
-    "/sys/kernel/rcu_expedited",
-    "/sys/kernel/rcu_normal",
+    "/sys/kernel/reboot/mode",
+    "/sys/kernel/mm/swap/vma_ra_enabled",
     "/sys/block/vda/queue/scheduler",
     "/sys/block/vda/uevent",
     "/sys/module/printk/parameters/time",
