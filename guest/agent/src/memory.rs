@@ -122,9 +122,9 @@ fn oom_kills(events: &str) -> u64 {
 /// The memory guard once set up: the group's directory and `memory.events`.
 pub struct Guard {
     group: PathBuf,
-    /// Opened once: each execution reads it twice, and a path lookup through the cgroup file
-    /// system is ~400 translated blocks in every restored clone under TCG
-    /// (`docs/measurements.md`). A read at offset 0 regenerates the text.
+    /// Opened once: each execution reads it before it starts (and again after a kill), and a
+    /// path lookup through the cgroup file system is ~400 translated blocks in every restored
+    /// clone under TCG (`docs/measurements.md`). A read at offset 0 regenerates the text.
     events: fs::File,
     /// `memory.max`, for the note on a kill.
     pub limit_bytes: u64,

@@ -116,15 +116,7 @@ pub fn start_virtio(port: File) -> Result<(mpsc::Receiver<Inbound>, Outbox), Por
             let _ = wake_tx.try_send(());
         }
     });
-    let sigio = match sys::own_sigio(port.as_fd()) {
-        Ok(()) => Sigio::Off,
-        Err(e) => {
-            log::warn(format_args!(
-                "no SIGIO on the control port, polling instead: {e}"
-            ));
-            Sigio::Unavailable
-        }
-    };
+    let sigio = sys::own_sigio(port.as_fd()).map_or_else(Sigio::unavailable, |()| Sigio::Off);
     let writer = port.try_clone().map_err(PortError::Setup)?;
     let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
     let (outbox, frames) = Outbox::new();
@@ -215,15 +207,15 @@ impl Sigio {
         if *self == Self::Unavailable || *self == wanted {
             return;
         }
-        *self = match sys::set_sigio(port.as_fd(), on) {
-            Ok(()) => wanted,
-            Err(e) => {
-                log::warn(format_args!(
-                    "no SIGIO on the control port, polling instead: {e}"
-                ));
-                Self::Unavailable
-            }
-        };
+        *self = sys::set_sigio(port.as_fd(), on).map_or_else(Self::unavailable, |()| wanted);
+    }
+
+    /// `fcntl` failed: says so, and the reader polls from now on.
+    fn unavailable(e: io::Error) -> Self {
+        log::warn(format_args!(
+            "no SIGIO on the control port, polling instead: {e}"
+        ));
+        Self::Unavailable
     }
 }
 
