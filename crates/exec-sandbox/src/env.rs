@@ -52,6 +52,8 @@ impl EnvVars {
     pub const VM_CPU_QUOTA_PERCENT: &'static str = "EXEC_SANDBOX_VM_CPU_QUOTA_PERCENT";
     /// `0` switches L1 memory snapshots off ([`SchedulerConfig::l1_snapshots`](crate::SchedulerConfig::l1_snapshots)).
     pub const L1_SNAPSHOTS: &'static str = "EXEC_SANDBOX_L1_SNAPSHOTS";
+    /// `0` switches standby clones off ([`SchedulerConfig::l1_standby`](crate::SchedulerConfig::l1_standby)).
+    pub const L1_STANDBY: &'static str = "EXEC_SANDBOX_L1_STANDBY";
     /// Overrides [`SchedulerConfig::snapshot_cache_dir`](crate::SchedulerConfig::snapshot_cache_dir).
     pub const SNAPSHOT_CACHE_DIR: &'static str = "EXEC_SANDBOX_SNAPSHOT_CACHE_DIR";
     /// Overrides [`SchedulerConfig::snapshot_cache_max_mb`](crate::SchedulerConfig::snapshot_cache_max_mb).

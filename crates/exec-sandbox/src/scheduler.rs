@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sbx_protocol::Language;
@@ -138,12 +137,15 @@ impl Scheduler {
                 teardowns: Background::default(),
                 #[cfg(feature = "testing")]
                 teardown_gate: Arc::default(),
-                templates: Templates::new(config.l1_snapshots.then(|| {
-                    snapshot::Cache::new(
-                        config.snapshot_cache_dir.clone(),
-                        config.snapshot_cache_max_mb.saturating_mul(1024 * 1024),
-                    )
-                })),
+                templates: Templates::new(
+                    config.l1_snapshots.then(|| {
+                        snapshot::Cache::new(
+                            config.snapshot_cache_dir.clone(),
+                            config.snapshot_cache_max_mb.saturating_mul(1024 * 1024),
+                        )
+                    }),
+                    config.l1_standby,
+                ),
                 ca_bundle,
                 packages: PackageStore::with_remote(packages, remote),
                 s3,
@@ -172,6 +174,13 @@ impl Scheduler {
     #[cfg(feature = "testing")]
     pub async fn hold_teardowns(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
         Arc::clone(&self.inner.teardown_gate).write_owned().await
+    }
+
+    /// The VM names of the standby clones ready now (feature `testing`): QEMU started ahead
+    /// of the next restore of a template ([`SchedulerConfig::l1_standby`]).
+    #[cfg(feature = "testing")]
+    pub fn standby_vms(&self) -> Vec<String> {
+        self.inner.templates.standby_names()
     }
 
     /// Destroys the idle warm VMs and stops refilling the pool; waits until their QEMU
@@ -878,11 +887,7 @@ impl VmFactory for QemuFactory<'_> {
     fn spec(&self, language: Language, memory_mb: u32, verbose_console: bool, nic: bool) -> VmSpec {
         VmSpec {
             // Unique in the process (not per scheduler), so tests can find a VM by name.
-            name: format!(
-                "sbx-{}-{}",
-                std::process::id(),
-                VM_COUNTER.fetch_add(1, Ordering::Relaxed)
-            ),
+            name: crate::vm::unique_name(),
             kernel: self.assets.kernel.clone(),
             initramfs: self.assets.initramfs.clone(),
             rootfs: self.assets.rootfs(language).map(Into::into),
@@ -1023,9 +1028,6 @@ fn boot_deadline(host: &HostVerdict) -> Duration {
 /// vCPUs of every run's VM. The guest kernel is built uniprocessor (`CONFIG_SMP` off in
 /// `images/kernel/config.fragment`): more would need it back.
 const VM_VCPUS: u32 = 1;
-
-/// Numbers VM names.
-static VM_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl pool::WarmBooter<Vm> for Scheduler {
     async fn boot_warm(&self, language: Language) -> Result<Option<Pooled<Vm>>, Error> {

@@ -6,15 +6,29 @@ use std::time::Duration;
 
 use exec_sandbox::{Language, RunOptions, Scheduler, SchedulerConfig};
 
-/// QEMU processes whose `-name` says this process started them.
-fn our_qemus() -> Vec<u32> {
+/// QEMU processes whose `-name` says this process started them, but `scheduler`'s waiting
+/// standby clones (started ahead of its next restore, kept while it lives).
+fn our_qemus(scheduler: &Scheduler) -> Vec<u32> {
+    let standbys: Vec<u32> = scheduler
+        .standby_vms()
+        .iter()
+        .flat_map(|name| exec_sandbox::testing::processes_named(name))
+        .collect();
     exec_sandbox::testing::qemus_of_process(std::process::id())
+        .into_iter()
+        .filter(|pid| !standbys.contains(pid))
+        .collect()
 }
 
-async fn wait_for_no_qemu(deadline: Duration) -> Vec<u32> {
+async fn wait_for_no_qemu(scheduler: &Scheduler, deadline: Duration) -> Vec<u32> {
+    wait_for_none(deadline, || our_qemus(scheduler)).await
+}
+
+/// What `left` returns, once it is empty or after `deadline`.
+async fn wait_for_none<T>(deadline: Duration, left: impl Fn() -> Vec<T>) -> Vec<T> {
     let end = std::time::Instant::now() + deadline;
     loop {
-        let left = our_qemus();
+        let left = left();
         if left.is_empty() || std::time::Instant::now() > end {
             return left;
         }
@@ -22,16 +36,25 @@ async fn wait_for_no_qemu(deadline: Duration) -> Vec<u32> {
     }
 }
 
-/// This process's VM cgroups (`exec-sandbox/<pid>/<vm>`), once they are all gone or after
-/// `deadline`.
-async fn wait_for_no_vm_cgroups(deadline: Duration) -> Vec<std::path::PathBuf> {
+/// This process's VM cgroups (`exec-sandbox/<pid>/<vm>`) but those of `scheduler`'s waiting
+/// standby clones, once they are all gone or after `deadline`.
+async fn wait_for_no_vm_cgroups(
+    scheduler: &Scheduler,
+    deadline: Duration,
+) -> Vec<std::path::PathBuf> {
     let end = std::time::Instant::now() + deadline;
     loop {
+        let standbys = scheduler.standby_vms();
         let left: Vec<_> = exec_sandbox::testing::process_cgroup_dirs(std::process::id())
             .iter()
             .filter_map(|d| std::fs::read_dir(d).ok())
             .flat_map(|entries| entries.flatten().map(|e| e.path()))
-            .filter(|p| p.is_dir())
+            .filter(|p| {
+                p.is_dir()
+                    && !p
+                        .file_name()
+                        .is_some_and(|n| standbys.iter().any(|s| n == s.as_str()))
+            })
             .collect();
         if left.is_empty() || std::time::Instant::now() > end {
             return left;
@@ -50,11 +73,11 @@ async fn no_qemu_survives_success_timeout_or_cancellation() {
         .unwrap();
     assert_eq!(ok.stdout, "hi\n");
     assert_eq!(
-        wait_for_no_qemu(Duration::from_secs(5)).await,
+        wait_for_no_qemu(&scheduler, Duration::from_secs(5)).await,
         Vec::<u32>::new()
     );
     assert_eq!(
-        wait_for_no_vm_cgroups(Duration::from_secs(15)).await,
+        wait_for_no_vm_cgroups(&scheduler, Duration::from_secs(15)).await,
         Vec::<std::path::PathBuf>::new()
     );
 
@@ -64,11 +87,11 @@ async fn no_qemu_survives_success_timeout_or_cancellation() {
         .unwrap();
     assert_eq!(timed_out.exit_code, -1);
     assert_eq!(
-        wait_for_no_qemu(Duration::from_secs(5)).await,
+        wait_for_no_qemu(&scheduler, Duration::from_secs(5)).await,
         Vec::<u32>::new()
     );
     assert_eq!(
-        wait_for_no_vm_cgroups(Duration::from_secs(15)).await,
+        wait_for_no_vm_cgroups(&scheduler, Duration::from_secs(15)).await,
         Vec::<std::path::PathBuf>::new()
     );
 
@@ -79,7 +102,7 @@ async fn no_qemu_survives_success_timeout_or_cancellation() {
             tokio::select! {
                 _ = &mut run => panic!("`sleep 60` cannot finish this early"),
                 () = tokio::time::sleep(Duration::from_millis(20)) => {
-                    if !our_qemus().is_empty() {
+                    if !our_qemus(&scheduler).is_empty() {
                         break;
                     }
                 }
@@ -90,16 +113,25 @@ async fn no_qemu_survives_success_timeout_or_cancellation() {
     assert!(saw_vm.is_ok(), "no VM appeared within 60 s");
     drop(run);
     assert_eq!(
-        wait_for_no_qemu(Duration::from_secs(5)).await,
+        wait_for_no_qemu(&scheduler, Duration::from_secs(5)).await,
         Vec::<u32>::new()
     );
     assert_eq!(
-        wait_for_no_vm_cgroups(Duration::from_secs(15)).await,
+        wait_for_no_vm_cgroups(&scheduler, Duration::from_secs(15)).await,
         Vec::<std::path::PathBuf>::new()
     );
 
-    // The process's own cgroup goes with its last scheduler.
+    // Every QEMU (standby clones included) and the process's own cgroup go with its last
+    // scheduler.
     drop(scheduler);
+    let pid = std::process::id();
+    assert_eq!(
+        wait_for_none(Duration::from_secs(5), || {
+            exec_sandbox::testing::qemus_of_process(pid)
+        })
+        .await,
+        Vec::<u32>::new()
+    );
     let end = std::time::Instant::now() + Duration::from_secs(15);
     let own = exec_sandbox::testing::process_cgroup_dirs(std::process::id());
     while own.iter().any(|d| d.exists()) && std::time::Instant::now() < end {

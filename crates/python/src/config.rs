@@ -82,6 +82,7 @@ fields!(
     qemu_binary,
     qemu_user,
     l1_snapshots,
+    l1_standby,
     snapshot_cache_max_mb,
     package_cache_max_mb,
     enable_package_validation,

@@ -290,6 +290,7 @@ async fn measure(args: &BenchArgs, base: SchedulerConfig) -> Result<Report, exec
     );
     host.insert("accelerator_reason".to_string(), accelerator.reason.into());
     host.insert("runs_per_measurement".to_string(), runs.into());
+    host.insert("l1_standby".to_string(), base.l1_standby.into());
     let packages = if args.packages {
         let report = crate::bench_packages::measure(args, &base).await?;
         ratios.extend(report.ratios());
@@ -813,6 +814,13 @@ pub fn render_table(report: &Report) -> String {
         host("accelerator"),
         host("accelerator_reason")
     ));
+    if let Some(standby) = report.host.get("l1_standby").and_then(|v| v.as_bool()) {
+        out.push_str(if standby {
+            "L1 runs resume a standby clone when one is ready (EXEC_SANDBOX_L1_STANDBY=0: off)\n"
+        } else {
+            "L1 runs start their own QEMU (standby clones off)\n"
+        });
+    }
     for (name, b) in &report.baseline {
         let others: Vec<String> = b
             .timed

@@ -156,8 +156,12 @@ fn prepare(args: &RunArgs) -> Result<Prepared, UsageError> {
     if std::env::var_os(EnvVars::MAX_CONCURRENT_VMS).is_none() {
         config.max_concurrent_vms = args.concurrency;
     }
-    // One-shot: warm VMs would boot alongside the runs and be thrown away at exit.
+    // One-shot: warm VMs would boot alongside the runs and be thrown away at exit; so would
+    // the standby clone started after a single run's restore.
     config.warm_pool_size = 0;
+    if std::env::var_os(EnvVars::L1_STANDBY).is_none() {
+        config.l1_standby = planned.len() > 1;
+    }
     if args.no_validation {
         config.enable_package_validation = false;
     }

@@ -4,8 +4,8 @@
 //! warm; saving writes only the device state (`x-ignore-shared`), ~60 KB. A clone maps the RAM
 //! file copy-on-write (`share=off`), so it loads in milliseconds and clones share pages. The
 //! QEMU side of saving and restoring is [`crate::vm::migration`]; here are the cache key
-//! ([`key`]), the on-disk cache ([`cache`]) and the scheduler's template manager
-//! ([`templates`]).
+//! ([`key`]), the on-disk cache ([`cache`]), the scheduler's template manager ([`templates`])
+//! and the clones started ahead of runs ([`standby`]).
 //!
 //! Layout under the cache directory, one directory per key:
 //!
@@ -30,6 +30,7 @@
 
 pub(crate) mod cache;
 pub(crate) mod key;
+pub(crate) mod standby;
 pub(crate) mod templates;
 
 pub(crate) use cache::Cache;

@@ -18,6 +18,7 @@ use sbx_protocol::Language;
 
 use super::cache::{Cache, SnapshotError};
 use super::key::{KeyInputs, cache_key, qemu_identity};
+use super::standby::Standbys;
 use crate::background::Background;
 use crate::vm::jail::Credentials;
 use crate::vm::migration::Warmup;
@@ -141,17 +142,21 @@ pub(crate) struct Templates {
     /// Failed restores per key in this process.
     failed: Mutex<HashMap<String, u32>>,
     tasks: Background,
+    /// Clones started ahead of foreground restores, when on.
+    standbys: Option<Standbys>,
 }
 
 impl Templates {
-    /// Templates in `cache`, or none at all (L1 switched off).
-    pub(crate) fn new(cache: Option<Cache>) -> Self {
+    /// Templates in `cache`, or none at all (L1 switched off); with `standby`, a standby clone
+    /// is kept for each template a foreground run was restored from.
+    pub(crate) fn new(cache: Option<Cache>, standby: bool) -> Self {
         Self {
             cache,
             qemu_identity: OnceLock::new(),
             building: Arc::default(),
             failed: Mutex::default(),
             tasks: Background::default(),
+            standbys: standby.then(Standbys::default),
         }
     }
 
@@ -181,7 +186,8 @@ impl Templates {
 
     /// A clone of `key`'s template, or `None` (no template, L1 off, restoring given up for this
     /// key, or the restore failed: then the entry is discarded and the caller boots cold).
-    /// `nic` is the NIC backend socket of a networked clone.
+    /// `nic` is the NIC backend socket of a networked clone. A foreground restore without a NIC
+    /// resumes the key's standby clone when there is one, and starts the next standby.
     pub(crate) async fn restore(
         &self,
         qemu: &Qemu,
@@ -193,9 +199,34 @@ impl Templates {
         if self.given_up(key) {
             return None;
         }
+        let standbys = self
+            .standbys
+            .as_ref()
+            .filter(|_| nic.is_none() && !spec.cpu_background);
+        if let Some(standbys) = standbys
+            && let Some(standby) = standbys.take(key)
+        {
+            standby.to_foreground();
+            // The next one starts now: a run as short as raw's `echo` restores and returns in
+            // less time than a standby takes to start (~20 ms), and the next run would miss it.
+            standbys.replenish(cache, qemu, spec, key);
+            let name = standby.name().to_string();
+            match standby.resume(RESTORE_DEADLINE).await {
+                Ok(vm) => return Some(vm),
+                // The entry is checked afresh by the restore below.
+                Err(e) => {
+                    tracing::warn!(vm = %name, key, error = %crate::vm::error_chain(&e), "a standby clone failed to resume; restoring afresh")
+                }
+            }
+        }
         let (saved, dir) = cache.open(key)?.into_saved();
         match Vm::restore(qemu, spec, saved, nic, RESTORE_DEADLINE).await {
-            Ok(vm) => Some(vm),
+            Ok(vm) => {
+                if let Some(standbys) = standbys {
+                    standbys.replenish(cache, qemu, spec, key);
+                }
+                Some(vm)
+            }
             Err(e) => {
                 tracing::warn!(key, error = %crate::vm::error_chain(&e), "restoring a memory snapshot failed; booting cold");
                 self.restore_failed(cache, key, &dir, &e);
@@ -306,6 +337,10 @@ impl Templates {
         let Some(cache) = &self.cache else {
             return 0;
         };
+        // Standbys hold their (soon unlinked) files open.
+        if let Some(standbys) = &self.standbys {
+            standbys.clear();
+        }
         Cache::new(cache.dir().to_path_buf(), 0).evict("").len()
     }
 
@@ -317,6 +352,18 @@ impl Templates {
     /// Abandons the background builds and waits until their template VMs are gone.
     pub(crate) async fn abort(&self) {
         self.tasks.abort().await;
+        if let Some(standbys) = &self.standbys {
+            standbys.abort().await;
+        }
+    }
+
+    /// The VM names of the standby clones ready now.
+    #[cfg(feature = "testing")]
+    pub(crate) fn standby_names(&self) -> Vec<String> {
+        self.standbys
+            .as_ref()
+            .map(Standbys::names)
+            .unwrap_or_default()
     }
 
     /// Waits for the background builds (a one-shot process calls this before exiting, or its
@@ -350,7 +397,7 @@ mod tests {
     async fn a_failed_restore_discards_the_entry_and_allows_one_rebuild() {
         let tmp = tempfile::tempdir().unwrap();
         let cache = Cache::new(tmp.path().to_path_buf(), u64::MAX);
-        let templates = Templates::new(Some(cache.clone()));
+        let templates = Templates::new(Some(cache.clone()), false);
         let qemu = &qemu(DYING_QEMU);
         // Each restore is its own VM with its own name, as in production: a name used again
         // could meet the previous VM's cgroup being removed, fail to join it, and count as a
@@ -402,7 +449,7 @@ mod tests {
     async fn a_qemu_that_cannot_start_does_not_discard_the_entry() {
         let tmp = tempfile::tempdir().unwrap();
         let cache = Cache::new(tmp.path().to_path_buf(), u64::MAX);
-        let templates = Templates::new(Some(cache.clone()));
+        let templates = Templates::new(Some(cache.clone()), false);
         let dir = publish(&cache, "k", b"device state");
         let missing = &qemu("/nonexistent/qemu");
         assert!(
@@ -418,7 +465,7 @@ mod tests {
     async fn given_up_keys_are_not_rebuilt() {
         let tmp = tempfile::tempdir().unwrap();
         let cache = Cache::new(tmp.path().to_path_buf(), u64::MAX);
-        let templates = Templates::new(Some(cache.clone()));
+        let templates = Templates::new(Some(cache.clone()), false);
         templates
             .failed
             .lock()

@@ -200,112 +200,10 @@ impl Vm {
         nic: Option<OwnedFd>,
         deadline: Duration,
     ) -> Result<Vm, VmError> {
-        let name = spec.name.clone();
-        let launch = Launch {
-            // The open file, not a path: nothing can swap it between check and use.
-            ram_file: Some(RamFile { shared: false }),
-            qmp: true,
-            incoming: true,
-        };
         let started_at = Instant::now();
-        let Started {
-            mut child,
-            isolation,
-            cgroup,
-            cgroup_status,
-            channel,
-            log,
-            qmp,
-            dir,
-        } = start(
-            qemu,
-            spec,
-            &launch,
-            [
-                (OwnedFd::from(saved.vmstate), INCOMING_FD),
-                (OwnedFd::from(saved.ram), RAM_FD),
-            ]
-            .into_iter()
-            .chain(nic.map(|fd| (fd, qemu::NIC_FD)))
-            .collect(),
-            None,
-        )
-        .await?;
-        let Some(qmp) = qmp else {
-            unreachable!("a clone is always started with a QMP socket");
-        };
-        let until = tokio::time::Instant::now() + deadline;
-        tracing::debug!(vm = %name, elapsed_ms = started_at.elapsed().as_millis() as u64, "QEMU started");
-        let resume = async {
-            let qmp_error = |source| VmError::Qmp {
-                name: name.clone(),
-                source,
-            };
-            let mut qmp = Qmp::handshake(qmp, until).await.map_err(qmp_error)?;
-            // The template's RAM is the file itself: only device state is in the stream.
-            let capabilities = json!({"capabilities": [
-                {"capability": "x-ignore-shared", "state": true},
-                {"capability": "events", "state": true},
-            ]});
-            qmp.execute("migrate-set-capabilities", Some(capabilities), until)
-                .await
-                .map_err(qmp_error)?;
-            qmp.execute(
-                "migrate-incoming",
-                Some(json!({"uri": format!("fd:{INCOMING_FD}")})),
-                until,
-            )
-            .await
-            .map_err(qmp_error)?;
-            let done = qmp
-                .wait_event(
-                    "MIGRATION",
-                    |data| matches!(data["status"].as_str(), Some("completed" | "failed")),
-                    until,
-                )
-                .await
-                .map_err(qmp_error)?;
-            if done["status"] != "completed" {
-                return Err(VmError::LoadState { name: name.clone() });
-            }
-            tracing::debug!(vm = %name, elapsed_ms = started_at.elapsed().as_millis() as u64, "device state loaded");
-            // The template was saved paused, so the clone stays paused until told.
-            qmp.execute("cont", None, until).await.map_err(qmp_error)?;
-            Ok(qmp)
-        };
-        let qmp = tokio::select! {
-            qmp = resume => qmp,
-            status = child.wait() => {
-                settle_logs().await;
-                Err(VmError::ExitedDuringBoot {
-                    name: name.clone(),
-                    status: exit_text(status),
-                    log_tail: log.text(),
-                })
-            }
-        }?;
-        let vm_start = started_at.elapsed();
-        let mut vm = Vm {
-            name,
-            child,
-            isolation,
-            cgroup,
-            cgroup_status,
-            channel,
-            hello: saved.hello,
-            qmp: Some(qmp),
-            gateway: None,
-            phases: super::StartPhases {
-                vm_start,
-                guest_ready: Duration::ZERO,
-            },
-            _dir: dir,
-        };
+        let standby = Standby::start(qemu, spec, saved, nic, deadline).await?;
         let remaining = deadline.saturating_sub(started_at.elapsed());
-        vm.reseed(remaining).await?;
-        vm.phases.guest_ready = started_at.elapsed().saturating_sub(vm_start);
-        tracing::debug!(vm = %vm.name, elapsed_ms = started_at.elapsed().as_millis() as u64, "restored from a memory snapshot");
-        Ok(vm)
+        standby.resume_from(started_at, remaining).await
     }
 
     /// Read requests the guest has made of its disks since QEMU started (QMP
@@ -357,5 +255,191 @@ impl Vm {
                 name: self.name.clone(),
                 source,
             })
+    }
+}
+
+/// A clone's QEMU started ahead of its run: spawned in its jail and cgroup with the template's
+/// files and `-incoming defer`, its device state loaded over QMP (`x-ignore-shared`, so no RAM
+/// is read), the guest paused as its template was saved. Most of a clone's host-side start is
+/// QEMU's own process start and initialisation before its monitor answers (~13 of ~17 ms on the
+/// build machine, `docs/measurements.md`); a standby has paid it and the load, and
+/// [`Standby::resume`] is left with `cont` and the reseed. Dropping it kills QEMU.
+pub(crate) struct Standby {
+    name: String,
+    /// QEMU (killed on drop before its cgroup is removed), its channel and files.
+    started: Started,
+    qmp: Qmp,
+    hello: AgentHello,
+}
+
+impl std::fmt::Debug for Standby {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Standby").field("name", &self.name).finish()
+    }
+}
+
+impl Standby {
+    /// Starts QEMU for a clone of `saved` shaped like `spec` and loads its device state, within
+    /// `deadline`.
+    pub(crate) async fn start(
+        qemu: &Qemu,
+        spec: &VmSpec,
+        saved: Saved,
+        nic: Option<OwnedFd>,
+        deadline: Duration,
+    ) -> Result<Standby, VmError> {
+        let name = spec.name.clone();
+        let launch = Launch {
+            // The open file, not a path: nothing can swap it between check and use.
+            ram_file: Some(RamFile { shared: false }),
+            qmp: true,
+            incoming: true,
+        };
+        let started_at = Instant::now();
+        let until = tokio::time::Instant::now() + deadline;
+        let mut started = start(
+            qemu,
+            spec,
+            &launch,
+            [
+                (OwnedFd::from(saved.vmstate), INCOMING_FD),
+                (OwnedFd::from(saved.ram), RAM_FD),
+            ]
+            .into_iter()
+            .chain(nic.map(|fd| (fd, qemu::NIC_FD)))
+            .collect(),
+            None,
+        )
+        .await?;
+        let Some(qmp) = started.qmp.take() else {
+            unreachable!("a clone is always started with a QMP socket");
+        };
+        let ready = async {
+            let mut qmp = Qmp::handshake(qmp, until).await.map_err(qmp_error(&name))?;
+            // The template's RAM is the file itself: only device state is in the stream.
+            let capabilities = json!({"capabilities": [
+                {"capability": "x-ignore-shared", "state": true},
+                {"capability": "events", "state": true},
+            ]});
+            qmp.execute("migrate-set-capabilities", Some(capabilities), until)
+                .await
+                .map_err(qmp_error(&name))?;
+            qmp.execute(
+                "migrate-incoming",
+                Some(json!({"uri": format!("fd:{INCOMING_FD}")})),
+                until,
+            )
+            .await
+            .map_err(qmp_error(&name))?;
+            let done = qmp
+                .wait_event(
+                    "MIGRATION",
+                    |data| matches!(data["status"].as_str(), Some("completed" | "failed")),
+                    until,
+                )
+                .await
+                .map_err(qmp_error(&name))?;
+            if done["status"] != "completed" {
+                return Err(VmError::LoadState { name: name.clone() });
+            }
+            tracing::debug!(vm = %name, elapsed_ms = started_at.elapsed().as_millis() as u64, "device state loaded");
+            Ok(qmp)
+        };
+        let qmp = watch_exit(&mut started.child, &started.log, &name, ready).await?;
+        Ok(Standby {
+            name,
+            started,
+            qmp,
+            hello: saved.hello,
+        })
+    }
+
+    /// The QEMU process's name for the VM.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Gives a standby started in the background the weight of a run, before it resumes: its
+    /// reseed is part of a run, and the next standby starts alongside it. Best effort, as
+    /// [`Vm::to_foreground`].
+    pub(crate) fn to_foreground(&self) {
+        super::to_foreground(self.started.cgroup.as_ref(), &self.name);
+    }
+
+    /// Resumes the guest and reseeds it, within `deadline`; its `vm_start` counts from now.
+    pub(crate) async fn resume(self, deadline: Duration) -> Result<Vm, VmError> {
+        self.resume_from(Instant::now(), deadline).await
+    }
+
+    /// [`Self::resume`], with `vm_start` counted from `started_at`.
+    async fn resume_from(self, started_at: Instant, deadline: Duration) -> Result<Vm, VmError> {
+        let Standby {
+            name,
+            mut started,
+            mut qmp,
+            hello,
+        } = self;
+        let until = tokio::time::Instant::now() + deadline;
+        // The template was saved paused, so the clone stays paused until told.
+        let resume = async {
+            qmp.execute("cont", None, until)
+                .await
+                .map_err(qmp_error(&name))
+        };
+        watch_exit(&mut started.child, &started.log, &name, resume).await?;
+        let vm_start = started_at.elapsed();
+        let mut vm = started.into_vm(
+            name,
+            hello,
+            Some(qmp),
+            super::StartPhases {
+                vm_start,
+                guest_ready: Duration::ZERO,
+            },
+        );
+        let remaining = deadline.saturating_sub(started_at.elapsed());
+        vm.reseed(remaining).await?;
+        vm.phases.guest_ready = started_at.elapsed().saturating_sub(vm_start);
+        tracing::debug!(vm = %vm.name, elapsed_ms = started_at.elapsed().as_millis() as u64, "restored from a memory snapshot");
+        Ok(vm)
+    }
+
+    /// Kills QEMU and waits until it is gone (its cgroup is removed with it).
+    pub(crate) async fn destroy(mut self) {
+        let _ = self.started.child.start_kill();
+        if tokio::time::timeout(Duration::from_secs(5), self.started.child.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(vm = %self.name, "a standby QEMU did not exit 5 s after SIGKILL");
+        }
+    }
+}
+
+/// Maps a monitor failure of VM `name`.
+fn qmp_error(name: &str) -> impl Fn(super::qmp::QmpError) -> VmError + '_ {
+    move |source| VmError::Qmp {
+        name: name.to_string(),
+        source,
+    }
+}
+
+/// Runs `work`, or fails with QEMU's exit (and its log's tail) if QEMU exits first.
+async fn watch_exit<T>(
+    child: &mut super::process::QemuProcess,
+    log: &super::LogTail,
+    name: &str,
+    work: impl std::future::Future<Output = Result<T, VmError>>,
+) -> Result<T, VmError> {
+    tokio::select! {
+        done = work => done,
+        status = child.wait() => {
+            settle_logs().await;
+            Err(VmError::ExitedDuringBoot {
+                name: name.to_string(),
+                status: exit_text(status),
+                log_tail: log.text(),
+            })
+        }
     }
 }

@@ -337,6 +337,26 @@ struct Started {
     dir: tempfile::TempDir,
 }
 
+impl Started {
+    /// The VM `name` of this QEMU, whose agent said `hello`, with its monitor `qmp` if it has
+    /// one and no gateway (the QMP socket still here, if any, is dropped).
+    fn into_vm(self, name: String, hello: AgentHello, qmp: Option<Qmp>, phases: StartPhases) -> Vm {
+        Vm {
+            name,
+            child: self.child,
+            isolation: self.isolation,
+            cgroup: self.cgroup,
+            cgroup_status: self.cgroup_status,
+            channel: self.channel,
+            hello,
+            qmp,
+            gateway: None,
+            phases,
+            _dir: self.dir,
+        }
+    }
+}
+
 /// Binds a listening socket at `path` and connects to it. The connection waits in the
 /// listener's backlog until QEMU accepts it, so there is no window in which the socket exists
 /// without a listener and no polling for the path.
@@ -483,6 +503,26 @@ fn sanitize_guest_text(text: &str, max: usize) -> String {
     out
 }
 
+/// Raises the CPU weight of VM `name`'s cgroup to a run's (best effort, logged).
+fn to_foreground(cgroup: Option<&VmCgroup>, name: &str) {
+    if let Some(cgroup) = cgroup
+        && let Err(e) = cgroup.set_cpu_share(cgroup::CpuShare::Run)
+    {
+        tracing::debug!(vm = %name, error = %e, "cannot raise the VM's CPU weight");
+    }
+}
+
+/// A new VM name, `sbx-<pid>-<n>`: unique in the process (not per scheduler), so tests and
+/// operators can find a VM's QEMU by name and tell which process started it.
+pub(crate) fn unique_name() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!(
+        "sbx-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
 /// QEMU's exit status as text, for errors.
 fn exit_text(status: std::io::Result<std::process::ExitStatus>) -> String {
     status.map_or_else(|e| e.to_string(), |s| s.to_string())
@@ -535,16 +575,14 @@ impl Vm {
     ) -> Result<(Vm, Option<tokio::net::UnixStream>), VmError> {
         let name = spec.name.clone();
         let started = Instant::now();
+        let mut qemu_started = start(qemu, spec, launch, extra_fds, on_console).await?;
+        let qmp = qemu_started.qmp.take();
         let Started {
-            mut child,
-            isolation,
-            cgroup,
-            cgroup_status,
+            child,
             channel,
             log,
-            qmp,
-            dir,
-        } = start(qemu, spec, launch, extra_fds, on_console).await?;
+            ..
+        } = &mut qemu_started;
         let exited = |status, log: &LogTail| VmError::ExitedDuringBoot {
             name: name.clone(),
             status: exit_text(status),
@@ -557,14 +595,14 @@ impl Vm {
                 Err(source) => match tokio::time::timeout(Duration::from_secs(1), child.wait()).await {
                     Ok(status) => {
                         settle_logs().await;
-                        Err(exited(status, &log))
+                        Err(exited(status, log))
                     }
                     Err(_) => Err(VmError::Channel { name: name.clone(), source }),
                 },
             },
             status = child.wait() => {
                 settle_logs().await;
-                Err(exited(status, &log))
+                Err(exited(status, log))
             }
             () = tokio::time::sleep(deadline) => Err(VmError::BootTimeout {
                 name: name.clone(),
@@ -583,22 +621,15 @@ impl Vm {
         let vm_start = started.elapsed();
         tracing::debug!(vm = %name, elapsed_ms = vm_start.as_millis() as u64, agent = %hello.agent_version, "agent ready");
         log_boot_timeline(&name, &hello);
-        let vm = Vm {
+        let vm = qemu_started.into_vm(
             name,
-            child,
-            isolation,
-            cgroup,
-            cgroup_status,
-            channel,
             hello,
-            qmp: None,
-            gateway: None,
-            phases: StartPhases {
+            None,
+            StartPhases {
                 vm_start,
                 guest_ready: Duration::ZERO,
             },
-            _dir: dir,
-        };
+        );
         Ok((vm, qmp))
     }
 
@@ -620,17 +651,13 @@ impl Vm {
             })
     }
 
-    /// How long it took to start.
     /// Gives a VM started in the background (a pooled one) the weight of a run: a caller
     /// waits for it now. Best effort: without it the VM only runs slower under contention.
     pub(crate) fn to_foreground(&self) {
-        if let Some(cgroup) = &self.cgroup
-            && let Err(e) = cgroup.set_cpu_share(cgroup::CpuShare::Run)
-        {
-            tracing::debug!(vm = %self.name(), error = %e, "cannot raise the VM's CPU weight");
-        }
+        to_foreground(self.cgroup.as_ref(), &self.name);
     }
 
+    /// How long it took to start.
     pub(crate) fn start_phases(&self) -> StartPhases {
         self.phases
     }

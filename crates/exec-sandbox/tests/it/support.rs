@@ -6,11 +6,17 @@ use std::time::Instant;
 use exec_sandbox::{ExecutionResult, Language, RunOptions, Scheduler, SchedulerConfig};
 
 /// One scheduler for the whole test binary: assets are readied and the accelerator decided once.
+/// Without standby clones: it outlives each test's async runtime (a standby is resumed only on
+/// the runtime that started it, `snapshot/standby.rs`), and tests that count a process's QEMUs
+/// count its runs'. `vm_snapshot` tests standbys with schedulers of their own.
 pub fn scheduler() -> Scheduler {
     static SCHEDULER: OnceLock<Scheduler> = OnceLock::new();
     SCHEDULER
         .get_or_init(|| {
-            let config = SchedulerConfig::from_env().expect("test environment config");
+            let config = SchedulerConfig {
+                l1_standby: false,
+                ..SchedulerConfig::from_env().expect("test environment config")
+            };
             Scheduler::new(config).expect("scheduler")
         })
         .clone()

@@ -11,12 +11,18 @@ use crate::support::chain;
 
 /// A scheduler with L1 on and its own snapshot cache (kept until the returned dir is dropped).
 fn l1_scheduler() -> (Scheduler, tempfile::TempDir) {
+    l1_scheduler_with(true)
+}
+
+/// [`l1_scheduler`], with standby clones on or off.
+fn l1_scheduler_with(l1_standby: bool) -> (Scheduler, tempfile::TempDir) {
     let dir = tempfile::Builder::new()
         .prefix("sbx-l1-test-")
         .tempdir()
         .unwrap();
     let config = SchedulerConfig {
         l1_snapshots: true,
+        l1_standby,
         snapshot_cache_dir: dir.path().to_path_buf(),
         warm_pool_size: 0,
         ..SchedulerConfig::from_env().unwrap()
@@ -197,4 +203,98 @@ async fn a_clones_first_execution_reads_nothing_from_its_disk() {
         }
         session.close().await;
     }
+}
+
+/// Waits until the scheduler has a standby clone whose QEMU runs, and returns its name.
+async fn standby(s: &Scheduler) -> String {
+    let mut found = None;
+    crate::support::wait_until(
+        "a standby clone",
+        std::time::Duration::from_secs(30),
+        || {
+            found = s
+                .standby_vms()
+                .into_iter()
+                .find(|name| crate::support::qemu_pid(name).is_some());
+            found.is_some()
+        },
+    )
+    .await;
+    found.unwrap()
+}
+
+#[tokio::test]
+async fn a_standby_clone_serves_the_next_restore_and_ends_with_the_scheduler() {
+    let (s, _dir) = l1_scheduler();
+    with_template(&s).await;
+    assert!(s.standby_vms().is_empty(), "a cold boot starts no standby");
+    let r = run(&s, "print(1)").await;
+    assert!(r.l1_cache_hit);
+    let first = standby(&s).await;
+
+    // The next restore resumes that QEMU: it runs the code, is torn down with the run, and
+    // another standby takes its place.
+    let r = run(&s, PROBE).await;
+    assert!(r.l1_cache_hit);
+    assert_eq!(r.exit_code, 0, "stderr: {}", r.stderr);
+    assert_eq!(r.stdout.lines().nth(3), Some("clean"), "{}", r.stdout);
+    crate::support::assert_phases_add_up(&r);
+    crate::support::wait_until(
+        "the resumed standby's teardown",
+        std::time::Duration::from_secs(10),
+        || crate::support::qemu_pid(&first).is_none(),
+    )
+    .await;
+    let second = standby(&s).await;
+    assert_ne!(first, second);
+
+    s.shutdown().await;
+    assert!(s.standby_vms().is_empty());
+    assert_eq!(
+        crate::support::qemu_pid(&second),
+        None,
+        "killed on shutdown"
+    );
+}
+
+#[tokio::test]
+async fn a_standby_whose_template_ram_changed_is_never_resumed() {
+    let (s, dir) = l1_scheduler();
+    with_template(&s).await;
+    assert!(run(&s, "print(1)").await.l1_cache_hit);
+    let waiting = standby(&s).await;
+    // What a compromised clone writing to the RAM file it was given would leave: a new
+    // modification (and change) time.
+    let entry = entries(dir.path()).pop().expect("a template");
+    std::fs::File::options()
+        .write(true)
+        .open(entry.join("ram"))
+        .unwrap()
+        .set_modified(SystemTime::now() + std::time::Duration::from_secs(60))
+        .unwrap();
+
+    let r = run(&s, "print(6 * 7)").await;
+    assert_eq!(r.stdout, "42\n", "stderr: {}", r.stderr);
+    assert!(
+        !r.l1_cache_hit,
+        "neither the standby nor the entry is restored"
+    );
+    crate::support::wait_until(
+        "the standby's end",
+        std::time::Duration::from_secs(10),
+        || crate::support::qemu_pid(&waiting).is_none(),
+    )
+    .await;
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_standby_no_qemu_waits_ahead() {
+    let (s, _dir) = l1_scheduler_with(false);
+    with_template(&s).await;
+    for _ in 0..2 {
+        assert!(run(&s, "print(1)").await.l1_cache_hit);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(s.standby_vms().is_empty());
 }
