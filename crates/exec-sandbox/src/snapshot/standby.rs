@@ -148,12 +148,7 @@ impl Standbys {
     /// Kills every standby (and any starting) and waits until they are gone.
     pub(crate) async fn abort(&self) {
         self.tasks.abort().await;
-        let ready: Vec<(String, Ready)> = self
-            .state
-            .lock()
-            .map(|mut s| s.ready.drain(..).collect())
-            .unwrap_or_default();
-        for (_, ready) in ready {
+        for (_, ready) in self.drain() {
             ready.standby.destroy().await;
         }
     }
@@ -174,12 +169,15 @@ impl Standbys {
 
     /// Kills every standby now (in the background).
     pub(crate) fn clear(&self) {
-        let ready: Vec<(String, Ready)> = self
-            .state
+        drop(self.drain());
+    }
+
+    /// Takes every standby ready out of the state (to be killed outside its lock).
+    fn drain(&self) -> Vec<(String, Ready)> {
+        self.state
             .lock()
             .map(|mut s| s.ready.drain(..).collect())
-            .unwrap_or_default();
-        drop(ready);
+            .unwrap_or_default()
     }
 }
 
