@@ -544,7 +544,17 @@ impl Scheduler {
                 ping_pooled,
             },
         )
-        .await?;
+        .await
+        .map_err(|e| match e {
+            // The deadline counts from the queueing, slot wait included: so does the wait the
+            // error reports (admission alone measured from its own start fell short of the
+            // timeout by the steps before it, 999 ms of a 1 s timeout in a CI run).
+            Error::Capacity(mut capacity) => {
+                capacity.waited = queued.elapsed();
+                Error::Capacity(capacity)
+            }
+            other => other,
+        })?;
         // The budget wait happened inside `acquire`: it belongs to setup, not to the boot.
         let boot = acquiring.elapsed().saturating_sub(admission_wait);
         let guest_ready = phases.guest_ready.min(boot);
